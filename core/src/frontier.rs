@@ -181,6 +181,11 @@ pub struct Frontiers {
     /// Set once every node of next has backfilled: the current UST stops rising so the next UST
     /// can catch up with it (DESIGN.md §10 step 4).
     current_frozen: bool,
+    /// The highest UST this node has read at or could have: its view, which never goes back.
+    /// After an install this node did not route through (it restarted, or missed the switch),
+    /// the UST computed for the new configuration can start below it; the node then does not
+    /// coordinate reads until that UST reaches the floor, so its reads never go back in time.
+    floor: Timestamp,
 }
 
 impl Frontiers {
@@ -188,7 +193,8 @@ impl Frontiers {
         Frontiers::default()
     }
 
-    /// The UST view of the routing configuration.
+    /// The UST of the routing configuration as this node computes it: what it gossips and where
+    /// its reads run.
     pub fn ust(&self) -> Timestamp {
         if self.routing_epoch > self.current_epoch {
             self.next_ust
@@ -199,6 +205,11 @@ impl Frontiers {
 
     pub fn gc(&self) -> Timestamp {
         self.gc
+    }
+
+    /// The node's monotone UST view (see the `floor` field).
+    pub fn floor(&self) -> Timestamp {
+        self.floor
     }
 
     pub fn routing_epoch(&self) -> Epoch {
@@ -306,22 +317,24 @@ impl Frontiers {
             Some(next) if self.routing_epoch == next.epoch => next,
             _ => current,
         };
+        let caught_up = self.ust() >= self.floor;
+        self.floor = self.floor.max(self.ust());
         self.check_monotone(&before);
         Decisions {
             phase,
             routing_epoch: self.routing_epoch,
             ust: self.ust(),
             gc: self.gc,
-            can_coordinate: heard_all && routing_config.contains(view.node),
+            can_coordinate: heard_all && routing_config.contains(view.node) && caught_up,
             install,
         }
     }
 
     /// `epoch` became current: the next UST view becomes the current one.
     fn install(&mut self, epoch: Epoch) {
-        // Either view is a valid starting point: reads only go to replicas that have committed
-        // their ts, so a view above the new configuration's real UST only makes reads wait.
-        self.current_ust = self.current_ust.max(self.next_ust);
+        // The next UST is a UST of the new configuration (it is at least the frozen current UST
+        // if this node routed in it; else the floor keeps reads from going back in time).
+        self.current_ust = self.next_ust;
         self.current_epoch = epoch;
         self.next_ust = Timestamp::ZERO;
         self.current_frozen = false;
@@ -335,8 +348,12 @@ impl Frontiers {
             "routing epoch went back"
         );
         assert!(
-            (self.routing_epoch, self.ust()) >= (before.routing_epoch, before.ust()),
+            self.floor >= before.floor,
             "UST view went back: {before:?} -> {self:?}"
+        );
+        assert!(
+            (self.routing_epoch, self.ust()) >= (before.routing_epoch, before.ust()),
+            "routing UST went back: {before:?} -> {self:?}"
         );
         if self.current_epoch == before.current_epoch {
             assert!(
@@ -347,10 +364,10 @@ impl Frontiers {
         }
         assert!(self.gc >= before.gc, "GC timestamp went back");
         assert!(
-            self.gc <= self.ust(),
-            "GC timestamp {} passed the UST {}",
+            self.gc <= self.floor,
+            "GC timestamp {} passed the UST view {}",
             self.gc,
-            self.ust()
+            self.floor
         );
     }
 }

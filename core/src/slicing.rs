@@ -279,6 +279,16 @@ impl Slicing {
         self.intervals_of(partition).iter().map(Interval::len).sum()
     }
 
+    /// The number of keys every partition owns, in one pass.
+    pub fn shares(&self) -> BTreeMap<PartitionId, u128> {
+        let mut shares: BTreeMap<PartitionId, u128> =
+            self.weights.keys().map(|&p| (p, 0)).collect();
+        for (interval, p) in self.intervals() {
+            *shares.entry(p).or_default() += interval.len();
+        }
+        shares
+    }
+
     /// The exact target share of each partition: `2^64 · w / W` by largest remainder.
     pub fn target_shares(
         weights: &BTreeMap<PartitionId, u32>,
@@ -325,8 +335,9 @@ impl Slicing {
         if let Some(p) = self.owners.iter().find(|p| !self.weights.contains_key(p)) {
             return Err(SlicingError::UnknownPartition(*p));
         }
+        let shares = self.shares();
         for (p, target) in Self::target_shares(&self.weights)? {
-            let owned = self.share(p);
+            let owned = shares[&p];
             if owned != target {
                 return Err(SlicingError::ShareMismatch {
                     partition: p,
@@ -377,9 +388,10 @@ impl Slicing {
 
     /// `Σ max(0, old share − new share)` over partitions of `self`.
     fn minimum_movement(&self, next: &Slicing) -> u128 {
-        self.weights
-            .keys()
-            .map(|&p| self.share(p).saturating_sub(next.share(p)))
+        let after = next.shares();
+        self.shares()
+            .iter()
+            .map(|(p, &had)| had.saturating_sub(after.get(p).copied().unwrap_or(0)))
             .sum()
     }
 
@@ -400,24 +412,29 @@ impl Slicing {
             .map(Segment::len)
             .sum();
 
+        let growing: BTreeMap<PartitionId, u128> = targets
+            .iter()
+            .filter_map(|(&p, &target)| {
+                let have = owned.get(&p).copied().unwrap_or(0);
+                (target > have).then(|| (p, target - have))
+            })
+            .collect();
+
         // Cut: shrinking partitions release their excess.
         let mut released = removed;
         for (&p, &target) in &targets {
             let have = owned.get(&p).copied().unwrap_or(0);
             if have > target {
                 released += have - target;
-                cut(&mut segs, p, have - target);
+                cut(&mut segs, p, have - target, &growing);
             }
         }
 
         // Shift: growing partitions fill their deficit from the gaps.
         let mut filled = 0;
-        for (&p, &target) in &targets {
-            let have = owned.get(&p).copied().unwrap_or(0);
-            if target > have {
-                filled += target - have;
-                shift(&mut segs, p, target - have);
-            }
+        for (&p, &deficit) in &growing {
+            filled += deficit;
+            shift(&mut segs, p, deficit);
         }
         assert_eq!(released, filled, "gaps released and filled differ");
 
@@ -446,9 +463,15 @@ impl Slicing {
     }
 }
 
-/// Releases `excess` keys of `p` as gaps: whole intervals smallest first while they fit, then
-/// the tail of the smallest interval that covers what is left.
-fn cut(segs: &mut Vec<Segment>, p: PartitionId, mut excess: u128) {
+/// Releases `excess` keys of `p` as gaps: whole intervals smallest first while they fit, then a
+/// piece of one interval that covers what is left, cut on the side where the gap can join a
+/// neighbour that is growing or already a gap, so the gap merges instead of adding an interval.
+fn cut(
+    segs: &mut Vec<Segment>,
+    p: PartitionId,
+    mut excess: u128,
+    growing: &BTreeMap<PartitionId, u128>,
+) {
     let mut mine: Vec<usize> = (0..segs.len())
         .filter(|&i| segs[i].owner == Some(p))
         .collect();
@@ -459,14 +482,34 @@ fn cut(segs: &mut Vec<Segment>, p: PartitionId, mut excess: u128) {
             segs[i].owner = None;
         }
     }
-    if excess > 0 {
-        let &i = mine
-            .iter()
-            .find(|&&i| segs[i].owner == Some(p) && segs[i].len() > excess)
-            .expect("a partition owns at least its excess");
-        let split = segs[i].end - excess;
-        split_at(segs, i, split);
+    if excess == 0 {
+        return;
+    }
+    // 0: next to a growing partition, 1: next to a gap, 2: anywhere.
+    let rank = |owner: Option<PartitionId>| match owner {
+        Some(q) if growing.contains_key(&q) => 0,
+        None => 1,
+        Some(_) => 2,
+    };
+    let (i, tail) = mine
+        .iter()
+        .filter(|&&i| segs[i].owner == Some(p) && segs[i].len() > excess)
+        .flat_map(|&i| {
+            let before = if i > 0 { rank(segs[i - 1].owner) } else { 2 };
+            let after = segs.get(i + 1).map_or(2, |s| rank(s.owner));
+            [(before, i, false), (after, i, true)]
+        })
+        .min_by_key(|&(r, i, tail)| (r, segs[i].len(), segs[i].start, !tail))
+        .map(|(_, i, tail)| (i, tail))
+        .expect("a partition owns at least its excess");
+    if tail {
+        let at = segs[i].end - excess;
+        split_at(segs, i, at);
         segs[i + 1].owner = None;
+    } else {
+        let at = segs[i].start + excess;
+        split_at(segs, i, at);
+        segs[i].owner = None;
     }
 }
 
