@@ -5,7 +5,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("PROTOC").is_none() {
         std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?);
     }
-    let protos = ["proto/causeway/v1/txlog.proto"];
+    let protos = [
+        "proto/causeway/v1/txlog.proto",
+        "proto/causeway/v1/cluster.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

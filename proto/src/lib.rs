@@ -1,7 +1,8 @@
 //! Causeway's wire formats, generated from `proto/causeway/v1/*.proto` with prost and tonic.
 //!
 //! # Layout
-//! - [`v1`]: the `Transaction` record of the log (`txlog.proto`).
+//! - [`v1`]: the `Transaction` record of the log (`txlog.proto`); the `ConfigManager` service
+//!   (`cluster.proto`): registration, heartbeats, `GetConfig`, `Watch` and the admin calls.
 
 /// Version 1 of the wire formats.
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]

@@ -1,0 +1,250 @@
+//! [`Client`]: the typed gRPC client of the config manager, for store nodes and the CLI. It parses
+//! the configurations' JSON, so no caller handles it.
+
+use std::time::Duration;
+
+use causeway_core::{ClusterConfig, Epoch, NodeId, NodeInfo};
+use causeway_proto::v1 as pb;
+use causeway_proto::v1::config_manager_client::ConfigManagerClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::Error;
+use crate::registry::{NodeStatus, Registration};
+use crate::state::{Completion, ConfigPair};
+
+/// How long connecting may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Keepalive pings, so a dead config manager breaks a `Watch` stream instead of hanging it.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A client of one config manager. Cheap to clone (clones share the connection).
+///
+/// Every method answers [`Error::Rpc`] for a refusal of the server; [`Error::code`] gives its
+/// gRPC code (`FailedPrecondition`, `NotFound`, `Aborted`, ...).
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: ConfigManagerClient<Channel>,
+}
+
+/// A `Watch` stream: the pair as it was when the watch began, then every change (the latest one
+/// when the reader falls behind).
+#[derive(Debug)]
+pub struct ConfigWatch {
+    inner: tonic::Streaming<pb::ConfigState>,
+}
+
+impl Client {
+    /// Connects to `addr` (`host:port` or `http://host:port`).
+    pub async fn connect(addr: &str) -> Result<Client, Error> {
+        let endpoint = endpoint(addr)?;
+        let channel = endpoint.connect().await.map_err(|source| Error::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+        Ok(Client::from_channel(channel))
+    }
+
+    /// A client that connects on first use (and reconnects after failures), for a node that
+    /// may start before the config manager.
+    pub fn connect_lazy(addr: &str) -> Result<Client, Error> {
+        Ok(Client::from_channel(endpoint(addr)?.connect_lazy()))
+    }
+
+    /// A client over an existing channel.
+    pub fn from_channel(channel: Channel) -> Client {
+        Client {
+            inner: ConfigManagerClient::new(channel),
+        }
+    }
+
+    /// Registers `node`; the answer carries its new incarnation and the heartbeat cadence.
+    pub async fn register(&self, node: &NodeInfo) -> Result<Registration, Error> {
+        let r = self
+            .inner
+            .clone()
+            .register(pb::RegisterNodeRequest {
+                node_id: node.id.0,
+                addr: node.addr.clone(),
+            })
+            .await?
+            .into_inner();
+        Ok(Registration {
+            node: NodeId(r.node_id),
+            incarnation: r.incarnation,
+            heartbeat_interval_ms: r.heartbeat_interval_ms,
+            heartbeat_timeout_ms: r.heartbeat_timeout_ms,
+        })
+    }
+
+    /// Heartbeats; answers the revision of the (current, next) pair. A `NotFound` error means
+    /// the config manager does not know the node (it restarted): register again.
+    pub async fn heartbeat(&self, node: NodeId, incarnation: u64) -> Result<u64, Error> {
+        let r = self
+            .inner
+            .clone()
+            .heartbeat(pb::NodeHeartbeatRequest {
+                node_id: node.0,
+                incarnation,
+            })
+            .await?
+            .into_inner();
+        Ok(r.revision)
+    }
+
+    /// The (current, next) pair now.
+    pub async fn get_config(&self) -> Result<ConfigPair, Error> {
+        let r = self
+            .inner
+            .clone()
+            .get_config(pb::GetConfigRequest {})
+            .await?
+            .into_inner();
+        pair_from_proto(r)
+    }
+
+    /// Watches the (current, next) pair.
+    pub async fn watch(&self) -> Result<ConfigWatch, Error> {
+        let inner = self
+            .inner
+            .clone()
+            .watch(pb::WatchConfigRequest {})
+            .await?
+            .into_inner();
+        Ok(ConfigWatch { inner })
+    }
+
+    /// Admin: bootstraps `partitions × replicas` from the registered live nodes.
+    pub async fn bootstrap(&self, partitions: u32, replicas: u32) -> Result<ConfigPair, Error> {
+        let r = self
+            .inner
+            .clone()
+            .bootstrap(pb::BootstrapRequest {
+                partitions,
+                replicas,
+            })
+            .await?
+            .into_inner();
+        pair_from_proto(r)
+    }
+
+    /// Admin: proposes the next configuration for the shape `partitions × replicas`.
+    pub async fn propose_shape(&self, partitions: u32, replicas: u32) -> Result<ConfigPair, Error> {
+        let r = self
+            .inner
+            .clone()
+            .propose_shape(pb::ProposeShapeRequest {
+                partitions,
+                replicas,
+            })
+            .await?
+            .into_inner();
+        pair_from_proto(r)
+    }
+
+    /// Admin: marks `node` failed.
+    pub async fn mark_failed(&self, node: NodeId) -> Result<ConfigPair, Error> {
+        let r = self
+            .inner
+            .clone()
+            .mark_failed(pb::MarkFailedRequest { node_id: node.0 })
+            .await?
+            .into_inner();
+        pair_from_proto(r)
+    }
+
+    /// Admin: proposes the next configuration with `failed` replaced by `with`.
+    pub async fn replace_node(&self, failed: NodeId, with: NodeId) -> Result<ConfigPair, Error> {
+        let r = self
+            .inner
+            .clone()
+            .replace_node(pb::ReplaceNodeRequest {
+                failed_node_id: failed.0,
+                with_node_id: with.0,
+            })
+            .await?
+            .into_inner();
+        pair_from_proto(r)
+    }
+
+    /// Installs next as current iff its epoch is `epoch`; a repeat for an installed epoch
+    /// succeeds with `installed == false`; any other epoch is `Aborted`.
+    pub async fn complete_transition(&self, epoch: Epoch) -> Result<Completion, Error> {
+        let r = self
+            .inner
+            .clone()
+            .complete_transition(pb::CompleteTransitionRequest { epoch: epoch.0 })
+            .await?
+            .into_inner();
+        Ok(Completion {
+            installed: r.installed,
+            pair: pair_from_proto(r.state.unwrap_or_default())?,
+        })
+    }
+
+    /// Admin: the registered nodes with their liveness, in node-id order.
+    pub async fn list_nodes(&self) -> Result<Vec<NodeStatus>, Error> {
+        let r = self
+            .inner
+            .clone()
+            .list_nodes(pb::ListNodesRequest {})
+            .await?
+            .into_inner();
+        Ok(r.nodes
+            .into_iter()
+            .map(|n| NodeStatus {
+                info: NodeInfo {
+                    id: NodeId(n.node_id),
+                    addr: n.addr,
+                },
+                incarnation: n.incarnation,
+                live: n.live,
+                last_heartbeat_unix_ms: n.last_heartbeat_unix_ms,
+                since_heartbeat_ms: n.since_heartbeat_ms,
+            })
+            .collect())
+    }
+}
+
+impl ConfigWatch {
+    /// The next pair; `Ok(None)` when the config manager ended the stream (it shut down).
+    pub async fn next(&mut self) -> Result<Option<ConfigPair>, Error> {
+        match self.inner.message().await? {
+            Some(state) => pair_from_proto(state).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+fn endpoint(addr: &str) -> Result<Endpoint, Error> {
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(uri)
+        .map_err(|_| Error::InvalidEndpoint(addr.to_string()))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_while_idle(true))
+}
+
+/// Parses a pair as it travels. A configuration that does not parse or validate is refused.
+pub fn pair_from_proto(state: pb::ConfigState) -> Result<ConfigPair, Error> {
+    let parse = |json: Option<String>| -> Result<Option<ClusterConfig>, Error> {
+        json.map(|j| serde_json::from_str::<ClusterConfig>(&j).map_err(Error::BadConfigJson))
+            .transpose()
+    };
+    let current = parse(state.current)?;
+    let next = parse(state.next)?;
+    if let Some(c) = &current {
+        c.validate()?;
+    }
+    if let (Some(c), Some(n)) = (&current, &next) {
+        c.validate_successor(n)?;
+    }
+    Ok(ConfigPair {
+        revision: state.revision,
+        current,
+        next,
+    })
+}
