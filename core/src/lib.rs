@@ -15,12 +15,15 @@
 //! - [`gossip`]: the gossip message and the table of the latest word from every node.
 //! - [`frontier`]: UST, GC timestamp, readable replicas, and `Frontiers`, the monotone per-node
 //!   views that drive a transition from backfill to install.
+//! - [`query`]: the query language of collection queries: `Filter` (JSON form, limits, matching),
+//!   the total order of JSON values, `Order` and `Query`.
 
 pub mod config;
 pub mod frontier;
 pub mod gossip;
 pub mod key;
 pub mod node;
+pub mod query;
 pub mod slicing;
 pub mod time;
 
