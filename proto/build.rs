@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/causeway/v1/txlog.proto",
         "proto/causeway/v1/cluster.proto",
+        "proto/causeway/v1/node.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

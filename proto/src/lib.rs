@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //! - [`v1`]: the `Transaction` record of the log (`txlog.proto`); the `ConfigManager` service
-//!   (`cluster.proto`): registration, heartbeats, `GetConfig`, `Watch` and the admin calls.
+//!   (`cluster.proto`): registration, heartbeats, `GetConfig`, `Watch` and the admin calls; the
+//!   `StoreNode` service (`node.proto`): gossip, replica sub-reads and coordinated reads.
 
 /// Version 1 of the wire formats.
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]

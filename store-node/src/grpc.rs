@@ -1,0 +1,843 @@
+//! The `StoreNode` gRPC service: gossip in, replica sub-reads from local storage, and reads
+//! coordinated across partitions at one read timestamp.
+
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use causeway_core::query::{Filter, Query, QueryLimits};
+use causeway_core::{
+    ClusterConfig, DocKey, Epoch, Gossip, Interval, KeyHash, KeyLimits, NodeId, PartitionId,
+    ReadTimestamp, Timestamp,
+};
+use causeway_proto::v1 as pb;
+use causeway_proto::v1::store_node_client::StoreNodeClient;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::state::{lock, Shared};
+use crate::storage::{self, ScanCursor};
+
+/// A channel that connects on first use and reconnects after failures.
+pub fn lazy_channel(addr: &str) -> Channel {
+    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    Endpoint::from_shared(uri)
+        .expect("node addresses are valid URIs")
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect_lazy()
+}
+
+pub fn gossip_to_proto(g: &Gossip) -> pb::GossipMessage {
+    pb::GossipMessage {
+        node_id: g.node.0,
+        incarnation: g.incarnation,
+        seq: g.seq,
+        committed: g.committed.get(),
+        current_epoch: g.current_epoch.get(),
+        next_epoch: g.next_epoch.map(Epoch::get),
+        backfilled: g.backfilled,
+        routing_epoch: g.routing_epoch.get(),
+        ust: g.ust.get(),
+        lowest_read: g.lowest_read.map(read_ts_to_proto),
+    }
+}
+
+fn gossip_from_proto(m: pb::GossipMessage) -> Gossip {
+    Gossip {
+        node: NodeId(m.node_id),
+        incarnation: m.incarnation,
+        seq: m.seq,
+        committed: Timestamp(m.committed),
+        current_epoch: Epoch(m.current_epoch),
+        next_epoch: m.next_epoch.map(Epoch),
+        backfilled: m.backfilled,
+        routing_epoch: Epoch(m.routing_epoch),
+        ust: Timestamp(m.ust),
+        lowest_read: m.lowest_read.map(read_ts_from_proto),
+    }
+}
+
+pub fn read_ts_to_proto(r: ReadTimestamp) -> pb::ReadTs {
+    pb::ReadTs {
+        epoch: r.epoch.get(),
+        ts: r.ts.get(),
+    }
+}
+
+pub fn read_ts_from_proto(r: pb::ReadTs) -> ReadTimestamp {
+    ReadTimestamp::new(Epoch(r.epoch), Timestamp(r.ts))
+}
+
+const SNAPSHOT_TOO_OLD: &str = "snapshot too old";
+
+fn storage_status(e: storage::Error) -> Status {
+    match e {
+        storage::Error::SnapshotTooOld { requested, gc } => Status::failed_precondition(format!(
+            "{SNAPSHOT_TOO_OLD}: read at {requested} is below the GC timestamp {gc}"
+        )),
+        storage::Error::NotYetApplied { requested, applied } => Status::unavailable(format!(
+            "not yet applied: read at {requested}, applied up to {applied}"
+        )),
+        storage::Error::InvalidCursor(c) => {
+            Status::invalid_argument(format!("the scan position does not belong to {c:?}"))
+        }
+        e => Status::internal(format!("storage: {e}")),
+    }
+}
+
+fn is_too_old(s: &Status) -> bool {
+    s.code() == tonic::Code::FailedPrecondition && s.message().starts_with(SNAPSHOT_TOO_OLD)
+}
+
+/// Why one coordinated attempt did not complete.
+enum Attempt {
+    /// Some replica had already pruned the snapshot: retry at a fresh timestamp.
+    TooOld,
+    Failed(Status),
+}
+
+impl From<Status> for Attempt {
+    fn from(s: Status) -> Attempt {
+        if is_too_old(&s) {
+            Attempt::TooOld
+        } else {
+            Attempt::Failed(s)
+        }
+    }
+}
+
+/// The gRPC server of one node.
+#[derive(Debug, Clone)]
+pub struct Server {
+    shared: Arc<Shared>,
+    clients: Arc<Mutex<HashMap<NodeId, (String, StoreNodeClient<Channel>)>>>,
+}
+
+impl Server {
+    pub fn new(shared: Arc<Shared>) -> Server {
+        Server {
+            shared,
+            clients: Arc::default(),
+        }
+    }
+
+    fn client(&self, node: NodeId, config: &ClusterConfig) -> Result<StoreNodeClient<Channel>, Status> {
+        let addr = &config
+            .nodes
+            .get(&node)
+            .ok_or_else(|| Status::internal(format!("{node} has no address")))?
+            .addr;
+        let mut clients = lock(&self.clients);
+        if clients.get(&node).is_none_or(|(a, _)| a != addr) {
+            let client = StoreNodeClient::new(lazy_channel(addr))
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20);
+            clients.insert(node, (addr.clone(), client));
+        }
+        Ok(clients[&node].1.clone())
+    }
+
+    fn timeout(&self, requested_ms: u32) -> Duration {
+        let ceiling = self.shared.tuning.read_timeout_ms;
+        let ms = if requested_ms == 0 {
+            ceiling
+        } else {
+            u64::from(requested_ms).min(ceiling)
+        };
+        Duration::from_millis(ms)
+    }
+
+    /// Waits (until `deadline`) until this node can coordinate and its UST is at least
+    /// `min_ts`; returns the read timestamp and its configuration.
+    async fn read_timestamp(
+        &self,
+        min_ts: Timestamp,
+        deadline: Instant,
+    ) -> Result<(ReadTimestamp, Arc<ClusterConfig>), Status> {
+        let mut rx = self.shared.decided.subscribe();
+        let waited = tokio::time::timeout_at(
+            deadline.into(),
+            rx.wait_for(|d| d.decisions.can_coordinate && d.decisions.ust >= min_ts),
+        )
+        .await;
+        let decided = match waited {
+            Ok(Ok(d)) => *d,
+            Ok(Err(_)) => return Err(Status::unavailable("the node is shutting down")),
+            Err(_) => {
+                let d = self.shared.decided();
+                return Err(if d.decisions.can_coordinate {
+                    Status::deadline_exceeded(format!(
+                        "the UST ({}) did not reach {min_ts} in time",
+                        d.decisions.ust
+                    ))
+                } else {
+                    Status::unavailable("this node cannot coordinate reads yet")
+                });
+            }
+        };
+        let at = ReadTimestamp::new(decided.decisions.routing_epoch, decided.decisions.ust);
+        let config = self
+            .shared
+            .configs()
+            .at(at.epoch)
+            .cloned()
+            .ok_or_else(|| Status::unavailable(format!("configuration {} is not known here", at.epoch)))?;
+        Ok((at, config))
+    }
+
+    /// The replicas to try for each partition, this node first.
+    fn replicas(
+        &self,
+        config: &ClusterConfig,
+        at: ReadTimestamp,
+    ) -> Result<BTreeMap<PartitionId, Vec<NodeId>>, Status> {
+        let mut readable = self.shared.readable(config, at).map_err(|p| {
+            Status::unavailable(format!("no live replica of {p} has committed {}", at.ts))
+        })?;
+        let spin = self.shared.now_ms() as usize;
+        for nodes in readable.values_mut() {
+            let len = nodes.len();
+            nodes.rotate_left(spin % len);
+            if let Some(i) = nodes.iter().position(|&n| n == self.shared.node) {
+                nodes.swap(0, i);
+            }
+        }
+        Ok(readable)
+    }
+
+    /// Reads `keys` (all of one partition) at `at` from the first replica that can serve them.
+    async fn get_from(
+        &self,
+        config: &ClusterConfig,
+        replicas: &[NodeId],
+        at: ReadTimestamp,
+        keys: Vec<pb::DocumentKey>,
+        with_automerge: bool,
+    ) -> Result<Vec<pb::Document>, Attempt> {
+        let mut last = Status::unavailable("no replica answered");
+        for &node in replicas {
+            let started = Instant::now();
+            let result = if node == self.shared.node {
+                local_get(&self.shared, at.ts, &keys, with_automerge).await
+            } else {
+                let mut client = self.client(node, config)?;
+                let request = pb::GetAtRequest {
+                    at: Some(read_ts_to_proto(at)),
+                    keys: keys.clone(),
+                    with_automerge,
+                };
+                let timeout = Duration::from_millis(self.shared.tuning.peer_rpc_timeout_ms);
+                match tokio::time::timeout(timeout, client.get_at(request)).await {
+                    Ok(r) => r.map(|r| r.into_inner().documents),
+                    Err(_) => Err(Status::unavailable(format!("{node} did not answer in time"))),
+                }
+            };
+            self.shared.metrics.sub_read_seconds.observe(started.elapsed());
+            match result {
+                Ok(docs) => return Ok(docs),
+                Err(s) if is_too_old(&s) => return Err(Attempt::TooOld),
+                Err(s) => last = s,
+            }
+        }
+        Err(Attempt::Failed(last))
+    }
+
+    /// One attempt of a coordinated multi-get at `at`.
+    async fn read_at(
+        &self,
+        config: &ClusterConfig,
+        at: ReadTimestamp,
+        keys: &[pb::DocumentKey],
+        with_automerge: bool,
+    ) -> Result<Vec<pb::Document>, Attempt> {
+        let replicas = self.replicas(config, at)?;
+        let mut by_partition: BTreeMap<PartitionId, Vec<usize>> = BTreeMap::new();
+        for (i, k) in keys.iter().enumerate() {
+            let p = config.partition_of(KeyHash::of(&k.collection, &k.id));
+            by_partition.entry(p).or_default().push(i);
+        }
+        let reads = by_partition.iter().map(|(p, indexes)| {
+            let part_keys: Vec<pb::DocumentKey> = indexes.iter().map(|&i| keys[i].clone()).collect();
+            self.get_from(config, &replicas[p], at, part_keys, with_automerge)
+        });
+        let results = futures::future::join_all(reads).await;
+        let mut out: Vec<Option<pb::Document>> = vec![None; keys.len()];
+        for ((_, indexes), result) in by_partition.iter().zip(results) {
+            for (&i, doc) in indexes.iter().zip(result?) {
+                out[i] = Some(doc);
+            }
+        }
+        Ok(out.into_iter().map(|d| d.expect("every key read")).collect())
+    }
+
+    /// One page of a query over every partition at `at`.
+    async fn query_at(
+        &self,
+        config: &ClusterConfig,
+        at: ReadTimestamp,
+        collection: &str,
+        query: &Query,
+        after: Option<&Position>,
+        max_scanned: u32,
+    ) -> Result<Page, Attempt> {
+        let replicas = self.replicas(config, at)?;
+        let limit = query
+            .limit
+            .unwrap_or(self.shared.tuning.query_max_limit)
+            .min(self.shared.tuning.query_max_limit) as usize;
+        let parts = config.slicing.partitions().count() as u32;
+        let per_partition = (max_scanned / parts.max(1)).max(1);
+        let filter = serde_json::to_string(&query.filter).expect("filters serialize");
+        // Ordered queries need every match of every partition; unordered ones walk key order.
+        let (scan_limit, start) = match (&query.order, after) {
+            (Some(_), _) => (per_partition, None),
+            (None, Some(p)) => (limit as u32, Some((p.hash, p.id.clone()))),
+            (None, None) => (limit as u32, None),
+        };
+        let scans = config.slicing.partitions().map(|p| {
+            let request = pb::ScanAtRequest {
+                at: Some(read_ts_to_proto(at)),
+                collection: collection.to_owned(),
+                intervals: config.slicing.intervals_of(p).iter().map(interval_to_proto).collect(),
+                filter: filter.clone(),
+                after_hash: start.as_ref().map(|s| s.0),
+                after_id: start.as_ref().map(|s| s.1.clone()).unwrap_or_default(),
+                limit: scan_limit,
+                max_scanned: per_partition,
+                with_automerge: false,
+            };
+            self.scan_from(config, &replicas[&p], request)
+        });
+        let results = futures::future::join_all(scans).await;
+        let mut docs: Vec<(Position, pb::Document, Json)> = Vec::new();
+        let mut scanned = 0u32;
+        // The first position not yet covered by every partition: results past it may miss
+        // documents of a partition that stopped early.
+        let mut frontier: Option<(u64, String)> = None;
+        for result in results {
+            let page = result?;
+            scanned += page.scanned;
+            if !page.done {
+                let stop = (page.last_hash, page.last_id.clone());
+                if frontier.as_ref().is_none_or(|f| stop < *f) {
+                    frontier = Some(stop);
+                }
+            }
+            for d in page.documents {
+                let json: Json = serde_json::from_slice(&d.json)
+                    .map_err(|e| Attempt::Failed(Status::internal(format!("stored json: {e}"))))?;
+                let pos = Position {
+                    hash: KeyHash::of(&d.collection, &d.id).get(),
+                    id: d.id.clone(),
+                    sort: None,
+                };
+                docs.push((pos, d, json));
+            }
+        }
+        match &query.order {
+            None => {
+                docs.sort_by(|a, b| (a.0.hash, &a.0.id).cmp(&(b.0.hash, &b.0.id)));
+                if let Some(f) = &frontier {
+                    docs.retain(|(p, _, _)| (p.hash, &p.id) <= (f.0, &f.1));
+                }
+                let more = docs.len() > limit || frontier.is_some();
+                let partial = frontier.is_some() && docs.len() < limit;
+                docs.truncate(limit);
+                let cursor = if more {
+                    docs.last()
+                        .map(|(p, _, _)| p.clone())
+                        .or_else(|| frontier.map(|(hash, id)| Position { hash, id, sort: None }))
+                } else {
+                    None
+                };
+                Ok(Page {
+                    documents: docs.into_iter().map(|(_, d, _)| d).collect(),
+                    cursor,
+                    partial,
+                    scanned,
+                })
+            }
+            Some(order) => {
+                if frontier.is_some() {
+                    return Err(Attempt::Failed(Status::resource_exhausted(format!(
+                        "an ordered query may examine at most {max_scanned} documents; add a filter, or drop the order and page through the results"
+                    ))));
+                }
+                let key = |(p, _, json): &(Position, pb::Document, Json)| (json.clone(), p.hash, p.id.clone());
+                docs.sort_by(|a, b| {
+                    order
+                        .compare(&a.2, &b.2)
+                        .then_with(|| (a.0.hash, &a.0.id).cmp(&(b.0.hash, &b.0.id)))
+                });
+                if let Some(after) = after {
+                    let sort = after.sort.clone().unwrap_or(Json::Null);
+                    docs.retain(|d| {
+                        let (json, hash, id) = key(d);
+                        let by_value = order.compare(&json, &sort_doc(order, &sort));
+                        by_value == CmpOrdering::Greater
+                            || (by_value == CmpOrdering::Equal && (hash, &id) > (after.hash, &after.id))
+                    });
+                }
+                let more = docs.len() > limit;
+                docs.truncate(limit);
+                let cursor = more
+                    .then(|| docs.last())
+                    .flatten()
+                    .map(|(p, _, json)| Position {
+                        hash: p.hash,
+                        id: p.id.clone(),
+                        sort: Some(lookup(&order.path, json).cloned().unwrap_or(Json::Null)),
+                    });
+                Ok(Page {
+                    documents: docs.into_iter().map(|(_, d, _)| d).collect(),
+                    cursor,
+                    partial: false,
+                    scanned,
+                })
+            }
+        }
+    }
+
+    async fn scan_from(
+        &self,
+        config: &ClusterConfig,
+        replicas: &[NodeId],
+        request: pb::ScanAtRequest,
+    ) -> Result<pb::ScanAtResponse, Attempt> {
+        let mut last = Status::unavailable("no replica answered");
+        for &node in replicas {
+            let result = if node == self.shared.node {
+                local_scan(&self.shared, request.clone()).await
+            } else {
+                let mut client = self.client(node, config)?;
+                let timeout = Duration::from_millis(self.shared.tuning.peer_rpc_timeout_ms * 4);
+                match tokio::time::timeout(timeout, client.scan_at(request.clone())).await {
+                    Ok(r) => r.map(Response::into_inner),
+                    Err(_) => Err(Status::unavailable(format!("{node} did not answer in time"))),
+                }
+            };
+            match result {
+                Ok(page) => return Ok(page),
+                Err(s) if is_too_old(&s) => return Err(Attempt::TooOld),
+                Err(s) if s.code() == tonic::Code::InvalidArgument => return Err(Attempt::Failed(s)),
+                Err(s) => last = s,
+            }
+        }
+        Err(Attempt::Failed(last))
+    }
+}
+
+/// A document stand-in holding `sort` at the order's path, to compare a cursor's sort value
+/// with documents by the same rule.
+fn sort_doc(order: &causeway_core::query::Order, sort: &Json) -> Json {
+    let mut doc = sort.clone();
+    for segment in order.path.split('.').rev() {
+        let mut m = serde_json::Map::new();
+        m.insert(segment.to_owned(), doc);
+        doc = Json::Object(m);
+    }
+    doc
+}
+
+fn lookup<'a>(path: &str, json: &'a Json) -> Option<&'a Json> {
+    path.split('.').try_fold(json, |v, s| v.get(s))
+}
+
+/// Where the next page starts, bound to the read timestamp of the first page.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Position {
+    hash: u64,
+    id: String,
+    /// The sort value of the last document, for ordered queries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sort: Option<Json>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Cursor {
+    epoch: u64,
+    ts: u64,
+    collection: String,
+    after: Position,
+}
+
+impl Cursor {
+    fn encode(&self) -> String {
+        let json = serde_json::to_vec(self).expect("cursor serializes");
+        json.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn decode(text: &str) -> Option<Cursor> {
+        if text.len() % 2 != 0 || text.len() > 64 * 1024 {
+            return None;
+        }
+        let bytes: Option<Vec<u8>> = (0..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+            .collect();
+        serde_json::from_slice(&bytes?).ok()
+    }
+}
+
+struct Page {
+    documents: Vec<pb::Document>,
+    cursor: Option<Position>,
+    partial: bool,
+    scanned: u32,
+}
+
+fn interval_to_proto(i: &Interval) -> pb::KeyInterval {
+    pb::KeyInterval {
+        start: i.start,
+        end: i.end_hash(),
+    }
+}
+
+fn interval_from_proto(i: &pb::KeyInterval) -> Result<Interval, Status> {
+    let end = i.end.map_or(causeway_core::KEYSPACE, u128::from);
+    if u128::from(i.start) >= end {
+        return Err(Status::invalid_argument("empty interval"));
+    }
+    Ok(Interval::new(i.start, end))
+}
+
+fn document(collection: &str, id: &str, doc: Option<storage::Document>) -> pb::Document {
+    match doc {
+        Some(d) => pb::Document {
+            collection: collection.to_owned(),
+            id: id.to_owned(),
+            found: true,
+            json: serde_json::to_vec(&d.json).expect("json serializes"),
+            automerge: Vec::new(),
+            version_ts: d.version.get(),
+        },
+        None => pb::Document {
+            collection: collection.to_owned(),
+            id: id.to_owned(),
+            found: false,
+            ..pb::Document::default()
+        },
+    }
+}
+
+/// A sub-read from this node's own storage.
+async fn local_get(
+    shared: &Arc<Shared>,
+    ts: Timestamp,
+    keys: &[pb::DocumentKey],
+    with_automerge: bool,
+) -> Result<Vec<pb::Document>, Status> {
+    let store = Arc::clone(&shared.store);
+    let keys: Vec<(String, String)> = keys.iter().map(|k| (k.collection.clone(), k.id.clone())).collect();
+    tokio::task::spawn_blocking(move || {
+        let ids: Vec<(&str, &str)> = keys.iter().map(|(c, i)| (c.as_str(), i.as_str())).collect();
+        let docs = store.multi_get(&ids, ts).map_err(storage_status)?;
+        let mut out = Vec::with_capacity(docs.len());
+        for ((c, i), d) in keys.iter().zip(docs) {
+            let mut doc = document(c, i, d);
+            if with_automerge && doc.found {
+                doc.automerge = store
+                    .get_automerge(c, i, ts)
+                    .map_err(storage_status)?
+                    .unwrap_or_default();
+            }
+            out.push(doc);
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| Status::internal(format!("read task: {e}")))?
+}
+
+/// A scan of this node's own storage, restricted to the request's intervals.
+async fn local_scan(shared: &Arc<Shared>, req: pb::ScanAtRequest) -> Result<pb::ScanAtResponse, Status> {
+    let ts = Timestamp(req.at.map_or(0, |a| a.ts));
+    let intervals: Vec<Interval> = req
+        .intervals
+        .iter()
+        .map(interval_from_proto)
+        .collect::<Result<_, _>>()?;
+    let filter = if req.filter.is_empty() {
+        Filter::default()
+    } else {
+        Filter::parse_str(&req.filter, &QueryLimits::default())
+            .map_err(|e| Status::invalid_argument(format!("filter: {e}")))?
+    };
+    causeway_core::key::validate_collection(&req.collection, &KeyLimits::default())
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let store = Arc::clone(&shared.store);
+    let max_scanned = (req.max_scanned.max(1) as usize).min(shared.tuning.query_max_scanned as usize);
+    let limit = req.limit.max(1) as usize;
+    tokio::task::spawn_blocking(move || {
+        let collection = req.collection.as_str();
+        let mut cursor = req
+            .after_hash
+            .map(|h| ScanCursor(storage::collection_key(collection, h, &req.after_id)));
+        let mut out = pb::ScanAtResponse::default();
+        let in_range = |c: &str, id: &str| {
+            let h = KeyHash::of(c, id);
+            intervals.iter().any(|i| i.contains(h))
+        };
+        // Pages of the whole collection, keeping the documents of our intervals, until the
+        // limit, the scan budget or the end.
+        loop {
+            let budget = max_scanned.saturating_sub(out.scanned as usize);
+            let want = limit - out.documents.len();
+            let page = store
+                .scan(collection, ts, &|d| filter.matches(d), want, cursor.as_ref(), budget)
+                .map_err(storage_status)?;
+            out.scanned += page.scanned as u32;
+            for d in page.documents {
+                if in_range(collection, &d.id) {
+                    let id = d.id.clone();
+                    out.documents.push(document(collection, &id, Some(d)));
+                }
+            }
+            match page.next {
+                None => {
+                    out.done = true;
+                    return Ok(out);
+                }
+                Some(next) => {
+                    let (_, hash, id) = storage::collection_key_parts(&next.0);
+                    out.last_hash = hash;
+                    out.last_id = id.to_owned();
+                    cursor = Some(next);
+                }
+            }
+            if out.documents.len() >= limit || out.scanned as usize >= max_scanned {
+                return Ok(out);
+            }
+        }
+    })
+    .await
+    .map_err(|e| Status::internal(format!("scan task: {e}")))?
+}
+
+fn validate_keys(keys: &[pb::DocumentKey]) -> Result<(), Status> {
+    let limits = KeyLimits::default();
+    for k in keys {
+        DocKey::new(&k.collection, &k.id, &limits)
+            .map_err(|e| Status::invalid_argument(format!("{}/{}: {e}", k.collection, k.id)))?;
+    }
+    Ok(())
+}
+
+/// The stream of a snapshot hold: the read timestamp, then nothing until the hold ends; the
+/// registered read goes with the stream.
+type HoldStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::HoldSnapshotEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::store_node_server::StoreNode for Server {
+    type HoldSnapshotStream = HoldStream;
+
+    async fn hold_snapshot(
+        &self,
+        request: Request<pb::HoldSnapshotRequest>,
+    ) -> Result<Response<HoldStream>, Status> {
+        let req = request.into_inner();
+        let deadline = Instant::now() + self.timeout(req.timeout_ms);
+        let (at, _) = self.read_timestamp(Timestamp(req.min_ts), deadline).await?;
+        let held = self.shared.reads.register(at);
+        let max_hold = Duration::from_millis(req.max_hold_ms.clamp(1, 3_600_000));
+        let first = pb::HoldSnapshotEvent {
+            at: Some(read_ts_to_proto(at)),
+        };
+        let stream = futures::stream::once(async move { Ok(first) }).chain(futures::stream::once(async move {
+            tokio::time::sleep(max_hold).await;
+            drop(held);
+            Err(Status::deadline_exceeded("the snapshot hold reached its maximum duration"))
+        }));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn gossip(&self, request: Request<pb::GossipMessage>) -> Result<Response<pb::GossipAck>, Status> {
+        self.shared.observe(gossip_from_proto(request.into_inner()));
+        Ok(Response::new(pb::GossipAck {}))
+    }
+
+    async fn get_at(&self, request: Request<pb::GetAtRequest>) -> Result<Response<pb::GetAtResponse>, Status> {
+        let req = request.into_inner();
+        validate_keys(&req.keys)?;
+        let at = req.at.ok_or_else(|| Status::invalid_argument("missing read timestamp"))?;
+        let started = Instant::now();
+        let documents = local_get(&self.shared, Timestamp(at.ts), &req.keys, req.with_automerge).await?;
+        self.shared.metrics.sub_read_seconds.observe(started.elapsed());
+        Ok(Response::new(pb::GetAtResponse { documents }))
+    }
+
+    async fn scan_at(&self, request: Request<pb::ScanAtRequest>) -> Result<Response<pb::ScanAtResponse>, Status> {
+        let req = request.into_inner();
+        if req.at.is_none() {
+            return Err(Status::invalid_argument("missing read timestamp"));
+        }
+        Ok(Response::new(local_scan(&self.shared, req).await?))
+    }
+
+    async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<pb::ReadResponse>, Status> {
+        let req = request.into_inner();
+        validate_keys(&req.keys)?;
+        let started = Instant::now();
+        let deadline = started + self.timeout(req.timeout_ms);
+        for _ in 0..self.shared.tuning.read_attempts.max(1) {
+            let (at, config) = self.read_timestamp(Timestamp(req.min_ts), deadline).await?;
+            let _held = self.shared.reads.register(at);
+            match self.read_at(&config, at, &req.keys, req.with_automerge).await {
+                Ok(documents) => {
+                    self.shared.metrics.read_seconds.observe(started.elapsed());
+                    return Ok(Response::new(pb::ReadResponse {
+                        at: Some(read_ts_to_proto(at)),
+                        documents,
+                    }));
+                }
+                Err(Attempt::TooOld) => {
+                    self.shared
+                        .metrics
+                        .snapshot_too_old_retries_total
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(Attempt::Failed(s)) => return Err(s),
+            }
+        }
+        Err(Status::unavailable("the snapshot was pruned on every attempt; retry"))
+    }
+
+    async fn query(&self, request: Request<pb::QueryRequest>) -> Result<Response<pb::QueryResponse>, Status> {
+        let req = request.into_inner();
+        causeway_core::key::validate_collection(&req.collection, &KeyLimits::default())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let query = if req.query.is_empty() {
+            Query::default()
+        } else {
+            Query::parse_str(&req.query, &QueryLimits::default())
+                .map_err(|e| Status::invalid_argument(format!("query: {e}")))?
+        };
+        let cursor = if req.cursor.is_empty() {
+            None
+        } else {
+            let c = Cursor::decode(&req.cursor).ok_or_else(|| Status::invalid_argument("invalid cursor"))?;
+            if c.collection != req.collection {
+                return Err(Status::invalid_argument("the cursor belongs to another collection"));
+            }
+            Some(c)
+        };
+        let max_scanned = if req.max_scanned == 0 {
+            self.shared.tuning.query_max_scanned
+        } else {
+            req.max_scanned.min(self.shared.tuning.query_max_scanned)
+        };
+        let started = Instant::now();
+        let deadline = started + self.timeout(req.timeout_ms);
+        for _ in 0..self.shared.tuning.read_attempts.max(1) {
+            // A cursor binds the read timestamp of the first page.
+            let (at, config) = match &cursor {
+                Some(c) => {
+                    let at = ReadTimestamp::new(Epoch(c.epoch), Timestamp(c.ts));
+                    let config = self.shared.configs().at(at.epoch).cloned().ok_or_else(|| {
+                        Status::failed_precondition("the cursor's configuration is gone; start the query again")
+                    })?;
+                    (at, config)
+                }
+                None => self.read_timestamp(Timestamp(req.min_ts), deadline).await?,
+            };
+            let _held = self.shared.reads.register(at);
+            let after = cursor.as_ref().map(|c| &c.after);
+            match self.query_at(&config, at, &req.collection, &query, after, max_scanned).await {
+                Ok(page) => {
+                    self.shared.metrics.query_seconds.observe(started.elapsed());
+                    let cursor = page.cursor.map(|after| {
+                        Cursor {
+                            epoch: at.epoch.get(),
+                            ts: at.ts.get(),
+                            collection: req.collection.clone(),
+                            after,
+                        }
+                        .encode()
+                    });
+                    return Ok(Response::new(pb::QueryResponse {
+                        at: Some(read_ts_to_proto(at)),
+                        documents: page.documents,
+                        cursor,
+                        partial: page.partial,
+                        scanned: page.scanned,
+                    }));
+                }
+                Err(Attempt::TooOld) if cursor.is_some() => {
+                    return Err(Status::failed_precondition(
+                        "the cursor's snapshot was garbage collected; start the query again",
+                    ));
+                }
+                Err(Attempt::TooOld) => {
+                    self.shared
+                        .metrics
+                        .snapshot_too_old_retries_total
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Err(Attempt::Failed(s)) => return Err(s),
+            }
+        }
+        Err(Status::unavailable("the snapshot was pruned on every attempt; retry"))
+    }
+
+    async fn wait_for_ust(
+        &self,
+        request: Request<pb::WaitForUstRequest>,
+    ) -> Result<Response<pb::WaitForUstResponse>, Status> {
+        let req = request.into_inner();
+        let deadline = Instant::now() + self.timeout(req.timeout_ms);
+        let mut rx = self.shared.decided.subscribe();
+        let want = Timestamp(req.ts);
+        let _ = tokio::time::timeout_at(deadline.into(), rx.wait_for(|d| d.decisions.ust >= want)).await;
+        let d = self.shared.decided();
+        Ok(Response::new(pb::WaitForUstResponse {
+            ust: Some(read_ts_to_proto(ReadTimestamp::new(d.decisions.routing_epoch, d.decisions.ust))),
+            reached: d.decisions.ust >= want,
+        }))
+    }
+
+    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::NodeStatus>, Status> {
+        let s = &self.shared;
+        let d = s.decided();
+        let peers = s
+            .peers()
+            .into_iter()
+            .map(|(g, alive, since)| pb::PeerStatus {
+                node_id: g.node.0,
+                committed: g.committed.get(),
+                alive,
+                routing_epoch: g.routing_epoch.get(),
+                ust: g.ust.get(),
+                since_heard_ms: since,
+            })
+            .collect();
+        let phase = serde_json::to_value(d.decisions.phase)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        Ok(Response::new(pb::NodeStatus {
+            node_id: s.node.0,
+            incarnation: s.incarnation.load(Ordering::Relaxed),
+            addr: s.addr.clone(),
+            committed: s.store.committed().get(),
+            ust: d.decisions.ust.get(),
+            gc: d.decisions.gc.get(),
+            current_epoch: d.current_epoch.get(),
+            next_epoch: d.next_epoch.map(Epoch::get),
+            routing_epoch: d.decisions.routing_epoch.get(),
+            phase,
+            log_next: s.log_next.load(Ordering::Relaxed),
+            can_coordinate: d.decisions.can_coordinate,
+            peers,
+        }))
+    }
+}

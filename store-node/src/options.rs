@@ -1,0 +1,88 @@
+//! The store node's settings, with documented defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use causeway_core::NodeId;
+use causeway_txlog::LogOptions;
+use serde::{Deserialize, Serialize};
+
+use crate::storage::StoreOptions;
+
+/// Everything a store node needs to run. Deserialised from JSON (the binary's `--config`) or
+/// built in code (`causeway dev`, the tests).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Options {
+    /// This node's id: stable across restarts, unique in the cluster.
+    pub node_id: NodeId,
+    /// Where the gRPC server (gossip, reads) listens. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// The address other nodes and the api-server use to reach the gRPC server; defaults to the
+    /// bound address.
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Where the admin HTTP server (`/metrics`, `/healthz`, `/readyz`) listens; none if absent.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
+    /// The node's RocksDB directory.
+    pub data_dir: PathBuf,
+    /// The config manager's gRPC address (`host:port`).
+    pub config_manager: String,
+    /// The transaction log.
+    pub log: LogOptions,
+    #[serde(default)]
+    pub store: StoreOptions,
+    #[serde(default)]
+    pub tuning: Tuning,
+}
+
+/// Timings and limits. Every field has a default suited to a LAN cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tuning {
+    /// How often the node gossips its state to every peer (default 10 ms).
+    pub gossip_interval_ms: u64,
+    /// A peer not heard from for this long is taken as dead (default 1 000 ms).
+    pub liveness_timeout_ms: u64,
+    /// Timeout of one gossip or sub-read RPC to a peer (default 2 000 ms).
+    pub peer_rpc_timeout_ms: u64,
+    /// Most log records applied as one WriteBatch and fsync (default 512).
+    pub apply_batch_records: usize,
+    /// Most payload bytes applied as one WriteBatch and fsync (default 8 MiB).
+    pub apply_batch_bytes: usize,
+    /// How often GC runs a step (default 200 ms).
+    pub gc_interval_ms: u64,
+    /// Version keys GC examines per step (default 10 000).
+    pub gc_step_budget: usize,
+    /// Longest a coordinated read may wait for the UST, when the request gives no timeout
+    /// (default 5 000 ms); also the ceiling of any requested timeout.
+    pub read_timeout_ms: u64,
+    /// Attempts of a coordinated read at fresh timestamps after `SnapshotTooOld` (default 3).
+    pub read_attempts: u32,
+    /// Documents a query may examine over all partitions for one page (default 100 000).
+    pub query_max_scanned: u32,
+    /// Documents one page of a query returns at most (default 1 000).
+    pub query_max_limit: u32,
+    /// Concurrent gRPC requests served (default 1 024).
+    pub max_concurrent_requests: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            gossip_interval_ms: 10,
+            liveness_timeout_ms: 1_000,
+            peer_rpc_timeout_ms: 2_000,
+            apply_batch_records: 512,
+            apply_batch_bytes: 8 << 20,
+            gc_interval_ms: 200,
+            gc_step_budget: 10_000,
+            read_timeout_ms: 5_000,
+            read_attempts: 3,
+            query_max_scanned: 100_000,
+            query_max_limit: 1_000,
+            max_concurrent_requests: 1_024,
+        }
+    }
+}

@@ -1,0 +1,650 @@
+//! The store node service: registration and configuration watch, the apply loop, gossip, GC,
+//! and the gRPC and admin servers, all stopped together by one shutdown signal.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use causeway_config_manager::Client as ConfigClient;
+use causeway_core::{Epoch, NodeId, NodeInfo, Timestamp};
+use causeway_proto::v1::store_node_client::StoreNodeClient;
+use causeway_proto::v1::store_node_server::StoreNodeServer;
+use causeway_proto::v1::{Transaction, TRANSACTION_FORMAT_VERSION};
+use causeway_txlog::TxLog;
+use futures::StreamExt;
+use prost::Message;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tonic::transport::Channel;
+use tracing::{debug, error, info, instrument, warn};
+
+use crate::metrics::{Gauges, Metrics};
+use crate::options::Options;
+use crate::state::{ActiveReads, Configs, Decided, Protocol, Shared};
+use crate::storage::Store;
+
+/// Why the node could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("storage")]
+    Storage(#[from] crate::storage::Error),
+    #[error("transaction log")]
+    Log(#[from] causeway_txlog::Error),
+    #[error("config manager")]
+    ConfigManager(#[from] causeway_config_manager::Error),
+    #[error("cannot bind {addr}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server")]
+    Server(#[from] tonic::transport::Error),
+    #[error("the node cannot apply the log: {0}")]
+    Apply(String),
+}
+
+/// A store node, bound and ready to run.
+#[derive(Debug)]
+pub struct Service {
+    options: Options,
+    shared: Arc<Shared>,
+    log: TxLog,
+    grpc: TcpListener,
+    admin: Option<TcpListener>,
+}
+
+/// A cheap handle on a running node: its state, for tests, `causeway dev` and status.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl Service {
+    /// Opens the storage and the log and binds the servers; nothing runs until [`Service::run`].
+    pub async fn bind(options: Options) -> Result<Service, Error> {
+        let grpc = TcpListener::bind(options.listen)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: options.listen,
+                source,
+            })?;
+        let admin = match options.admin_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| Error::Bind { addr, source })?,
+            ),
+            None => None,
+        };
+        let local = grpc.local_addr().map_err(|source| Error::Bind {
+            addr: options.listen,
+            source,
+        })?;
+        let addr = options.advertise.clone().unwrap_or_else(|| local.to_string());
+        let store = {
+            let dir = options.data_dir.clone();
+            let store_options = options.store.clone();
+            tokio::task::spawn_blocking(move || Store::open(dir, store_options))
+                .await
+                .expect("store open task")?
+        };
+        let log = TxLog::open(options.log.clone()).await?;
+        let shared = Arc::new(Shared {
+            node: options.node_id,
+            addr,
+            tuning: options.tuning.clone(),
+            store: Arc::new(store),
+            started: Instant::now(),
+            incarnation: AtomicU64::new(0),
+            configs: watch::Sender::new(Configs::default()),
+            protocol: Mutex::new(Protocol::default()),
+            decided: watch::Sender::new(Decided::default()),
+            reads: Arc::new(ActiveReads::default()),
+            log_next: AtomicU64::new(0),
+            metrics: Metrics::default(),
+        });
+        info!(node = %options.node_id, addr = %shared.addr, committed = %shared.store.committed(), "store node bound");
+        Ok(Service {
+            options,
+            shared,
+            log,
+            grpc,
+            admin,
+        })
+    }
+
+    /// The gRPC server's bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.grpc.local_addr().expect("bound listener")
+    }
+
+    /// The admin server's bound address, if it has one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|l| l.local_addr().expect("bound listener"))
+    }
+
+    pub fn handle(&self) -> Handle {
+        Handle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Runs the node until `shutdown` completes, then stops every task and syncs the store.
+    #[instrument(skip_all, fields(node = %self.options.node_id))]
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
+        let Service {
+            options,
+            shared,
+            log,
+            grpc,
+            admin,
+        } = self;
+        let (stop_tx, stop) = watch::channel(false);
+        let cm = ConfigClient::connect_lazy(&options.config_manager)?;
+        let mut tasks: JoinSet<Result<(), Error>> = JoinSet::new();
+        tasks.spawn(membership(Arc::clone(&shared), cm.clone(), stop.clone()));
+        tasks.spawn(apply_loop(Arc::clone(&shared), log.clone(), stop.clone()));
+        tasks.spawn(gossip_loop(Arc::clone(&shared), cm, stop.clone()));
+        tasks.spawn(gc_loop(Arc::clone(&shared), stop.clone()));
+        let server = crate::grpc::Server::new(Arc::clone(&shared));
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+        let mut grpc_stop = stop.clone();
+        tasks.spawn(async move {
+            tonic::transport::Server::builder()
+                .concurrency_limit_per_connection(256)
+                .tcp_nodelay(true)
+                .add_service(
+                    StoreNodeServer::new(server)
+                        .max_decoding_message_size(64 << 20)
+                        .max_encoding_message_size(64 << 20),
+                )
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = grpc_stop.wait_for(|s| *s).await;
+                })
+                .await?;
+            Ok(())
+        });
+        if let Some(admin) = admin {
+            let mut admin_stop = stop.clone();
+            let router = admin_router(Arc::clone(&shared));
+            tasks.spawn(async move {
+                axum::serve(admin, router)
+                    .with_graceful_shutdown(async move {
+                        let _ = admin_stop.wait_for(|s| *s).await;
+                    })
+                    .await
+                    .map_err(|e| Error::Apply(format!("admin server: {e}")))?;
+                Ok(())
+            });
+        }
+
+        let mut failure = None;
+        tokio::pin!(shutdown);
+        tokio::select! {
+            () = &mut shutdown => info!("shutting down"),
+            Some(done) = tasks.join_next() => {
+                match done {
+                    Ok(Err(e)) => { error!(error = %e, "a node task failed; stopping"); failure = Some(e); }
+                    Ok(Ok(())) => warn!("a node task ended; stopping"),
+                    Err(e) => { error!(error = %e, "a node task panicked; stopping"); failure = Some(Error::Apply(e.to_string())); }
+                }
+            }
+        }
+        let _ = stop_tx.send(true);
+        let deadline = tokio::time::sleep(Duration::from_secs(10));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                next = tasks.join_next() => match next {
+                    None => break,
+                    Some(Ok(Err(e))) if failure.is_none() => failure = Some(e),
+                    Some(_) => {}
+                },
+                () = &mut deadline => {
+                    warn!("tasks did not stop in time; aborting them");
+                    tasks.abort_all();
+                    break;
+                }
+            }
+        }
+        let store = Arc::clone(&shared.store);
+        tokio::task::spawn_blocking(move || store.sync())
+            .await
+            .expect("sync task")?;
+        let _ = log.close().await;
+        info!(committed = %shared.store.committed(), "store node stopped");
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+impl Handle {
+    pub fn node(&self) -> NodeId {
+        self.shared.node
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.shared.addr
+    }
+
+    /// The highest ts applied and fsynced.
+    pub fn committed(&self) -> Timestamp {
+        self.shared.store.committed()
+    }
+
+    /// The node's latest decisions (UST, GC, routing epoch, phase).
+    pub fn decided(&self) -> Decided {
+        self.shared.decided()
+    }
+
+    /// Waits until `f` holds for the node's decisions.
+    pub async fn wait_decided(&self, f: impl Fn(&Decided) -> bool) {
+        let mut rx = self.shared.decided.subscribe();
+        let _ = rx.wait_for(|d| f(d)).await;
+    }
+
+    /// The storage engine, for digests and inspection.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.shared.store
+    }
+
+    /// The configurations as this node knows them.
+    pub fn configs(&self) -> Configs {
+        self.shared.configs()
+    }
+
+    /// Prometheus text of the node's metrics.
+    pub fn metrics(&self) -> String {
+        render_metrics(&self.shared)
+    }
+}
+
+/// Registers with the config manager (retrying until it answers), heartbeats, and follows its
+/// configuration watch, reconnecting when the stream breaks.
+async fn membership(
+    shared: Arc<Shared>,
+    cm: ConfigClient,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let me = NodeInfo {
+        id: shared.node,
+        addr: shared.addr.clone(),
+    };
+    let mut backoff = Duration::from_millis(50);
+    let registration = loop {
+        match cm.register(&me).await {
+            Ok(r) => break r,
+            Err(e) => {
+                debug!(error = %e, "registration failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    };
+    shared
+        .incarnation
+        .store(registration.incarnation, Ordering::Relaxed);
+    info!(incarnation = registration.incarnation, "registered");
+    let interval = Duration::from_millis(registration.heartbeat_interval_ms.max(10));
+    let heartbeat = {
+        let shared = Arc::clone(&shared);
+        let cm = cm.clone();
+        let mut stop = stop.clone();
+        async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                let incarnation = shared.incarnation.load(Ordering::Relaxed);
+                if let Err(e) = cm.heartbeat(shared.node, incarnation).await {
+                    if e.code() == tonic::Code::NotFound {
+                        // The config manager restarted and forgot us: register again.
+                        if let Ok(r) = cm.register(&NodeInfo { id: shared.node, addr: shared.addr.clone() }).await {
+                            shared.incarnation.store(r.incarnation, Ordering::Relaxed);
+                        }
+                    } else {
+                        debug!(error = %e, "heartbeat failed");
+                    }
+                }
+            }
+        }
+    };
+    let watcher = async {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match cm.watch().await {
+                Ok(mut w) => loop {
+                    match w.next().await {
+                        Ok(Some(pair)) => {
+                            backoff = Duration::from_millis(50);
+                            let configs = Configs {
+                                revision: pair.revision,
+                                current: pair.current.map(Arc::new),
+                                next: pair.next.map(Arc::new),
+                            };
+                            if let Some(c) = &configs.current {
+                                let json = serde_json::to_vec(&**c).expect("config serializes");
+                                let store = Arc::clone(&shared.store);
+                                let epoch = c.epoch;
+                                tokio::task::spawn_blocking(move || store.put_config(epoch, &json))
+                                    .await
+                                    .expect("put config task")?;
+                            }
+                            info!(revision = configs.revision,
+                                current = ?configs.current.as_ref().map(|c| c.epoch),
+                                next = ?configs.next.as_ref().map(|c| c.epoch), "configuration");
+                            shared.configs.send_replace(configs);
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            debug!(error = %e, "configuration watch broke");
+                            break;
+                        }
+                    }
+                },
+                Err(e) => debug!(error = %e, "cannot watch configurations"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), Error>(())
+    };
+    tokio::select! {
+        () = heartbeat => Ok(()),
+        r = watcher => r,
+        _ = stop.wait_for(|s| *s) => Ok(()),
+    }
+}
+
+/// Consumes the log from the applied position and applies it in groups: each group is one
+/// WriteBatch with the new applied position, fsynced before the committed ts advances.
+async fn apply_loop(
+    shared: Arc<Shared>,
+    log: TxLog,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let mut configs_rx = shared.configs.subscribe();
+    // Only a node of the current configuration applies; a new node waits (it joins through a
+    // transition, which starts it at the end of the log).
+    tokio::select! {
+        r = configs_rx.wait_for(|c| c.current.as_ref().is_some_and(|c| c.contains(shared.node))) => {
+            if r.is_err() { return Ok(()); }
+        }
+        _ = stop.wait_for(|s| *s) => return Ok(()),
+    }
+    let tuning = shared.tuning.clone();
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        if let Ok(bounds) = log.bounds().await {
+            shared.log_next.fetch_max(bounds.next.get(), Ordering::Relaxed);
+        }
+        let from = shared.store.applied();
+        let mut stream = log.read_from(from);
+        debug!(%from, "reading the log");
+        loop {
+            let first = tokio::select! {
+                r = stream.next() => r,
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            };
+            let Some(first) = first else { break };
+            // The first record, then whatever else is ready, up to the batch limits.
+            let mut batch = Vec::new();
+            let mut bytes = 0;
+            let mut failed = None;
+            let mut item = Some(first);
+            while let Some(r) = item.take() {
+                match r {
+                    Ok(record) => {
+                        bytes += record.payload.len();
+                        batch.push((record.ts, decode(&record.payload, record.ts)));
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+                if batch.len() >= tuning.apply_batch_records || bytes >= tuning.apply_batch_bytes {
+                    break;
+                }
+                item = futures::FutureExt::now_or_never(stream.next()).flatten();
+            }
+            if let Some((last, _)) = batch.last() {
+                shared.log_next.fetch_max(last.get() + 1, Ordering::Relaxed);
+            }
+            if !batch.is_empty() {
+                let ownership = shared.configs().ownership(shared.node);
+                let store = Arc::clone(&shared.store);
+                let started = Instant::now();
+                let count = batch.len() as u64;
+                let outcome = tokio::task::spawn_blocking(move || store.apply(&batch, &ownership))
+                    .await
+                    .expect("apply task");
+                match outcome {
+                    Ok(outcome) => {
+                        let m = &shared.metrics;
+                        m.apply_batch_seconds.observe(started.elapsed());
+                        m.apply_batches_total.fetch_add(1, Ordering::Relaxed);
+                        m.applied_records_total.fetch_add(count, Ordering::Relaxed);
+                        m.skipped_mutations_total
+                            .fetch_add(outcome.skipped.len() as u64, Ordering::Relaxed);
+                        for s in &outcome.skipped {
+                            warn!(ts = %s.ts, mutation = ?s.mutation, reason = %s.reason, "skipped an invalid mutation");
+                        }
+                        backoff = Duration::from_millis(20);
+                    }
+                    Err(crate::storage::Error::UnsupportedFormat(v)) => {
+                        error!(format = v, "the log holds a record format this build cannot apply");
+                        return Err(Error::Apply(format!("unsupported transaction format {v}")));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if let Some(e) = failed {
+                match e {
+                    causeway_txlog::Error::Truncated { .. } => {
+                        error!(error = %e, "the log was truncated below this node's applied position: it must be re-seeded by backfill");
+                        return Err(e.into());
+                    }
+                    e => {
+                        warn!(error = %e, "log read failed; reopening");
+                        break;
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// A record that does not decode is the same bytes on every node, so every node treats it the
+/// same way: as an empty transaction that only advances the applied position.
+fn decode(payload: &[u8], ts: Timestamp) -> Transaction {
+    Transaction::decode(payload).unwrap_or_else(|e| {
+        error!(%ts, error = %e, "a log record does not decode; it is applied as empty");
+        Transaction {
+            format_version: TRANSACTION_FORMAT_VERSION,
+            ..Transaction::default()
+        }
+    })
+}
+
+/// Every `gossip_interval_ms`: steps the frontiers, sends this node's gossip to every peer of
+/// current ∪ next, and declares install when the core says so.
+async fn gossip_loop(
+    shared: Arc<Shared>,
+    cm: ConfigClient,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let mut peers = Peers::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(shared.tuning.gossip_interval_ms.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let installing = Arc::new(AtomicBool::new(false));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+        let Some((gossip, decided)) = shared.step() else {
+            continue;
+        };
+        let configs = shared.configs();
+        let msg = crate::grpc::gossip_to_proto(&gossip);
+        for config in [&configs.current, &configs.next].into_iter().flatten() {
+            for (&node, info) in &config.nodes {
+                let peer = peers.get(node, &info.addr);
+                if node == shared.node || peer.in_flight.swap(true, Ordering::AcqRel) {
+                    continue;
+                }
+                let client = peer.client.clone();
+                let in_flight = Arc::clone(&peer.in_flight);
+                let msg = msg.clone();
+                let shared = Arc::clone(&shared);
+                let timeout = Duration::from_millis(shared.tuning.peer_rpc_timeout_ms);
+                tokio::spawn(async move {
+                    let mut client = client;
+                    let sent = tokio::time::timeout(timeout, client.gossip(msg)).await;
+                    let m = &shared.metrics;
+                    match sent {
+                        Ok(Ok(_)) => m.gossip_sent_total.fetch_add(1, Ordering::Relaxed),
+                        _ => m.gossip_send_errors_total.fetch_add(1, Ordering::Relaxed),
+                    };
+                    in_flight.store(false, Ordering::Release);
+                });
+            }
+        }
+        if let Some(epoch) = decided.decisions.install {
+            if !installing.swap(true, Ordering::AcqRel) {
+                let cm = cm.clone();
+                let installing = Arc::clone(&installing);
+                tokio::spawn(async move {
+                    match cm.complete_transition(epoch).await {
+                        Ok(c) => info!(%epoch, installed = c.installed, "transition complete"),
+                        Err(e) => warn!(%epoch, error = %e, "could not complete the transition"),
+                    }
+                    installing.store(false, Ordering::Release);
+                });
+            }
+        }
+    }
+}
+
+/// gRPC clients of the peers, one lazily connected channel each, with a flag per peer so that
+/// a slow peer has at most one gossip message in flight.
+#[derive(Default)]
+struct Peers {
+    clients: std::collections::HashMap<NodeId, Peer>,
+}
+
+struct Peer {
+    addr: String,
+    client: StoreNodeClient<Channel>,
+    in_flight: Arc<AtomicBool>,
+}
+
+impl Peers {
+    /// The client of `node` and its in-flight flag, (re)connecting if its address changed.
+    fn get(&mut self, node: NodeId, addr: &str) -> &Peer {
+        if self.clients.get(&node).is_none_or(|p| p.addr != addr) {
+            let peer = Peer {
+                addr: addr.to_owned(),
+                client: StoreNodeClient::new(crate::grpc::lazy_channel(addr)),
+                in_flight: Arc::new(AtomicBool::new(false)),
+            };
+            self.clients.insert(node, peer);
+        }
+        &self.clients[&node]
+    }
+}
+
+/// Every `gc_interval_ms`: one bounded GC step up to the node's GC timestamp.
+async fn gc_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> Result<(), Error> {
+    let mut tick = tokio::time::interval(Duration::from_millis(shared.tuning.gc_interval_ms.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+        let gc = shared.decided().decisions.gc.min(shared.store.applied());
+        if gc == Timestamp::ZERO {
+            continue;
+        }
+        let store = Arc::clone(&shared.store);
+        let budget = shared.tuning.gc_step_budget;
+        // Passes go on at the same target until complete; the watermark never goes back.
+        let target = gc.max(store.gc_watermark());
+        let progress = tokio::task::spawn_blocking(move || store.gc(target, budget))
+            .await
+            .expect("gc task")?;
+        shared
+            .metrics
+            .gc_pruned_versions_total
+            .fetch_add(progress.pruned as u64, Ordering::Relaxed);
+    }
+}
+
+fn render_metrics(shared: &Shared) -> String {
+    let d = shared.decided();
+    let peers = shared.peers();
+    shared.metrics.render(&Gauges {
+        committed_ts: shared.store.committed().get(),
+        ust_ts: d.decisions.ust.get(),
+        gc_ts: d.decisions.gc.get(),
+        log_next_ts: shared.log_next.load(Ordering::Relaxed),
+        current_epoch: d.current_epoch.get(),
+        routing_epoch: d.decisions.routing_epoch.get(),
+        peers_alive: peers.iter().filter(|p| p.1).count() as u64,
+        peers_known: peers.len() as u64,
+        active_reads: shared.reads.count() as u64,
+        cached_documents: shared.store.cached_documents() as u64,
+    })
+}
+
+/// `/metrics`, `/healthz` (the process answers), `/readyz` (the node can coordinate reads).
+fn admin_router(shared: Arc<Shared>) -> axum::Router {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let metrics = Arc::clone(&shared);
+    let ready = Arc::clone(&shared);
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let shared = Arc::clone(&metrics);
+                async move {
+                    (
+                        [("content-type", "text/plain; version=0.0.4")],
+                        render_metrics(&shared),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let shared = Arc::clone(&ready);
+                async move {
+                    let d = shared.decided();
+                    if d.decisions.can_coordinate && d.current_epoch > Epoch::ZERO {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                    }
+                }
+            }),
+        )
+}

@@ -1,0 +1,279 @@
+//! The node's shared state: configurations, the gossip table and frontiers, active reads.
+//!
+//! Every protocol decision is made by `causeway_core::Frontiers` from this state; this module
+//! only keeps it and hands it out under short locks.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use causeway_core::frontier::Eligibility;
+use causeway_core::{
+    ClusterConfig, Decisions, Epoch, Frontiers, Gain, Gossip, GossipTable, Interval, NodeId, Phase,
+    ReadTimestamp, Timestamp, View,
+};
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::options::Tuning;
+use crate::storage::{Ownership, Store};
+
+/// The (current, next) pair of configurations as this node knows it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Configs {
+    pub revision: u64,
+    pub current: Option<Arc<ClusterConfig>>,
+    pub next: Option<Arc<ClusterConfig>>,
+}
+
+impl Configs {
+    /// The next configuration, if it follows the current one.
+    pub fn transition(&self) -> Option<&Arc<ClusterConfig>> {
+        let current = self.current.as_ref()?;
+        self.next.as_ref().filter(|n| n.epoch > current.epoch)
+    }
+
+    /// The configuration of `epoch`, if known.
+    pub fn at(&self, epoch: Epoch) -> Option<&Arc<ClusterConfig>> {
+        [&self.current, &self.next]
+            .into_iter()
+            .flatten()
+            .find(|c| c.epoch == epoch)
+    }
+
+    /// Whether `node` is in the current or next configuration.
+    pub fn member(&self, node: NodeId) -> bool {
+        [&self.current, &self.next]
+            .into_iter()
+            .flatten()
+            .any(|c| c.contains(node))
+    }
+
+    /// What `node` stores: its current intervals, plus (pending until backfilled) the intervals
+    /// it gains in the next configuration.
+    pub fn ownership(&self, node: NodeId) -> Ownership {
+        let Some(current) = &self.current else {
+            return Ownership::default();
+        };
+        let pending = self
+            .transition()
+            .map(|next| gains_of(current, next, node))
+            .unwrap_or_default();
+        Ownership {
+            owned: current.owned_intervals(node),
+            pending,
+        }
+    }
+}
+
+fn gains_of(current: &ClusterConfig, next: &ClusterConfig, node: NodeId) -> Vec<Interval> {
+    current
+        .gains(next, node)
+        .into_iter()
+        .map(|g: Gain| g.interval)
+        .collect()
+}
+
+/// Reads running on this node, by read timestamp: their minimum holds the GC timestamp.
+#[derive(Debug, Default)]
+pub struct ActiveReads {
+    next_id: AtomicU64,
+    reads: Mutex<BTreeMap<u64, ReadTimestamp>>,
+}
+
+impl ActiveReads {
+    /// Registers a read; it holds the GC timestamp until the guard drops.
+    pub fn register(self: &Arc<Self>, at: ReadTimestamp) -> ReadGuard {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&self.reads).insert(id, at);
+        ReadGuard {
+            reads: Arc::clone(self),
+            id,
+        }
+    }
+
+    pub fn lowest(&self) -> Option<ReadTimestamp> {
+        lock(&self.reads).values().min().copied()
+    }
+
+    pub fn count(&self) -> usize {
+        lock(&self.reads).len()
+    }
+}
+
+/// Ends a read when dropped.
+#[derive(Debug)]
+pub struct ReadGuard {
+    reads: Arc<ActiveReads>,
+    id: u64,
+}
+
+impl Drop for ReadGuard {
+    fn drop(&mut self) {
+        lock(&self.reads.reads).remove(&self.id);
+    }
+}
+
+/// The gossip table and the frontiers, stepped together under one lock.
+#[derive(Debug, Default)]
+pub struct Protocol {
+    pub table: GossipTable,
+    pub frontiers: Frontiers,
+    pub seq: u64,
+}
+
+/// What the node last decided, for waiters and status.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Decided {
+    pub decisions: Decisions,
+    pub current_epoch: Epoch,
+    pub next_epoch: Option<Epoch>,
+}
+
+impl Default for Decided {
+    fn default() -> Self {
+        Decided {
+            decisions: Decisions {
+                phase: Phase::Stable,
+                routing_epoch: Epoch::ZERO,
+                ust: Timestamp::ZERO,
+                gc: Timestamp::ZERO,
+                can_coordinate: false,
+                install: None,
+            },
+            current_epoch: Epoch::ZERO,
+            next_epoch: None,
+        }
+    }
+}
+
+/// State shared by the node's tasks and its gRPC server.
+#[derive(Debug)]
+pub struct Shared {
+    pub node: NodeId,
+    pub addr: String,
+    pub tuning: Tuning,
+    pub store: Arc<Store>,
+    pub started: Instant,
+    pub incarnation: AtomicU64,
+    pub configs: watch::Sender<Configs>,
+    pub protocol: Mutex<Protocol>,
+    pub decided: watch::Sender<Decided>,
+    pub reads: Arc<ActiveReads>,
+    /// The log's next ts as last seen by the apply loop (for lag).
+    pub log_next: AtomicU64,
+    pub metrics: Metrics,
+}
+
+impl Shared {
+    /// Milliseconds since the node started, from a monotonic clock: the time the core's
+    /// liveness rules see.
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub fn configs(&self) -> Configs {
+        self.configs.borrow().clone()
+    }
+
+    pub fn decided(&self) -> Decided {
+        *self.decided.borrow()
+    }
+
+    /// Builds this node's gossip, takes it into its own table, steps the frontiers and publishes
+    /// the decisions. Returns the message to send to peers.
+    pub fn step(&self) -> Option<(Gossip, Decided)> {
+        let configs = self.configs();
+        let current = configs.current.as_ref()?;
+        let next = configs.transition();
+        let lowest_read = self.reads.lowest();
+        let now_ms = self.now_ms();
+        let mut p = lock(&self.protocol);
+        p.seq += 1;
+        let next_epoch = next.map(|n| n.epoch);
+        // Backfill is not run yet: a node that gains intervals never reports backfilled, so a
+        // transition that moves data waits in the backfilling phase.
+        let backfilled = next.is_some_and(|n| current.gains(n, self.node).is_empty());
+        let gossip = Gossip {
+            node: self.node,
+            incarnation: self.incarnation.load(Ordering::Relaxed),
+            seq: p.seq,
+            committed: self.store.committed(),
+            current_epoch: current.epoch,
+            next_epoch,
+            backfilled,
+            routing_epoch: p.frontiers.routing_epoch(),
+            ust: p.frontiers.ust(),
+            lowest_read,
+        };
+        p.table.observe(gossip.clone(), now_ms);
+        let Protocol {
+            table, frontiers, ..
+        } = &mut *p;
+        let decisions = frontiers.step(&View {
+            node: self.node,
+            current,
+            next: next.map(|n| &**n),
+            table,
+            lowest_read,
+            now_ms,
+            liveness_timeout_ms: self.tuning.liveness_timeout_ms,
+        });
+        drop(p);
+        let decided = Decided {
+            decisions,
+            current_epoch: current.epoch,
+            next_epoch,
+        };
+        self.decided.send_replace(decided);
+        Some((gossip, decided))
+    }
+
+    /// Takes in a peer's gossip.
+    pub fn observe(&self, gossip: Gossip) {
+        let now_ms = self.now_ms();
+        lock(&self.protocol).table.observe(gossip, now_ms);
+    }
+
+    /// For each partition of `config`, the replicas that may serve a read at `at` now.
+    pub fn readable(
+        &self,
+        config: &ClusterConfig,
+        at: ReadTimestamp,
+    ) -> Result<BTreeMap<causeway_core::PartitionId, Vec<NodeId>>, causeway_core::PartitionId>
+    {
+        let configs = self.configs();
+        let is_next = configs.transition().is_some_and(|n| n.epoch == config.epoch);
+        let p = lock(&self.protocol);
+        let who = Eligibility {
+            table: &p.table,
+            now_ms: self.now_ms(),
+            liveness_timeout_ms: self.tuning.liveness_timeout_ms,
+            backfilled_for: is_next.then_some(config.epoch),
+        };
+        causeway_core::frontier::readable_replicas(config, &who, at.ts)
+    }
+
+    /// The latest gossip of every node heard from, with liveness, for status.
+    pub fn peers(&self) -> Vec<(Gossip, bool, u64)> {
+        let now = self.now_ms();
+        let p = lock(&self.protocol);
+        p.table
+            .nodes()
+            .filter(|&n| n != self.node)
+            .filter_map(|n| {
+                let g = p.table.get(n)?.clone();
+                let heard = p.table.heard_at_ms(n).unwrap_or(0);
+                let alive = p.table.is_alive(n, now, self.tuning.liveness_timeout_ms);
+                Some((g, alive, now.saturating_sub(heard)))
+            })
+            .collect()
+    }
+}
+
+/// Locks a mutex, taking over a poisoned one: the data behind these locks stays consistent
+/// across a panic (each critical section is a single update).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

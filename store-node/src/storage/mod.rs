@@ -1,0 +1,1546 @@
+//! The storage engine of a store node: multi-version automerge documents in RocksDB, applied
+//! deterministically from the transaction log and read at any retained timestamp.
+//!
+//! # Layout on disk (DESIGN.md §5)
+//! - `docs`: `hash (u64 BE) ‖ collection ‖ 0x00 ‖ id ‖ (u64::MAX - ts) (BE)` → a version record
+//!   ([`record`]): a tombstone, or the materialized JSON plus the automerge state as a snapshot
+//!   (`save()`) or a delta (`save_after` the previous version's heads). Newest first, so the
+//!   newest version ≤ ts is one seek; the hash prefix makes an interval a key range.
+//! - `meta`: the applied position, the GC watermark, configurations seen, backfill progress.
+//! - `pending`: mutations for intervals still being backfilled, keyed by document then log order.
+//! - `by_collection`: `collection ‖ 0x00 ‖ hash ‖ id` → empty, for collection scans.
+//!
+//! # Bounded history: snapshots plus a tail of deltas, re-based past a bound
+//! Automerge keeps every change forever, and both applying and `save()`/`load()` grow with the
+//! history (automerge issues 596 and 906). We do both of the remedies DESIGN.md §5 names:
+//! - **Snapshot + tail.** A version stores only the changes it added (a delta); every
+//!   `snapshot_every_versions` versions it stores a full snapshot instead. So a write costs one
+//!   local automerge transaction on the cached document plus a delta, a cold load is one snapshot
+//!   plus at most `snapshot_every_versions` deltas, and reads never touch automerge at all: every
+//!   version carries its materialized JSON.
+//! - **Deterministic re-base.** When a document's history passes `max_history_changes`, the
+//!   version is written from a fresh automerge document that holds the same values and types
+//!   (counters stay counters, text stays text) in ONE change made by actor `(ts, u32::MAX)` at the
+//!   record's wall clock. Every replica re-bases at the same ts into the same bytes. This is what
+//!   bounds the cost of a write, of a snapshot and of the in-memory document: without it, a
+//!   document with 100k updates of history keeps paying for them. The price: a CRDT client whose
+//!   raw changes depend on history from before a re-base gets them refused (deterministically,
+//!   as [`Rejection::MissingDependencies`]); it must fetch the current automerge bytes and redo its
+//!   edits on them. With the default bound (1024 changes) that only hits clients that stayed
+//!   offline across a thousand writes to the same document.
+//!
+//! # Apply
+//! [`Store::apply`] takes a group of log records in ts order and the current [`Ownership`]. Every
+//! record advances the applied position; only mutations of owned documents make versions, and
+//! mutations of intervals being backfilled go to `pending`. One version per document per
+//! transaction; the versions and the applied position are one WriteBatch, fsynced per group,
+//! and [`Store::committed`] reports only what is synced. Nothing reads the clock or randomness:
+//! actors are derived from `(ts, mutation index)`, change times from `wall_clock_ms`.
+//!
+//! Bad mutations never wedge the log; their outcome is deterministic ([`Skipped`]):
+//! - a transaction that is invalid on its own (unparsable JSON, a non-object, an empty counter
+//!   path, an undecodable change, a missing op, a bad key, a payload over the size limit) is
+//!   skipped WHOLE, on every node, since every node sees the whole record;
+//! - a mutation that is invalid only against the document (a counter on a non-counter, a path
+//!   through a non-object, counter overflow, changes with missing dependencies, a result over the
+//!   size limit) is skipped ALONE by the replicas of that document's partition, which all hold
+//!   the same document; the rest of the transaction applies.
+//!
+//! # GC and reads
+//! A read below the GC watermark answers [`Error::SnapshotTooOld`]; a read above the applied
+//! position answers [`Error::NotYetApplied`]. [`Store::gc`] raises the watermark (durably, before
+//! pruning) and prunes in bounded, resumable steps; readers take a RocksDB snapshot before
+//! checking the watermark, so a read that passes the check never sees a half-pruned document.
+
+mod cache;
+mod document;
+mod keys;
+mod record;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use automerge::{Automerge, Change};
+use causeway_core::key::{validate_collection, validate_id};
+use causeway_core::{Epoch, Interval, KeyHash, KeyLimits, Timestamp};
+use causeway_proto::v1::{mutation, Mutation, Transaction, TRANSACTION_FORMAT_VERSION};
+use prost::Message;
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType,
+    Options as DbOptions, WriteBatch, WriteOptions, DB,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as Json};
+
+use cache::Lru;
+use document::Op;
+pub use keys::{collection_key, collection_key_parts, parse_version_key, VersionKey};
+use record::{Record, Segment};
+
+const CF_DOCS: &str = "docs";
+const CF_META: &str = "meta";
+const CF_PENDING: &str = "pending";
+const CF_BY_COLLECTION: &str = "by_collection";
+
+const META_APPLIED: &[u8] = b"applied";
+const META_GC: &[u8] = b"gc";
+const META_CONFIG: &[u8] = b"config/";
+const META_BACKFILL: &[u8] = b"backfill/";
+
+/// Options of the storage engine. Every limit has a documented default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreOptions {
+    /// Documents kept decoded in memory so apply does not reload them (default 65 536).
+    pub cache_documents: usize,
+    /// Bound on the estimated memory of those documents (default 256 MiB).
+    pub cache_bytes: usize,
+    /// Largest document, in bytes of compact JSON (default 1 MiB). Also enforce it at the
+    /// api-server; here a mutation that would pass it is skipped.
+    pub max_document_bytes: usize,
+    /// Re-base a document's automerge history once it holds more changes than this (default 1024).
+    pub max_history_changes: u32,
+    /// Write a full snapshot instead of a delta every this many versions (default 64).
+    pub snapshot_every_versions: u32,
+    /// fsync every applied group (default true). When false, call [`Store::sync`].
+    pub sync_writes: bool,
+    /// RocksDB block cache (default 128 MiB).
+    pub block_cache_bytes: usize,
+    /// Limits on collection names and ids; records breaking them are skipped.
+    pub key_limits: KeyLimits,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            cache_documents: 65_536,
+            cache_bytes: 256 << 20,
+            max_document_bytes: 1 << 20,
+            max_history_changes: 1024,
+            snapshot_every_versions: 64,
+            sync_writes: true,
+            block_cache_bytes: 128 << 20,
+            key_limits: KeyLimits::default(),
+        }
+    }
+}
+
+/// Errors of the storage engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("rocksdb")]
+    RocksDb(#[from] rocksdb::Error),
+    #[error("read at ts {requested} is below the gc watermark {gc}")]
+    SnapshotTooOld { requested: Timestamp, gc: Timestamp },
+    #[error("read at ts {requested} is above the applied position {applied}")]
+    NotYetApplied {
+        requested: Timestamp,
+        applied: Timestamp,
+    },
+    #[error("transaction format version {0} is not supported by this build")]
+    UnsupportedFormat(u32),
+    #[error("invalid backfill record")]
+    InvalidBackfillRecord,
+    #[error("scan cursor does not belong to collection {0:?}")]
+    InvalidCursor(String),
+    #[error("invalid mutation")]
+    Rejected(#[from] Rejection),
+}
+
+/// Why a mutation (or a whole transaction) was not applied. Deterministic: every replica that
+/// applies the same records decides the same.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("mutation has no op")]
+    MissingOp,
+    #[error("invalid collection or id")]
+    InvalidKey(#[from] causeway_core::KeyError),
+    #[error("json does not parse")]
+    InvalidJson,
+    #[error("json is not an object")]
+    NotAnObject,
+    #[error("counter path is empty")]
+    EmptyPath,
+    #[error("automerge change does not decode")]
+    UndecodableChange,
+    #[error("document of {bytes} bytes exceeds the limit of {max}")]
+    DocumentTooLarge { bytes: usize, max: usize },
+    #[error("counter path goes through a value that is not an object")]
+    PathNotAnObject,
+    #[error("increment of a value that is not a counter")]
+    NotACounter,
+    #[error("counter overflow")]
+    CounterOverflow,
+    #[error("automerge changes depend on changes the document does not have")]
+    MissingDependencies,
+    #[error("automerge refused the operation: {0}")]
+    Automerge(String),
+}
+
+/// A mutation or transaction that apply skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub ts: Timestamp,
+    /// The mutation index, or `None` when the whole transaction was skipped.
+    pub mutation: Option<u32>,
+    pub reason: Rejection,
+}
+
+/// Which documents this node stores, as of the records being applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ownership {
+    /// Mutations of documents in these intervals are applied.
+    pub owned: Vec<Interval>,
+    /// Mutations of documents in these intervals (and not in `owned`) go to `pending`, to be
+    /// replayed once the interval's backfill is in.
+    pub pending: Vec<Interval>,
+}
+
+impl Ownership {
+    pub fn owned(owned: Vec<Interval>) -> Ownership {
+        Ownership {
+            owned,
+            pending: Vec::new(),
+        }
+    }
+
+    fn owns(&self, hash: KeyHash) -> bool {
+        self.owned.iter().any(|i| i.contains(hash))
+    }
+
+    fn pends(&self, hash: KeyHash) -> bool {
+        self.pending.iter().any(|i| i.contains(hash))
+    }
+}
+
+/// What one call to [`Store::apply`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    /// The applied position after the call.
+    pub applied: Timestamp,
+    /// Records at or below the applied position, ignored (a resumed stream may repeat them).
+    pub repeated: usize,
+    pub versions_written: usize,
+    pub pending_written: usize,
+    pub skipped: Vec<Skipped>,
+}
+
+/// A document as read at a timestamp.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Document {
+    pub collection: String,
+    pub id: String,
+    /// The ts of the version read (≤ the read ts).
+    pub version: Timestamp,
+    pub json: Map<String, Json>,
+}
+
+/// Where a scan resumes: opaque bytes (the `by_collection` key of the last document examined).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ScanCursor(pub Vec<u8>);
+
+/// One page of a collection scan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScanPage {
+    pub documents: Vec<Document>,
+    /// Documents examined (live or not, matching or not).
+    pub scanned: usize,
+    /// `None` when the collection is exhausted.
+    pub next: Option<ScanCursor>,
+}
+
+/// Progress of one GC step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GcProgress {
+    pub examined: usize,
+    pub pruned: usize,
+    /// True when this step finished a pass over the whole keyspace.
+    pub pass_complete: bool,
+}
+
+/// A raw version record, as backfill ships it between replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackfillRecord {
+    /// A `docs` key.
+    pub key: Vec<u8>,
+    /// A version record.
+    pub value: Vec<u8>,
+}
+
+/// One batch of a backfill scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackfillBatch {
+    pub records: Vec<BackfillRecord>,
+    /// The `docs` key to pass as `from` for the next batch; `None` when the interval is done.
+    pub next: Option<Vec<u8>>,
+}
+
+/// A decoded document in the apply cache.
+#[derive(Debug)]
+enum Cached {
+    Absent {
+        latest: Option<Timestamp>,
+    },
+    Live(Live),
+}
+
+#[derive(Debug)]
+struct Live {
+    doc: Automerge,
+    latest: Timestamp,
+    history_changes: u32,
+    deltas: u32,
+    json_bytes: usize,
+}
+
+impl Cached {
+    fn latest(&self) -> Option<Timestamp> {
+        match self {
+            Cached::Absent { latest } => *latest,
+            Cached::Live(live) => Some(live.latest),
+        }
+    }
+
+    fn weight(&self) -> usize {
+        match self {
+            Cached::Absent { .. } => 64,
+            Cached::Live(live) => 512 + live.json_bytes * 4,
+        }
+    }
+}
+
+/// State only the writer (apply, GC, drops, ingest) touches.
+#[derive(Debug)]
+struct Writer {
+    cache: Lru<Cached>,
+    /// Where the current GC pass resumes.
+    gc_cursor: Option<Vec<u8>>,
+}
+
+/// The storage engine of one store node. `&self` methods are safe to call from many threads:
+/// writers serialize on an internal lock, readers use RocksDB snapshots.
+pub struct Store {
+    db: DB,
+    options: StoreOptions,
+    writer: Mutex<Writer>,
+    applied: AtomicU64,
+    committed: AtomicU64,
+    gc: AtomicU64,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.db.path())
+            .field("applied", &self.applied())
+            .field("committed", &self.committed())
+            .field("gc", &self.gc_watermark())
+            .finish()
+    }
+}
+
+fn read_u64(bytes: Option<Vec<u8>>, what: &str) -> u64 {
+    match bytes {
+        None => 0,
+        Some(b) => u64::from_be_bytes(
+            b.as_slice()
+                .try_into()
+                .unwrap_or_else(|_| panic!("corrupt meta {what}: {b:02x?}")),
+        ),
+    }
+}
+
+/// One document's mutations within one transaction, in log order.
+struct DocMutations<'a> {
+    collection: &'a str,
+    id: &'a str,
+    ops: Vec<(u32, Op)>,
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: impl AsRef<std::path::Path>, options: StoreOptions) -> Result<Store, Error> {
+        let cache = Cache::new_lru_cache(options.block_cache_bytes);
+        let cf_options = || {
+            let mut block = BlockBasedOptions::default();
+            block.set_block_cache(&cache);
+            block.set_bloom_filter(10.0, false);
+            let mut o = DbOptions::default();
+            o.set_compression_type(DBCompressionType::Lz4);
+            o.set_block_based_table_factory(&block);
+            o
+        };
+        let mut db_options = cf_options();
+        db_options.create_if_missing(true);
+        db_options.create_missing_column_families(true);
+        db_options.increase_parallelism(2);
+        let cfs = [CF_DOCS, CF_META, CF_PENDING, CF_BY_COLLECTION]
+            .map(|name| ColumnFamilyDescriptor::new(name, cf_options()));
+        let db = DB::open_cf_descriptors(&db_options, path, cfs)?;
+        // What recovery found is what the WAL held; make it durable before advertising it.
+        db.flush_wal(true)?;
+        let applied = read_u64(db.get_cf(cf(&db, CF_META), META_APPLIED)?, "applied");
+        let gc = read_u64(db.get_cf(cf(&db, CF_META), META_GC)?, "gc");
+        assert!(gc <= applied, "gc watermark {gc} above applied {applied}");
+        tracing::info!(applied, gc, "storage opened");
+        Ok(Store {
+            writer: Mutex::new(Writer {
+                cache: Lru::new(options.cache_documents, options.cache_bytes),
+                gc_cursor: None,
+            }),
+            db,
+            options,
+            applied: AtomicU64::new(applied),
+            committed: AtomicU64::new(applied),
+            gc: AtomicU64::new(gc),
+        })
+    }
+
+    pub fn options(&self) -> &StoreOptions {
+        &self.options
+    }
+
+    /// The ts of the last applied record (written, maybe not yet synced).
+    pub fn applied(&self) -> Timestamp {
+        Timestamp(self.applied.load(Ordering::SeqCst))
+    }
+
+    /// The highest ts applied and fsynced: what this node may advertise.
+    pub fn committed(&self) -> Timestamp {
+        Timestamp(self.committed.load(Ordering::SeqCst))
+    }
+
+    /// The lowest ts reads may use.
+    pub fn gc_watermark(&self) -> Timestamp {
+        Timestamp(self.gc.load(Ordering::SeqCst))
+    }
+
+    /// fsyncs everything applied so far and advances [`Store::committed`] to it.
+    pub fn sync(&self) -> Result<Timestamp, Error> {
+        let _writer = self.lock();
+        let applied = self.applied.load(Ordering::SeqCst);
+        self.db.flush_wal(true)?;
+        self.committed.fetch_max(applied, Ordering::SeqCst);
+        Ok(Timestamp(applied))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Writer> {
+        // A panic while holding the lock is a broken invariant: poisoning propagates it.
+        self.writer.lock().expect("storage writer lock poisoned")
+    }
+
+    fn cf(&self, name: &str) -> &ColumnFamily {
+        cf(&self.db, name)
+    }
+
+    fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), Error> {
+        let mut options = WriteOptions::default();
+        options.set_sync(sync);
+        self.db.write_opt(batch, &options)?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Apply
+    // ---------------------------------------------------------------------------------------
+
+    /// Applies a group of log records, in strictly increasing ts order, as one WriteBatch.
+    ///
+    /// Records at or below the applied position are ignored (counted in `repeated`), so a
+    /// stream may be resumed from any earlier position. An unknown record format stops the
+    /// group before anything is written ([`Error::UnsupportedFormat`]): this build cannot apply
+    /// it and must not skip it. On a RocksDB error nothing of the group is applied.
+    pub fn apply(
+        &self,
+        records: &[(Timestamp, Transaction)],
+        ownership: &Ownership,
+    ) -> Result<ApplyOutcome, Error> {
+        let mut writer = self.lock();
+        let start = self.applied();
+        let mut outcome = ApplyOutcome {
+            applied: start,
+            ..ApplyOutcome::default()
+        };
+        let mut previous = None;
+        for (ts, tx) in records {
+            assert!(
+                previous.is_none_or(|p| p < *ts),
+                "records out of order: {ts} after {previous:?}"
+            );
+            previous = Some(*ts);
+            if tx.format_version != TRANSACTION_FORMAT_VERSION && *ts > start {
+                return Err(Error::UnsupportedFormat(tx.format_version));
+            }
+        }
+        let mut batch = WriteBatch::default();
+        for (ts, tx) in records {
+            if *ts <= start {
+                outcome.repeated += 1;
+                continue;
+            }
+            self.apply_record(&mut writer, &mut batch, *ts, tx, ownership, &mut outcome);
+            outcome.applied = *ts;
+        }
+        if outcome.applied == start {
+            return Ok(outcome);
+        }
+        batch.put_cf(self.cf(CF_META), META_APPLIED, outcome.applied.0.to_be_bytes());
+        if let Err(e) = self.write(batch, self.options.sync_writes) {
+            // The cache holds documents of the batch that was not written.
+            writer.cache.clear();
+            return Err(e);
+        }
+        self.applied.store(outcome.applied.0, Ordering::SeqCst);
+        if self.options.sync_writes {
+            self.committed.store(outcome.applied.0, Ordering::SeqCst);
+        }
+        for skipped in &outcome.skipped {
+            tracing::warn!(ts = skipped.ts.0, mutation = ?skipped.mutation, reason = %skipped.reason, "mutation skipped");
+        }
+        Ok(outcome)
+    }
+
+    fn apply_record(
+        &self,
+        writer: &mut Writer,
+        batch: &mut WriteBatch,
+        ts: Timestamp,
+        tx: &Transaction,
+        ownership: &Ownership,
+        outcome: &mut ApplyOutcome,
+    ) {
+        let docs = match parse_transaction(tx, &self.options) {
+            Ok(docs) => docs,
+            Err((culprit, reason)) => {
+                tracing::debug!(ts = ts.0, ?culprit, %reason, "whole transaction skipped");
+                outcome.skipped.push(Skipped {
+                    ts,
+                    mutation: None,
+                    reason,
+                });
+                return;
+            }
+        };
+        for doc in docs {
+            let hash = KeyHash::of(doc.collection, doc.id);
+            if ownership.owns(hash) {
+                let prefix = keys::doc_prefix(doc.collection, doc.id);
+                if self.apply_doc(writer, batch, &prefix, ts, tx.wall_clock_ms, &doc, outcome) {
+                    outcome.versions_written += 1;
+                }
+            } else if ownership.pends(hash) {
+                let prefix = keys::doc_prefix(doc.collection, doc.id);
+                for (index, _) in &doc.ops {
+                    let mutation = &tx.mutations[*index as usize];
+                    let mut value = tx.wall_clock_ms.to_be_bytes().to_vec();
+                    mutation.encode(&mut value).expect("a Vec grows");
+                    batch.put_cf(
+                        self.cf(CF_PENDING),
+                        keys::pending_key(&prefix, ts, *index),
+                        value,
+                    );
+                    outcome.pending_written += 1;
+                }
+            }
+        }
+    }
+
+    /// Loads a document for writing: from the cache, else from its newest version.
+    fn load_for_write(&self, writer: &mut Writer, prefix: &[u8]) -> Result<Cached, Error> {
+        if let Some(cached) = writer.cache.take(prefix) {
+            return Ok(cached);
+        }
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_DOCS));
+        it.seek(prefix);
+        let mut chain: Vec<Vec<u8>> = Vec::new();
+        let mut newest: Option<(Timestamp, u32, u32, usize)> = None;
+        while let (Some(key), Some(value)) = (it.key(), it.value()) {
+            if !is_version_of(key, prefix) {
+                break;
+            }
+            let ts = keys::version_key_parts(key).ts;
+            match Record::decode(value) {
+                Record::Tombstone => {
+                    assert!(newest.is_none(), "a delta follows a tombstone");
+                    return Ok(Cached::Absent { latest: Some(ts) });
+                }
+                Record::Put {
+                    segment,
+                    history_changes,
+                    deltas,
+                    json,
+                    automerge,
+                } => {
+                    if newest.is_none() {
+                        newest = Some((ts, history_changes, deltas, json.len()));
+                    }
+                    chain.push(automerge.to_vec());
+                    if segment == Segment::Snapshot {
+                        let (latest, history_changes, deltas, json_bytes) =
+                            newest.expect("set above");
+                        let snapshot = chain.pop().expect("pushed");
+                        let doc =
+                            document::load_chain(&snapshot, chain.iter().rev().map(Vec::as_slice));
+                        return Ok(Cached::Live(Live {
+                            doc,
+                            latest,
+                            history_changes,
+                            deltas,
+                            json_bytes,
+                        }));
+                    }
+                }
+            }
+            it.next();
+        }
+        it.status()?;
+        assert!(newest.is_none(), "a delta chain without a snapshot");
+        Ok(Cached::Absent { latest: None })
+    }
+
+    /// Applies one transaction's mutations of one owned document. Returns whether a version was
+    /// written.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_doc(
+        &self,
+        writer: &mut Writer,
+        batch: &mut WriteBatch,
+        prefix: &[u8],
+        ts: Timestamp,
+        wall_clock_ms: u64,
+        mutations: &DocMutations<'_>,
+        outcome: &mut ApplyOutcome,
+    ) -> bool {
+        let state = match self.load_for_write(writer, prefix) {
+            Ok(state) => state,
+            Err(e) => panic!("reading a document to apply ts {ts}: {e}"),
+        };
+        let latest_before = state.latest();
+        if let Some(latest) = latest_before {
+            assert!(latest < ts, "version {latest} is not older than applied ts {ts}");
+        }
+        let (mut doc, mut history_changes, deltas_before, heads_before, json_bytes_before) =
+            match state {
+                Cached::Live(live) => {
+                    let heads = live.doc.get_heads();
+                    (
+                        Some(live.doc),
+                        live.history_changes,
+                        live.deltas,
+                        Some(heads),
+                        live.json_bytes,
+                    )
+                }
+                Cached::Absent { .. } => (None, 0, 0, None, 0),
+            };
+        let existed = doc.is_some();
+        // A document created (or re-created after a delete) within this transaction gets a
+        // snapshot: it has no previous version to be a delta of.
+        let mut fresh = false;
+        let mut json: Option<Vec<u8>> = None;
+        let mut changed = false;
+        let max = self.options.max_document_bytes;
+        for (index, op) in &mutations.ops {
+            let result = match op {
+                Op::Delete => {
+                    doc = None;
+                    json = None;
+                    history_changes = 0;
+                    Ok(())
+                }
+                Op::Changes(changes) => {
+                    let created = doc.is_none();
+                    let mut next = doc
+                        .clone()
+                        .unwrap_or_else(|| document::empty_doc(ts, *index));
+                    document::apply_changes(&mut next, changes).and_then(|added| {
+                        let bytes = check_size(&document::materialize(&next), max)?;
+                        fresh |= created;
+                        history_changes = history_changes
+                            .saturating_add(u32::try_from(added).unwrap_or(u32::MAX));
+                        doc = Some(next);
+                        json = Some(bytes);
+                        Ok(())
+                    })
+                }
+                local => {
+                    let created = doc.is_none();
+                    let mut target = doc
+                        .take()
+                        .unwrap_or_else(|| document::empty_doc(ts, *index));
+                    target.set_actor(document::actor(ts, *index));
+                    let mut tx = target.transaction();
+                    let result = document::apply_local(&mut tx, local).and_then(|()| {
+                        check_size(&document::materialize(&tx), max)
+                    });
+                    let result = match result {
+                        Ok(bytes) => {
+                            let (hash, _) = tx.commit_with(document::commit_options(wall_clock_ms));
+                            if hash.is_some() {
+                                history_changes = history_changes.saturating_add(1);
+                            }
+                            fresh |= created;
+                            json = Some(bytes);
+                            Ok(())
+                        }
+                        Err(e) => {
+                            tx.rollback();
+                            Err(e)
+                        }
+                    };
+                    // A document made for a mutation that failed holds nothing: drop it.
+                    if result.is_ok() || !created {
+                        doc = Some(target);
+                    }
+                    result
+                }
+            };
+            match result {
+                Ok(()) => changed = true,
+                Err(reason) => outcome.skipped.push(Skipped {
+                    ts,
+                    mutation: Some(*index),
+                    reason,
+                }),
+            }
+        }
+        let put_back = |writer: &mut Writer, state: Cached| {
+            let weight = state.weight();
+            writer.cache.insert(prefix.to_vec(), state, weight);
+        };
+        if !changed {
+            // Every mutation was skipped and rolled back: the document is as it was.
+            let state = match doc {
+                Some(doc) => Cached::Live(Live {
+                    doc,
+                    latest: latest_before.expect("a live document has a version"),
+                    history_changes,
+                    deltas: deltas_before,
+                    json_bytes: json_bytes_before,
+                }),
+                None => Cached::Absent {
+                    latest: latest_before,
+                },
+            };
+            put_back(writer, state);
+            return false;
+        }
+        let key = keys::version_key(prefix, ts);
+        let Some(mut live_doc) = doc else {
+            // Deleted. A document that was already absent needs no tombstone.
+            if existed {
+                batch.put_cf(self.cf(CF_DOCS), key, Record::Tombstone.encode());
+            }
+            let latest = if existed { Some(ts) } else { latest_before };
+            put_back(writer, Cached::Absent { latest });
+            return existed;
+        };
+        let hash = u64::from_be_bytes(prefix[..8].try_into().expect("hash prefix"));
+        batch.put_cf(
+            self.cf(CF_BY_COLLECTION),
+            keys::collection_key(mutations.collection, hash, mutations.id),
+            [],
+        );
+        let json_bytes =
+            json.unwrap_or_else(|| document::to_bytes(&document::materialize(&live_doc)));
+        let (segment, automerge) = if history_changes > self.options.max_history_changes {
+            live_doc = document::rebase(&live_doc, ts, wall_clock_ms);
+            history_changes = 1;
+            (Segment::Snapshot, live_doc.save())
+        } else {
+            match heads_before {
+                Some(heads)
+                    if !fresh && deltas_before + 1 < self.options.snapshot_every_versions =>
+                {
+                    (Segment::Delta, live_doc.save_after(&heads))
+                }
+                _ => (Segment::Snapshot, live_doc.save()),
+            }
+        };
+        let deltas = match segment {
+            Segment::Snapshot => 0,
+            Segment::Delta => deltas_before + 1,
+        };
+        let value = Record::Put {
+            segment,
+            history_changes,
+            deltas,
+            json: &json_bytes,
+            automerge: &automerge,
+        }
+        .encode();
+        batch.put_cf(self.cf(CF_DOCS), key, value);
+        put_back(
+            writer,
+            Cached::Live(Live {
+                doc: live_doc,
+                latest: ts,
+                history_changes,
+                deltas,
+                json_bytes: json_bytes.len(),
+            }),
+        );
+        true
+    }
+
+    fn latest_if_any(&self, prefix: &[u8]) -> Option<Timestamp> {
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_DOCS));
+        it.seek(prefix);
+        match it.key() {
+            Some(key) if is_version_of(key, prefix) => Some(keys::version_key_parts(key).ts),
+            _ => None,
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Reads
+    // ---------------------------------------------------------------------------------------
+
+    /// Takes a snapshot, then checks `ts` against the watermark and the applied position (in
+    /// that order: GC raises the watermark before it prunes).
+    fn snapshot_at(&self, ts: Timestamp) -> Result<rocksdb::Snapshot<'_>, Error> {
+        let snapshot = self.db.snapshot();
+        let gc = self.gc_watermark();
+        if ts < gc {
+            return Err(Error::SnapshotTooOld { requested: ts, gc });
+        }
+        let applied = self.applied();
+        if ts > applied {
+            return Err(Error::NotYetApplied {
+                requested: ts,
+                applied,
+            });
+        }
+        Ok(snapshot)
+    }
+
+    /// The document as of `ts` (its newest version ≤ ts); `None` if absent or deleted.
+    pub fn get(&self, collection: &str, id: &str, ts: Timestamp) -> Result<Option<Document>, Error> {
+        Ok(self.multi_get(&[(collection, id)], ts)?.pop().flatten())
+    }
+
+    /// Several documents at one snapshot, in the order asked.
+    pub fn multi_get(
+        &self,
+        ids: &[(&str, &str)],
+        ts: Timestamp,
+    ) -> Result<Vec<Option<Document>>, Error> {
+        let snapshot = self.snapshot_at(ts)?;
+        let mut it = snapshot.raw_iterator_cf(self.cf(CF_DOCS));
+        let mut out = Vec::with_capacity(ids.len());
+        for (collection, id) in ids {
+            let prefix = keys::doc_prefix(collection, id);
+            out.push(read_version(&mut it, &prefix, ts)?.and_then(|(version, value)| {
+                let json = Record::decode(&value).json().map(parse_json)?;
+                Some(Document {
+                    collection: (*collection).to_owned(),
+                    id: (*id).to_owned(),
+                    version,
+                    json,
+                })
+            }));
+        }
+        Ok(out)
+    }
+
+    /// The automerge bytes (`save()`) of the document as of `ts`, for a client that merges.
+    pub fn get_automerge(
+        &self,
+        collection: &str,
+        id: &str,
+        ts: Timestamp,
+    ) -> Result<Option<Vec<u8>>, Error> {
+        let snapshot = self.snapshot_at(ts)?;
+        let prefix = keys::doc_prefix(collection, id);
+        let mut it = snapshot.raw_iterator_cf(self.cf(CF_DOCS));
+        it.seek(keys::version_key(&prefix, ts));
+        let mut chain: Vec<Vec<u8>> = Vec::new();
+        while let (Some(key), Some(value)) = (it.key(), it.value()) {
+            if !is_version_of(key, &prefix) {
+                break;
+            }
+            match Record::decode(value) {
+                Record::Tombstone if chain.is_empty() => return Ok(None),
+                Record::Tombstone => panic!("a delta follows a tombstone"),
+                Record::Put {
+                    segment, automerge, ..
+                } => {
+                    chain.push(automerge.to_vec());
+                    if segment == Segment::Snapshot {
+                        let snapshot = chain.pop().expect("pushed");
+                        let doc =
+                            document::load_chain(&snapshot, chain.iter().rev().map(Vec::as_slice));
+                        return Ok(Some(doc.save()));
+                    }
+                }
+            }
+            it.next();
+        }
+        it.status()?;
+        assert!(chain.is_empty(), "a delta chain without a snapshot");
+        Ok(None)
+    }
+
+    /// One page of the live documents of `collection` as of `ts` that pass `filter`, in key
+    /// order: at most `limit` documents, after examining at most `max_scanned` documents.
+    /// Resume with `next`.
+    pub fn scan(
+        &self,
+        collection: &str,
+        ts: Timestamp,
+        filter: &dyn Fn(&Json) -> bool,
+        limit: usize,
+        cursor: Option<&ScanCursor>,
+        max_scanned: usize,
+    ) -> Result<ScanPage, Error> {
+        let snapshot = self.snapshot_at(ts)?;
+        let start = match cursor {
+            Some(ScanCursor(last)) => {
+                if !last.starts_with(&keys::collection_start(collection)) {
+                    return Err(Error::InvalidCursor(collection.to_owned()));
+                }
+                let mut after = last.clone();
+                after.push(0);
+                after
+            }
+            None => keys::collection_start(collection),
+        };
+        let end = keys::collection_end(collection);
+        let mut index = snapshot.raw_iterator_cf(self.cf(CF_BY_COLLECTION));
+        let mut docs = snapshot.raw_iterator_cf(self.cf(CF_DOCS));
+        index.seek(&start);
+        let mut page = ScanPage {
+            documents: Vec::new(),
+            scanned: 0,
+            next: None,
+        };
+        while let Some(key) = index.key() {
+            if key >= end.as_slice() {
+                break;
+            }
+            if page.documents.len() >= limit.max(1) || page.scanned >= max_scanned.max(1) {
+                // At least one document was examined, so `next` names the last of them.
+                assert!(page.next.is_some());
+                return Ok(page);
+            }
+            let (c, hash, id) = keys::collection_key_parts(key);
+            assert_eq!(c, collection);
+            assert_eq!(KeyHash::of(c, id).0, hash, "by_collection hash mismatch");
+            page.scanned += 1;
+            let prefix = keys::doc_prefix(c, id);
+            if let Some((version, value)) = read_version(&mut docs, &prefix, ts)? {
+                if let Some(json) = Record::decode(&value).json() {
+                    let json = parse_json(json);
+                    let value = Json::Object(json);
+                    if filter(&value) {
+                        let Json::Object(json) = value else {
+                            unreachable!("built as an object")
+                        };
+                        page.documents.push(Document {
+                            collection: collection.to_owned(),
+                            id: id.to_owned(),
+                            version,
+                            json,
+                        });
+                    }
+                }
+            }
+            page.next = Some(ScanCursor(key.to_vec()));
+            index.next();
+        }
+        index.status()?;
+        page.next = None;
+        Ok(page)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // GC and ownership
+    // ---------------------------------------------------------------------------------------
+
+    /// Raises the GC watermark to `gc_ts` and prunes, examining about `budget` version keys
+    /// (whole documents: a step always finishes the document it is on). Call again to continue;
+    /// a pass resumes where the last step stopped. Each step holds the writer lock only for its
+    /// own bounded work, so apply interleaves between steps.
+    ///
+    /// Prunes every version older than a document's newest version ≤ `gc_ts`; that version too
+    /// when it is a tombstone (then, if it is the newest, the collection index entry with it).
+    /// A kept delta whose older versions go is rewritten as a snapshot of the same state.
+    pub fn gc(&self, gc_ts: Timestamp, budget: usize) -> Result<GcProgress, Error> {
+        let mut writer = self.lock();
+        let current = self.gc_watermark();
+        assert!(gc_ts >= current, "gc ts {gc_ts} below the watermark {current}");
+        assert!(
+            gc_ts <= self.applied(),
+            "gc ts {gc_ts} above the applied position {}",
+            self.applied()
+        );
+        if gc_ts > current {
+            let mut batch = WriteBatch::default();
+            batch.put_cf(self.cf(CF_META), META_GC, gc_ts.0.to_be_bytes());
+            self.write(batch, true)?;
+            self.gc.store(gc_ts.0, Ordering::SeqCst);
+        }
+        let mut progress = GcProgress::default();
+        let mut batch = WriteBatch::default();
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_DOCS));
+        match &writer.gc_cursor {
+            Some(from) => it.seek(from),
+            None => it.seek_to_first(),
+        }
+        let mut next_cursor = None;
+        loop {
+            let Some(first) = it.key() else { break };
+            if progress.examined >= budget.max(1) {
+                next_cursor = Some(first.to_vec());
+                break;
+            }
+            let prefix = keys::version_key_parts(first).prefix.to_vec();
+            let mut versions: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+            while let (Some(key), Some(value)) = (it.key(), it.value()) {
+                if !is_version_of(key, &prefix) {
+                    break;
+                }
+                versions.push((key.to_vec(), value.to_vec()));
+                it.next();
+            }
+            progress.examined += versions.len();
+            progress.pruned += self.gc_document(&mut batch, &versions, gc_ts);
+        }
+        it.status()?;
+        drop(it);
+        progress.pass_complete = next_cursor.is_none();
+        writer.gc_cursor = next_cursor;
+        self.write(batch, false)?;
+        tracing::debug!(gc_ts = gc_ts.0, examined = progress.examined, pruned = progress.pruned, "gc step");
+        Ok(progress)
+    }
+
+    /// Prunes one document's versions (newest first). Returns how many were deleted.
+    fn gc_document(
+        &self,
+        batch: &mut WriteBatch,
+        versions: &[(Vec<u8>, Vec<u8>)],
+        gc_ts: Timestamp,
+    ) -> usize {
+        let ts_of = |key: &[u8]| keys::version_key_parts(key).ts;
+        let Some(keep) = versions.iter().position(|(k, _)| ts_of(k) <= gc_ts) else {
+            return 0;
+        };
+        let mut pruned = 0;
+        for (key, _) in &versions[keep + 1..] {
+            batch.delete_cf(self.cf(CF_DOCS), key);
+            pruned += 1;
+        }
+        let (keep_key, keep_value) = &versions[keep];
+        match Record::decode(keep_value) {
+            Record::Tombstone => {
+                batch.delete_cf(self.cf(CF_DOCS), keep_key);
+                pruned += 1;
+                if keep == 0 {
+                    let parts = keys::version_key_parts(keep_key);
+                    batch.delete_cf(
+                        self.cf(CF_BY_COLLECTION),
+                        keys::collection_key(parts.collection, parts.hash, parts.id),
+                    );
+                }
+            }
+            Record::Put {
+                segment: Segment::Delta,
+                history_changes,
+                json,
+                ..
+            } if pruned > 0 => {
+                // The kept version loses its base: rewrite it as a snapshot of the same state.
+                let mut chain: Vec<&[u8]> = Vec::new();
+                for (_, value) in &versions[keep..] {
+                    match Record::decode(value) {
+                        Record::Put {
+                            segment, automerge, ..
+                        } => {
+                            chain.push(automerge);
+                            if segment == Segment::Snapshot {
+                                break;
+                            }
+                        }
+                        Record::Tombstone => panic!("a delta follows a tombstone"),
+                    }
+                }
+                let base = chain.len() - 1;
+                let doc = document::load_chain(chain[base], chain[..base].iter().rev().copied());
+                let value = Record::Put {
+                    segment: Segment::Snapshot,
+                    history_changes,
+                    deltas: 0,
+                    json,
+                    automerge: &doc.save(),
+                }
+                .encode();
+                batch.put_cf(self.cf(CF_DOCS), keep_key, value);
+            }
+            Record::Put { .. } => {}
+        }
+        pruned
+    }
+
+    /// Drops every document of `intervals` (no longer owned): versions, collection index entries
+    /// and pending mutations, with range deletes, in one fsynced batch.
+    pub fn drop_intervals(&self, intervals: &[Interval]) -> Result<(), Error> {
+        let mut writer = self.lock();
+        let collections = self.collections()?;
+        let mut batch = WriteBatch::default();
+        for interval in intervals {
+            let (start, end) = keys::interval_range(interval);
+            batch.delete_range_cf(self.cf(CF_DOCS), &start, &end);
+            batch.delete_range_cf(self.cf(CF_PENDING), &start, &end);
+            for collection in &collections {
+                let from = [keys::collection_start(collection), start.clone()].concat();
+                let to = match interval.end_hash() {
+                    Some(end) => [keys::collection_start(collection), end.to_be_bytes().to_vec()]
+                        .concat(),
+                    None => keys::collection_end(collection),
+                };
+                batch.delete_range_cf(self.cf(CF_BY_COLLECTION), from, to);
+            }
+        }
+        self.write(batch, true)?;
+        writer.cache.remove_where(|prefix| {
+            let hash = KeyHash(u64::from_be_bytes(prefix[..8].try_into().expect("hash")));
+            intervals.iter().any(|i| i.contains(hash))
+        });
+        tracing::info!(intervals = intervals.len(), "intervals dropped");
+        Ok(())
+    }
+
+    /// The collections with at least one document, in order.
+    pub fn collections(&self) -> Result<Vec<String>, Error> {
+        let mut out = Vec::new();
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_BY_COLLECTION));
+        it.seek_to_first();
+        while let Some(key) = it.key() {
+            let (collection, _, _) = keys::collection_key_parts(key);
+            let collection = collection.to_owned();
+            it.seek(keys::collection_end(&collection));
+            out.push(collection);
+        }
+        it.status()?;
+        Ok(out)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Digests and backfill
+    // ---------------------------------------------------------------------------------------
+
+    /// An ordered hash of the documents of `interval` visible at `ts`: over (key, version ts,
+    /// JSON) of each live document, in key order. Equal on replicas holding the same documents,
+    /// whatever their GC state or snapshot/delta layout.
+    pub fn digest(&self, interval: &Interval, ts: Timestamp) -> Result<u128, Error> {
+        let snapshot = self.snapshot_at(ts)?;
+        let (start, end) = keys::interval_range(interval);
+        let mut it = snapshot.raw_iterator_cf(self.cf(CF_DOCS));
+        it.seek(&start);
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut current: Option<Vec<u8>> = None;
+        while let (Some(key), Some(value)) = (it.key(), it.value()) {
+            if key >= end.as_slice() {
+                break;
+            }
+            let parts = keys::version_key_parts(key);
+            let seen = current.as_deref() == Some(parts.prefix);
+            if !seen && parts.ts <= ts {
+                current = Some(parts.prefix.to_vec());
+                if let Some(json) = Record::decode(value).json() {
+                    hasher.update(&(parts.prefix.len() as u64).to_be_bytes());
+                    hasher.update(parts.prefix);
+                    hasher.update(&parts.ts.0.to_be_bytes());
+                    hasher.update(&(json.len() as u64).to_be_bytes());
+                    hasher.update(json);
+                }
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok(hasher.digest128())
+    }
+
+    /// A batch of the raw version records of `interval` that a read at any ts in
+    /// `[gc_ts, upto]` could need: per document, the versions ≤ `upto` down to the newest
+    /// version ≤ `gc_ts`, plus the older ones its delta chain rests on. Start with `from: None`,
+    /// continue with the batch's `next`. About `limit` records per batch (whole documents).
+    pub fn backfill_batch(
+        &self,
+        interval: &Interval,
+        gc_ts: Timestamp,
+        upto: Timestamp,
+        from: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<BackfillBatch, Error> {
+        assert!(gc_ts <= upto, "backfill window [{gc_ts}, {upto}] is empty");
+        let snapshot = self.snapshot_at(gc_ts)?;
+        let applied = self.applied();
+        if upto > applied {
+            return Err(Error::NotYetApplied {
+                requested: upto,
+                applied,
+            });
+        }
+        let (start, end) = keys::interval_range(interval);
+        let from = from.map_or(start, <[u8]>::to_vec);
+        let mut it = snapshot.raw_iterator_cf(self.cf(CF_DOCS));
+        it.seek(&from);
+        let mut batch = BackfillBatch {
+            records: Vec::new(),
+            next: None,
+        };
+        loop {
+            let Some(first) = it.key() else { break };
+            if first >= end.as_slice() {
+                break;
+            }
+            if batch.records.len() >= limit.max(1) {
+                batch.next = Some(first.to_vec());
+                break;
+            }
+            let prefix = keys::version_key_parts(first).prefix.to_vec();
+            // Past the newest version ≤ gc_ts, older versions are sent only while the delta
+            // chain of what was sent still needs its base.
+            let mut reached_gc = false;
+            let mut need_base = false;
+            while let (Some(key), Some(value)) = (it.key(), it.value()) {
+                if !is_version_of(key, &prefix) {
+                    break;
+                }
+                let ts = keys::version_key_parts(key).ts;
+                let is_delta = matches!(
+                    Record::decode(value),
+                    Record::Put {
+                        segment: Segment::Delta,
+                        ..
+                    }
+                );
+                let needed = ts <= upto && (!reached_gc || need_base);
+                if needed {
+                    batch.records.push(BackfillRecord {
+                        key: key.to_vec(),
+                        value: value.to_vec(),
+                    });
+                    need_base = is_delta;
+                    reached_gc |= ts <= gc_ts;
+                }
+                it.next();
+            }
+        }
+        it.status()?;
+        Ok(batch)
+    }
+
+    /// Writes backfilled version records (from [`Store::backfill_batch`] on a peer), with their
+    /// collection index entries, in one fsynced batch. Refuses the whole batch if any record is
+    /// malformed.
+    pub fn ingest(&self, records: &[BackfillRecord]) -> Result<(), Error> {
+        let mut writer = self.lock();
+        let mut batch = WriteBatch::default();
+        for record in records {
+            let parts = keys::parse_version_key(&record.key).ok_or(Error::InvalidBackfillRecord)?;
+            let parsed = Record::parse(&record.value).ok_or(Error::InvalidBackfillRecord)?;
+            if let Some(json) = parsed.json() {
+                match serde_json::from_slice::<Json>(json) {
+                    Ok(Json::Object(_)) => {}
+                    _ => return Err(Error::InvalidBackfillRecord),
+                }
+            }
+            batch.put_cf(self.cf(CF_DOCS), &record.key, &record.value);
+            batch.put_cf(
+                self.cf(CF_BY_COLLECTION),
+                keys::collection_key(parts.collection, parts.hash, parts.id),
+                [],
+            );
+        }
+        self.write(batch, true)?;
+        for record in records {
+            let parts = keys::version_key_parts(&record.key);
+            writer.cache.take(parts.prefix);
+        }
+        Ok(())
+    }
+
+    /// Applies the pending mutations of `interval` (up to about `limit` of them, whole
+    /// transactions per document) to the backfilled documents and deletes them, in one fsynced
+    /// batch. A mutation at or below its document's newest version is already in the backfilled
+    /// data and is dropped. Returns how many pending mutations were consumed; 0 when none are
+    /// left.
+    pub fn replay_pending(&self, interval: &Interval, limit: usize) -> Result<usize, Error> {
+        let mut writer = self.lock();
+        let (start, end) = keys::interval_range(interval);
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_PENDING));
+        it.seek(&start);
+        // (prefix, ts) → (wall clock, mutations)
+        let mut groups: Vec<(Vec<u8>, Timestamp, u64, Vec<(u32, Mutation)>)> = Vec::new();
+        let mut consumed = Vec::new();
+        while let (Some(key), Some(value)) = (it.key(), it.value()) {
+            if key >= end.as_slice() {
+                break;
+            }
+            let (prefix, ts, index) = keys::pending_key_parts(key);
+            let same_group = groups
+                .last()
+                .is_some_and(|(p, t, _, _)| p.as_slice() == prefix && *t == ts);
+            if !same_group && consumed.len() >= limit.max(1) {
+                break;
+            }
+            assert!(value.len() >= 8, "corrupt pending value");
+            let wall = u64::from_be_bytes(value[..8].try_into().expect("8 bytes"));
+            let mutation = Mutation::decode(&value[8..]).expect("corrupt pending mutation");
+            if !same_group {
+                groups.push((prefix.to_vec(), ts, wall, Vec::new()));
+            }
+            groups.last_mut().expect("pushed").3.push((index, mutation));
+            consumed.push(key.to_vec());
+            it.next();
+        }
+        it.status()?;
+        drop(it);
+        let mut batch = WriteBatch::default();
+        let mut outcome = ApplyOutcome::default();
+        for (prefix, ts, wall, mutations) in &groups {
+            let latest = self.latest_if_any(prefix);
+            if latest.is_some_and(|latest| latest >= *ts) {
+                continue;
+            }
+            // Validated when it was logged: the whole transaction passed `parse_transaction`.
+            let first = &mutations[0].1;
+            let mut doc = DocMutations {
+                collection: &first.collection,
+                id: &first.id,
+                ops: Vec::new(),
+            };
+            for (index, mutation) in mutations {
+                match parse_op(mutation, &self.options) {
+                    Ok(op) => doc.ops.push((*index, op)),
+                    Err(reason) => outcome.skipped.push(Skipped {
+                        ts: *ts,
+                        mutation: Some(*index),
+                        reason,
+                    }),
+                }
+            }
+            self.apply_doc(&mut writer, &mut batch, prefix, *ts, *wall, &doc, &mut outcome);
+        }
+        for key in &consumed {
+            batch.delete_cf(self.cf(CF_PENDING), key);
+        }
+        if let Err(e) = self.write(batch, true) {
+            writer.cache.clear();
+            return Err(e);
+        }
+        Ok(consumed.len())
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Meta
+    // ---------------------------------------------------------------------------------------
+
+    /// Records a configuration this node has seen (opaque bytes, e.g. serde JSON).
+    pub fn put_config(&self, epoch: Epoch, config: &[u8]) -> Result<(), Error> {
+        let key = [META_CONFIG, &epoch.0.to_be_bytes()[..]].concat();
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_META), key, config);
+        self.write(batch, true)
+    }
+
+    /// Every configuration recorded, by epoch.
+    pub fn configs(&self) -> Result<Vec<(Epoch, Vec<u8>)>, Error> {
+        let mut out = Vec::new();
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_META));
+        it.seek(META_CONFIG);
+        while let (Some(key), Some(value)) = (it.key(), it.value()) {
+            let Some(epoch) = key.strip_prefix(META_CONFIG) else { break };
+            let epoch = u64::from_be_bytes(epoch.try_into().expect("corrupt config key"));
+            out.push((Epoch(epoch), value.to_vec()));
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
+    }
+
+    /// Records backfill progress of an interval (opaque bytes); `None` clears it.
+    pub fn put_backfill_progress(
+        &self,
+        interval: &Interval,
+        progress: Option<&[u8]>,
+    ) -> Result<(), Error> {
+        let key = backfill_key(interval);
+        let mut batch = WriteBatch::default();
+        match progress {
+            Some(p) => batch.put_cf(self.cf(CF_META), key, p),
+            None => batch.delete_cf(self.cf(CF_META), key),
+        }
+        self.write(batch, true)
+    }
+
+    pub fn backfill_progress(&self, interval: &Interval) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self.db.get_cf(self.cf(CF_META), backfill_key(interval))?)
+    }
+
+    /// Every version record of `interval`, raw, in key order (tests and tooling; unbounded).
+    pub fn raw_versions(&self, interval: &Interval) -> Result<Vec<BackfillRecord>, Error> {
+        let (start, end) = keys::interval_range(interval);
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_DOCS));
+        it.seek(&start);
+        let mut out = Vec::new();
+        while let (Some(key), Some(value)) = (it.key(), it.value()) {
+            if key >= end.as_slice() {
+                break;
+            }
+            out.push(BackfillRecord {
+                key: key.to_vec(),
+                value: value.to_vec(),
+            });
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
+    }
+
+    /// Documents decoded in the apply cache (for tests and metrics).
+    pub fn cached_documents(&self) -> usize {
+        self.lock().cache.len()
+    }
+}
+
+fn backfill_key(interval: &Interval) -> Vec<u8> {
+    [
+        META_BACKFILL,
+        &interval.start.to_be_bytes()[..],
+        &interval.end.to_be_bytes()[..],
+    ]
+    .concat()
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> &'a ColumnFamily {
+    db.cf_handle(name)
+        .unwrap_or_else(|| panic!("column family {name} missing"))
+}
+
+fn is_version_of(key: &[u8], prefix: &[u8]) -> bool {
+    key.len() == prefix.len() + keys::TS_BYTES && key.starts_with(prefix)
+}
+
+fn parse_json(bytes: &[u8]) -> Map<String, Json> {
+    match serde_json::from_slice(bytes) {
+        Ok(Json::Object(map)) => map,
+        _ => panic!("corrupt stored json ({} bytes)", bytes.len()),
+    }
+}
+
+/// The document's JSON bytes, if within the size limit.
+fn check_size(map: &Map<String, Json>, max: usize) -> Result<Vec<u8>, Rejection> {
+    let bytes = document::to_bytes(map);
+    if bytes.len() > max {
+        return Err(Rejection::DocumentTooLarge {
+            bytes: bytes.len(),
+            max,
+        });
+    }
+    Ok(bytes)
+}
+
+/// The newest version of `prefix` with ts ≤ `ts`, if any.
+fn read_version(
+    it: &mut rocksdb::DBRawIterator<'_>,
+    prefix: &[u8],
+    ts: Timestamp,
+) -> Result<Option<(Timestamp, Vec<u8>)>, Error> {
+    it.seek(keys::version_key(prefix, ts));
+    match (it.key(), it.value()) {
+        (Some(key), Some(value)) if is_version_of(key, prefix) => {
+            let version = keys::version_key_parts(key).ts;
+            assert!(version <= ts, "seek returned a newer version");
+            Ok(Some((version, value.to_vec())))
+        }
+        _ => {
+            it.status()?;
+            Ok(None)
+        }
+    }
+}
+
+/// Parses one mutation's op (the checks that need no document).
+fn parse_op(mutation: &Mutation, options: &StoreOptions) -> Result<Op, Rejection> {
+    validate_collection(&mutation.collection, &options.key_limits)?;
+    validate_id(&mutation.id, &options.key_limits)?;
+    let object = |bytes: &[u8]| -> Result<Map<String, Json>, Rejection> {
+        if bytes.len() > options.max_document_bytes {
+            return Err(Rejection::DocumentTooLarge {
+                bytes: bytes.len(),
+                max: options.max_document_bytes,
+            });
+        }
+        match serde_json::from_slice(bytes) {
+            Ok(Json::Object(map)) => Ok(map),
+            Ok(_) => Err(Rejection::NotAnObject),
+            Err(_) => Err(Rejection::InvalidJson),
+        }
+    };
+    Ok(match mutation.op.as_ref().ok_or(Rejection::MissingOp)? {
+        mutation::Op::Replace(r) => Op::Replace(object(&r.json)?),
+        mutation::Op::MergePatch(p) => Op::MergePatch(object(&p.json)?),
+        mutation::Op::Increment(i) => {
+            if i.path.is_empty() {
+                return Err(Rejection::EmptyPath);
+            }
+            Op::Increment {
+                path: i.path.clone(),
+                delta: i.delta,
+            }
+        }
+        mutation::Op::Delete(_) => Op::Delete,
+        mutation::Op::Changes(c) => {
+            let bytes: usize = c.changes.iter().map(Vec::len).sum();
+            if bytes > options.max_document_bytes {
+                return Err(Rejection::DocumentTooLarge {
+                    bytes,
+                    max: options.max_document_bytes,
+                });
+            }
+            Op::Changes(
+                c.changes
+                    .iter()
+                    .map(|b| Change::from_bytes(b.clone()).map_err(|_| Rejection::UndecodableChange))
+                    .collect::<Result<_, _>>()?,
+            )
+        }
+    })
+}
+
+/// Validates a whole transaction and groups its mutations by document (in order of first
+/// appearance). `Err((culprit index, reason))` means the whole transaction is skipped.
+fn parse_transaction<'a>(
+    tx: &'a Transaction,
+    options: &StoreOptions,
+) -> Result<Vec<DocMutations<'a>>, (Option<u32>, Rejection)> {
+    let mut docs: Vec<DocMutations<'a>> = Vec::new();
+    for (index, mutation) in tx.mutations.iter().enumerate() {
+        let index = u32::try_from(index).expect("fewer than 2^32 mutations");
+        let op = parse_op(mutation, options).map_err(|reason| (Some(index), reason))?;
+        match docs
+            .iter_mut()
+            .find(|d| d.collection == mutation.collection && d.id == mutation.id)
+        {
+            Some(doc) => doc.ops.push((index, op)),
+            None => docs.push(DocMutations {
+                collection: &mutation.collection,
+                id: &mutation.id,
+                ops: vec![(index, op)],
+            }),
+        }
+    }
+    Ok(docs)
+}
+
+/// Checks a transaction the way apply will, without a document: the api-server can call this
+/// before appending, so that nothing apply would skip whole reaches the log.
+pub fn validate(tx: &Transaction, options: &StoreOptions) -> Result<(), Rejection> {
+    parse_transaction(tx, options)
+        .map(|_| ())
+        .map_err(|(_, reason)| reason)
+}

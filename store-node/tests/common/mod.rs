@@ -1,0 +1,142 @@
+//! Helpers shared by the storage tests: transaction builders and a seeded generator.
+#![allow(dead_code)]
+
+use causeway_core::Timestamp;
+use causeway_proto::v1::{mutation, Mutation, Transaction, TRANSACTION_FORMAT_VERSION};
+use causeway_store_node::storage::Ownership;
+use causeway_store_node::{Store, StoreOptions};
+use serde_json::Value as Json;
+
+pub fn tx(mutations: Vec<Mutation>, wall_clock_ms: u64) -> Transaction {
+    Transaction {
+        format_version: TRANSACTION_FORMAT_VERSION,
+        wall_clock_ms,
+        request_id: String::new(),
+        mutations,
+    }
+}
+
+fn mutation(collection: &str, id: &str, op: mutation::Op) -> Mutation {
+    Mutation {
+        collection: collection.into(),
+        id: id.into(),
+        op: Some(op),
+    }
+}
+
+pub fn replace(collection: &str, id: &str, json: &Json) -> Mutation {
+    mutation(
+        collection,
+        id,
+        mutation::Op::Replace(causeway_proto::v1::Replace {
+            json: serde_json::to_vec(json).unwrap(),
+        }),
+    )
+}
+
+pub fn patch(collection: &str, id: &str, json: &Json) -> Mutation {
+    mutation(
+        collection,
+        id,
+        mutation::Op::MergePatch(causeway_proto::v1::MergePatch {
+            json: serde_json::to_vec(json).unwrap(),
+        }),
+    )
+}
+
+pub fn raw_patch(collection: &str, id: &str, bytes: &[u8]) -> Mutation {
+    mutation(
+        collection,
+        id,
+        mutation::Op::MergePatch(causeway_proto::v1::MergePatch {
+            json: bytes.to_vec(),
+        }),
+    )
+}
+
+pub fn increment(collection: &str, id: &str, path: &[&str], delta: i64) -> Mutation {
+    mutation(
+        collection,
+        id,
+        mutation::Op::Increment(causeway_proto::v1::Increment {
+            path: path.iter().map(|s| s.to_string()).collect(),
+            delta,
+        }),
+    )
+}
+
+pub fn delete(collection: &str, id: &str) -> Mutation {
+    mutation(collection, id, mutation::Op::Delete(causeway_proto::v1::Delete {}))
+}
+
+pub fn changes(collection: &str, id: &str, changes: Vec<Vec<u8>>) -> Mutation {
+    mutation(
+        collection,
+        id,
+        mutation::Op::Changes(causeway_proto::v1::AutomergeChanges { changes }),
+    )
+}
+
+/// splitmix64: a small seeded generator, so child processes can rebuild the same stream.
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// The record at `ts` of a deterministic stream over `docs` documents: a mix of every op.
+pub fn stream_record(seed: u64, ts: u64, docs: u64) -> (Timestamp, Transaction) {
+    let mut rng = Rng(seed ^ ts.wrapping_mul(0x2545_F491_4F6C_DD1D));
+    let n = 1 + rng.below(3);
+    let mut mutations = Vec::new();
+    for _ in 0..n {
+        let id = format!("d{}", rng.below(docs));
+        let m = match rng.below(10) {
+            0..=2 => replace(
+                "items",
+                &id,
+                &serde_json::json!({"a": rng.below(100), "s": format!("v{}", rng.below(1000)), "n": {"x": rng.below(5)}}),
+            ),
+            3..=5 => patch("items", &id, &serde_json::json!({"b": rng.below(50), "n": {"y": ts}})),
+            6..=8 => increment("items", &id, &["hits"], 1 + rng.below(5) as i64),
+            _ => delete("items", &id),
+        };
+        mutations.push(m);
+    }
+    (Timestamp(ts), tx(mutations, 1_700_000_000_000 + ts))
+}
+
+pub fn small_options() -> StoreOptions {
+    StoreOptions {
+        cache_documents: 4,
+        max_history_changes: 6,
+        snapshot_every_versions: 3,
+        block_cache_bytes: 1 << 20,
+        ..StoreOptions::default()
+    }
+}
+
+pub fn full() -> Ownership {
+    Ownership::owned(vec![causeway_core::Interval::FULL])
+}
+
+pub fn apply_stream(store: &Store, seed: u64, from: u64, to: u64, group: u64, docs: u64) {
+    let mut ts = from;
+    while ts <= to {
+        let end = (ts + group - 1).min(to);
+        let records: Vec<_> = (ts..=end).map(|t| stream_record(seed, t, docs)).collect();
+        store.apply(&records, &full()).unwrap();
+        ts = end + 1;
+    }
+}

@@ -1,0 +1,435 @@
+//! Storage engine tests: determinism, GC, ownership drops, backfill, bad mutations, raw
+//! automerge changes, limits and bounded history.
+
+mod common;
+
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{ActorId, Automerge, ReadDoc, ROOT};
+use causeway_core::{Interval, KeyHash, Timestamp};
+use causeway_store_node::storage::{Error, Ownership, Rejection};
+use causeway_store_node::{Store, StoreOptions};
+use common::*;
+use serde_json::json;
+
+fn open(dir: &tempfile::TempDir, options: StoreOptions) -> Store {
+    Store::open(dir.path(), options).unwrap()
+}
+
+#[test]
+fn two_replicas_hold_byte_identical_versions_and_equal_digests() {
+    let (da, db, dc) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = open(&da, small_options());
+    // Another cache size and group size: the bytes must not depend on either.
+    let b = open(&db, StoreOptions { cache_documents: 0, ..small_options() });
+    apply_stream(&a, 7, 1, 300, 10, 20);
+    apply_stream(&b, 7, 1, 300, 1, 20);
+    // A third replica re-opened (cold cache) half way.
+    let mut c = open(&dc, small_options());
+    apply_stream(&c, 7, 1, 150, 7, 20);
+    drop(c);
+    c = open(&dc, small_options());
+    apply_stream(&c, 7, 151, 300, 7, 20);
+    let raw_a = a.raw_versions(&Interval::FULL).unwrap();
+    assert!(raw_a.len() > 200, "the stream wrote versions");
+    assert_eq!(raw_a, b.raw_versions(&Interval::FULL).unwrap());
+    assert_eq!(raw_a, c.raw_versions(&Interval::FULL).unwrap());
+    for ts in [1, 50, 299, 300] {
+        let d = a.digest(&Interval::FULL, Timestamp(ts)).unwrap();
+        assert_eq!(d, b.digest(&Interval::FULL, Timestamp(ts)).unwrap());
+        assert_eq!(d, c.digest(&Interval::FULL, Timestamp(ts)).unwrap());
+    }
+    assert_ne!(
+        a.digest(&Interval::FULL, Timestamp(299)).unwrap(),
+        a.digest(&Interval::FULL, Timestamp(300)).unwrap()
+    );
+    // Automerge bytes too.
+    for id in 0..20 {
+        let id = format!("d{id}");
+        assert_eq!(
+            a.get_automerge("items", &id, Timestamp(300)).unwrap(),
+            c.get_automerge("items", &id, Timestamp(300)).unwrap()
+        );
+    }
+}
+
+#[test]
+fn gc_keeps_every_version_visible_at_or_above_the_gc_ts() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, small_options());
+    apply_stream(&store, 3, 1, 200, 5, 10);
+    let ids: Vec<String> = (0..10).map(|i| format!("d{i}")).collect();
+    let pairs: Vec<(&str, &str)> = ids.iter().map(|i| ("items", i.as_str())).collect();
+    let before: Vec<_> = (120..=200)
+        .map(|ts| store.multi_get(&pairs, Timestamp(ts)).unwrap())
+        .collect();
+    let automerge_before: Vec<_> = ids
+        .iter()
+        .map(|id| store.get_automerge("items", id, Timestamp(120)).unwrap())
+        .collect();
+    let digest = store.digest(&Interval::FULL, Timestamp(150)).unwrap();
+    let total = store.raw_versions(&Interval::FULL).unwrap().len();
+    let mut steps = 0;
+    loop {
+        steps += 1;
+        assert!(steps < 1000);
+        let progress = store.gc(Timestamp(120), 7).unwrap();
+        assert!(progress.examined <= 7 + 200, "a step is bounded");
+        if progress.pass_complete {
+            break;
+        }
+    }
+    assert!(steps > 2, "gc ran in several steps");
+    let after = store.raw_versions(&Interval::FULL).unwrap().len();
+    assert!(after < total, "gc pruned ({after} of {total} left)");
+    for (i, ts) in (120..=200).enumerate() {
+        assert_eq!(store.multi_get(&pairs, Timestamp(ts)).unwrap(), before[i], "ts {ts}");
+    }
+    for (id, bytes) in ids.iter().zip(automerge_before) {
+        let now = store.get_automerge("items", id, Timestamp(120)).unwrap();
+        let json = |b: Option<Vec<u8>>| b.map(|b| Automerge::load(&b).unwrap().get_heads());
+        assert_eq!(json(now), json(bytes), "same automerge state for {id}");
+    }
+    assert_eq!(store.digest(&Interval::FULL, Timestamp(150)).unwrap(), digest);
+    assert!(matches!(
+        store.get("items", "d1", Timestamp(119)),
+        Err(Error::SnapshotTooOld { requested: Timestamp(119), gc: Timestamp(120) })
+    ));
+    // Every document keeps at most one version at or below the gc ts.
+    let raw = store.raw_versions(&Interval::FULL).unwrap();
+    let mut old_per_doc = std::collections::HashMap::new();
+    for r in &raw {
+        let k = causeway_store_node::storage::parse_version_key(&r.key).unwrap();
+        if k.ts <= Timestamp(120) {
+            *old_per_doc.entry(k.prefix.to_vec()).or_insert(0) += 1;
+        }
+    }
+    assert!(old_per_doc.values().all(|&n| n == 1), "{old_per_doc:?}");
+    // The watermark survives a restart; apply keeps going after gc.
+    drop(store);
+    let store = open(&dir, small_options());
+    assert_eq!(store.gc_watermark(), Timestamp(120));
+    apply_stream(&store, 3, 201, 220, 5, 10);
+    assert_eq!(store.applied(), Timestamp(220));
+}
+
+#[test]
+fn deleted_documents_disappear_from_the_index_after_gc() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, small_options());
+    let recs = vec![
+        (Timestamp(1), tx(vec![replace("c", "x", &json!({"v": 1})), replace("c", "y", &json!({"v": 2}))], 1)),
+        (Timestamp(2), tx(vec![delete("c", "x")], 2)),
+        (Timestamp(3), tx(vec![delete("c", "nothing")], 3)),
+    ];
+    let outcome = store.apply(&recs, &full()).unwrap();
+    assert_eq!(outcome.versions_written, 3, "no tombstone for an absent document");
+    let scan = |ts| {
+        store
+            .scan("c", Timestamp(ts), &|_| true, 10, None, 10)
+            .unwrap()
+    };
+    assert_eq!(scan(3).scanned, 2);
+    assert_eq!(scan(3).documents.len(), 1);
+    assert_eq!(scan(1).documents.len(), 2);
+    while !store.gc(Timestamp(3), 100).unwrap().pass_complete {}
+    assert_eq!(scan(3).scanned, 1, "tombstoned document gone from the index");
+    assert_eq!(store.raw_versions(&Interval::FULL).unwrap().len(), 1);
+    assert_eq!(store.get("c", "x", Timestamp(3)).unwrap(), None);
+}
+
+#[test]
+fn dropping_ownership_removes_exactly_the_dropped_intervals() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, small_options());
+    apply_stream(&store, 11, 1, 120, 10, 40);
+    let mut multi = Vec::new();
+    for i in 0..30 {
+        multi.push(replace("other", &format!("o{i}"), &json!({"i": i})));
+    }
+    store.apply(&[(Timestamp(121), tx(multi, 5))], &full()).unwrap();
+    let dropped = [Interval::new(1 << 62, 1 << 63), Interval::new(3 << 62, 1 << 64)];
+    let kept = [Interval::new(0, 1 << 62), Interval::new(1 << 63, 3 << 62)];
+    let kept_before: Vec<_> = kept.iter().map(|i| store.raw_versions(i).unwrap()).collect();
+    let kept_digests: Vec<_> = kept.iter().map(|i| store.digest(i, Timestamp(121)).unwrap()).collect();
+    assert!(dropped.iter().all(|i| !store.raw_versions(i).unwrap().is_empty()));
+    store.drop_intervals(&dropped).unwrap();
+    for i in &dropped {
+        assert!(store.raw_versions(i).unwrap().is_empty());
+    }
+    for (n, i) in kept.iter().enumerate() {
+        assert_eq!(store.raw_versions(i).unwrap(), kept_before[n]);
+        assert_eq!(store.digest(i, Timestamp(121)).unwrap(), kept_digests[n]);
+    }
+    // The collection index lost exactly the dropped documents.
+    for collection in ["items", "other"] {
+        let page = store
+            .scan(collection, Timestamp(121), &|_| true, 1000, None, 1000)
+            .unwrap();
+        assert!(page.next.is_none());
+        for doc in &page.documents {
+            let h = KeyHash::of(collection, &doc.id);
+            assert!(kept.iter().any(|i| i.contains(h)));
+        }
+        let expected = (0..40)
+            .map(|i| if collection == "items" { format!("d{i}") } else { format!("o{i}") })
+            .filter(|id| {
+                let h = KeyHash::of(collection, id);
+                kept.iter().any(|i| i.contains(h))
+                    && store.get(collection, id, Timestamp(121)).unwrap().is_some()
+            })
+            .count();
+        assert_eq!(page.scanned, expected, "index of {collection}");
+    }
+    // Writes to a dropped interval after re-owning start from nothing (the cache was evicted).
+    let id = (0..100).map(|i| format!("o{i}")).find(|id| dropped[0].contains(KeyHash::of("other", id))).unwrap();
+    store.apply(&[(Timestamp(122), tx(vec![patch("other", &id, &json!({"new": true}))], 6))], &full()).unwrap();
+    assert_eq!(store.get("other", &id, Timestamp(122)).unwrap().unwrap().json, json!({"new": true}).as_object().unwrap().clone());
+}
+
+#[test]
+fn only_owned_mutations_are_stored_but_every_record_advances() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, small_options());
+    let lower = Interval::new(0, 1 << 63);
+    let ids: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+    let records: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (Timestamp(i as u64 + 1), tx(vec![replace("c", id, &json!({"i": i}))], 1)))
+        .collect();
+    let outcome = store.apply(&records, &Ownership::owned(vec![lower])).unwrap();
+    assert_eq!(outcome.applied, Timestamp(20));
+    assert_eq!(store.committed(), Timestamp(20));
+    let owned = ids.iter().filter(|id| lower.contains(KeyHash::of("c", id))).count();
+    assert!(owned > 0 && owned < 20);
+    assert_eq!(outcome.versions_written, owned);
+    for id in &ids {
+        let got = store.get("c", id, Timestamp(20)).unwrap();
+        assert_eq!(got.is_some(), lower.contains(KeyHash::of("c", id)), "{id}");
+    }
+    // Repeated records are ignored: nothing applied twice.
+    let again = store.apply(&records, &full()).unwrap();
+    assert_eq!(again.repeated, 20);
+    assert_eq!(again.versions_written, 0);
+}
+
+#[test]
+fn bad_mutations_are_skipped_deterministically() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, StoreOptions { max_document_bytes: 200, ..small_options() });
+    let good = || replace("c", "good", &json!({"v": 1}));
+    let records = vec![
+        (Timestamp(1), tx(vec![good(), raw_patch("c", "x", b"{not json")], 1)),
+        (Timestamp(2), tx(vec![good(), raw_patch("c", "x", b"[1,2]")], 2)),
+        (Timestamp(3), tx(vec![increment("c", "x", &[], 1)], 3)),
+        (Timestamp(4), tx(vec![changes("c", "x", vec![b"garbage".to_vec()])], 4)),
+        (Timestamp(5), tx(vec![replace("c", "x", &json!({"n": 5, "s": "a"}))], 5)),
+        // Stateful: only that mutation goes, the rest of the transaction applies.
+        (Timestamp(6), tx(vec![increment("c", "x", &["n"], 1), patch("c", "x", &json!({"t": 1}))], 6)),
+        (Timestamp(7), tx(vec![increment("c", "x", &["s", "deep"], 1)], 7)),
+        (Timestamp(8), tx(vec![patch("c", "x", &json!({"big": "y".repeat(300)}))], 8)),
+        (Timestamp(9), tx(vec![increment("c", "x", &["ctr"], i64::MAX), increment("c", "x", &["ctr"], 1)], 9)),
+        (Timestamp(10), Transaction { format_version: 1, ..tx(vec![], 10) }),
+    ];
+    use causeway_proto::v1::Transaction;
+    let outcome = store.apply(&records, &full()).unwrap();
+    assert_eq!(outcome.applied, Timestamp(10));
+    let reasons: Vec<_> = outcome.skipped.iter().map(|s| (s.ts.0, s.mutation, s.reason.clone())).collect();
+    assert_eq!(
+        reasons,
+        vec![
+            (1, None, Rejection::InvalidJson),
+            (2, None, Rejection::NotAnObject),
+            (3, None, Rejection::EmptyPath),
+            (4, None, Rejection::UndecodableChange),
+            (6, Some(0), Rejection::NotACounter),
+            (7, Some(0), Rejection::PathNotAnObject),
+            (8, Some(0), Rejection::DocumentTooLarge { bytes: 333, max: 200 }),
+            (9, Some(1), Rejection::CounterOverflow),
+        ]
+    );
+    assert_eq!(store.get("c", "good", Timestamp(10)).unwrap(), None, "whole tx skipped");
+    let x = store.get("c", "x", Timestamp(10)).unwrap().unwrap();
+    assert_eq!(serde_json::Value::Object(x.json), json!({"n": 5, "s": "a", "t": 1, "ctr": i64::MAX}));
+    assert_eq!(x.version, Timestamp(9));
+    // An unknown format stops the group before anything is written.
+    let future = Transaction { format_version: 99, ..tx(vec![good()], 11) };
+    assert!(matches!(
+        store.apply(&[(Timestamp(11), future)], &full()),
+        Err(Error::UnsupportedFormat(99))
+    ));
+    assert_eq!(store.applied(), Timestamp(10));
+    assert!(causeway_store_node::storage::validate(&records[0].1, store.options()).is_err());
+    assert!(causeway_store_node::storage::validate(&records[4].1, store.options()).is_ok());
+}
+
+fn client_change(doc: &mut Automerge, f: impl FnOnce(&mut automerge::transaction::Transaction<'_>)) -> Vec<u8> {
+    let heads = doc.get_heads();
+    let mut tx = doc.transaction();
+    f(&mut tx);
+    tx.commit_with(CommitOptions::default().with_time(1));
+    doc.save_after(&heads)
+}
+
+#[test]
+fn raw_automerge_changes_apply_as_a_batch_and_merge_with_json_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, small_options());
+    let mut client = Automerge::new().with_actor(ActorId::from(&b"client-one"[..]));
+    let c1 = client_change(&mut client, |tx| {
+        tx.put(ROOT, "title", "hello").unwrap();
+    });
+    let c2 = client_change(&mut client, |tx| {
+        tx.put(ROOT, "n", 2).unwrap();
+    });
+    // save_after gives concatenated changes; split them through automerge.
+    let split = |bytes: &[u8]| {
+        let mut d = Automerge::new();
+        d.load_incremental(bytes).unwrap();
+        d.get_changes(&[]).into_iter().map(|c| c.raw_bytes().to_vec()).collect::<Vec<_>>()
+    };
+    let mut both = split(&c1);
+    both.extend(split(&[c1.clone(), c2.clone()].concat()).into_iter().skip(1));
+    store
+        .apply(&[(Timestamp(1), tx(vec![changes("notes", "n1", both)], 1))], &full())
+        .unwrap();
+    store
+        .apply(&[(Timestamp(2), tx(vec![patch("notes", "n1", &json!({"server": true}))], 2))], &full())
+        .unwrap();
+    let doc = store.get("notes", "n1", Timestamp(2)).unwrap().unwrap();
+    assert_eq!(serde_json::Value::Object(doc.json), json!({"title": "hello", "n": 2, "server": true}));
+    // The client merges the server's bytes and keeps editing.
+    let bytes = store.get_automerge("notes", "n1", Timestamp(2)).unwrap().unwrap();
+    let server = Automerge::load(&bytes).unwrap();
+    client.merge(&mut server.clone()).unwrap();
+    let c3 = client_change(&mut client, |tx| {
+        tx.put(ROOT, "title", "edited").unwrap();
+    });
+    let outcome = store
+        .apply(&[(Timestamp(3), tx(vec![changes("notes", "n1", split_after(&client, &server))], 3))], &full())
+        .unwrap();
+    assert!(outcome.skipped.is_empty(), "{:?}", outcome.skipped);
+    let _ = c3;
+    let doc = store.get("notes", "n1", Timestamp(3)).unwrap().unwrap();
+    assert_eq!(doc.json["title"], json!("edited"));
+    // A change whose dependencies the document lacks is refused, not queued.
+    let mut stranger = Automerge::new().with_actor(ActorId::from(&b"stranger"[..]));
+    client_change(&mut stranger, |tx| {
+        tx.put(ROOT, "a", 1).unwrap();
+    });
+    let second = client_change(&mut stranger, |tx| {
+        tx.put(ROOT, "b", 1).unwrap();
+    });
+    let outcome = store
+        .apply(&[(Timestamp(4), tx(vec![changes("notes", "n1", vec![second])], 4))], &full())
+        .unwrap();
+    assert_eq!(outcome.skipped[0].reason, Rejection::MissingDependencies);
+    assert_eq!(store.get("notes", "n1", Timestamp(4)).unwrap().unwrap().version, Timestamp(3));
+    assert_eq!(server.get(ROOT, "title").unwrap().is_some(), true);
+}
+
+fn split_after(client: &Automerge, server: &Automerge) -> Vec<Vec<u8>> {
+    client
+        .get_changes(&server.get_heads())
+        .into_iter()
+        .map(|c| c.raw_bytes().to_vec())
+        .collect()
+}
+
+#[test]
+fn history_is_rebased_past_the_bound_and_counters_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions { max_history_changes: 20, snapshot_every_versions: 8, ..StoreOptions::default() };
+    let store = open(&dir, options.clone());
+    let mut ts = 0;
+    for i in 0..100 {
+        ts += 1;
+        let m = if i % 2 == 0 { increment("c", "x", &["hits"], 1) } else { patch("c", "x", &json!({"i": i})) };
+        store.apply(&[(Timestamp(ts), tx(vec![m], ts))], &full()).unwrap();
+    }
+    let bytes = store.get_automerge("c", "x", Timestamp(ts)).unwrap().unwrap();
+    let doc = Automerge::load(&bytes).unwrap();
+    let changes = doc.get_changes(&[]).len();
+    assert!(changes <= 21, "history bounded: {changes} changes");
+    assert_eq!(store.get("c", "x", Timestamp(ts)).unwrap().unwrap().json["hits"], json!(50));
+    // Reads of old versions still work, and a cold restart keeps counting.
+    assert_eq!(store.get("c", "x", Timestamp(10)).unwrap().unwrap().json["hits"], json!(5));
+    drop(store);
+    let store = open(&dir, options);
+    store
+        .apply(&[(Timestamp(ts + 1), tx(vec![increment("c", "x", &["hits"], 1)], 1))], &full())
+        .unwrap();
+    assert_eq!(store.get("c", "x", Timestamp(ts + 1)).unwrap().unwrap().json["hits"], json!(51));
+}
+
+#[test]
+fn backfill_moves_an_interval_to_a_new_replica_with_pending_mutations() {
+    let (ds, dt) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let source = open(&ds, small_options());
+    apply_stream(&source, 5, 1, 200, 10, 30);
+    while !source.gc(Timestamp(150), 50).unwrap().pass_complete {}
+    let interval = Interval::new(1 << 62, 3 << 62);
+    // The target logs 201..=230 while the interval is still being backfilled.
+    let target = open(&dt, small_options());
+    let pending_only = Ownership { owned: vec![], pending: vec![interval] };
+    let first: Vec<_> = (1..=200).map(|t| stream_record(5, t, 30)).collect();
+    target.apply(&first, &Ownership::default()).unwrap();
+    let later: Vec<_> = (201..=230).map(|t| stream_record(5, t, 30)).collect();
+    let outcome = target.apply(&later, &pending_only).unwrap();
+    assert!(outcome.pending_written > 0 && outcome.versions_written == 0);
+    // Backfill the versions readable in [150, 200], in small batches.
+    let mut from: Option<Vec<u8>> = None;
+    let mut batches = 0;
+    loop {
+        batches += 1;
+        assert!(batches < 1000);
+        let batch = source.backfill_batch(&interval, Timestamp(150), Timestamp(200), from.as_deref(), 5).unwrap();
+        target.ingest(&batch.records).unwrap();
+        match batch.next {
+            Some(next) => from = Some(next),
+            None => break,
+        }
+    }
+    assert!(batches > 2);
+    assert_eq!(target.digest(&interval, Timestamp(200)).unwrap(), source.digest(&interval, Timestamp(200)).unwrap());
+    assert_eq!(target.digest(&interval, Timestamp(150)).unwrap(), source.digest(&interval, Timestamp(150)).unwrap());
+    let mut replayed = 0;
+    for _ in 0..1000 {
+        let n = target.replay_pending(&interval, 4).unwrap();
+        if n == 0 {
+            break;
+        }
+        replayed += n;
+    }
+    assert_eq!(replayed, outcome.pending_written);
+    source.apply(&later, &full()).unwrap();
+    assert_eq!(target.digest(&interval, Timestamp(230)).unwrap(), source.digest(&interval, Timestamp(230)).unwrap());
+    for id in 0..30 {
+        let id = format!("d{id}");
+        if interval.contains(KeyHash::of("items", &id)) {
+            assert_eq!(target.get("items", &id, Timestamp(230)).unwrap(), source.get("items", &id, Timestamp(230)).unwrap());
+        }
+    }
+    // Malformed records are refused.
+    let bad = causeway_store_node::storage::BackfillRecord { key: b"nope".to_vec(), value: vec![1, 0] };
+    assert!(matches!(target.ingest(&[bad]), Err(Error::InvalidBackfillRecord)));
+}
+
+#[test]
+fn meta_keeps_configurations_and_backfill_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, small_options());
+    store.put_config(causeway_core::Epoch(2), b"two").unwrap();
+    store.put_config(causeway_core::Epoch(1), b"one").unwrap();
+    let i = Interval::new(5, 10);
+    store.put_backfill_progress(&i, Some(b"half")).unwrap();
+    drop(store);
+    let store = open(&dir, small_options());
+    assert_eq!(
+        store.configs().unwrap(),
+        vec![(causeway_core::Epoch(1), b"one".to_vec()), (causeway_core::Epoch(2), b"two".to_vec())]
+    );
+    assert_eq!(store.backfill_progress(&i).unwrap(), Some(b"half".to_vec()));
+    store.put_backfill_progress(&i, None).unwrap();
+    assert_eq!(store.backfill_progress(&i).unwrap(), None);
+}
