@@ -52,6 +52,8 @@ pub struct Service {
     options: Options,
     shared: Arc<Shared>,
     log: TxLog,
+    /// Whether the node opened the log itself (and so closes it when it stops).
+    owns_log: bool,
     grpc: TcpListener,
     admin: Option<TcpListener>,
 }
@@ -65,6 +67,15 @@ pub struct Handle {
 impl Service {
     /// Opens the storage and the log and binds the servers; nothing runs until [`Service::run`].
     pub async fn bind(options: Options) -> Result<Service, Error> {
+        let log = TxLog::open(options.log.clone()).await?;
+        let mut service = Service::bind_with_log(options, log).await?;
+        service.owns_log = true;
+        Ok(service)
+    }
+
+    /// Like [`Service::bind`], with a log that is already open (`options.log` is not used):
+    /// `causeway dev` shares one embedded log between all its components.
+    pub async fn bind_with_log(options: Options, log: TxLog) -> Result<Service, Error> {
         let grpc = TcpListener::bind(options.listen)
             .await
             .map_err(|source| Error::Bind {
@@ -91,7 +102,6 @@ impl Service {
                 .await
                 .expect("store open task")?
         };
-        let log = TxLog::open(options.log.clone()).await?;
         let shared = Arc::new(Shared {
             node: options.node_id,
             addr,
@@ -111,6 +121,7 @@ impl Service {
             options,
             shared,
             log,
+            owns_log: false,
             grpc,
             admin,
         })
@@ -139,6 +150,7 @@ impl Service {
             options,
             shared,
             log,
+            owns_log,
             grpc,
             admin,
         } = self;
@@ -214,7 +226,9 @@ impl Service {
         tokio::task::spawn_blocking(move || store.sync())
             .await
             .expect("sync task")?;
-        let _ = log.close().await;
+        if owns_log {
+            let _ = log.close().await;
+        }
         info!(committed = %shared.store.committed(), "store node stopped");
         failure.map_or(Ok(()), Err)
     }
