@@ -112,7 +112,8 @@ impl State {
     pub fn with_incarnation(&self) -> (State, u64) {
         let mut s = self.clone();
         s.last_incarnation += 1;
-        (s, s.last_incarnation)
+        let incarnation = s.last_incarnation;
+        (s, incarnation)
     }
 
     /// The first configuration, `partitions × replicas` over `live` (in the given order).
