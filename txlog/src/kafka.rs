@@ -619,7 +619,11 @@ impl Stream for Reader {
 const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 
 async fn read_task(inner: Arc<Inner>, position: u64, tx: mpsc::Sender<Result<Record>>) {
-    let consumer: StreamConsumer = match inner.options.consumer_config().create() {
+    // librdkafka wants a group for `assign()`, but the consumer never joins it (no `subscribe`)
+    // and never commits to it: the group id only names the client.
+    let mut config = inner.options.consumer_config();
+    config.set("group.id", format!("causeway-txlog-{}", inner.options.topic));
+    let consumer: StreamConsumer = match config.create() {
         Ok(c) => c,
         Err(e) => {
             let _ = tx
