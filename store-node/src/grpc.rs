@@ -789,6 +789,30 @@ impl pb::store_node_server::StoreNode for Server {
         Err(Status::unavailable("the snapshot was pruned on every attempt; retry"))
     }
 
+    async fn digest(&self, request: Request<pb::DigestRequest>) -> Result<Response<pb::DigestResponse>, Status> {
+        let req = request.into_inner();
+        let intervals: Vec<Interval> = req.intervals.iter().map(interval_from_proto).collect::<Result<_, _>>()?;
+        if intervals.len() > 4096 {
+            return Err(Status::invalid_argument("at most 4096 intervals per digest request"));
+        }
+        let ts = Timestamp(req.ts);
+        let store = Arc::clone(&self.shared.store);
+        let committed = store.committed();
+        if ts > committed {
+            return Err(Status::unavailable(format!("not yet applied: digest at {ts}, committed up to {committed}")));
+        }
+        let digests = tokio::task::spawn_blocking(move || {
+            intervals
+                .iter()
+                .map(|i| store.digest(i, ts).map(|d| format!("{d:032x}")))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| Status::internal(format!("digest task: {e}")))?
+        .map_err(storage_status)?;
+        Ok(Response::new(pb::DigestResponse { digests }))
+    }
+
     async fn wait_for_ust(
         &self,
         request: Request<pb::WaitForUstRequest>,
