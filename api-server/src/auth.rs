@@ -1,0 +1,359 @@
+//! Bearer-token authentication and per-collection authorisation (DESIGN.md §13).
+//!
+//! The tokens file is JSON:
+//!
+//! ```json
+//! {"tokens": [
+//!   {"name": "ops", "token": "0123456789abcdef0123", "admin": true},
+//!   {"name": "shop", "token": "fedcba9876543210fedc", "read": ["orders", "catalog_*"], "write": ["orders"]}
+//! ]}
+//! ```
+//!
+//! A pattern is a collection name, `prefix*` (every collection starting with `prefix`) or `*`.
+//! `admin` may read and write every collection. Write does not imply read. Tokens are at least
+//! 16 bytes, distinct, and compared in constant time (`subtle`): every configured token is
+//! compared, whatever matches, so the time taken does not tell which bytes were right.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::http::{header, HeaderMap};
+use serde::Deserialize;
+use subtle::{Choice, ConstantTimeEq};
+
+use crate::problem::{Kind, Problem};
+
+/// The shortest token accepted in a tokens file.
+pub const MIN_TOKEN_BYTES: usize = 16;
+
+/// Why a tokens file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TokensError {
+    #[error("cannot read the file")]
+    Read(#[source] std::io::Error),
+    #[error("the file is not valid tokens JSON")]
+    Parse(#[source] serde_json::Error),
+    #[error("token {name:?} is shorter than {MIN_TOKEN_BYTES} bytes")]
+    TooShort { name: String },
+    #[error("token {name:?} has characters other than printable ASCII")]
+    BadCharacters { name: String },
+    #[error("token {name:?} is configured twice")]
+    Duplicate { name: String },
+    #[error("token {name:?} has an invalid collection pattern {pattern:?}")]
+    BadPattern { name: String, pattern: String },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokensFile {
+    tokens: Vec<TokenEntry>,
+}
+
+/// One entry of the tokens file.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenEntry {
+    /// A name for logs; never the token itself.
+    pub name: String,
+    pub token: String,
+    #[serde(default)]
+    pub admin: bool,
+    #[serde(default)]
+    pub read: Vec<String>,
+    #[serde(default)]
+    pub write: Vec<String>,
+}
+
+impl std::fmt::Debug for TokenEntry {
+    /// Without the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenEntry")
+            .field("name", &self.name)
+            .field("admin", &self.admin)
+            .field("read", &self.read)
+            .field("write", &self.write)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A collection pattern: exact, `prefix*`, or `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pattern {
+    Exact(String),
+    Prefix(String),
+}
+
+impl Pattern {
+    fn parse(p: &str) -> Option<Pattern> {
+        let valid = |s: &str| {
+            s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        };
+        match p.strip_suffix('*') {
+            Some(prefix) if valid(prefix) => Some(Pattern::Prefix(prefix.to_owned())),
+            None if !p.is_empty() && valid(p) => Some(Pattern::Exact(p.to_owned())),
+            _ => None,
+        }
+    }
+
+    fn matches(&self, collection: &str) -> bool {
+        match self {
+            Pattern::Exact(c) => c == collection,
+            Pattern::Prefix(p) => collection.starts_with(p.as_str()),
+        }
+    }
+}
+
+/// Who a request is: the permissions of its token.
+#[derive(Debug)]
+pub struct Principal {
+    pub name: String,
+    admin: bool,
+    read: Vec<Pattern>,
+    write: Vec<Pattern>,
+}
+
+/// What a request does to a collection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+impl Principal {
+    /// Whether this principal may `access` `collection`.
+    pub fn allows(&self, access: Access, collection: &str) -> bool {
+        let patterns = match access {
+            Access::Read => &self.read,
+            Access::Write => &self.write,
+        };
+        self.admin || patterns.iter().any(|p| p.matches(collection))
+    }
+
+    /// 403 unless this principal may `access` `collection`.
+    pub fn require(&self, access: Access, collection: &str) -> Result<(), Problem> {
+        if self.allows(access, collection) {
+            return Ok(());
+        }
+        let what = match access {
+            Access::Read => "read",
+            Access::Write => "write",
+        };
+        Err(Problem::new(
+            Kind::Forbidden,
+            format!("this token may not {what} collection {collection:?}"),
+        ))
+    }
+}
+
+/// The configured tokens.
+#[derive(Default)]
+pub struct Tokens {
+    entries: Vec<(Vec<u8>, Arc<Principal>)>,
+}
+
+impl std::fmt::Debug for Tokens {
+    /// Names only: a token never reaches a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.entries.iter().map(|(_, p)| &p.name))
+            .finish()
+    }
+}
+
+impl Tokens {
+    /// Loads and validates a tokens file.
+    pub fn load(path: &Path) -> Result<Tokens, TokensError> {
+        let text = std::fs::read(path).map_err(TokensError::Read)?;
+        let file: TokensFile = serde_json::from_slice(&text).map_err(TokensError::Parse)?;
+        Tokens::from_entries(file.tokens)
+    }
+
+    /// Validates entries (as a tokens file holds them).
+    pub fn from_entries(entries: Vec<TokenEntry>) -> Result<Tokens, TokensError> {
+        let mut tokens = Tokens::default();
+        for e in entries {
+            if e.token.len() < MIN_TOKEN_BYTES {
+                return Err(TokensError::TooShort { name: e.name });
+            }
+            if !e.token.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+                return Err(TokensError::BadCharacters { name: e.name });
+            }
+            if tokens.entries.iter().any(|(t, _)| t == e.token.as_bytes()) {
+                return Err(TokensError::Duplicate { name: e.name });
+            }
+            let patterns = |ps: &[String]| -> Result<Vec<Pattern>, TokensError> {
+                ps.iter()
+                    .map(|p| {
+                        Pattern::parse(p).ok_or_else(|| TokensError::BadPattern {
+                            name: e.name.clone(),
+                            pattern: p.clone(),
+                        })
+                    })
+                    .collect()
+            };
+            let principal = Principal {
+                read: patterns(&e.read)?,
+                write: patterns(&e.write)?,
+                name: e.name.clone(),
+                admin: e.admin,
+            };
+            tokens
+                .entries
+                .push((e.token.into_bytes(), Arc::new(principal)));
+        }
+        Ok(tokens)
+    }
+
+    /// The principal of a request's `Authorization: Bearer <token>`, or 401.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Principal>, Problem> {
+        let unauthorized = |why: &str| Problem::new(Kind::Unauthorized, why);
+        let value = headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| unauthorized("an Authorization: Bearer <token> header is required"))?;
+        let presented = value
+            .as_bytes()
+            .strip_prefix(b"Bearer ")
+            .ok_or_else(|| unauthorized("the Authorization header must be Bearer <token>"))?;
+        self.find(presented)
+            .ok_or_else(|| unauthorized("the bearer token is not valid"))
+    }
+
+    /// Compares `presented` with every token in constant time (per token length) and answers the
+    /// principal of the one that matches.
+    fn find(&self, presented: &[u8]) -> Option<Arc<Principal>> {
+        let mut found = None;
+        for (token, principal) in &self.entries {
+            if bool::from(ct_equal(token, presented)) {
+                found = Some(principal.clone());
+            }
+        }
+        found
+    }
+}
+
+/// Equality of two byte strings whose time depends only on the length of `presented`.
+fn ct_equal(token: &[u8], presented: &[u8]) -> Choice {
+    let same_len = (token.len() as u64).ct_eq(&(presented.len() as u64));
+    let mut acc = Choice::from(1u8);
+    for (i, b) in presented.iter().enumerate() {
+        let t = token.get(i).copied().unwrap_or(0);
+        acc &= t.ct_eq(b);
+    }
+    same_len & acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn entry(name: &str, token: &str, admin: bool, read: &[&str], write: &[&str]) -> TokenEntry {
+        TokenEntry {
+            name: name.into(),
+            token: token.into(),
+            admin,
+            read: read.iter().map(|s| s.to_string()).collect(),
+            write: write.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn tokens() -> Tokens {
+        Tokens::from_entries(vec![
+            entry("ops", "admin-token-0123456789", true, &[], &[]),
+            entry(
+                "shop",
+                "shop-token-0123456789",
+                false,
+                &["orders", "cat_*"],
+                &["orders"],
+            ),
+        ])
+        .unwrap()
+    }
+
+    fn bearer(t: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_str(t).unwrap());
+        h
+    }
+
+    #[test]
+    fn tokens_authenticate_and_authorise_by_pattern() {
+        let t = tokens();
+        let admin = t
+            .authenticate(&bearer("Bearer admin-token-0123456789"))
+            .unwrap();
+        assert!(admin.allows(Access::Write, "anything"));
+        let shop = t
+            .authenticate(&bearer("Bearer shop-token-0123456789"))
+            .unwrap();
+        assert_eq!(shop.name, "shop");
+        assert!(shop.allows(Access::Read, "orders"));
+        assert!(shop.allows(Access::Write, "orders"));
+        assert!(shop.allows(Access::Read, "cat_books"));
+        assert!(!shop.allows(Access::Write, "cat_books"));
+        assert!(!shop.allows(Access::Read, "users"));
+        assert_eq!(
+            shop.require(Access::Read, "users").unwrap_err().kind,
+            Kind::Forbidden
+        );
+    }
+
+    #[test]
+    fn missing_malformed_and_wrong_tokens_are_401() {
+        let t = tokens();
+        for h in [
+            HeaderMap::new(),
+            bearer("admin-token-0123456789"),
+            bearer("Basic admin-token-0123456789"),
+            bearer("Bearer admin-token-012345678"),
+            bearer("Bearer admin-token-01234567890"),
+            bearer("Bearer "),
+        ] {
+            assert_eq!(t.authenticate(&h).unwrap_err().kind, Kind::Unauthorized);
+        }
+    }
+
+    #[test]
+    fn weak_duplicate_and_bad_entries_are_refused() {
+        assert!(matches!(
+            Tokens::from_entries(vec![entry("a", "short", true, &[], &[])]),
+            Err(TokensError::TooShort { .. })
+        ));
+        assert!(matches!(
+            Tokens::from_entries(vec![
+                entry("a", "same-token-0123456789", true, &[], &[]),
+                entry("b", "same-token-0123456789", false, &[], &[]),
+            ]),
+            Err(TokensError::Duplicate { .. })
+        ));
+        assert!(matches!(
+            Tokens::from_entries(vec![entry("a", "token with spaces 0123", true, &[], &[])]),
+            Err(TokensError::BadCharacters { .. })
+        ));
+        assert!(matches!(
+            Tokens::from_entries(vec![entry(
+                "a",
+                "ok-token-0123456789",
+                false,
+                &["a*b"],
+                &[]
+            )]),
+            Err(TokensError::BadPattern { .. })
+        ));
+        let all = Tokens::from_entries(vec![entry("a", "ok-token-0123456789", false, &["*"], &[])])
+            .unwrap();
+        let p = all.find(b"ok-token-0123456789").unwrap();
+        assert!(p.allows(Access::Read, "x") && !p.allows(Access::Write, "x"));
+    }
+
+    #[test]
+    fn constant_time_equality_is_equality() {
+        assert!(bool::from(ct_equal(b"abc", b"abc")));
+        assert!(!bool::from(ct_equal(b"abc", b"abd")));
+        assert!(!bool::from(ct_equal(b"abc", b"ab")));
+        assert!(!bool::from(ct_equal(b"ab", b"abc")));
+        assert!(!bool::from(ct_equal(b"ab\0", b"ab")));
+    }
+}

@@ -1,0 +1,36 @@
+//! The api-server: Causeway's HTTP document API (DESIGN.md §3, §8, §12, §13). It authenticates
+//! and validates every request, turns writes into one `Transaction` record each (a wall-clock
+//! millis set once here) appended to the transaction log, and answers their commit ts; it runs
+//! reads on a coordinating store node of the routing configuration (learnt from the config
+//! manager) and answers their read timestamp. Bad input gets a 4xx `application/problem+json`
+//! and never reaches the log. The endpoints, headers and error types are in `API.md`.
+//!
+//! # Layout
+//! - [`options`]: [`Options`], [`Limits`] and [`Timeouts`], with documented defaults.
+//! - [`error`]: [`Error`], why the service could not start or keep serving.
+//! - [`problem`]: [`Problem`], the error answer of a request, with a stable `type` per kind.
+//! - [`auth`]: bearer tokens from a file, per-collection permissions, constant-time comparison.
+//! - [`body`]: reading bodies within the limits: content type, size, UTF-8, depth, then JSON.
+//! - [`headers`]: the `Causeway-*` headers.
+//! - [`store`]: the store nodes: the config watch, one channel per node, failover.
+//! - [`routes`]: the handlers, request and answer bodies, and the metrics/concurrency middleware.
+//! - [`openapi`]: the OpenAPI 3 document served at `/v1/openapi.json`.
+//! - [`metrics`]: the Prometheus metrics (`causeway_api_*`).
+//! - [`service`]: [`Service`] (bind, run) and the clonable [`Handle`].
+
+pub mod auth;
+pub mod body;
+pub mod error;
+pub mod headers;
+pub mod metrics;
+pub mod openapi;
+pub mod options;
+pub mod problem;
+pub mod routes;
+pub mod service;
+pub mod store;
+
+pub use error::Error;
+pub use options::{Limits, Options, Timeouts};
+pub use problem::{Kind, Problem};
+pub use service::{Handle, Service};

@@ -1,0 +1,199 @@
+//! The api-server's metrics, rendered as Prometheus text at `/metrics`. Names follow
+//! `causeway_api_<name>_<unit>`:
+//!
+//! - `causeway_api_requests_total{route,method,status}`: requests answered.
+//! - `causeway_api_request_duration_seconds{route,method,status}`: a histogram of latencies.
+//! - `causeway_api_requests_in_flight`: requests being served now.
+//! - `causeway_api_log_appends_total` / `causeway_api_log_append_errors_total`: transactions
+//!   appended to the log, and appends that failed.
+//! - `causeway_api_store_failovers_total`: store-node calls retried on another node.
+//!
+//! `route` is the route's pattern (`/v1/collections/{collection}/documents/{id}`), never the
+//! raw path, so label cardinality stays bounded.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Debug, Default)]
+struct Series {
+    count: u64,
+    sum_seconds: f64,
+    /// Non-cumulative counts per bucket; the last slot is `+Inf`.
+    buckets: [u64; BUCKETS.len() + 1],
+}
+
+/// The metrics of one api-server.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, String, u16), Series>>,
+    in_flight: AtomicI64,
+    log_appends: AtomicU64,
+    log_append_errors: AtomicU64,
+    store_failovers: AtomicU64,
+}
+
+impl Metrics {
+    /// Records one answered request.
+    pub fn observe(&self, route: &str, method: &str, status: u16, latency: Duration) {
+        let seconds = latency.as_secs_f64();
+        let mut requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        let series = requests
+            .entry((route.to_owned(), method.to_owned(), status))
+            .or_default();
+        series.count += 1;
+        series.sum_seconds += seconds;
+        let slot = BUCKETS
+            .iter()
+            .position(|&b| seconds <= b)
+            .unwrap_or(BUCKETS.len());
+        series.buckets[slot] += 1;
+    }
+
+    pub fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn request_finished(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn log_append(&self, ok: bool) {
+        if ok {
+            self.log_appends.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.log_append_errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn store_failover(&self) {
+        self.store_failovers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        out.push_str(
+            "# HELP causeway_api_requests_total Requests answered, by route, method and status.\n",
+        );
+        out.push_str("# TYPE causeway_api_requests_total counter\n");
+        for ((route, method, status), s) in requests.iter() {
+            let _ = writeln!(
+                out,
+                "causeway_api_requests_total{{route=\"{}\",method=\"{}\",status=\"{status}\"}} {}",
+                escape(route),
+                escape(method),
+                s.count
+            );
+        }
+        out.push_str("# HELP causeway_api_request_duration_seconds Request latency, by route, method and status.\n");
+        out.push_str("# TYPE causeway_api_request_duration_seconds histogram\n");
+        for ((route, method, status), s) in requests.iter() {
+            let labels = format!(
+                "route=\"{}\",method=\"{}\",status=\"{status}\"",
+                escape(route),
+                escape(method)
+            );
+            let mut cumulative = 0;
+            for (i, bound) in BUCKETS.iter().enumerate() {
+                cumulative += s.buckets[i];
+                let _ = writeln!(
+                    out,
+                    "causeway_api_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {cumulative}"
+                );
+            }
+            cumulative += s.buckets[BUCKETS.len()];
+            let _ = writeln!(
+                out,
+                "causeway_api_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {cumulative}"
+            );
+            let _ = writeln!(
+                out,
+                "causeway_api_request_duration_seconds_sum{{{labels}}} {}",
+                s.sum_seconds
+            );
+            let _ = writeln!(
+                out,
+                "causeway_api_request_duration_seconds_count{{{labels}}} {}",
+                s.count
+            );
+        }
+        drop(requests);
+        let simple = [
+            (
+                "causeway_api_requests_in_flight",
+                "gauge",
+                "Requests being served now.",
+                self.in_flight.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "causeway_api_log_appends_total",
+                "counter",
+                "Transactions appended to the log.",
+                self.log_appends.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "causeway_api_log_append_errors_total",
+                "counter",
+                "Log appends that failed.",
+                self.log_append_errors.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "causeway_api_store_failovers_total",
+                "counter",
+                "Store-node calls retried on another node.",
+                self.store_failovers.load(Ordering::Relaxed).to_string(),
+            ),
+        ];
+        for (name, kind, help, value) in simple {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+        out
+    }
+}
+
+fn escape(label: &str) -> String {
+    label
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_are_cumulative_and_counted() {
+        let m = Metrics::default();
+        m.observe("/healthz", "GET", 200, Duration::from_micros(100));
+        m.observe("/healthz", "GET", 200, Duration::from_millis(30));
+        m.observe("/healthz", "GET", 200, Duration::from_secs(60));
+        let text = m.render();
+        let labels = "route=\"/healthz\",method=\"GET\",status=\"200\"";
+        assert!(text.contains(&format!("causeway_api_requests_total{{{labels}}} 3")));
+        assert!(text.contains(&format!(
+            "causeway_api_request_duration_seconds_bucket{{{labels},le=\"0.0005\"}} 1"
+        )));
+        assert!(text.contains(&format!(
+            "causeway_api_request_duration_seconds_bucket{{{labels},le=\"0.05\"}} 2"
+        )));
+        assert!(text.contains(&format!(
+            "causeway_api_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} 3"
+        )));
+        assert!(text.contains(&format!(
+            "causeway_api_request_duration_seconds_count{{{labels}}} 3"
+        )));
+    }
+}

@@ -1,0 +1,173 @@
+//! The api-server's settings. Every limit and timeout lives here with its documented default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use causeway_core::query::QueryLimits;
+use causeway_core::KeyLimits;
+use causeway_txlog::{EmbeddedOptions, LogOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+
+/// Settings of an api-server, read from JSON or built in code. Every field has a default, so
+/// `{}` is a valid configuration (an embedded log under `data/log`, no tokens: every `/v1`
+/// request is refused with 401 until a tokens file is given).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Options {
+    /// Where the HTTP server listens. Default `127.0.0.1:7300`; port 0 picks a free port (read it
+    /// back with [`crate::Service::local_addr`]).
+    pub listen_addr: SocketAddr,
+    /// The config manager (`host:port`), from which the store nodes and the configuration that
+    /// routes reads are learnt. Default `127.0.0.1:7400`.
+    pub config_manager_addr: String,
+    /// The transaction log that writes go to. Default: the embedded log in `data/log`.
+    pub log: LogOptions,
+    /// The bearer tokens file (JSON, see [`crate::auth`]). Default none: no token is valid.
+    pub tokens_file: Option<PathBuf>,
+    /// Input limits.
+    pub limits: Limits,
+    /// Timeouts of reads and waits.
+    pub timeouts: Timeouts,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 7300)),
+            config_manager_addr: "127.0.0.1:7400".into(),
+            log: LogOptions::Embedded(EmbeddedOptions {
+                dir: PathBuf::from("data/log"),
+                max_record_bytes: 1 << 20,
+                segment_bytes: 64 << 20,
+                retention_bytes: None,
+                max_group_bytes: 4 << 20,
+                append_queue: 1024,
+                read_buffer_records: 1024,
+            }),
+            tokens_file: None,
+            limits: Limits::default(),
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+/// Limits on what a request may ask. Past one, the request gets its 4xx and changes nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request body, in bytes, whether or not it has a `Content-Length`. Default 1 MiB.
+    /// Larger: 413 `body_too_large`.
+    pub max_body_bytes: usize,
+    /// Largest document (or merge patch) as JSON text, in bytes. Default 256 KiB. Larger: 413
+    /// `document_too_large`. A whole transaction must also fit the log's record limit.
+    pub max_document_bytes: usize,
+    /// Deepest nesting of arrays and objects in a request body, checked on the raw bytes before
+    /// anything is parsed. Default 32, at most 128. Deeper: 400 `json_too_deep`.
+    pub max_json_depth: usize,
+    /// Collection names and document ids (lengths; the characters are fixed by `DocKey`).
+    /// Defaults: 64 bytes of collection, 256 bytes of id.
+    pub keys: KeyLimits,
+    /// Most mutations in one `POST /v1/transactions`. Default 256.
+    pub max_mutations_per_transaction: usize,
+    /// Most keys in one multi-get. Default 256.
+    pub max_keys_per_get: usize,
+    /// Most requests served at once; more get 503 `overloaded` at once. Default 1024.
+    pub max_concurrent_requests: usize,
+    /// Largest page of a query (its `limit`, and the default when it gives none). Default 1000.
+    pub max_query_limit: u32,
+    /// Most documents a query page may examine over all partitions; past it the page is partial
+    /// and carries a cursor. Default 10000.
+    pub max_query_scanned: u32,
+    /// The size of query filters.
+    pub query: QueryLimits,
+    /// Longest `Causeway-Request-Id` header, in bytes. Default 128.
+    pub max_request_id_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 1 << 20,
+            max_document_bytes: 256 << 10,
+            max_json_depth: 32,
+            keys: KeyLimits::default(),
+            max_mutations_per_transaction: 256,
+            max_keys_per_get: 256,
+            max_concurrent_requests: 1024,
+            max_query_limit: 1000,
+            max_query_scanned: 10_000,
+            query: QueryLimits::default(),
+            max_request_id_bytes: 128,
+        }
+    }
+}
+
+/// Timeouts. Every wait of a request is bounded by one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timeouts {
+    /// How long a read waits for the UST to reach a `Causeway-After` token before answering 503
+    /// with `Retry-After`. Default 5000 ms.
+    pub causal_wait_ms: u32,
+    /// How long `?wait=visible` waits for the UST to reach a write's ts. Default 10000 ms.
+    pub visible_wait_ms: u32,
+    /// Deadline of one store-node call (on top of any causal wait). Default 10000 ms.
+    pub store_rpc_ms: u64,
+    /// How many store nodes a read tries before giving up (503). Default 3.
+    pub store_tries: usize,
+    /// Deadline of one log append. Default 10000 ms.
+    pub append_ms: u64,
+    /// The `Retry-After` of a 503, in seconds. Default 1.
+    pub retry_after_s: u32,
+    /// How long a graceful shutdown waits for in-flight requests. Default 10000 ms.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            causal_wait_ms: 5000,
+            visible_wait_ms: 10_000,
+            store_rpc_ms: 10_000,
+            store_tries: 3,
+            append_ms: 10_000,
+            retry_after_s: 1,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+impl Options {
+    /// Checks the settings for values that cannot work.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |why: &'static str| Err(Error::InvalidOptions(why));
+        let l = &self.limits;
+        if l.max_body_bytes == 0 || l.max_document_bytes == 0 {
+            return bad("max_body_bytes and max_document_bytes must be positive");
+        }
+        if l.max_json_depth == 0 || l.max_json_depth > 128 {
+            return bad("max_json_depth must be between 1 and 128");
+        }
+        if l.max_mutations_per_transaction == 0 || l.max_keys_per_get == 0 {
+            return bad("max_mutations_per_transaction and max_keys_per_get must be positive");
+        }
+        if l.max_concurrent_requests == 0 {
+            return bad("max_concurrent_requests must be positive");
+        }
+        if l.max_query_limit == 0 || l.max_query_scanned == 0 {
+            return bad("max_query_limit and max_query_scanned must be positive");
+        }
+        if l.keys.max_id_bytes == 0 || l.keys.max_collection_bytes == 0 {
+            return bad("key limits must be positive");
+        }
+        if self.timeouts.store_tries == 0 {
+            return bad("store_tries must be positive");
+        }
+        if self.config_manager_addr.is_empty() {
+            return bad("config_manager_addr must be set");
+        }
+        Ok(())
+    }
+}

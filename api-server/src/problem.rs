@@ -1,0 +1,228 @@
+//! [`Problem`]: the error answer of a request, as `application/problem+json` (RFC 9457) with a
+//! stable `type` per [`Kind`]. Clients branch on `type`; `title` is fixed per kind and `detail`
+//! says what was wrong with this request.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use causeway_core::ReadTimestamp;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::headers::READ_TIMESTAMP;
+
+/// Every kind of error answer. The `type` of the problem is `urn:causeway:problem:<slug>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// 400: the body is not valid JSON, or not of the expected shape.
+    InvalidJson,
+    /// 400: the body is not UTF-8.
+    InvalidUtf8,
+    /// 400: the body nests arrays and objects deeper than `max_json_depth`.
+    JsonTooDeep,
+    /// 400: a collection name or document id is refused (length, characters, `.`/`..`).
+    InvalidKey,
+    /// 400: a path segment is not valid percent-encoded UTF-8.
+    InvalidPath,
+    /// 400: a document or patch is not a JSON object, or uses a reserved `$` field.
+    InvalidDocument,
+    /// 400: a query's filter, order, limit or cursor is refused.
+    InvalidQuery,
+    /// 400: a request header (`Causeway-After`, `Causeway-Request-Id`) or query parameter is
+    /// invalid.
+    InvalidParameter,
+    /// 400: more mutations or keys than the limits allow.
+    TooManyItems,
+    /// 401: no valid bearer token.
+    Unauthorized,
+    /// 403: the token does not allow this on this collection.
+    Forbidden,
+    /// 404: the document does not exist at the read timestamp.
+    NotFound,
+    /// 404: no such route.
+    NoSuchRoute,
+    /// 405: the route does not take this method.
+    MethodNotAllowed,
+    /// 410: the cursor's read timestamp is no longer retained; start the query again.
+    CursorExpired,
+    /// 413: the request body is larger than `max_body_bytes`.
+    BodyTooLarge,
+    /// 413: a document or patch is larger than `max_document_bytes`.
+    DocumentTooLarge,
+    /// 413: the transaction record is larger than the log accepts.
+    TransactionTooLarge,
+    /// 415: the `Content-Type` is not one the route takes.
+    UnsupportedMediaType,
+    /// 500: a bug or an unexpected failure.
+    Internal,
+    /// 502: a store node answered with an unexpected error.
+    StoreError,
+    /// 503: too many requests in flight.
+    Overloaded,
+    /// 503: the log or the store nodes cannot be reached now.
+    Unavailable,
+    /// 503: the UST did not reach the `Causeway-After` token in time.
+    CausalWaitTimeout,
+}
+
+impl Kind {
+    /// The stable slug of the `type` URI.
+    pub fn slug(self) -> &'static str {
+        match self {
+            Kind::InvalidJson => "invalid_json",
+            Kind::InvalidUtf8 => "invalid_utf8",
+            Kind::JsonTooDeep => "json_too_deep",
+            Kind::InvalidKey => "invalid_key",
+            Kind::InvalidPath => "invalid_path",
+            Kind::InvalidDocument => "invalid_document",
+            Kind::InvalidQuery => "invalid_query",
+            Kind::InvalidParameter => "invalid_parameter",
+            Kind::TooManyItems => "too_many_items",
+            Kind::Unauthorized => "unauthorized",
+            Kind::Forbidden => "forbidden",
+            Kind::NotFound => "not_found",
+            Kind::NoSuchRoute => "no_such_route",
+            Kind::MethodNotAllowed => "method_not_allowed",
+            Kind::CursorExpired => "cursor_expired",
+            Kind::BodyTooLarge => "body_too_large",
+            Kind::DocumentTooLarge => "document_too_large",
+            Kind::TransactionTooLarge => "transaction_too_large",
+            Kind::UnsupportedMediaType => "unsupported_media_type",
+            Kind::Internal => "internal",
+            Kind::StoreError => "store_error",
+            Kind::Overloaded => "overloaded",
+            Kind::Unavailable => "unavailable",
+            Kind::CausalWaitTimeout => "causal_wait_timeout",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            Kind::InvalidJson
+            | Kind::InvalidUtf8
+            | Kind::JsonTooDeep
+            | Kind::InvalidKey
+            | Kind::InvalidPath
+            | Kind::InvalidDocument
+            | Kind::InvalidQuery
+            | Kind::InvalidParameter
+            | Kind::TooManyItems => StatusCode::BAD_REQUEST,
+            Kind::Unauthorized => StatusCode::UNAUTHORIZED,
+            Kind::Forbidden => StatusCode::FORBIDDEN,
+            Kind::NotFound | Kind::NoSuchRoute => StatusCode::NOT_FOUND,
+            Kind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Kind::CursorExpired => StatusCode::GONE,
+            Kind::BodyTooLarge | Kind::DocumentTooLarge | Kind::TransactionTooLarge => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            Kind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Kind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Kind::StoreError => StatusCode::BAD_GATEWAY,
+            Kind::Overloaded | Kind::Unavailable | Kind::CausalWaitTimeout => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Kind::InvalidJson => "the body is not valid JSON of the expected shape",
+            Kind::InvalidUtf8 => "the body is not UTF-8",
+            Kind::JsonTooDeep => "the JSON nests too deep",
+            Kind::InvalidKey => "invalid collection name or document id",
+            Kind::InvalidPath => "invalid path",
+            Kind::InvalidDocument => "invalid document",
+            Kind::InvalidQuery => "invalid query",
+            Kind::InvalidParameter => "invalid header or parameter",
+            Kind::TooManyItems => "too many mutations or keys",
+            Kind::Unauthorized => "missing or invalid bearer token",
+            Kind::Forbidden => "not allowed for this token",
+            Kind::NotFound => "document not found",
+            Kind::NoSuchRoute => "no such route",
+            Kind::MethodNotAllowed => "method not allowed",
+            Kind::CursorExpired => "the cursor has expired",
+            Kind::BodyTooLarge => "request body too large",
+            Kind::DocumentTooLarge => "document too large",
+            Kind::TransactionTooLarge => "transaction too large",
+            Kind::UnsupportedMediaType => "unsupported content type",
+            Kind::Internal => "internal error",
+            Kind::StoreError => "store node error",
+            Kind::Overloaded => "too many requests in flight",
+            Kind::Unavailable => "temporarily unavailable",
+            Kind::CausalWaitTimeout => "the causal token was not reached in time",
+        }
+    }
+}
+
+/// An error answer. Build one with [`Problem::new`] and answer it with `into_response`.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    pub kind: Kind,
+    pub detail: String,
+    /// Seconds, for the `Retry-After` header of a 503.
+    pub retry_after_s: Option<u32>,
+    /// The read timestamp, for a 404 of a read.
+    pub read_ts: Option<ReadTimestamp>,
+}
+
+/// The body of an error answer (RFC 9457).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProblemBody {
+    /// `urn:causeway:problem:<slug>`, stable per kind of error.
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+}
+
+impl Problem {
+    pub fn new(kind: Kind, detail: impl Into<String>) -> Problem {
+        Problem {
+            kind,
+            detail: detail.into(),
+            retry_after_s: None,
+            read_ts: None,
+        }
+    }
+
+    pub fn retry_after(mut self, seconds: u32) -> Problem {
+        self.retry_after_s = Some(seconds);
+        self
+    }
+
+    pub fn body(&self) -> ProblemBody {
+        ProblemBody {
+            type_: format!("urn:causeway:problem:{}", self.kind.slug()),
+            title: self.kind.title().into(),
+            status: self.kind.status().as_u16(),
+            detail: self.detail.clone(),
+        }
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let body = serde_json::to_vec(&self.body()).unwrap_or_default();
+        let mut response = (self.kind.status(), body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(s) = self.retry_after_s {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if self.kind == Kind::Unauthorized {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"causeway\""),
+            );
+        }
+        if let Some(ts) = self.read_ts {
+            if let Ok(v) = HeaderValue::from_str(&ts.to_string()) {
+                headers.insert(READ_TIMESTAMP, v);
+            }
+        }
+        response
+    }
+}

@@ -1,0 +1,200 @@
+//! [`Service`]: binds the listener, opens the log, loads the tokens, and runs the HTTP server
+//! and the config watch until shutdown; [`Handle`]: a cheap clonable view of a running service.
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use causeway_config_manager::Client as ConfigClient;
+use causeway_txlog::TxLog;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use crate::auth::Tokens;
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::options::Options;
+use crate::store::Store;
+
+/// What every request shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) options: Options,
+    pub(crate) log: TxLog,
+    pub(crate) store: Arc<Store>,
+    pub(crate) tokens: Tokens,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Permits for `/v1` requests in flight (`max_concurrent_requests`).
+    pub(crate) in_flight: Arc<Semaphore>,
+    /// The OpenAPI document, rendered once.
+    pub(crate) openapi_json: String,
+}
+
+/// An api-server, bound and ready to [`Service::run`].
+#[derive(Debug)]
+pub struct Service {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    config_manager: ConfigClient,
+    /// Whether this service opened the log (and so closes it at shutdown). A log handed in by
+    /// [`Service::bind_with_log`] is shared with others and left open.
+    owns_log: bool,
+}
+
+/// A cheap clonable view of a service.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+}
+
+impl Service {
+    /// Validates the options, opens the log they name, loads the tokens and binds the listener.
+    pub async fn bind(options: Options) -> Result<Service, Error> {
+        options.validate()?;
+        let log = TxLog::open(options.log.clone()).await.map_err(Error::Log)?;
+        let mut service = Service::bind_with_log(options, log).await?;
+        service.owns_log = true;
+        Ok(service)
+    }
+
+    /// As [`Service::bind`], with a log that is already open (`causeway dev` and tests share one
+    /// embedded log between the api-server and the store nodes). `options.log` is ignored.
+    pub async fn bind_with_log(options: Options, log: TxLog) -> Result<Service, Error> {
+        options.validate()?;
+        let tokens = match &options.tokens_file {
+            Some(path) => Tokens::load(path).map_err(|source| Error::Tokens {
+                path: path.clone(),
+                source,
+            })?,
+            None => {
+                tracing::warn!("no tokens file: every /v1 request will be refused with 401");
+                Tokens::default()
+            }
+        };
+        let config_manager = ConfigClient::connect_lazy(&options.config_manager_addr)
+            .map_err(Error::ConfigManager)?;
+        let listener = TcpListener::bind(options.listen_addr)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: options.listen_addr,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| Error::Bind {
+            addr: options.listen_addr,
+            source,
+        })?;
+        let metrics = Arc::new(Metrics::default());
+        let shared = Arc::new(Shared {
+            store: Arc::new(Store::new(options.timeouts.store_tries, metrics.clone())),
+            in_flight: Arc::new(Semaphore::new(options.limits.max_concurrent_requests)),
+            openapi_json: crate::openapi::json(),
+            options,
+            log,
+            tokens,
+            metrics,
+        });
+        Ok(Service {
+            shared,
+            listener,
+            local_addr,
+            config_manager,
+            owns_log: false,
+        })
+    }
+
+    /// The address the server listens on (the real port when the options said port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn handle(&self) -> Handle {
+        Handle {
+            shared: self.shared.clone(),
+            local_addr: self.local_addr,
+        }
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish
+    /// (at most `shutdown_grace_ms`), stops the config watch and, when this service opened the
+    /// log, closes it.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error> {
+        let Service {
+            shared,
+            listener,
+            local_addr,
+            config_manager,
+            owns_log,
+        } = self;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let follower = tokio::spawn(shared.store.clone().follow(config_manager, stop_rx.clone()));
+        let app = crate::routes::router(shared.clone());
+        let mut stopped = stop_rx.clone();
+        let mut server = tokio::spawn(
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .into_future(),
+        );
+        tracing::info!(addr = %local_addr, "api-server listening");
+        let early = tokio::select! {
+            () = shutdown => None,
+            r = &mut server => Some(r),
+        };
+        let _ = stop_tx.send(true);
+        let result = match early {
+            Some(joined) => joined,
+            None => {
+                let grace = Duration::from_millis(shared.options.timeouts.shutdown_grace_ms);
+                match tokio::time::timeout(grace, &mut server).await {
+                    Ok(joined) => joined,
+                    Err(_) => {
+                        tracing::warn!(
+                            "requests still in flight after the shutdown grace; dropping them"
+                        );
+                        server.abort();
+                        Ok(Ok(()))
+                    }
+                }
+            }
+        };
+        let _ = follower.await;
+        if owns_log {
+            if let Err(e) = shared.log.close().await {
+                tracing::warn!(error = %e, "closing the log failed");
+            }
+        }
+        tracing::info!("api-server stopped");
+        match result {
+            Ok(r) => r.map_err(Error::Serve),
+            Err(join) => Err(Error::Serve(std::io::Error::other(join))),
+        }
+    }
+}
+
+impl Handle {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Whether a routing configuration with store nodes is known (what `/readyz` says).
+    pub fn is_ready(&self) -> bool {
+        self.shared.store.has_nodes()
+    }
+
+    /// The metrics as Prometheus text (what `/metrics` answers).
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.render()
+    }
+
+    /// The log this service writes to.
+    pub fn log(&self) -> &TxLog {
+        &self.shared.log
+    }
+}

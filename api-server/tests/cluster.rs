@@ -1,0 +1,522 @@
+//! Full-cluster tests of the HTTP API: a config manager, store nodes and api-servers composed in
+//! this process from their real libraries, over a real Kafka-protocol broker (tansu, the
+//! `causeway_txlog::testing::Broker`) as the transaction log, with RocksDB on temp dirs and tonic
+//! over loopback. Every wait is bounded.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use causeway_api_server as api;
+use causeway_config_manager as cm;
+use causeway_store_node as store_node;
+use causeway_txlog::testing::Broker;
+use causeway_txlog::{KafkaOptions, LogOptions};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const TOKEN: &str = "cluster-test-admin-token-0123456789";
+/// Every wait for the cluster is bounded by this.
+const DEADLINE: Duration = Duration::from_secs(40);
+
+async fn within<T>(what: &str, fut: impl Future<Output = T>) -> Result<T> {
+    tokio::time::timeout(DEADLINE, fut)
+        .await
+        .with_context(|| format!("{what} did not finish within {DEADLINE:?}"))
+}
+
+/// A running service: how to stop it and its task.
+struct Running<E> {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), E>>,
+}
+
+fn spawn<E: Send + 'static, F>(run: impl FnOnce(oneshot::Receiver<()>) -> F) -> Running<E>
+where
+    F: Future<Output = Result<(), E>> + Send + 'static,
+{
+    let (stop, stopped) = oneshot::channel();
+    Running {
+        stop,
+        task: tokio::spawn(run(stopped)),
+    }
+}
+
+struct Cluster {
+    apis: Vec<SocketAddr>,
+    api_tasks: Vec<Running<api::Error>>,
+    nodes: Vec<Running<store_node::Error>>,
+    config_manager: Running<cm::Error>,
+    http: reqwest::Client,
+    _broker: Broker,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// `nodes` store nodes as `partitions × replicas`, and `apis` api-servers.
+    async fn start(nodes: u64, partitions: u32, replicas: u32, apis: usize) -> Result<Cluster> {
+        let dir = tempfile::tempdir()?;
+        let broker = Broker::start()
+            .context("starting tansu (cargo install tansu --locked --features libsql)")?;
+        let log = LogOptions::Kafka(KafkaOptions::new(broker.bootstrap_servers(), "causeway-tx"));
+
+        let cm_service = cm::Service::bind(cm::Options {
+            listen_addr: "127.0.0.1:0".parse()?,
+            data_dir: dir.path().join("config-manager"),
+            heartbeat_interval_ms: 100,
+            heartbeat_timeout_ms: 2000,
+            ..cm::Options::default()
+        })
+        .await?;
+        let cm_addr = cm_service.local_addr().to_string();
+        let config_manager = spawn(|stopped| {
+            cm_service.run(async move {
+                let _ = stopped.await;
+            })
+        });
+
+        let mut node_tasks = Vec::new();
+        for i in 1..=nodes {
+            let options: store_node::Options = serde_json::from_value(json!({
+                "node_id": i,
+                "listen": "127.0.0.1:0",
+                "data_dir": dir.path().join(format!("node-{i}")),
+                "config_manager": cm_addr,
+                "log": log,
+            }))?;
+            let service = store_node::Service::bind(options).await?;
+            node_tasks.push(spawn(|stopped| {
+                service.run(async move {
+                    let _ = stopped.await;
+                })
+            }));
+        }
+
+        // Bootstrap once every node has registered.
+        let client = cm::Client::connect(&cm_addr).await?;
+        within("store nodes registering", async {
+            loop {
+                let live = client.list_nodes().await?.iter().filter(|n| n.live).count();
+                if live as u64 == nodes {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await??;
+        client.bootstrap(partitions, replicas).await?;
+
+        let tokens = dir.path().join("tokens.json");
+        std::fs::write(
+            &tokens,
+            serde_json::to_vec(&json!({"tokens": [{"name": "t", "token": TOKEN, "admin": true}]}))?,
+        )?;
+        let mut addrs = Vec::new();
+        let mut api_tasks = Vec::new();
+        for _ in 0..apis {
+            let service = api::Service::bind(api::Options {
+                listen_addr: "127.0.0.1:0".parse()?,
+                config_manager_addr: cm_addr.clone(),
+                log: log.clone(),
+                tokens_file: Some(tokens.clone()),
+                ..api::Options::default()
+            })
+            .await?;
+            addrs.push(service.local_addr());
+            api_tasks.push(spawn(|stopped| {
+                service.run(async move {
+                    let _ = stopped.await;
+                })
+            }));
+        }
+        let cluster = Cluster {
+            apis: addrs,
+            api_tasks,
+            nodes: node_tasks,
+            config_manager,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()?,
+            _broker: broker,
+            _dir: dir,
+        };
+        cluster.wait_serving().await?;
+        Ok(cluster)
+    }
+
+    /// Waits until every api-server answers reads (a missing document: 404, not 503).
+    async fn wait_serving(&self) -> Result<()> {
+        for i in 0..self.apis.len() {
+            within("the cluster serving reads", async {
+                loop {
+                    let r = self.get(i, "probe", "none", None).await?;
+                    if r.0 == 404 {
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await??;
+        }
+        Ok(())
+    }
+
+    fn url(&self, api: usize, path: &str) -> String {
+        format!("http://{}{}", self.apis[api], path)
+    }
+
+    /// GET a document: (status, read ts header, body).
+    async fn get(
+        &self,
+        api: usize,
+        collection: &str,
+        id: &str,
+        after: Option<u64>,
+    ) -> Result<(u16, String, Value)> {
+        let mut req = self
+            .http
+            .get(self.url(api, &format!("/v1/collections/{collection}/documents/{id}")))
+            .bearer_auth(TOKEN);
+        if let Some(ts) = after {
+            req = req.header("causeway-after", ts.to_string());
+        }
+        let r = req.send().await?;
+        let status = r.status().as_u16();
+        let read_ts = r
+            .headers()
+            .get("causeway-read-timestamp")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let body = r.json::<Value>().await.unwrap_or(Value::Null);
+        Ok((status, read_ts, body))
+    }
+
+    /// A write (PUT, PATCH, DELETE, POST) answering its commit ts.
+    async fn write(
+        &self,
+        api: usize,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: Option<Value>,
+    ) -> Result<u64> {
+        let mut req = self
+            .http
+            .request(method.parse()?, self.url(api, path))
+            .bearer_auth(TOKEN);
+        if let Some(b) = body {
+            req = req
+                .header("content-type", content_type)
+                .body(serde_json::to_vec(&b)?);
+        }
+        let r = req.send().await?;
+        let status = r.status().as_u16();
+        let header: Option<u64> = r
+            .headers()
+            .get("causeway-timestamp")
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        let body: Value = r.json().await?;
+        ensure!(status == 200, "{method} {path}: {status} {body}");
+        let ts = body["ts"].as_u64().context("no ts")?;
+        ensure!(header == Some(ts), "header and body ts differ");
+        Ok(ts)
+    }
+
+    async fn post_json(
+        &self,
+        api: usize,
+        path: &str,
+        body: Value,
+        after: u64,
+    ) -> Result<(u16, Value)> {
+        let r = self
+            .http
+            .post(self.url(api, path))
+            .bearer_auth(TOKEN)
+            .header("causeway-after", after.to_string())
+            .json(&body)
+            .send()
+            .await?;
+        Ok((r.status().as_u16(), r.json().await?))
+    }
+
+    async fn stop(self) -> Result<()> {
+        for r in self.api_tasks {
+            let _ = r.stop.send(());
+            within("api-server stopping", r.task).await???;
+        }
+        for r in self.nodes {
+            let _ = r.stop.send(());
+            within("store node stopping", r.task).await???;
+        }
+        let _ = self.config_manager.stop.send(());
+        within("config manager stopping", self.config_manager.task).await???;
+        Ok(())
+    }
+}
+
+fn read_ts(header: &str) -> Result<u64> {
+    let (_, ts) = header
+        .split_once('.')
+        .context("read timestamp <epoch>.<ts>")?;
+    Ok(ts.parse()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crud_round_trips_keep_json_types() -> Result<()> {
+    let c = Cluster::start(2, 2, 1, 1).await?;
+    let doc = "/v1/collections/things/documents/t-1";
+    let value = json!({
+        "int": -42, "big": 9_007_199_254_740_993_u64, "float": 2.5, "s": "é ✓ \"q\"",
+        "t": true, "f": false, "z": null, "arr": [1, "two", [3], {"four": 4}],
+        "obj": {"nested": {"deep": [null]}}
+    });
+    let ts = c
+        .write(0, "PUT", doc, "application/json", Some(value.clone()))
+        .await?;
+    let (status, at, body) = c.get(0, "things", "t-1", Some(ts)).await?;
+    ensure!(status == 200, "{status} {body}");
+    ensure!(
+        read_ts(&at)? >= ts,
+        "read at {at} below the write's ts {ts}"
+    );
+    ensure!(
+        body == value,
+        "round trip changed the document:\n{body}\n{value}"
+    );
+
+    let ts = c
+        .write(
+            0,
+            "PATCH",
+            doc,
+            "application/merge-patch+json",
+            Some(json!({"s": null, "obj": {"added": 1}, "$increment": {"counters.hits": 3}})),
+        )
+        .await?;
+    let (_, _, body) = c.get(0, "things", "t-1", Some(ts)).await?;
+    ensure!(body.get("s").is_none(), "merge patch null removes: {body}");
+    ensure!(
+        body["obj"] == json!({"nested": {"deep": [null]}, "added": 1}),
+        "{body}"
+    );
+    ensure!(body["counters"]["hits"] == json!(3), "{body}");
+    ensure!(body["int"] == json!(-42));
+
+    // Multi-get at one read timestamp, and a query.
+    for i in 0..5 {
+        c.write(
+            0,
+            "PUT",
+            &format!("/v1/collections/things/documents/q-{i}"),
+            "application/json",
+            Some(json!({"rank": i, "even": i % 2 == 0})),
+        )
+        .await?;
+    }
+    let last = c
+        .write(
+            0,
+            "PUT",
+            "/v1/collections/things/documents/q-5",
+            "application/json",
+            Some(json!({"rank": 5, "even": false})),
+        )
+        .await?;
+    let (status, body) = c
+        .post_json(
+            0,
+            "/v1/documents:get",
+            json!({"keys": [
+            {"collection": "things", "id": "q-1"}, {"collection": "things", "id": "missing"}]}),
+            last,
+        )
+        .await?;
+    ensure!(status == 200, "{body}");
+    ensure!(
+        body["documents"][0]["document"] == json!({"rank": 1, "even": false}),
+        "{body}"
+    );
+    ensure!(body["documents"][1]["found"] == json!(false), "{body}");
+
+    let (status, body) = c
+        .post_json(
+            0,
+            "/v1/collections/things/query",
+            json!({"filter": {"even": true, "rank": {"$gte": 0}}, "order": {"path": "rank", "descending": true}}),
+            last,
+        )
+        .await?;
+    ensure!(status == 200, "{body}");
+    let ranks: Vec<i64> = body["documents"]
+        .as_array()
+        .context("documents")?
+        .iter()
+        .filter_map(|d| d["document"]["rank"].as_i64())
+        .collect();
+    ensure!(ranks == vec![4, 2, 0], "query answered {ranks:?}: {body}");
+
+    // Pages of 2 with a cursor cover all 6 q- documents once.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..10 {
+        let mut q = json!({"filter": {"rank": {"$exists": true}}, "limit": 2});
+        if let Some(cur) = &cursor {
+            q["cursor"] = json!(cur);
+        }
+        let (status, body) = c
+            .post_json(0, "/v1/collections/things/query", q, last)
+            .await?;
+        ensure!(status == 200, "{body}");
+        for d in body["documents"].as_array().context("documents")? {
+            seen.push(d["id"].as_str().unwrap_or("").to_owned());
+        }
+        cursor = body["cursor"].as_str().map(str::to_owned);
+        if cursor.is_none() {
+            break;
+        }
+    }
+    seen.sort();
+    ensure!(
+        seen == (0..6).map(|i| format!("q-{i}")).collect::<Vec<_>>(),
+        "pages: {seen:?}"
+    );
+
+    let ts = c.write(0, "DELETE", doc, "", None).await?;
+    let (status, at, _) = c.get(0, "things", "t-1", Some(ts)).await?;
+    ensure!(status == 404 && read_ts(&at)? >= ts, "{status} {at}");
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_counter_increments_add_up() -> Result<()> {
+    let c = Arc::new(Cluster::start(2, 1, 2, 1).await?);
+    let (writers, each) = (8, 10);
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut max = 0;
+            for _ in 0..each {
+                let ts = c
+                    .write(
+                        0,
+                        "PATCH",
+                        "/v1/collections/counters/documents/c",
+                        "application/json",
+                        Some(json!({"$increment": {"n": 1, "by.writer": w + 1}})),
+                    )
+                    .await?;
+                max = max.max(ts);
+            }
+            Ok::<u64, anyhow::Error>(max)
+        }));
+    }
+    let mut max = 0;
+    for t in tasks {
+        max = max.max(within("writers", t).await???);
+    }
+    let (status, _, body) = c.get(0, "counters", "c", Some(max)).await?;
+    ensure!(status == 200, "{status} {body}");
+    ensure!(body["n"] == json!(writers * each), "{body}");
+    ensure!(
+        body["by"]["writer"] == json!((1..=writers).sum::<u64>() * each),
+        "{body}"
+    );
+    let Ok(c) = Arc::try_unwrap(c) else {
+        bail!("cluster still shared")
+    };
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn multi_document_transactions_are_all_or_nothing_to_readers() -> Result<()> {
+    let c = Arc::new(Cluster::start(2, 2, 1, 1).await?);
+    // Keys that land in different partitions are likely among several accounts.
+    let accounts: Vec<String> = (0..4).map(|i| format!("acct-{i}")).collect();
+    let mut setup = Vec::new();
+    for a in &accounts {
+        setup.push(
+            json!({"op": "replace", "collection": "bank", "id": a, "document": {"balance": 100}}),
+        );
+    }
+    let ts0 = c
+        .write(
+            0,
+            "POST",
+            "/v1/transactions",
+            "application/json",
+            Some(json!({ "mutations": setup })),
+        )
+        .await?;
+    let total = 100 * accounts.len() as i64;
+
+    let writer = {
+        let c = c.clone();
+        let accounts = accounts.clone();
+        tokio::spawn(async move {
+            for i in 0..30usize {
+                let (from, to) = (&accounts[i % 4], &accounts[(i + 1) % 4]);
+                c.write(0, "POST", "/v1/transactions", "application/json", Some(json!({"mutations": [
+                    {"op": "increment", "collection": "bank", "id": from, "path": "balance", "delta": -7},
+                    {"op": "increment", "collection": "bank", "id": to, "path": "balance", "delta": 7},
+                ]}))).await?;
+            }
+            Ok::<(), anyhow::Error>(())
+        })
+    };
+    let keys: Vec<Value> = accounts
+        .iter()
+        .map(|a| json!({"collection": "bank", "id": a}))
+        .collect();
+    let mut reads = 0;
+    while !writer.is_finished() || reads < 5 {
+        let (status, body) = c
+            .post_json(0, "/v1/documents:get", json!({ "keys": keys }), ts0)
+            .await?;
+        ensure!(status == 200, "{body}");
+        let sum: i64 = body["documents"]
+            .as_array()
+            .context("documents")?
+            .iter()
+            .map(|d| d["document"]["balance"].as_i64().unwrap_or(0))
+            .sum();
+        ensure!(
+            sum == total,
+            "a reader saw a partial transaction: {sum} != {total}: {body}"
+        );
+        reads += 1;
+        ensure!(reads < 10_000, "too many reads");
+    }
+    within("writer", writer).await???;
+    let Ok(c) = Arc::try_unwrap(c) else {
+        bail!("cluster still shared")
+    };
+    c.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_your_writes_across_two_api_servers() -> Result<()> {
+    let c = Cluster::start(2, 1, 2, 2).await?;
+    for i in 0..20 {
+        let ts = c
+            .write(
+                0,
+                "PUT",
+                "/v1/collections/sessions/documents/s",
+                "application/json",
+                Some(json!({ "v": i })),
+            )
+            .await?;
+        // The other api-server, with the causal token: it sees the write (or a later one).
+        let (status, at, body) = c.get(1, "sessions", "s", Some(ts)).await?;
+        ensure!(status == 200, "{status} {body}");
+        ensure!(read_ts(&at)? >= ts);
+        ensure!(body["v"] == json!(i), "read {body} after writing v={i}");
+    }
+    c.stop().await
+}

@@ -1,0 +1,951 @@
+//! Component tests of the api-server: the real service on a loopback port, writing to the real
+//! embedded transaction log on a temp dir, with no store node (reads answer 503). They check
+//! what a client sees (statuses, problem types, headers) and what reaches the log (read back
+//! through the log itself).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use causeway_api_server::{Handle, Options, Service};
+use causeway_proto::v1::mutation::Op;
+use causeway_proto::v1::Transaction;
+use causeway_txlog::{codec, EmbeddedOptions, LogOptions, Timestamp, TxLog};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+const ADMIN: &str = "admin-token-0123456789abcdef";
+const SHOP: &str = "shop-token-0123456789abcdef";
+/// Test limits: small enough to exceed cheaply.
+const MAX_BODY: usize = 1 << 20;
+const MAX_DOC: usize = 64 << 10;
+
+struct Server {
+    addr: SocketAddr,
+    handle: Handle,
+    log: TxLog,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), causeway_api_server::Error>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start(tweak: impl FnOnce(&mut Options)) -> Result<Server> {
+        let dir = tempfile::tempdir()?;
+        let log = TxLog::open(LogOptions::Embedded(embedded(dir.path().join("log"))?)).await?;
+        let tokens = dir.path().join("tokens.json");
+        std::fs::write(
+            &tokens,
+            serde_json::to_vec(&json!({"tokens": [
+                {"name": "ops", "token": ADMIN, "admin": true},
+                {"name": "shop", "token": SHOP, "read": ["orders", "catalog"], "write": ["orders"]},
+            ]}))?,
+        )?;
+        let mut options = Options {
+            listen_addr: "127.0.0.1:0".parse()?,
+            // Nothing listens there: no store node is ever known, reads answer 503.
+            config_manager_addr: "127.0.0.1:1".into(),
+            tokens_file: Some(tokens),
+            ..Options::default()
+        };
+        options.limits.max_body_bytes = MAX_BODY;
+        options.limits.max_document_bytes = MAX_DOC;
+        options.limits.max_mutations_per_transaction = 8;
+        tweak(&mut options);
+        let service = Service::bind_with_log(options, log.clone()).await?;
+        let addr = service.local_addr();
+        let handle = service.handle();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(service.run(async move {
+            let _ = stopped.await;
+        }));
+        Ok(Server {
+            addr,
+            handle,
+            log,
+            stop: Some(stop),
+            task,
+            _dir: dir,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    async fn log_next(&self) -> Result<Timestamp> {
+        Ok(self.log.bounds().await?.next)
+    }
+
+    /// The transactions of the log after `after`, up to its end, decoded.
+    async fn records_after(&self, after: Timestamp) -> Result<Vec<(Timestamp, Transaction)>> {
+        let end = self.log_next().await?;
+        let mut out = Vec::new();
+        let mut stream = self.log.read_from(after);
+        while out.last().map_or(after, |(ts, _)| *ts).get() + 1 < end.get() {
+            let record = tokio::time::timeout(Duration::from_secs(10), stream.next())
+                .await
+                .context("reading the log timed out")?
+                .context("log stream ended")??;
+            out.push((record.ts, codec::decode(&record.payload)?));
+        }
+        Ok(out)
+    }
+
+    async fn stop(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .context("the service did not stop in time")???;
+        Ok(())
+    }
+}
+
+fn embedded(dir: std::path::PathBuf) -> Result<EmbeddedOptions> {
+    Ok(serde_json::from_value(json!({ "dir": dir }))?)
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("building the client")
+}
+
+/// Sends raw bytes (for what a well-behaved client library refuses to send, or normalises
+/// away) and answers the status and body. The request should say `Connection: close`.
+async fn raw(addr: SocketAddr, head: Vec<u8>, body_chunks: Vec<Vec<u8>>) -> Result<(u16, String)> {
+    let stream = TcpStream::connect(addr).await?;
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    // Write concurrently with reading: the server may answer (413) before the body is sent,
+    // and the answer must be read before the connection is reset.
+    let write = tokio::spawn(async move {
+        if writer.write_all(&head).await.is_err() {
+            return;
+        }
+        for chunk in body_chunks {
+            if writer.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = writer.flush().await;
+    });
+    let mut buf = Vec::new();
+    let read = async {
+        let mut chunk = [0u8; 8192];
+        loop {
+            match reader.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), read)
+        .await
+        .context("no answer in time")?;
+    write.abort();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .with_context(|| {
+            format!(
+                "no status line in {:?}",
+                text.chars().take(200).collect::<String>()
+            )
+        })?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Ok((status, body))
+}
+
+fn raw_head(method: &str, target: &[u8], extra: &str) -> Vec<u8> {
+    let mut head = Vec::new();
+    head.extend_from_slice(method.as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(target);
+    head.extend_from_slice(
+        format!(
+            " HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {ADMIN}\r\nConnection: close\r\n{extra}\r\n"
+        )
+        .as_bytes(),
+    );
+    head
+}
+
+fn problem_type(body: &str) -> String {
+    // A chunked answer has chunk sizes around the JSON: take the object itself.
+    let json = match (body.find('{'), body.rfind('}')) {
+        (Some(a), Some(b)) if a < b => &body[a..=b],
+        _ => body,
+    };
+    serde_json::from_str::<Value>(json)
+        .ok()
+        .and_then(|v| v.get("type").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| {
+            format!(
+                "<not a problem: {:?}>",
+                body.chars().take(200).collect::<String>()
+            )
+        })
+}
+
+async fn expect_problem(
+    response: reqwest::Response,
+    status: u16,
+    slug: &str,
+    case: &str,
+) -> Result<()> {
+    let got = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body = response.text().await?;
+    ensure!(got == status, "{case}: status {got}, want {status}: {body}");
+    ensure!(
+        content_type == "application/problem+json",
+        "{case}: content type {content_type:?}"
+    );
+    let t = problem_type(&body);
+    ensure!(
+        t == format!("urn:causeway:problem:{slug}"),
+        "{case}: type {t}, want {slug}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_its_4xx_and_nothing_reaches_the_log() -> Result<()> {
+    let server = Server::start(|_| {}).await?;
+    let http = client();
+    let before = server.log_next().await?;
+    let doc = |c: &str, id: &str| server.url(&format!("/v1/collections/{c}/documents/{id}"));
+    let put = |url: String| {
+        http.put(url)
+            .bearer_auth(ADMIN)
+            .header("content-type", "application/json")
+    };
+
+    // Oversized body with a Content-Length: refused from the header, before reading.
+    let (status, body) = raw(
+        server.addr,
+        raw_head(
+            "PUT",
+            b"/v1/collections/orders/documents/a",
+            &format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                MAX_BODY + 1
+            ),
+        ),
+        vec![],
+    )
+    .await?;
+    ensure!(
+        status == 413 && problem_type(&body).ends_with(":body_too_large"),
+        "{status} {body}"
+    );
+    // Oversized body without a Content-Length (chunked): refused as it streams in.
+    let mut chunks = Vec::new();
+    let piece = vec![b' '; 16 << 10];
+    for _ in 0..(MAX_BODY / piece.len() + 4) {
+        let mut c = format!("{:x}\r\n", piece.len()).into_bytes();
+        c.extend_from_slice(&piece);
+        c.extend_from_slice(b"\r\n");
+        chunks.push(c);
+    }
+    chunks.push(b"0\r\n\r\n".to_vec());
+    let (status, body) = raw(
+        server.addr,
+        raw_head(
+            "PUT",
+            b"/v1/collections/orders/documents/a",
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n",
+        ),
+        chunks,
+    )
+    .await?;
+    ensure!(
+        status == 413 && problem_type(&body).ends_with(":body_too_large"),
+        "{status} {body}"
+    );
+
+    // JSON nested 100,000 deep, arrays and objects: refused before parsing.
+    let deep_arrays = "[".repeat(100_000) + &"]".repeat(100_000);
+    let deep_objects = "{\"a\":".repeat(100_000) + "1" + &"}".repeat(100_000);
+    for (name, body) in [("arrays", deep_arrays), ("objects", deep_objects)] {
+        let r = put(doc("orders", "deep")).body(body).send().await?;
+        expect_problem(r, 400, "json_too_deep", name).await?;
+    }
+    // Invalid UTF-8 in the body.
+    let r = put(doc("orders", "a"))
+        .body(b"{\"a\": \"\xff\xfe\"}".to_vec())
+        .send()
+        .await?;
+    expect_problem(r, 400, "invalid_utf8", "utf-8 body").await?;
+    // Invalid UTF-8 in the path, percent-encoded and raw.
+    let r = put(doc("orders", "%FF%FE")).body("{}").send().await?;
+    expect_problem(r, 400, "invalid_path", "utf-8 path").await?;
+    let (status, _) = raw(
+        server.addr,
+        raw_head(
+            "PUT",
+            b"/v1/collections/orders/documents/\xff\xfe",
+            "Content-Type: application/json\r\nContent-Length: 2\r\n",
+        ),
+        vec![b"{}".to_vec()],
+    )
+    .await?;
+    ensure!(
+        (400..500).contains(&status),
+        "raw invalid UTF-8 path: {status}"
+    );
+
+    // Ids: 64 KB. In the path, hyper itself refuses a URI that long (414); a 60,000-byte id
+    // reaches the validation (400); in a body, a 64 KB id is refused by the validation too.
+    let (status, _) = raw(
+        server.addr,
+        raw_head(
+            "PUT",
+            format!("/v1/collections/orders/documents/{}", "a".repeat(64 << 10)).as_bytes(),
+            "Content-Type: application/json\r\nContent-Length: 2\r\n",
+        ),
+        vec![b"{}".to_vec()],
+    )
+    .await?;
+    ensure!(status == 414, "64 KB id in the path: {status}");
+    let (status, body) = raw(
+        server.addr,
+        raw_head(
+            "PUT",
+            format!("/v1/collections/orders/documents/{}", "a".repeat(60_000)).as_bytes(),
+            "Content-Type: application/json\r\nContent-Length: 2\r\n",
+        ),
+        vec![b"{}".to_vec()],
+    )
+    .await?;
+    ensure!(
+        status == 400 && problem_type(&body).ends_with(":invalid_key"),
+        "60,000-byte id: {status} {}",
+        body.chars().take(200).collect::<String>()
+    );
+    let r = http
+        .post(server.url("/v1/transactions"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"mutations": [{"op": "delete", "collection": "orders", "id": "a".repeat(64 << 10)}]}))
+        .send()
+        .await?;
+    expect_problem(r, 400, "invalid_key", "64 KB id in a transaction").await?;
+    for (case, target, want) in [
+        (
+            "NUL",
+            "/v1/collections/orders/documents/a%00b",
+            Some("invalid_key"),
+        ),
+        (
+            "slash",
+            "/v1/collections/orders/documents/a%2Fb",
+            Some("invalid_key"),
+        ),
+        (
+            "backslash",
+            "/v1/collections/orders/documents/a%5Cb",
+            Some("invalid_key"),
+        ),
+        (
+            "dot-dot",
+            "/v1/collections/orders/documents/..",
+            Some("invalid_key"),
+        ),
+        (
+            "dot",
+            "/v1/collections/orders/documents/.",
+            Some("invalid_key"),
+        ),
+        (
+            "encoded dot-dot",
+            "/v1/collections/orders/documents/%2e%2e",
+            Some("invalid_key"),
+        ),
+        (
+            "encoded dot-dot upper",
+            "/v1/collections/orders/documents/%2E%2E",
+            Some("invalid_key"),
+        ),
+        (
+            "traversal",
+            "/v1/collections/orders/documents/../../etc/passwd",
+            None,
+        ),
+        (
+            "encoded traversal",
+            "/v1/collections/orders/documents/..%2F..%2Fetc%2Fpasswd",
+            Some("invalid_key"),
+        ),
+        (
+            "collection traversal",
+            "/v1/collections/..%2Fx/documents/a",
+            Some("invalid_key"),
+        ),
+        (
+            "bad collection",
+            "/v1/collections/9lives/documents/a",
+            Some("invalid_key"),
+        ),
+        (
+            "literal slash",
+            "/v1/collections/orders/documents/a/b",
+            Some("no_such_route"),
+        ),
+    ] {
+        let (status, body) = raw(
+            server.addr,
+            raw_head(
+                "PUT",
+                target.as_bytes(),
+                "Content-Type: application/json\r\nContent-Length: 2\r\n",
+            ),
+            vec![b"{}".to_vec()],
+        )
+        .await?;
+        match want {
+            Some(slug) => ensure!(
+                (400..500).contains(&status) && problem_type(&body).ends_with(slug),
+                "{case}: {status} {body}"
+            ),
+            None => ensure!((400..500).contains(&status), "{case}: {status} {body}"),
+        }
+    }
+
+    // Content types.
+    let r = http
+        .put(doc("orders", "a"))
+        .bearer_auth(ADMIN)
+        .header("content-type", "text/plain")
+        .body("{}")
+        .send()
+        .await?;
+    expect_problem(r, 415, "unsupported_media_type", "text/plain").await?;
+    let r = http
+        .put(doc("orders", "a"))
+        .bearer_auth(ADMIN)
+        .body("{}")
+        .send()
+        .await?;
+    expect_problem(r, 415, "unsupported_media_type", "no content type").await?;
+    let r = http
+        .put(doc("orders", "a"))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/json; charset=latin1")
+        .body("{}")
+        .send()
+        .await?;
+    expect_problem(r, 415, "unsupported_media_type", "latin1").await?;
+    let r = http
+        .patch(doc("orders", "a"))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/xml")
+        .body("{}")
+        .send()
+        .await?;
+    expect_problem(r, 415, "unsupported_media_type", "patch xml").await?;
+
+    // Tokens and permissions.
+    let r = http
+        .put(doc("orders", "a"))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await?;
+    ensure!(r.headers().contains_key("www-authenticate"));
+    expect_problem(r, 401, "unauthorized", "no token").await?;
+    let r = http
+        .put(doc("orders", "a"))
+        .bearer_auth("admin-token-0123456789abcdeX")
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await?;
+    expect_problem(r, 401, "unauthorized", "wrong token").await?;
+    let r = http
+        .put(doc("orders", "a"))
+        .header("authorization", format!("Basic {ADMIN}"))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await?;
+    expect_problem(r, 401, "unauthorized", "not bearer").await?;
+    for (method, c) in [("PUT", "users"), ("PUT", "catalog"), ("DELETE", "catalog")] {
+        let r = http
+            .request(method.parse()?, doc(c, "a"))
+            .bearer_auth(SHOP)
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+            .await?;
+        expect_problem(r, 403, "forbidden", &format!("{method} {c}")).await?;
+    }
+    let r = http.get(doc("users", "a")).bearer_auth(SHOP).send().await?;
+    expect_problem(r, 403, "forbidden", "read users").await?;
+    let r = http
+        .post(server.url("/v1/transactions"))
+        .bearer_auth(SHOP)
+        .json(&json!({"mutations": [
+            {"op": "replace", "collection": "orders", "id": "a", "document": {}},
+            {"op": "delete", "collection": "users", "id": "b"},
+        ]}))
+        .send()
+        .await?;
+    expect_problem(r, 403, "forbidden", "transaction touching users").await?;
+
+    // Shapes and limits.
+    for (case, body, status, slug) in [
+        ("array document", json!([1, 2]), 400, "invalid_document"),
+        ("string document", json!("x"), 400, "invalid_document"),
+        (
+            "reserved field",
+            json!({"$set": 1}),
+            400,
+            "invalid_document",
+        ),
+        (
+            "too large",
+            json!({"a": "x".repeat(MAX_DOC)}),
+            413,
+            "document_too_large",
+        ),
+    ] {
+        let r = put(doc("orders", "a")).json(&body).send().await?;
+        expect_problem(r, status, slug, case).await?;
+    }
+    let r = put(doc("orders", "a")).body("{\"a\": ").send().await?;
+    expect_problem(r, 400, "invalid_json", "truncated JSON").await?;
+    let r = put(doc("orders", "a")).body("").send().await?;
+    expect_problem(r, 400, "invalid_json", "empty body").await?;
+    let r = put(doc("orders", "a") + "?wait=later")
+        .json(&json!({}))
+        .send()
+        .await?;
+    expect_problem(r, 400, "invalid_parameter", "wait=later").await?;
+    let r = put(doc("orders", "a"))
+        .header("causeway-request-id", "x".repeat(1000))
+        .json(&json!({}))
+        .send()
+        .await?;
+    expect_problem(r, 400, "invalid_parameter", "long request id").await?;
+    for (case, patch) in [
+        ("increment not an object", json!({"$increment": 5})),
+        ("increment by a float", json!({"$increment": {"n": 1.5}})),
+        ("increment empty path", json!({"$increment": {"a..b": 1}})),
+        ("other $ operator", json!({"$set": {"a": 1}})),
+        ("patch not an object", json!([1])),
+    ] {
+        let r = http
+            .patch(doc("orders", "a"))
+            .bearer_auth(ADMIN)
+            .header("content-type", "application/merge-patch+json")
+            .body(serde_json::to_vec(&patch)?)
+            .send()
+            .await?;
+        expect_problem(r, 400, "invalid_document", case).await?;
+    }
+    let many: Vec<Value> = (0..9)
+        .map(|i| json!({"op": "delete", "collection": "orders", "id": format!("d{i}")}))
+        .collect();
+    for (case, body, slug) in [
+        (
+            "too many mutations",
+            json!({ "mutations": many }),
+            "too_many_items",
+        ),
+        ("no mutations", json!({"mutations": []}), "invalid_json"),
+        (
+            "unknown op",
+            json!({"mutations": [{"op": "upsert", "collection": "orders", "id": "a"}]}),
+            "invalid_json",
+        ),
+        (
+            "unknown field",
+            json!({"mutations": [{"op": "delete", "collection": "orders", "id": "a", "x": 1}]}),
+            "invalid_json",
+        ),
+        (
+            "bad id in tx",
+            json!({"mutations": [{"op": "delete", "collection": "orders", "id": ".."}]}),
+            "invalid_key",
+        ),
+        (
+            "bad doc in tx",
+            json!({"mutations": [
+                {"op": "delete", "collection": "orders", "id": "a"},
+                {"op": "replace", "collection": "orders", "id": "b", "document": [1]},
+            ]}),
+            "invalid_document",
+        ),
+    ] {
+        let r = http
+            .post(server.url("/v1/transactions"))
+            .bearer_auth(ADMIN)
+            .json(&body)
+            .send()
+            .await?;
+        expect_problem(r, 400, slug, case).await?;
+    }
+    let r = http
+        .post(server.url("/v1/nowhere"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await?;
+    expect_problem(r, 404, "no_such_route", "no route").await?;
+    let r = http
+        .post(doc("orders", "a"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await?;
+    expect_problem(r, 405, "method_not_allowed", "POST a document").await?;
+
+    // Nothing reached the log, and the server is healthy.
+    ensure!(
+        server.log_next().await? == before,
+        "bad input reached the log"
+    );
+    let r = http.get(server.url("/healthz")).send().await?;
+    ensure!(r.status() == 200);
+
+    // The control: a good write does reach it.
+    let r = put(doc("orders", "a"))
+        .json(&json!({"ok": true}))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "good write: {}", r.text().await?);
+    ensure!(server.log_next().await?.get() == before.get() + 1);
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_append_one_transaction_each_and_answer_its_ts() -> Result<()> {
+    let server = Server::start(|_| {}).await?;
+    let http = client();
+    let before = server.log_next().await?;
+    let doc = server.url("/v1/collections/orders/documents/o-1");
+
+    let value = json!({"n": 1, "f": 2.5, "s": "é", "b": true, "z": null, "a": [1, {"x": []}], "o": {"k": "v"}});
+    let r = http
+        .put(&doc)
+        .bearer_auth(SHOP)
+        .header("causeway-request-id", "req-42")
+        .json(&value)
+        .send()
+        .await?;
+    ensure!(r.status() == 200);
+    let header_ts: u64 = r.headers()["causeway-timestamp"].to_str()?.parse()?;
+    let body: Value = r.json().await?;
+    ensure!(body["ts"] == json!(header_ts), "{body}");
+    ensure!(
+        header_ts == before.get(),
+        "the first record gets the log's next ts"
+    );
+
+    let r = http
+        .patch(&doc)
+        .bearer_auth(SHOP)
+        .header("content-type", "application/merge-patch+json")
+        .body(r#"{"s": null, "o": {"k2": 1}, "$increment": {"counters.views": 5, "n": -2}}"#)
+        .send()
+        .await?;
+    ensure!(r.status() == 200);
+    let r = http
+        .patch(&doc)
+        .bearer_auth(SHOP)
+        .header("content-type", "application/json")
+        .body(r#"{"$increment": {"n": 1}}"#)
+        .send()
+        .await?;
+    ensure!(r.status() == 200);
+    let r = http.delete(&doc).bearer_auth(SHOP).send().await?;
+    ensure!(r.status() == 200);
+    let r = http
+        .post(server.url("/v1/transactions"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"mutations": [
+            {"op": "replace", "collection": "accounts", "id": "a", "document": {"balance": 10}},
+            {"op": "increment", "collection": "accounts", "id": "a", "path": "balance", "delta": -3},
+            {"op": "increment", "collection": "accounts", "id": "b", "path": "balance", "delta": 3},
+            {"op": "merge_patch", "collection": "accounts", "id": "b", "patch": {"owner": "bo"}},
+            {"op": "delete", "collection": "accounts", "id": "c"},
+        ]}))
+        .send()
+        .await?;
+    ensure!(r.status() == 200);
+    let tx_ts: u64 = r.headers()["causeway-timestamp"].to_str()?.parse()?;
+
+    let records = server
+        .records_after(Timestamp(before.get().saturating_sub(1)))
+        .await?;
+    ensure!(
+        records.len() == 5,
+        "one record per request: {}",
+        records.len()
+    );
+    ensure!(records[4].0.get() == tx_ts);
+    let ops = |i: usize| -> Vec<Op> {
+        records[i]
+            .1
+            .mutations
+            .iter()
+            .map(|m| m.op.clone().expect("an op"))
+            .collect()
+    };
+    // PUT: one replace with the same JSON, and the request id.
+    ensure!(records[0].1.request_id == "req-42");
+    ensure!(records[0].1.wall_clock_ms > 1_600_000_000_000);
+    match &ops(0)[..] {
+        [Op::Replace(r)] => ensure!(serde_json::from_slice::<Value>(&r.json)? == value),
+        other => anyhow::bail!("PUT: {other:?}"),
+    }
+    // PATCH: the merge patch without $increment, then the increments.
+    match &ops(1)[..] {
+        [Op::MergePatch(p), Op::Increment(a), Op::Increment(b)] => {
+            ensure!(
+                serde_json::from_slice::<Value>(&p.json)? == json!({"s": null, "o": {"k2": 1}})
+            );
+            let mut incs = vec![(a.path.clone(), a.delta), (b.path.clone(), b.delta)];
+            incs.sort();
+            ensure!(
+                incs == vec![
+                    (vec!["counters".to_string(), "views".to_string()], 5),
+                    (vec!["n".to_string()], -2)
+                ]
+            );
+        }
+        other => anyhow::bail!("PATCH: {other:?}"),
+    }
+    // A PATCH of increments only has no merge patch.
+    ensure!(matches!(&ops(2)[..], [Op::Increment(i)] if i.delta == 1));
+    ensure!(matches!(&ops(3)[..], [Op::Delete(_)]));
+    // The transaction: all five mutations, in order, in one record.
+    let tx = &records[4].1;
+    let keys: Vec<(&str, &str)> = tx
+        .mutations
+        .iter()
+        .map(|m| (m.collection.as_str(), m.id.as_str()))
+        .collect();
+    ensure!(
+        keys == vec![
+            ("accounts", "a"),
+            ("accounts", "a"),
+            ("accounts", "b"),
+            ("accounts", "b"),
+            ("accounts", "c")
+        ]
+    );
+    ensure!(matches!(
+        &ops(4)[..],
+        [
+            Op::Replace(_),
+            Op::Increment(_),
+            Op::Increment(_),
+            Op::MergePatch(_),
+            Op::Delete(_)
+        ]
+    ));
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_without_store_nodes_answer_503_with_retry_after() -> Result<()> {
+    let server = Server::start(|_| {}).await?;
+    let http = client();
+    let r = http
+        .get(server.url("/v1/collections/orders/documents/a"))
+        .bearer_auth(SHOP)
+        .send()
+        .await?;
+    ensure!(r.headers().get("retry-after").is_some());
+    expect_problem(r, 503, "unavailable", "read").await?;
+    let r = http
+        .post(server.url("/v1/collections/orders/query"))
+        .bearer_auth(SHOP)
+        .json(&json!({"filter": {"status": "open"}, "limit": 10}))
+        .send()
+        .await?;
+    expect_problem(r, 503, "unavailable", "query").await?;
+    // A bad query is refused before any store node is asked.
+    for (case, q) in [
+        (
+            "unknown operator",
+            json!({"filter": {"a": {"$regex": "x"}}}),
+        ),
+        ("limit too big", json!({"limit": 1_000_000})),
+        ("unknown field", json!({"select": ["a"]})),
+        ("bad cursor", json!({"cursor": 5})),
+    ] {
+        let r = http
+            .post(server.url("/v1/collections/orders/query"))
+            .bearer_auth(SHOP)
+            .json(&q)
+            .send()
+            .await?;
+        expect_problem(r, 400, "invalid_query", case).await?;
+    }
+    let r = http
+        .get(server.url("/v1/collections/orders/documents/a"))
+        .bearer_auth(SHOP)
+        .header("causeway-after", "soon")
+        .send()
+        .await?;
+    expect_problem(r, 400, "invalid_parameter", "bad causal token").await?;
+    let r = http
+        .post(server.url("/v1/documents:get"))
+        .bearer_auth(SHOP)
+        .json(&json!({"keys": [{"collection": "orders", "id": "a"}, {"collection": "users", "id": "b"}]}))
+        .send()
+        .await?;
+    expect_problem(r, 403, "forbidden", "multi-get of users").await?;
+    let r = http
+        .post(server.url("/v1/collections/orders/documents:get"))
+        .bearer_auth(SHOP)
+        .json(&json!({"ids": []}))
+        .send()
+        .await?;
+    expect_problem(r, 400, "too_many_items", "empty multi-get").await?;
+    let r = http.get(server.url("/readyz")).send().await?;
+    expect_problem(r, 503, "unavailable", "readyz").await?;
+    ensure!(!server.handle.is_ready());
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_document_is_served_and_describes_the_api() -> Result<()> {
+    let server = Server::start(|_| {}).await?;
+    let r = client().get(server.url("/v1/openapi.json")).send().await?;
+    ensure!(r.status() == 200);
+    let doc: Value = r.json().await?;
+    ensure!(
+        doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")),
+        "{}",
+        doc["openapi"]
+    );
+    let paths = doc["paths"].as_object().context("paths")?;
+    for p in [
+        "/v1/collections/{collection}/documents/{id}",
+        "/v1/collections/{collection}/documents:get",
+        "/v1/documents:get",
+        "/v1/collections/{collection}/query",
+        "/v1/transactions",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/v1/openapi.json",
+    ] {
+        ensure!(paths.contains_key(p), "missing {p}");
+    }
+    let doc_ops = &paths["/v1/collections/{collection}/documents/{id}"];
+    for m in ["get", "put", "patch", "delete"] {
+        ensure!(doc_ops.get(m).is_some(), "missing {m}");
+    }
+    // Every schema reference resolves.
+    let schemas = doc["components"]["schemas"]
+        .as_object()
+        .context("schemas")?;
+    let text = serde_json::to_string(&doc)?;
+    for r in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+        let name = r.split('"').next().unwrap_or("");
+        ensure!(schemas.contains_key(name), "dangling $ref {name}");
+    }
+    ensure!(doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer");
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_by_route_and_status() -> Result<()> {
+    let server = Server::start(|_| {}).await?;
+    let http = client();
+    for _ in 0..3 {
+        http.get(server.url("/healthz")).send().await?;
+    }
+    http.put(server.url("/v1/collections/orders/documents/a"))
+        .bearer_auth(ADMIN)
+        .json(&json!({}))
+        .send()
+        .await?;
+    http.put(server.url("/v1/collections/orders/documents/a"))
+        .send()
+        .await?;
+    let text = http
+        .get(server.url("/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let route = "/v1/collections/{collection}/documents/{id}";
+    for line in [
+        "causeway_api_requests_total{route=\"/healthz\",method=\"GET\",status=\"200\"} 3".to_string(),
+        format!("causeway_api_requests_total{{route=\"{route}\",method=\"PUT\",status=\"200\"}} 1"),
+        format!("causeway_api_requests_total{{route=\"{route}\",method=\"PUT\",status=\"401\"}} 1"),
+        format!("causeway_api_request_duration_seconds_count{{route=\"{route}\",method=\"PUT\",status=\"200\"}} 1"),
+        "causeway_api_log_appends_total 1".to_string(),
+    ] {
+        ensure!(text.contains(&line), "missing {line:?} in\n{text}");
+    }
+    ensure!(text.contains("# TYPE causeway_api_request_duration_seconds histogram"));
+    ensure!(server
+        .handle
+        .metrics_text()
+        .contains("causeway_api_requests_total"));
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_the_concurrency_limit_are_shed_with_503() -> Result<()> {
+    let server = Server::start(|o| o.limits.max_concurrent_requests = 1).await?;
+    // Hold the only permit: a request whose body never finishes arriving.
+    let mut held = TcpStream::connect(server.addr).await?;
+    held.write_all(&raw_head(
+        "PUT",
+        b"/v1/collections/orders/documents/a",
+        "Content-Type: application/json\r\nContent-Length: 100\r\n",
+    ))
+    .await?;
+    held.write_all(b"{\"a\":").await?;
+    // Wait (bounded) until the server counts it in flight.
+    let http = client();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = http
+            .get(server.url("/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        if text.contains("causeway_api_requests_in_flight 2") {
+            break; // the held request and this /metrics request
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the held request never started"
+        );
+        tokio::task::yield_now().await;
+    }
+    let r = http
+        .get(server.url("/v1/collections/orders/documents/a"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await?;
+    ensure!(r.headers().get("retry-after").is_some());
+    expect_problem(r, 503, "overloaded", "over the limit").await?;
+    // Health and metrics are not limited.
+    ensure!(http.get(server.url("/healthz")).send().await?.status() == 200);
+    drop(held);
+    server.stop().await
+}
