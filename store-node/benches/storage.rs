@@ -20,7 +20,10 @@ const KEYSPACE: u64 = 1_000_000;
 const GROUP: usize = 100;
 
 fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 struct Rng(u64);
@@ -159,7 +162,12 @@ fn raw_rocksdb(ids: &[u64], size: Size, rng: &mut Rng) -> f64 {
         .chunks(GROUP)
         .map(|c| {
             c.iter()
-                .map(|id| (format!("bench/doc{id}").into_bytes(), serde_json::to_vec(&body(size, rng)).unwrap()))
+                .map(|id| {
+                    (
+                        format!("bench/doc{id}").into_bytes(),
+                        serde_json::to_vec(&body(size, rng)).unwrap(),
+                    )
+                })
                 .collect()
         })
         .collect();
@@ -212,14 +220,29 @@ fn main() {
     println!("|---|---|---|---|---|---|---|");
     for size in [Size::Small, Size::Kb] {
         let mut bench = Bench::new(StoreOptions::default());
-        let populate: Vec<u64> = (0..prepopulate).map(|i| i * (KEYSPACE / prepopulate.max(1))).collect();
+        let populate: Vec<u64> = (0..prepopulate)
+            .map(|i| i * (KEYSPACE / prepopulate.max(1)))
+            .collect();
         let start = Instant::now();
         let rate = bench.apply(&populate, size, &mut rng);
-        let label = if size == Size::Small { "10 fields" } else { "~1 KB" };
-        eprintln!("prepopulated {prepopulate} {label} documents in {:.1?} ({rate:.0} tx/s)", start.elapsed());
+        let label = if size == Size::Small {
+            "10 fields"
+        } else {
+            "~1 KB"
+        };
+        eprintln!(
+            "prepopulated {prepopulate} {label} documents in {:.1?} ({rate:.0} tx/s)",
+            start.elapsed()
+        );
         for dist in ["uniform", "zipfian"] {
             let ids: Vec<u64> = (0..txs)
-                .map(|_| if dist == "uniform" { rng.next() % KEYSPACE } else { zipf.sample(&mut rng) })
+                .map(|_| {
+                    if dist == "uniform" {
+                        rng.next() % KEYSPACE
+                    } else {
+                        zipf.sample(&mut rng)
+                    }
+                })
                 .collect();
             let store = bench.apply(&ids, size, &mut rng);
             let raw = raw_rocksdb(&ids, size, &mut rng);
@@ -235,7 +258,11 @@ fn main() {
             let applied = bench.store.applied().0;
             let mut latencies = Vec::with_capacity(20_000);
             for _ in 0..20_000 {
-                let id = format!("doc{}", rng.next() % KEYSPACE / (KEYSPACE / prepopulate.max(1)) * (KEYSPACE / prepopulate.max(1)));
+                let id = format!(
+                    "doc{}",
+                    rng.next() % KEYSPACE / (KEYSPACE / prepopulate.max(1))
+                        * (KEYSPACE / prepopulate.max(1))
+                );
                 let ts = Timestamp(applied - rng.next() % applied.min(10_000));
                 let start = Instant::now();
                 let doc = bench.store.get("bench", &id, ts).unwrap();
@@ -257,7 +284,10 @@ fn main() {
     let old: Vec<u64> = vec![7; history as usize];
     let start = Instant::now();
     bench.apply(&old, Size::Small, &mut rng);
-    eprintln!("built {history} updates of history in {:.1?}", start.elapsed());
+    eprintln!(
+        "built {history} updates of history in {:.1?}",
+        start.elapsed()
+    );
     let measure = 5_000;
     let old_rate = bench.apply(&vec![7; measure], Size::Small, &mut rng);
     let fresh_rate = bench.apply(&vec![8; measure], Size::Small, &mut rng);

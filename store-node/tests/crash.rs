@@ -79,10 +79,17 @@ fn sigkill_at_random_points_loses_nothing() {
         // exactly the reference's at that position.
         let store = Store::open(dir.path(), small_options()).unwrap();
         let applied = store.applied();
-        assert!(applied.0 >= last_seen, "lost a committed group: {applied} < {last_seen}");
+        assert!(
+            applied.0 >= last_seen,
+            "lost a committed group: {applied} < {last_seen}"
+        );
         assert_eq!(store.committed(), applied);
         let raw = store.raw_versions(&Interval::FULL).unwrap();
-        assert!(raw.iter().all(|r| parse_version_key(&r.key).unwrap().ts <= applied), "versions above the applied position");
+        assert!(
+            raw.iter()
+                .all(|r| parse_version_key(&r.key).unwrap().ts <= applied),
+            "versions above the applied position"
+        );
         let expected: Vec<_> = reference
             .raw_versions(&Interval::FULL)
             .unwrap()

@@ -34,10 +34,15 @@ struct MMut {
 #[derive(Debug, Clone)]
 enum Step {
     /// A group of transactions, applied with the lower half of the keyspace owned or all of it.
-    Apply { txs: Vec<Vec<MMut>>, half: bool },
+    Apply {
+        txs: Vec<Vec<MMut>>,
+        half: bool,
+    },
     Reopen,
     /// GC to `applied - back` (clamped).
-    Gc { back: u64 },
+    Gc {
+        back: u64,
+    },
 }
 
 fn leaf() -> impl Strategy<Value = Json> {
@@ -46,7 +51,8 @@ fn leaf() -> impl Strategy<Value = Json> {
         any::<bool>().prop_map(Json::Bool),
         (-5i64..1000).prop_map(Json::from),
         "[a-z]{0,6}".prop_map(Json::String),
-        (0.0f64..10.0).prop_map(|f| json!(f)),
+        // Binary fractions: serde_json (without float_roundtrip) parses other floats lossily.
+        (0i64..1000).prop_map(|i| json!(i as f64 / 8.0 + 0.5)),
         prop::collection::vec(0i64..9, 0..3).prop_map(|v| json!(v)),
     ]
 }
@@ -189,7 +195,14 @@ fn check_reads(store: &Store, model: &Model, gc: u64, applied: u64) {
             let mut seen = Vec::new();
             for _ in 0..=2 * IDS {
                 let page = store
-                    .scan(c, Timestamp(ts), &|v| v.get("x").is_some(), 2, cursor.as_ref(), 3)
+                    .scan(
+                        c,
+                        Timestamp(ts),
+                        &|v| v.get("x").is_some(),
+                        2,
+                        cursor.as_ref(),
+                        3,
+                    )
                     .unwrap();
                 assert!(page.scanned <= 3 && page.documents.len() <= 2);
                 seen.extend(page.documents.into_iter().map(|d| (d.id, d.json)));

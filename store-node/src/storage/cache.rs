@@ -59,7 +59,10 @@ impl<V> Lru<V> {
         self.bytes += bytes;
         while self.entries.len() > self.max_entries || self.bytes > self.max_bytes {
             let (_, oldest) = self.order.pop_first().expect("entries exist");
-            let entry = self.entries.remove(&oldest).expect("order and entries agree");
+            let entry = self
+                .entries
+                .remove(&oldest)
+                .expect("order and entries agree");
             self.bytes -= entry.bytes;
         }
         debug_assert_eq!(self.order.len(), self.entries.len());
@@ -67,7 +70,12 @@ impl<V> Lru<V> {
 
     /// Drops every entry whose key matches.
     pub fn remove_where(&mut self, mut matches: impl FnMut(&[u8]) -> bool) {
-        let doomed: Vec<Vec<u8>> = self.entries.keys().filter(|k| matches(k)).cloned().collect();
+        let doomed: Vec<Vec<u8>> = self
+            .entries
+            .keys()
+            .filter(|k| matches(k))
+            .cloned()
+            .collect();
         for key in doomed {
             self.take(&key);
         }

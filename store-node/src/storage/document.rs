@@ -8,7 +8,9 @@
 //! whose value is already equal is left alone), which keeps the history small.
 
 use automerge::transaction::{CommitOptions, Transactable, Transaction};
-use automerge::{ActorId, Automerge, AutomergeError, Change, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
+use automerge::{
+    ActorId, Automerge, AutomergeError, Change, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT,
+};
 use causeway_core::Timestamp;
 use serde_json::{Map, Number, Value as Json};
 
@@ -179,7 +181,9 @@ fn sync_field(
         (Some((Value::Object(ObjType::Map), child)), Json::Object(map)) => {
             sync_map(tx, &child, map)
         }
-        (Some((Value::Scalar(scalar), _)), leaf) if json_to_scalar(leaf).as_ref() == Some(&*scalar) => {
+        (Some((Value::Scalar(scalar), _)), leaf)
+            if json_to_scalar(leaf).as_ref() == Some(&*scalar) =>
+        {
             Ok(())
         }
         (Some((Value::Object(kind), child)), Json::Array(_) | Json::String(_))
@@ -429,21 +433,44 @@ mod tests {
         let v = json!({"a": 1, "b": {"c": [1, "x", null, 2.5, true]}, "u": u64::MAX, "s": "é"});
         apply(&mut doc, 1, &Op::Replace(obj(v.clone()))).unwrap();
         assert_eq!(Json::Object(materialize(&doc)), v);
-        apply(&mut doc, 2, &Op::MergePatch(obj(json!({"a": null, "b": {"d": {"e": null, "f": 1}}})))).unwrap();
+        apply(
+            &mut doc,
+            2,
+            &Op::MergePatch(obj(json!({"a": null, "b": {"d": {"e": null, "f": 1}}}))),
+        )
+        .unwrap();
         assert_eq!(
             Json::Object(materialize(&doc)),
             json!({"b": {"c": [1, "x", null, 2.5, true], "d": {"f": 1}}, "u": u64::MAX, "s": "é"})
         );
-        let inc = Op::Increment { path: vec!["n".into(), "k".into()], delta: 5 };
+        let inc = Op::Increment {
+            path: vec!["n".into(), "k".into()],
+            delta: 5,
+        };
         apply(&mut doc, 3, &inc).unwrap();
         apply(&mut doc, 4, &inc).unwrap();
         assert_eq!(materialize(&doc)["n"], json!({"k": 10}));
-        let bad = Op::Increment { path: vec!["u".into()], delta: 1 };
+        let bad = Op::Increment {
+            path: vec!["u".into()],
+            delta: 1,
+        };
         assert_eq!(apply(&mut doc, 5, &bad), Err(Rejection::NotACounter));
-        let through = Op::Increment { path: vec!["s".into(), "x".into()], delta: 1 };
-        assert_eq!(apply(&mut doc, 5, &through), Err(Rejection::PathNotAnObject));
-        let overflow = Op::Increment { path: vec!["n".into(), "k".into()], delta: i64::MAX };
-        assert_eq!(apply(&mut doc, 5, &overflow), Err(Rejection::CounterOverflow));
+        let through = Op::Increment {
+            path: vec!["s".into(), "x".into()],
+            delta: 1,
+        };
+        assert_eq!(
+            apply(&mut doc, 5, &through),
+            Err(Rejection::PathNotAnObject)
+        );
+        let overflow = Op::Increment {
+            path: vec!["n".into(), "k".into()],
+            delta: i64::MAX,
+        };
+        assert_eq!(
+            apply(&mut doc, 5, &overflow),
+            Err(Rejection::CounterOverflow)
+        );
         assert_eq!(materialize(&doc)["n"], json!({"k": 10}), "rolled back");
     }
 
@@ -454,14 +481,26 @@ mod tests {
         apply(&mut doc, 1, &Op::Replace(v.clone())).unwrap();
         let heads = doc.get_heads();
         apply(&mut doc, 2, &Op::Replace(v)).unwrap();
-        assert_eq!(doc.get_heads(), heads, "an empty transaction makes no change");
+        assert_eq!(
+            doc.get_heads(),
+            heads,
+            "an empty transaction makes no change"
+        );
     }
 
     #[test]
     fn rebase_keeps_values_and_types() {
         let mut doc = empty_doc(Timestamp(1), 0);
-        apply(&mut doc, 1, &Op::Replace(obj(json!({"a": [1, {"b": 2}], "t": "x"})))).unwrap();
-        let inc = Op::Increment { path: vec!["c".into()], delta: 3 };
+        apply(
+            &mut doc,
+            1,
+            &Op::Replace(obj(json!({"a": [1, {"b": 2}], "t": "x"}))),
+        )
+        .unwrap();
+        let inc = Op::Increment {
+            path: vec!["c".into()],
+            delta: 3,
+        };
         for ts in 2..20 {
             apply(&mut doc, ts, &inc).unwrap();
         }
@@ -471,7 +510,10 @@ mod tests {
         let mut fresh = fresh;
         apply(&mut fresh, 21, &inc).unwrap();
         assert_eq!(materialize(&fresh)["c"], json!(57), "still a counter");
-        assert_eq!(rebase(&doc, Timestamp(20), 99).save(), rebase(&doc, Timestamp(20), 99).save());
+        assert_eq!(
+            rebase(&doc, Timestamp(20), 99).save(),
+            rebase(&doc, Timestamp(20), 99).save()
+        );
     }
 
     #[test]
@@ -484,9 +526,17 @@ mod tests {
         let mut tx = client.transaction();
         tx.put(ROOT, "k2", 2).unwrap();
         tx.commit_with(commit_options(2));
-        let second = client.get_changes(&client.get_changes(&[])[..1].iter().map(Change::hash).collect::<Vec<_>>());
+        let second = client.get_changes(
+            &client.get_changes(&[])[..1]
+                .iter()
+                .map(Change::hash)
+                .collect::<Vec<_>>(),
+        );
         let mut doc = empty_doc(Timestamp(2), 0);
-        assert_eq!(apply_changes(&mut doc, &second), Err(Rejection::MissingDependencies));
+        assert_eq!(
+            apply_changes(&mut doc, &second),
+            Err(Rejection::MissingDependencies)
+        );
         assert_eq!(apply_changes(&mut doc, &first), Ok(1));
         assert_eq!(apply_changes(&mut doc, &second), Ok(1));
         assert_eq!(Json::Object(materialize(&doc)), json!({"k": "v", "k2": 2}));

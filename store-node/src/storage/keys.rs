@@ -187,7 +187,10 @@ mod tests {
         assert!(start.as_slice() <= key.as_slice() && key.as_slice() < end.as_slice());
         let (start, end) = interval_range(&Interval::FULL);
         assert!(start.as_slice() <= key.as_slice() && key.as_slice() < end.as_slice());
-        let top = version_key(&[&u64::MAX.to_be_bytes()[..], b"zz\0id"].concat(), Timestamp(0));
+        let top = version_key(
+            &[&u64::MAX.to_be_bytes()[..], b"zz\0id"].concat(),
+            Timestamp(0),
+        );
         assert!(top.as_slice() < end.as_slice());
     }
 

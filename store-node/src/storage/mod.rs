@@ -57,6 +57,7 @@ mod document;
 mod keys;
 mod record;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -278,9 +279,7 @@ pub struct BackfillBatch {
 /// A decoded document in the apply cache.
 #[derive(Debug)]
 enum Cached {
-    Absent {
-        latest: Option<Timestamp>,
-    },
+    Absent { latest: Option<Timestamp> },
     Live(Live),
 }
 
@@ -313,8 +312,27 @@ impl Cached {
 #[derive(Debug)]
 struct Writer {
     cache: Lru<Cached>,
+    /// Documents written by the batch being built: pinned here (the cache may evict, and
+    /// RocksDB does not have the batch yet) until the batch is written.
+    dirty: HashMap<Vec<u8>, Cached>,
     /// Where the current GC pass resumes.
     gc_cursor: Option<Vec<u8>>,
+}
+
+impl Writer {
+    /// The batch was written: its documents join the cache.
+    fn written(&mut self) {
+        for (prefix, state) in self.dirty.drain() {
+            let weight = state.weight();
+            self.cache.insert(prefix, state, weight);
+        }
+    }
+
+    /// The batch was not written: forget every decoded document (some may be ahead of disk).
+    fn discard(&mut self) {
+        self.dirty.clear();
+        self.cache.clear();
+    }
 }
 
 /// The storage engine of one store node. `&self` methods are safe to call from many threads:
@@ -386,6 +404,7 @@ impl Store {
         Ok(Store {
             writer: Mutex::new(Writer {
                 cache: Lru::new(options.cache_documents, options.cache_bytes),
+                dirty: HashMap::new(),
                 gc_cursor: None,
             }),
             db,
@@ -484,12 +503,16 @@ impl Store {
         if outcome.applied == start {
             return Ok(outcome);
         }
-        batch.put_cf(self.cf(CF_META), META_APPLIED, outcome.applied.0.to_be_bytes());
+        batch.put_cf(
+            self.cf(CF_META),
+            META_APPLIED,
+            outcome.applied.0.to_be_bytes(),
+        );
         if let Err(e) = self.write(batch, self.options.sync_writes) {
-            // The cache holds documents of the batch that was not written.
-            writer.cache.clear();
+            writer.discard();
             return Err(e);
         }
+        writer.written();
         self.applied.store(outcome.applied.0, Ordering::SeqCst);
         if self.options.sync_writes {
             self.committed.store(outcome.applied.0, Ordering::SeqCst);
@@ -547,6 +570,9 @@ impl Store {
 
     /// Loads a document for writing: from the cache, else from its newest version.
     fn load_for_write(&self, writer: &mut Writer, prefix: &[u8]) -> Result<Cached, Error> {
+        if let Some(cached) = writer.dirty.remove(prefix) {
+            return Ok(cached);
+        }
         if let Some(cached) = writer.cache.take(prefix) {
             return Ok(cached);
         }
@@ -617,7 +643,10 @@ impl Store {
         };
         let latest_before = state.latest();
         if let Some(latest) = latest_before {
-            assert!(latest < ts, "version {latest} is not older than applied ts {ts}");
+            assert!(
+                latest < ts,
+                "version {latest} is not older than applied ts {ts}"
+            );
         }
         let (mut doc, mut history_changes, deltas_before, heads_before, json_bytes_before) =
             match state {
@@ -670,9 +699,8 @@ impl Store {
                         .unwrap_or_else(|| document::empty_doc(ts, *index));
                     target.set_actor(document::actor(ts, *index));
                     let mut tx = target.transaction();
-                    let result = document::apply_local(&mut tx, local).and_then(|()| {
-                        check_size(&document::materialize(&tx), max)
-                    });
+                    let result = document::apply_local(&mut tx, local)
+                        .and_then(|()| check_size(&document::materialize(&tx), max));
                     let result = match result {
                         Ok(bytes) => {
                             let (hash, _) = tx.commit_with(document::commit_options(wall_clock_ms));
@@ -705,8 +733,7 @@ impl Store {
             }
         }
         let put_back = |writer: &mut Writer, state: Cached| {
-            let weight = state.weight();
-            writer.cache.insert(prefix.to_vec(), state, weight);
+            writer.dirty.insert(prefix.to_vec(), state);
         };
         if !changed {
             // Every mutation was skipped and rolled back: the document is as it was.
@@ -815,7 +842,12 @@ impl Store {
     }
 
     /// The document as of `ts` (its newest version ≤ ts); `None` if absent or deleted.
-    pub fn get(&self, collection: &str, id: &str, ts: Timestamp) -> Result<Option<Document>, Error> {
+    pub fn get(
+        &self,
+        collection: &str,
+        id: &str,
+        ts: Timestamp,
+    ) -> Result<Option<Document>, Error> {
         Ok(self.multi_get(&[(collection, id)], ts)?.pop().flatten())
     }
 
@@ -830,15 +862,17 @@ impl Store {
         let mut out = Vec::with_capacity(ids.len());
         for (collection, id) in ids {
             let prefix = keys::doc_prefix(collection, id);
-            out.push(read_version(&mut it, &prefix, ts)?.and_then(|(version, value)| {
-                let json = Record::decode(&value).json().map(parse_json)?;
-                Some(Document {
-                    collection: (*collection).to_owned(),
-                    id: (*id).to_owned(),
-                    version,
-                    json,
-                })
-            }));
+            out.push(
+                read_version(&mut it, &prefix, ts)?.and_then(|(version, value)| {
+                    let json = Record::decode(&value).json().map(parse_json)?;
+                    Some(Document {
+                        collection: (*collection).to_owned(),
+                        id: (*id).to_owned(),
+                        version,
+                        json,
+                    })
+                }),
+            );
         }
         Ok(out)
     }
@@ -968,7 +1002,10 @@ impl Store {
     pub fn gc(&self, gc_ts: Timestamp, budget: usize) -> Result<GcProgress, Error> {
         let mut writer = self.lock();
         let current = self.gc_watermark();
-        assert!(gc_ts >= current, "gc ts {gc_ts} below the watermark {current}");
+        assert!(
+            gc_ts >= current,
+            "gc ts {gc_ts} below the watermark {current}"
+        );
         assert!(
             gc_ts <= self.applied(),
             "gc ts {gc_ts} above the applied position {}",
@@ -1011,7 +1048,12 @@ impl Store {
         progress.pass_complete = next_cursor.is_none();
         writer.gc_cursor = next_cursor;
         self.write(batch, false)?;
-        tracing::debug!(gc_ts = gc_ts.0, examined = progress.examined, pruned = progress.pruned, "gc step");
+        tracing::debug!(
+            gc_ts = gc_ts.0,
+            examined = progress.examined,
+            pruned = progress.pruned,
+            "gc step"
+        );
         Ok(progress)
     }
 
@@ -1095,8 +1137,11 @@ impl Store {
             for collection in &collections {
                 let from = [keys::collection_start(collection), start.clone()].concat();
                 let to = match interval.end_hash() {
-                    Some(end) => [keys::collection_start(collection), end.to_be_bytes().to_vec()]
-                        .concat(),
+                    Some(end) => [
+                        keys::collection_start(collection),
+                        end.to_be_bytes().to_vec(),
+                    ]
+                    .concat(),
                     None => keys::collection_end(collection),
                 };
                 batch.delete_range_cf(self.cf(CF_BY_COLLECTION), from, to);
@@ -1323,15 +1368,24 @@ impl Store {
                     }),
                 }
             }
-            self.apply_doc(&mut writer, &mut batch, prefix, *ts, *wall, &doc, &mut outcome);
+            self.apply_doc(
+                &mut writer,
+                &mut batch,
+                prefix,
+                *ts,
+                *wall,
+                &doc,
+                &mut outcome,
+            );
         }
         for key in &consumed {
             batch.delete_cf(self.cf(CF_PENDING), key);
         }
         if let Err(e) = self.write(batch, true) {
-            writer.cache.clear();
+            writer.discard();
             return Err(e);
         }
+        writer.written();
         Ok(consumed.len())
     }
 
@@ -1353,7 +1407,9 @@ impl Store {
         let mut it = self.db.raw_iterator_cf(self.cf(CF_META));
         it.seek(META_CONFIG);
         while let (Some(key), Some(value)) = (it.key(), it.value()) {
-            let Some(epoch) = key.strip_prefix(META_CONFIG) else { break };
+            let Some(epoch) = key.strip_prefix(META_CONFIG) else {
+                break;
+            };
             let epoch = u64::from_be_bytes(epoch.try_into().expect("corrupt config key"));
             out.push((Epoch(epoch), value.to_vec()));
             it.next();
@@ -1505,7 +1561,9 @@ fn parse_op(mutation: &Mutation, options: &StoreOptions) -> Result<Op, Rejection
             Op::Changes(
                 c.changes
                     .iter()
-                    .map(|b| Change::from_bytes(b.clone()).map_err(|_| Rejection::UndecodableChange))
+                    .map(|b| {
+                        Change::from_bytes(b.clone()).map_err(|_| Rejection::UndecodableChange)
+                    })
                     .collect::<Result<_, _>>()?,
             )
         }

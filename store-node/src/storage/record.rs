@@ -49,9 +49,8 @@ impl<'a> Record<'a> {
         match bytes {
             [FORMAT, KIND_TOMBSTONE] => Some(Record::Tombstone),
             [FORMAT, kind @ (KIND_SNAPSHOT | KIND_DELTA), ..] if bytes.len() >= HEADER => {
-                let u32_at = |at: usize| {
-                    u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
-                };
+                let u32_at =
+                    |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
                 let history_changes = u32_at(2);
                 let deltas = u32_at(6);
                 let json_len = usize::try_from(u32_at(10)).ok()?;

@@ -66,7 +66,11 @@ pub fn increment(collection: &str, id: &str, path: &[&str], delta: i64) -> Mutat
 }
 
 pub fn delete(collection: &str, id: &str) -> Mutation {
-    mutation(collection, id, mutation::Op::Delete(causeway_proto::v1::Delete {}))
+    mutation(
+        collection,
+        id,
+        mutation::Op::Delete(causeway_proto::v1::Delete {}),
+    )
 }
 
 pub fn changes(collection: &str, id: &str, changes: Vec<Vec<u8>>) -> Mutation {
@@ -108,7 +112,11 @@ pub fn stream_record(seed: u64, ts: u64, docs: u64) -> (Timestamp, Transaction) 
                 &id,
                 &serde_json::json!({"a": rng.below(100), "s": format!("v{}", rng.below(1000)), "n": {"x": rng.below(5)}}),
             ),
-            3..=5 => patch("items", &id, &serde_json::json!({"b": rng.below(50), "n": {"y": ts}})),
+            3..=5 => patch(
+                "items",
+                &id,
+                &serde_json::json!({"b": rng.below(50), "n": {"y": ts}}),
+            ),
             6..=8 => increment("items", &id, &["hits"], 1 + rng.below(5) as i64),
             _ => delete("items", &id),
         };
