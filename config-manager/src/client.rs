@@ -1,11 +1,13 @@
 //! [`Client`]: the typed gRPC client of the config manager, for store nodes and the CLI. It parses
 //! the configurations' JSON, so no caller handles it.
 
+use std::future::Future;
 use std::time::Duration;
 
 use causeway_core::{ClusterConfig, Epoch, NodeId, NodeInfo};
 use causeway_proto::v1 as pb;
 use causeway_proto::v1::config_manager_client::ConfigManagerClient;
+use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::Error;
@@ -16,6 +18,8 @@ use crate::state::{Completion, ConfigPair};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Keepalive pings, so a dead config manager breaks a `Watch` stream instead of hanging it.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long [`Client::keep_registered`] waits before retrying an unreachable config manager.
+const RETRY_INTERVAL: Duration = Duration::from_millis(500);
 
 /// A client of one config manager. Cheap to clone (clones share the connection).
 ///
@@ -203,6 +207,68 @@ impl Client {
             })
             .collect())
     }
+}
+
+impl Client {
+    /// Keeps `node` registered until `shutdown` completes: registers, heartbeats at the cadence
+    /// the config manager asks for, registers again when the config manager no longer knows the
+    /// node (it restarted), and retries while it is unreachable. Each incarnation obtained is
+    /// sent on `incarnations`.
+    ///
+    /// Ends with an error only when the node must not go on: the config manager knows it under
+    /// another address, or a newer incarnation of it has registered (another process with the
+    /// same id).
+    pub async fn keep_registered(
+        &self,
+        node: NodeInfo,
+        incarnations: watch::Sender<Option<u64>>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error> {
+        tokio::pin!(shutdown);
+        let mut registered: Option<Registration> = None;
+        loop {
+            let wait = match registered {
+                None => match self.register(&node).await {
+                    Ok(r) => {
+                        tracing::info!(node = %node.id, incarnation = r.incarnation, "registered");
+                        incarnations.send_replace(Some(r.incarnation));
+                        registered = Some(r);
+                        Duration::from_millis(r.heartbeat_interval_ms)
+                    }
+                    Err(e) if fatal(&e) => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(node = %node.id, error = %e.chain(), "cannot register; retrying");
+                        RETRY_INTERVAL
+                    }
+                },
+                Some(r) => match self.heartbeat(node.id, r.incarnation).await {
+                    Ok(_) => Duration::from_millis(r.heartbeat_interval_ms),
+                    Err(e) if e.code() == tonic::Code::NotFound => {
+                        tracing::info!(node = %node.id, "the config manager forgot this node; registering again");
+                        registered = None;
+                        Duration::ZERO
+                    }
+                    Err(e) if fatal(&e) => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(node = %node.id, error = %e.chain(), "heartbeat failed; retrying");
+                        RETRY_INTERVAL.min(Duration::from_millis(r.heartbeat_interval_ms))
+                    }
+                },
+            };
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
+
+/// A refusal that retrying cannot cure.
+fn fatal(e: &Error) -> bool {
+    matches!(
+        e.code(),
+        tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+    )
 }
 
 impl ConfigWatch {

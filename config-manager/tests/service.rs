@@ -511,3 +511,77 @@ async fn a_corrupt_state_file_is_a_clear_error() {
     );
     cm.stop().await;
 }
+
+#[tokio::test]
+async fn keep_registered_heartbeats_and_registers_again_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let fast = |listen_addr| Options {
+        listen_addr,
+        heartbeat_interval_ms: 50,
+        heartbeat_timeout_ms: 1000,
+        ..options(dir.path())
+    };
+    let cm = start_with(fast("127.0.0.1:0".parse().unwrap())).await;
+    let addr = cm.addr;
+    let client = Client::connect_lazy(&addr.to_string()).unwrap();
+    let (incarnations, mut seen) = tokio::sync::watch::channel(None);
+    let (stop_keeper, keeper_stopped) = oneshot::channel::<()>();
+    let keeper = tokio::spawn(async move {
+        client
+            .keep_registered(node(3), incarnations, async {
+                let _ = keeper_stopped.await;
+            })
+            .await
+    });
+    let first = *within("registration", seen.wait_for(Option::is_some))
+        .await
+        .unwrap();
+    let first = first.unwrap();
+    let nodes = cm.client.list_nodes().await.unwrap();
+    assert_eq!(nodes.len(), 1);
+    assert!(nodes[0].live && nodes[0].incarnation == first);
+    cm.stop().await;
+
+    // The config manager comes back on the same address without the registration; the node
+    // registers again with a higher incarnation.
+    let cm = start_with(fast(addr)).await;
+    let second = *within("registration again", seen.wait_for(|i| *i != Some(first)))
+        .await
+        .unwrap();
+    assert!(second.unwrap() > first);
+    within("the node to be listed", async {
+        while !cm.client.list_nodes().await.unwrap().iter().any(|n| n.live) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    let _ = stop_keeper.send(());
+    within("the keeper to stop", keeper)
+        .await
+        .unwrap()
+        .expect("the keeper ends cleanly");
+    cm.stop().await;
+}
+
+#[tokio::test]
+async fn watchers_are_limited_and_a_slow_subscriber_sees_the_latest_pair() {
+    let dir = tempfile::tempdir().unwrap();
+    let cm = start_with(Options {
+        max_watchers: 1,
+        ..options(dir.path())
+    })
+    .await;
+    let c = &cm.client;
+    let _first = c.watch().await.unwrap();
+    assert_eq!(code(c.watch().await), Code::ResourceExhausted);
+
+    let mut slow = cm.handle.subscribe();
+    register(c, 1..=4).await;
+    c.bootstrap(1, 2).await.unwrap();
+    c.propose_shape(2, 2).await.unwrap();
+    let last = c.complete_transition(Epoch(2)).await.unwrap().pair;
+    within("changed", slow.changed()).await.unwrap();
+    assert_eq!(*slow.borrow_and_update(), last, "skips to the latest pair");
+    cm.stop().await;
+}
