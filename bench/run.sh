@@ -1,0 +1,255 @@
+#!/usr/bin/env bash
+# The end-to-end benchmark of BENCHMARKS.md ("## End to end"), in one go on one machine:
+#
+#   1. `causeway dev` (everything in one process, embedded log) under `causeway bench`;
+#   2. a LocalCluster on a real Kafka-protocol broker: tansu (sqlite storage), the processes
+#      causeway-config-manager, causeway-store-node × NODES and causeway-api-server, under
+#      `causeway bench`;
+#   3. the raw log-append baselines with the same record payload (`causeway bench --raw-log`),
+#      on the embedded log and on the same tansu broker;
+#   4. PostgreSQL 15 (Debian package, installed if missing, a throwaway cluster in a temp dir,
+#      loopback only, synchronous_commit=on) doing jsonb upserts of the same documents at the
+#      same concurrency with pgbench.
+#
+# Every server listens on 127.0.0.1 only and is stopped at exit. The results go to
+# $OUT (default bench/results.md) and to stdout. Knobs (environment):
+#   DURATION=20 CONCURRENCY=32 DOC_BYTES=256 KEYS=10000 PARTITIONS=1 REPLICAS=3
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+export PATH="$HOME/.cargo/bin:$PATH"
+export CARGO_TARGET_DIR="${CAUSEWAY_TARGET_DIR:-$HOME/.cache/causeway-target}"
+
+DURATION=${DURATION:-20}
+CONCURRENCY=${CONCURRENCY:-32}
+DOC_BYTES=${DOC_BYTES:-256}
+KEYS=${KEYS:-10000}
+PARTITIONS=${PARTITIONS:-1}
+REPLICAS=${REPLICAS:-3}
+NODES=$((PARTITIONS * REPLICAS))
+OUT=${OUT:-$ROOT/bench/results.md}
+
+log() { printf '\n== %s\n' "$*" >&2; }
+
+# --- prerequisites -----------------------------------------------------------------------------
+need_apt=()
+command -v python3 >/dev/null || need_apt+=(python3)
+command -v curl >/dev/null || need_apt+=(curl)
+[ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "installing ${need_apt[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+  # The package starts a system cluster: this benchmark uses its own.
+  systemctl stop postgresql 2>/dev/null || service postgresql stop 2>/dev/null || true
+fi
+PGBIN=/usr/lib/postgresql/15/bin
+TANSU=${TANSU:-$HOME/.cargo/bin/tansu}
+if [ ! -x "$TANSU" ]; then
+  log "installing tansu"
+  cargo install tansu --locked --features libsql
+fi
+
+log "release build"
+cargo build --release --locked -p causeway-cli -p causeway-store-node \
+  -p causeway-config-manager -p causeway-api-server
+BIN=$CARGO_TARGET_DIR/release
+
+WORK=$(mktemp -d /tmp/causeway-bench.XXXXXX)
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [ -f "$WORK/pg/data/postmaster.pid" ]; then
+    runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg/data" -m fast stop >/dev/null 2>&1 || true
+  fi
+  if [ -z "${KEEP:-}" ]; then rm -rf "$WORK"; else echo "kept $WORK" >&2; fi
+}
+trap cleanup EXIT
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Waits (at most 60 s) until the API at $1 serves a read with token $2.
+wait_api() {
+  local deadline=$((SECONDS + 60))
+  until [ "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $2" \
+      "$1/v1/collections/_probe/documents/none")" = 404 ]; do
+    [ $SECONDS -lt $deadline ] || { echo "the API at $1 did not serve within 60 s" >&2; return 1; }
+    sleep 0.2
+  done
+}
+
+# Stops the process $1 with SIGINT and waits (at most 30 s).
+stop() {
+  kill -INT "$1" 2>/dev/null || return 0
+  local deadline=$((SECONDS + 30))
+  while kill -0 "$1" 2>/dev/null; do
+    [ $SECONDS -lt $deadline ] || { kill -9 "$1"; break; }
+    sleep 0.1
+  done
+}
+
+bench() { # name, then causeway bench flags
+  local name=$1; shift
+  log "bench $name"
+  "$BIN/causeway" bench --json --duration "$DURATION" --concurrency "$CONCURRENCY" \
+    --doc-bytes "$DOC_BYTES" "$@" >"$WORK/$name.json"
+}
+
+# --- 1. causeway dev ---------------------------------------------------------------------------
+log "causeway dev ${PARTITIONS}x${REPLICAS}"
+DEV_PORT=$(free_port)
+"$BIN/causeway" dev --data-dir "$WORK/dev" --listen "127.0.0.1:$DEV_PORT" \
+  --partitions "$PARTITIONS" --replicas "$REPLICAS" >"$WORK/dev.log" 2>&1 &
+DEV_PID=$!
+PIDS+=("$DEV_PID")
+deadline=$((SECONDS + 60))
+until [ -f "$WORK/dev/tokens.json" ]; do
+  [ $SECONDS -lt $deadline ] || { cat "$WORK/dev.log" >&2; exit 1; }
+  sleep 0.2
+done
+DEV_TOKEN=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["tokens"][0]["token"])' "$WORK/dev/tokens.json")
+wait_api "http://127.0.0.1:$DEV_PORT" "$DEV_TOKEN"
+bench dev-write --url "http://127.0.0.1:$DEV_PORT" --token "$DEV_TOKEN" --workload write \
+  --keys "$KEYS" --zipf 0
+bench dev-ycsb-b --url "http://127.0.0.1:$DEV_PORT" --token "$DEV_TOKEN" --workload ycsb-b \
+  --keys "$KEYS" --zipf 0.99
+stop "$DEV_PID"
+
+# --- 2. raw embedded log -----------------------------------------------------------------------
+bench raw-embedded --raw-log "{\"backend\":\"embedded\",\"dir\":\"$WORK/rawlog\"}"
+
+# --- 3. tansu + LocalCluster -------------------------------------------------------------------
+log "tansu"
+KAFKA_PORT=$(free_port)
+mkdir -p "$WORK/tansu"
+(cd "$WORK/tansu" && exec env -u STORAGE_ENGINE -u LISTENER_URL -u ADVERTISED_LISTENER_URL \
+  "$TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+  --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+  --storage-engine "sqlite://tansu.db" >"$WORK/tansu.log" 2>&1) &
+PIDS+=($!)
+deadline=$((SECONDS + 30))
+until (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null; do
+  [ $SECONDS -lt $deadline ] || { cat "$WORK/tansu.log" >&2; exit 1; }
+  sleep 0.2
+done
+KAFKA_LOG="{\"backend\":\"kafka\",\"bootstrap_servers\":\"127.0.0.1:$KAFKA_PORT\",\"topic\":\"causeway-tx\"}"
+
+log "LocalCluster: config manager, $NODES store nodes, api-server on Kafka"
+CM_PORT=$(free_port)
+"$BIN/causeway-config-manager" --listen "127.0.0.1:$CM_PORT" --data-dir "$WORK/cluster/cm" \
+  >"$WORK/cm.log" 2>&1 &
+PIDS+=($!)
+for i in $(seq 1 "$NODES"); do
+  cat >"$WORK/node-$i.json" <<EOF
+{"node_id": $i, "listen": "127.0.0.1:$(free_port)", "data_dir": "$WORK/cluster/node-$i",
+ "config_manager": "127.0.0.1:$CM_PORT", "log": $KAFKA_LOG}
+EOF
+  "$BIN/causeway-store-node" --config "$WORK/node-$i.json" >"$WORK/node-$i.log" 2>&1 &
+  PIDS+=($!)
+done
+"$BIN/causeway" admin bootstrap --config-manager "127.0.0.1:$CM_PORT" \
+  --partitions "$PARTITIONS" --replicas "$REPLICAS" --wait 60
+CLUSTER_TOKEN="bench-$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
+printf '{"tokens": [{"name": "bench", "token": "%s", "admin": true}]}\n' "$CLUSTER_TOKEN" \
+  >"$WORK/tokens.json"
+API_PORT=$(free_port)
+"$BIN/causeway-api-server" --listen "127.0.0.1:$API_PORT" --config-manager "127.0.0.1:$CM_PORT" \
+  --log "$KAFKA_LOG" --tokens-file "$WORK/tokens.json" >"$WORK/api.log" 2>&1 &
+PIDS+=($!)
+wait_api "http://127.0.0.1:$API_PORT" "$CLUSTER_TOKEN"
+bench kafka-write --url "http://127.0.0.1:$API_PORT" --token "$CLUSTER_TOKEN" --workload write \
+  --keys "$KEYS" --zipf 0
+bench kafka-ycsb-b --url "http://127.0.0.1:$API_PORT" --token "$CLUSTER_TOKEN" --workload ycsb-b \
+  --keys "$KEYS" --zipf 0.99
+"$BIN/causeway" admin status --config-manager "127.0.0.1:$CM_PORT" >"$WORK/kafka-status.txt" || true
+
+bench raw-kafka --raw-log \
+  "{\"backend\":\"kafka\",\"bootstrap_servers\":\"127.0.0.1:$KAFKA_PORT\",\"topic\":\"raw-baseline\"}"
+
+# --- 4. PostgreSQL 15 --------------------------------------------------------------------------
+log "PostgreSQL 15 (synchronous_commit=on)"
+PG_PORT=$(free_port)
+mkdir -p "$WORK/pg"
+chown postgres: "$WORK/pg"
+runuser -u postgres -- "$PGBIN/initdb" -D "$WORK/pg/data" -A trust -U postgres >/dev/null
+runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg/data" -l "$WORK/pg/server.log" -w \
+  -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $WORK/pg -c synchronous_commit=on -c fsync=on -c max_connections=$((CONCURRENCY + 20))" \
+  start >/dev/null
+psql -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -c \
+  "CREATE TABLE docs (id text PRIMARY KEY, doc jsonb NOT NULL)"
+# The same document as `causeway bench` writes: {"n":K,"field0":"f"*16,"pad":"x"*PAD}, DOC_BYTES long.
+PAD=$(python3 -c 'import json,sys; b=int(sys.argv[1]); base=len(json.dumps({"n":0,"field0":"","pad":""},separators=(",",":"))); print(b-base-16)' "$DOC_BYTES")
+cat >"$WORK/pg/upsert.sql" <<EOF
+\set k random(0, $((KEYS - 1)))
+INSERT INTO docs (id, doc) VALUES ('k' || lpad(:k::text, 9, '0'),
+  ('{"n":' || :k || ',"field0":"ffffffffffffffff","pad":"' || repeat('x', $PAD) || '"}')::jsonb)
+ON CONFLICT (id) DO UPDATE SET doc = EXCLUDED.doc;
+EOF
+(cd "$WORK/pg" && pgbench -n -h 127.0.0.1 -p "$PG_PORT" -U postgres -M prepared \
+  -c "$CONCURRENCY" -j 2 -T "$DURATION" -f upsert.sql -l --log-prefix=pgbench postgres \
+  >"$WORK/pgbench.txt" 2>&1)
+cat "$WORK"/pg/pgbench.* | python3 -c '
+import json, sys
+lat = sorted(int(line.split()[2]) for line in sys.stdin if line.strip())
+q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] / 1000.0
+txt = open(sys.argv[1]).read()
+tps = float([l for l in txt.splitlines() if l.startswith("tps = ")][0].split()[2])
+fail = [l for l in txt.splitlines() if "failed" in l]
+json.dump({"writes_per_s": tps, "ok": len(lat), "errors": 0,
+           "latency": {"p50_ms": q(0.5), "p99_ms": q(0.99), "p999_ms": q(0.999)}},
+          open(sys.argv[2], "w"))
+' "$WORK/pgbench.txt" "$WORK/postgres.json"
+
+# --- the table ---------------------------------------------------------------------------------
+python3 - "$WORK" "$OUT" "$DURATION" "$CONCURRENCY" "$DOC_BYTES" "$KEYS" "$PARTITIONS" "$REPLICAS" <<'EOF'
+import json, os, platform, subprocess, sys
+work, out, duration, conc, doc, keys, p, r = sys.argv[1:]
+def load(name):
+    return json.load(open(os.path.join(work, name + ".json")))
+rows = [
+    ("causeway dev (embedded log, %sx%s, one process), PUT" % (p, r), "dev-write"),
+    ("Causeway LocalCluster on tansu (Kafka protocol), %sx%s, PUT" % (p, r), "kafka-write"),
+    ("raw embedded log append (same payload)", "raw-embedded"),
+    ("raw Kafka append to tansu (same payload)", "raw-kafka"),
+    ("PostgreSQL 15 jsonb upsert, synchronous_commit=on (pgbench)", "postgres"),
+]
+res = {name: load(name) for _, name in rows}
+def fmt(x): return "-" if x is None else ("%.2f" % x)
+lines = []
+lines.append("| setup | writes/s | p50 ms | p99 ms | p999 ms | errors | visibility lag p50 / p99 ms |")
+lines.append("|---|---:|---:|---:|---:|---:|---:|")
+for label, name in rows:
+    j = res[name]
+    lat = j.get("latency") or {}
+    lag = j.get("visibility_lag")
+    lag_s = "%s / %s" % (fmt(lag["p50_ms"]), fmt(lag["p99_ms"])) if lag else "-"
+    lines.append("| %s | %.0f | %s | %s | %s | %d | %s |" % (
+        label, j["writes_per_s"], fmt(lat.get("p50_ms")), fmt(lat.get("p99_ms")),
+        fmt(lat.get("p999_ms")), j["errors"], lag_s))
+pg = res["postgres"]["writes_per_s"]
+ratio = lambda a, b: res[a]["writes_per_s"] / res[b]["writes_per_s"] if res[b]["writes_per_s"] else float("nan")
+lines.append("")
+lines.append("| ratio | value |")
+lines.append("|---|---:|")
+lines.append("| causeway dev writes/s ÷ PostgreSQL upserts/s | %.2f |" % ratio("dev-write", "postgres"))
+lines.append("| Causeway on Kafka writes/s ÷ PostgreSQL upserts/s | %.2f |" % ratio("kafka-write", "postgres"))
+lines.append("| causeway dev writes/s ÷ raw embedded log appends/s | %.2f |" % ratio("dev-write", "raw-embedded"))
+lines.append("| Causeway on Kafka writes/s ÷ raw Kafka appends/s | %.2f |" % ratio("kafka-write", "raw-kafka"))
+lines.append("")
+for name, label in (("dev-ycsb-b", "causeway dev"), ("kafka-ycsb-b", "Causeway on Kafka")):
+    j = res.get(name) or load(name)
+    lat = j.get("latency") or {}
+    lines.append("YCSB-B (95%% read, zipf 0.99) on %s: %.0f ops/s (%.0f reads/s), p50 %s ms, p99 %s ms, %d errors." % (
+        label, j["throughput_ops_s"], j["reads_per_s"], fmt(lat.get("p50_ms")), fmt(lat.get("p99_ms")), j["errors"]))
+cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
+lines.append("")
+lines.append("Closed loop, %s clients, %s s per run, %s-byte JSON documents, %s keys (uniform for the write rows). "
+             "Machine: %s cores (%s), %s." % (conc, duration, doc, keys, os.cpu_count(), cpu, platform.platform()))
+text = "\n".join(lines) + "\n"
+open(out, "w").write(text)
+print(text)
+EOF

@@ -1,0 +1,586 @@
+//! `causeway dev`: the config manager, P × R store nodes and the api-server in one process, on
+//! ONE embedded transaction log shared by all of them (the embedded log locks its directory, so
+//! the components cannot each open it).
+//!
+//! The data dir holds one subdirectory per component and two files of its own:
+//!
+//! ```text
+//! <data-dir>/dev.json          the manifest: the shape and the store nodes' addresses
+//! <data-dir>/tokens.json       the generated admin token (0600), kept across restarts
+//! <data-dir>/log/              the embedded transaction log
+//! <data-dir>/config-manager/   the config manager's state file
+//! <data-dir>/node-<id>/        each store node's RocksDB
+//! ```
+//!
+//! The store nodes' addresses are part of the bootstrapped configuration (the config manager
+//! refuses a node that comes back under another address), so the first start picks free ports
+//! and the manifest keeps them for every restart. The config manager may move: the nodes and the
+//! api-server are told where it is at each start.
+//!
+//! Start-up order: config manager, log, store nodes (they register), bootstrap on the first start
+//! only, tokens, api-server, then a probe read until the API answers. Shutdown runs in the
+//! reverse order, so no component loses a peer while it still serves: the api-server drains its
+//! requests, then the store nodes stop, then the config manager, and the log is closed last.
+
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use causeway_api_server as api;
+use causeway_config_manager as cm;
+use causeway_core::NodeId;
+use causeway_store_node as store_node;
+use causeway_txlog::{LogOptions, TxLog};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+/// How long start-up may take before `causeway dev` gives up (RocksDB opening, registration,
+/// bootstrap, the first read).
+const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
+/// How long each tier may take to stop after being told to.
+const STOP_DEADLINE: Duration = Duration::from_secs(30);
+/// The collection of the start-up probe read (a document that is never written).
+const PROBE_COLLECTION: &str = "_causeway_probe";
+
+/// Flags of `causeway dev`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Partitions of the cluster (first start: default 1; later: the data dir's shape).
+    #[arg(long)]
+    partitions: Option<u32>,
+    /// Replicas per partition (first start: default 1; later: the data dir's shape).
+    #[arg(long)]
+    replicas: Option<u32>,
+    /// Where every component keeps its data; reused across restarts.
+    #[arg(long, default_value = ".causeway-dev")]
+    data_dir: PathBuf,
+    /// Where the HTTP API listens.
+    #[arg(long, default_value = "127.0.0.1:7300")]
+    listen: SocketAddr,
+}
+
+/// What the data dir remembers between runs (`dev.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub partitions: u32,
+    pub replicas: u32,
+    /// The config manager of the latest run (for `causeway admin status --data-dir`).
+    pub config_manager: SocketAddr,
+    /// The API address of the latest run.
+    pub api: SocketAddr,
+    /// Every store node, with the address it must keep.
+    pub nodes: Vec<ManifestNode>,
+}
+
+/// One store node of the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestNode {
+    pub id: u64,
+    pub listen: SocketAddr,
+}
+
+impl Manifest {
+    pub fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join("dev.json")
+    }
+
+    /// The manifest of a data dir, if it has one.
+    pub fn load(data_dir: &Path) -> Result<Option<Manifest>> {
+        let path = Manifest::path(data_dir);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let manifest: Manifest = serde_json::from_slice(&bytes)
+                    .with_context(|| format!("{} is not a valid manifest", path.display()))?;
+                ensure!(
+                    manifest.nodes.len() as u64
+                        == u64::from(manifest.partitions) * u64::from(manifest.replicas),
+                    "{} lists {} nodes for a {}×{} cluster",
+                    path.display(),
+                    manifest.nodes.len(),
+                    manifest.partitions,
+                    manifest.replicas
+                );
+                Ok(Some(manifest))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
+    /// Writes the manifest atomically (temp file, fsync, rename, fsync of the directory).
+    fn store(&self, data_dir: &Path) -> Result<()> {
+        let path = Manifest::path(data_dir);
+        let tmp = data_dir.join("dev.json.tmp");
+        let mut file = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        file.write_all(&serde_json::to_vec_pretty(self)?)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::File::open(data_dir)?.sync_all()?;
+        Ok(())
+    }
+}
+
+/// The admin token of the data dir: read from `tokens.json`, or generated (and written with mode
+/// 0600) on the first start.
+fn ensure_admin_token(path: &Path) -> Result<String> {
+    #[derive(Deserialize)]
+    struct File {
+        tokens: Vec<Entry>,
+    }
+    #[derive(Deserialize)]
+    struct Entry {
+        token: String,
+        #[serde(default)]
+        admin: bool,
+    }
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let file: File = serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is not a tokens file", path.display()))?;
+            file.tokens
+                .into_iter()
+                .find(|t| t.admin)
+                .map(|t| t.token)
+                .with_context(|| format!("{} has no admin token", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token = generate_token();
+            let body = serde_json::json!({"tokens": [
+                {"name": "dev-admin", "token": token, "admin": true}
+            ]});
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            file.write_all(&serde_json::to_vec_pretty(&body)?)?;
+            file.sync_all()?;
+            Ok(token)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// 192 random bits from the OS-seeded generator, hex encoded.
+fn generate_token() -> String {
+    let bytes: [u8; 24] = rand::random();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("cw_dev_{hex}")
+}
+
+/// The shape to run: the flags, checked against the data dir's.
+fn resolve_shape(args: &Args, existing: Option<&Manifest>) -> Result<(u32, u32)> {
+    match existing {
+        None => {
+            let shape = (args.partitions.unwrap_or(1), args.replicas.unwrap_or(1));
+            ensure!(
+                shape.0 >= 1 && shape.1 >= 1,
+                "--partitions and --replicas must be at least 1"
+            );
+            ensure!(
+                u64::from(shape.0) * u64::from(shape.1) <= 64,
+                "causeway dev runs at most 64 store nodes in one process"
+            );
+            Ok(shape)
+        }
+        Some(m) => {
+            let wanted = (
+                args.partitions.unwrap_or(m.partitions),
+                args.replicas.unwrap_or(m.replicas),
+            );
+            if wanted != (m.partitions, m.replicas) {
+                bail!(
+                    "the data dir {} holds a {}×{} cluster (partitions × replicas), not {}×{}: \
+                     run without --partitions/--replicas to reuse it, or pick another --data-dir",
+                    args.data_dir.display(),
+                    m.partitions,
+                    m.replicas,
+                    wanted.0,
+                    wanted.1
+                );
+            }
+            Ok(wanted)
+        }
+    }
+}
+
+/// A running component: how to tell it to stop, and its task.
+struct Running {
+    name: String,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<()>>,
+}
+
+/// Spawns `run(stopped)`; `exited` hears the name when the component ends for any reason.
+fn spawn<F, E>(
+    name: String,
+    exited: &mpsc::Sender<String>,
+    run: impl FnOnce(std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> F,
+) -> Running
+where
+    F: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let (stop, mut stopped) = watch::channel(false);
+    let stopped: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    });
+    let fut = run(stopped);
+    let exited = exited.clone();
+    let label = name.clone();
+    let task = tokio::spawn(async move {
+        let result = fut.await.with_context(|| format!("{label} failed"));
+        let _ = exited.try_send(label);
+        result
+    });
+    Running { name, stop, task }
+}
+
+/// Stops a tier of components and waits for them, each within [`STOP_DEADLINE`].
+async fn stop_all(tier: Vec<Running>) -> Vec<anyhow::Error> {
+    for r in &tier {
+        let _ = r.stop.send(true);
+    }
+    let mut errors = Vec::new();
+    for r in tier {
+        match tokio::time::timeout(STOP_DEADLINE, r.task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => errors.push(e),
+            Ok(Err(join)) => errors.push(anyhow::anyhow!("{} panicked: {join}", r.name)),
+            Err(_) => errors.push(anyhow::anyhow!(
+                "{} did not stop within {STOP_DEADLINE:?}",
+                r.name
+            )),
+        }
+    }
+    errors
+}
+
+/// Everything that runs, by tier (the order of shutdown is api, nodes, config manager, log).
+#[derive(Default)]
+struct Cluster {
+    api: Vec<Running>,
+    nodes: Vec<Running>,
+    config_manager: Vec<Running>,
+    log: Option<TxLog>,
+}
+
+impl Cluster {
+    async fn shutdown(self) -> Result<()> {
+        let mut errors = stop_all(self.api).await;
+        errors.extend(stop_all(self.nodes).await);
+        errors.extend(stop_all(self.config_manager).await);
+        if let Some(log) = self.log {
+            if let Err(e) = log.close().await {
+                errors.push(anyhow::Error::new(e).context("closing the log"));
+            }
+        }
+        match errors.into_iter().next() {
+            None => Ok(()),
+            Some(first) => Err(first),
+        }
+    }
+}
+
+/// Runs `causeway dev` until `shutdown` completes (or a component fails).
+pub async fn run(args: Args, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    let existing = Manifest::load(&args.data_dir)?;
+    let (partitions, replicas) = resolve_shape(&args, existing.as_ref())?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let data_dir = args
+        .data_dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", args.data_dir.display()))?;
+
+    let (exited_tx, mut exited_rx) = mpsc::channel::<String>(256);
+    let mut cluster = Cluster::default();
+    let mut shutdown = std::pin::pin!(shutdown);
+    let started = Instant::now();
+    let startup = start(
+        &args,
+        &data_dir,
+        existing.as_ref(),
+        (partitions, replicas),
+        &exited_tx,
+        &mut cluster,
+    );
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(STARTUP_DEADLINE, startup) => match r {
+            Ok(Ok(banner)) => Some(Ok(banner)),
+            Ok(Err(e)) => Some(Err(e)),
+            Err(_) => Some(Err(anyhow::anyhow!(
+                "the cluster did not start within {STARTUP_DEADLINE:?}"
+            ))),
+        },
+        () = &mut shutdown => None,
+    };
+    let banner = match outcome {
+        Some(Ok(banner)) => banner,
+        Some(Err(e)) => {
+            if let Err(stop) = cluster.shutdown().await {
+                tracing::warn!(error = %format!("{stop:#}"), "shutdown after a failed start");
+            }
+            return Err(e);
+        }
+        None => return cluster.shutdown().await,
+    };
+    println!(
+        "{banner}\n(started in {:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
+
+    let failed = tokio::select! {
+        () = &mut shutdown => None,
+        name = exited_rx.recv() => name,
+    };
+    let result = cluster.shutdown().await;
+    match failed {
+        Some(name) => {
+            result?;
+            bail!("{name} stopped unexpectedly; the cluster was shut down")
+        }
+        None => {
+            result?;
+            println!("causeway dev stopped cleanly");
+            Ok(())
+        }
+    }
+}
+
+/// Starts every component into `cluster` and answers the banner to print.
+async fn start(
+    args: &Args,
+    data_dir: &Path,
+    existing: Option<&Manifest>,
+    (partitions, replicas): (u32, u32),
+    exited: &mpsc::Sender<String>,
+    cluster: &mut Cluster,
+) -> Result<String> {
+    // The config manager, on a free port.
+    let cm_service = cm::Service::bind(cm::Options {
+        listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_dir: data_dir.join("config-manager"),
+        ..cm::Options::default()
+    })
+    .await
+    .context("starting the config manager")?;
+    let cm_addr = cm_service.local_addr();
+    let cm_handle = cm_service.handle();
+    cluster.config_manager.push(spawn(
+        "the config manager".into(),
+        exited,
+        |stopped| cm_service.run(stopped),
+    ));
+
+    // The one log every component shares.
+    let log_options: LogOptions = serde_json::from_value(serde_json::json!({
+        "backend": "embedded",
+        "dir": data_dir.join("log"),
+    }))?;
+    let log = TxLog::open(log_options.clone())
+        .await
+        .with_context(|| format!("opening the log in {}", data_dir.join("log").display()))?;
+    cluster.log = Some(log.clone());
+
+    // The store nodes, at the addresses of the manifest (free ports on the first start).
+    let count = partitions * replicas;
+    let mut nodes = Vec::new();
+    for i in 0..count {
+        let id = u64::from(i) + 1;
+        let listen = match existing {
+            Some(m) => m.nodes[i as usize].listen,
+            None => SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        let options = store_node::Options {
+            node_id: NodeId(id),
+            listen,
+            advertise: None,
+            admin_listen: None,
+            data_dir: data_dir.join(format!("node-{id}")),
+            config_manager: cm_addr.to_string(),
+            log: log_options.clone(),
+            store: Default::default(),
+            tuning: Default::default(),
+        };
+        let service = store_node::Service::bind_with_log(options, log.clone())
+            .await
+            .with_context(|| format!("starting store node {id} on {listen}"))?;
+        nodes.push(ManifestNode {
+            id,
+            listen: service.local_addr(),
+        });
+        cluster.nodes.push(spawn(
+            format!("store node {id}"),
+            exited,
+            |stopped| service.run(stopped),
+        ));
+    }
+    let mut manifest = Manifest {
+        partitions,
+        replicas,
+        config_manager: cm_addr,
+        api: args.listen,
+        nodes,
+    };
+    manifest.store(data_dir)?;
+
+    // Bootstrap on the first start; later starts find the configuration in the config manager.
+    let pair = cm_handle.pair();
+    match &pair.current {
+        None => {
+            wait_registered(&cm_handle, count).await?;
+            cm_handle
+                .bootstrap(partitions, replicas)
+                .await
+                .context("bootstrapping the cluster")?;
+            tracing::info!(partitions, replicas, "cluster bootstrapped");
+        }
+        Some(config) => {
+            let found_partitions = config.replicas.len();
+            let found_replicas = config.replicas.values().map(Vec::len).max().unwrap_or(0);
+            ensure!(
+                found_partitions == partitions as usize && found_replicas == replicas as usize,
+                "the config manager in {} runs a {found_partitions}×{found_replicas} cluster but \
+                 dev.json says {partitions}×{replicas}: the data dir is inconsistent",
+                data_dir.display()
+            );
+        }
+    }
+
+    // The api-server, with the data dir's admin token.
+    let tokens_file = data_dir.join("tokens.json");
+    let token = ensure_admin_token(&tokens_file)?;
+    let api_service = api::Service::bind_with_log(
+        api::Options {
+            listen_addr: args.listen,
+            config_manager_addr: cm_addr.to_string(),
+            log: log_options,
+            tokens_file: Some(tokens_file.clone()),
+            ..api::Options::default()
+        },
+        log,
+    )
+    .await
+    .with_context(|| format!("starting the api-server on {}", args.listen))?;
+    let api_addr = api_service.local_addr();
+    cluster.api.push(spawn("the api-server".into(), exited, |stopped| {
+        api_service.run(stopped)
+    }));
+    manifest.api = api_addr;
+    manifest.store(data_dir)?;
+
+    let url = format!("http://{api_addr}");
+    wait_serving(&url, &token).await?;
+
+    let data = data_dir.display();
+    Ok(format!(
+        "Causeway dev cluster ready: {partitions} partition(s) × {replicas} replica(s), data in {data}\n\
+         \n  API             {url}\n  admin token     {token}\n  tokens file     {tokens}\n  config manager  {cm_addr}   (causeway admin status --data-dir {data})\n\
+         \nTry:\n  curl -sS -X PUT {url}/v1/collections/notes/documents/hello \\\n    -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' \\\n    -d '{{\"text\": \"hello, causeway\"}}'\n\
+         \nCtrl-C stops the cluster.",
+        tokens = tokens_file.display(),
+    ))
+}
+
+/// Waits until the `count` store nodes of this run are registered and live.
+async fn wait_registered(cm_handle: &cm::Handle, count: u32) -> Result<()> {
+    loop {
+        let nodes = cm_handle.list_nodes().await?;
+        let live = nodes
+            .iter()
+            .filter(|n| n.live && (1..=u64::from(count)).contains(&n.info.id.0))
+            .count();
+        if live == count as usize {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the API answers a read (a never-written document: 404, not 503).
+async fn wait_serving(url: &str, token: &str) -> Result<()> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let probe = format!("{url}/v1/collections/{PROBE_COLLECTION}/documents/none");
+    let mut last = String::from("no answer yet");
+    loop {
+        match http.get(&probe).bearer_auth(token).send().await {
+            Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => return Ok(()),
+            Ok(r) => last = format!("status {}", r.status()),
+            Err(e) => last = e.to_string(),
+        }
+        tracing::debug!(last = %last, "waiting for the API to serve reads");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(p: Option<u32>, r: Option<u32>) -> Args {
+        Args {
+            partitions: p,
+            replicas: r,
+            data_dir: PathBuf::from("d"),
+            listen: "127.0.0.1:7300".parse().unwrap(),
+        }
+    }
+
+    fn manifest(p: u32, r: u32) -> Manifest {
+        Manifest {
+            partitions: p,
+            replicas: r,
+            config_manager: "127.0.0.1:1".parse().unwrap(),
+            api: "127.0.0.1:2".parse().unwrap(),
+            nodes: (1..=u64::from(p * r))
+                .map(|id| ManifestNode {
+                    id,
+                    listen: "127.0.0.1:3".parse().unwrap(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_shape_defaults_to_one_by_one_then_follows_the_data_dir() {
+        assert_eq!(resolve_shape(&args(None, None), None).unwrap(), (1, 1));
+        assert_eq!(resolve_shape(&args(Some(3), None), None).unwrap(), (3, 1));
+        let m = manifest(2, 2);
+        assert_eq!(resolve_shape(&args(None, None), Some(&m)).unwrap(), (2, 2));
+        assert_eq!(resolve_shape(&args(Some(2), Some(2)), Some(&m)).unwrap(), (2, 2));
+        let e = resolve_shape(&args(Some(3), None), Some(&m)).unwrap_err();
+        assert!(e.to_string().contains("holds a 2×2 cluster"), "{e}");
+        assert!(resolve_shape(&args(Some(0), None), None).is_err());
+    }
+
+    #[test]
+    fn the_manifest_and_the_token_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Manifest::load(dir.path()).unwrap(), None);
+        let m = manifest(2, 1);
+        m.store(dir.path()).unwrap();
+        assert_eq!(Manifest::load(dir.path()).unwrap(), Some(m));
+
+        let tokens = dir.path().join("tokens.json");
+        let first = ensure_admin_token(&tokens).unwrap();
+        assert!(first.len() >= api::auth::MIN_TOKEN_BYTES);
+        assert_eq!(ensure_admin_token(&tokens).unwrap(), first);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&tokens).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_ne!(generate_token(), first);
+    }
+}

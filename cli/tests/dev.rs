@@ -1,0 +1,280 @@
+//! The real `causeway` binary end to end: `causeway dev` on a temp data dir and a free loopback
+//! port serves documents; after SIGINT it stops cleanly; restarted on the same data dir it serves
+//! the same documents with the same token; `causeway admin status` describes it; a different
+//! shape on that data dir is refused. Every wait has a deadline; set `CAUSEWAY_KEEP_TEST_DIR=1`
+//! to keep the data dir for inspection.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_causeway");
+/// Start-up of a debug build with two RocksDB nodes; generous for a loaded 2-core machine.
+const START_DEADLINE: Duration = Duration::from_secs(45);
+const STOP_DEADLINE: Duration = Duration::from_secs(20);
+
+/// A running `causeway dev`, killed if the test fails before stopping it.
+struct Dev {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Dev {
+    fn start(data_dir: &Path, port: u16, extra: &[&str], log: PathBuf) -> Result<Dev> {
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new(BIN)
+            .arg("dev")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("spawning causeway dev")?;
+        Ok(Dev {
+            child: Some(child),
+            log,
+        })
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGINT, then waits for the exit.
+    fn interrupt(mut self) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("already stopped")?;
+        let status = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()?;
+        ensure!(status.success(), "kill -INT failed");
+        let deadline = Instant::now() + STOP_DEADLINE;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        bail!(
+            "causeway dev did not stop within {STOP_DEADLINE:?}\n{}",
+            self.output()
+        )
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn token(data_dir: &Path) -> Result<String> {
+    let tokens: Value = serde_json::from_slice(&std::fs::read(data_dir.join("tokens.json"))?)?;
+    tokens["tokens"][0]["token"]
+        .as_str()
+        .map(str::to_owned)
+        .context("no token")
+}
+
+/// Polls `/readyz`, then a read, until the API serves (404 for a missing document).
+async fn wait_serving(http: &reqwest::Client, base: &str, dev: &Dev, data_dir: &Path) -> Result<()> {
+    let deadline = Instant::now() + START_DEADLINE;
+    while Instant::now() < deadline {
+        let ready = http.get(format!("{base}/readyz")).send().await;
+        if matches!(&ready, Ok(r) if r.status().is_success()) {
+            if let Ok(token) = token(data_dir) {
+                let r = http
+                    .get(format!("{base}/v1/collections/notes/documents/missing"))
+                    .bearer_auth(token)
+                    .send()
+                    .await?;
+                if r.status() == 404 {
+                    return Ok(());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!(
+        "causeway dev did not serve within {START_DEADLINE:?}\n{}",
+        dev.output()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_serves_documents_and_keeps_them_across_a_restart() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data_dir = dir.path().join("data");
+    let port = free_port()?;
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()?;
+
+    // First start: 2 partitions × 1 replica.
+    let dev = Dev::start(
+        &data_dir,
+        port,
+        &["--partitions", "2", "--replicas", "1"],
+        dir.path().join("dev-1.log"),
+    )?;
+    wait_serving(&http, &base, &dev, &data_dir).await?;
+    let token = token(&data_dir)?;
+    assert!(dev.output().contains(&token), "the token is printed");
+    assert!(dev.output().contains("curl"), "a curl example is printed");
+
+    // Unauthenticated requests are refused.
+    let r = http
+        .get(format!("{base}/v1/collections/notes/documents/n-0"))
+        .send()
+        .await?;
+    assert_eq!(r.status(), 401);
+
+    let mut last_ts = 0u64;
+    for i in 0..20 {
+        let r = http
+            .put(format!("{base}/v1/collections/notes/documents/n-{i}"))
+            .bearer_auth(&token)
+            .json(&json!({"i": i, "text": format!("note {i}")}))
+            .send()
+            .await?;
+        ensure!(r.status() == 200, "PUT n-{i}: {}", r.status());
+        let body: Value = r.json().await?;
+        last_ts = last_ts.max(body["ts"].as_u64().context("no ts")?);
+    }
+    let r = http
+        .post(format!("{base}/v1/transactions"))
+        .bearer_auth(&token)
+        .json(&json!({"mutations": [
+            {"op": "increment", "collection": "accounts", "id": "alice", "path": "balance", "delta": -10},
+            {"op": "increment", "collection": "accounts", "id": "bob", "path": "balance", "delta": 10},
+        ]}))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "transaction: {}", r.status());
+    last_ts = last_ts.max(r.json::<Value>().await?["ts"].as_u64().context("no ts")?);
+
+    let read_all = |after: u64| {
+        let http = http.clone();
+        let base = base.clone();
+        let token = token.clone();
+        async move {
+            for i in 0..20 {
+                let r = http
+                    .get(format!("{base}/v1/collections/notes/documents/n-{i}"))
+                    .bearer_auth(&token)
+                    .header("causeway-after", after.to_string())
+                    .send()
+                    .await?;
+                ensure!(r.status() == 200, "GET n-{i}: {}", r.status());
+                let doc: Value = r.json().await?;
+                ensure!(doc == json!({"i": i, "text": format!("note {i}")}), "n-{i}: {doc}");
+            }
+            let r = http
+                .post(format!("{base}/v1/documents:get"))
+                .bearer_auth(&token)
+                .header("causeway-after", after.to_string())
+                .json(&json!({"keys": [{"collection": "accounts", "id": "alice"},
+                                       {"collection": "accounts", "id": "bob"}]}))
+                .send()
+                .await?;
+            ensure!(r.status() == 200, "multi-get: {}", r.status());
+            let body: Value = r.json().await?;
+            ensure!(
+                body["documents"][0]["document"]["balance"] == -10
+                    && body["documents"][1]["document"]["balance"] == 10,
+                "accounts: {body}"
+            );
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+    read_all(last_ts).await?;
+
+    // `admin status` describes the running cluster.
+    let status = Command::new(BIN)
+        .args(["admin", "status", "--json", "--data-dir"])
+        .arg(&data_dir)
+        .output()?;
+    ensure!(
+        status.status.success(),
+        "admin status: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let status: Value = serde_json::from_slice(&status.stdout)?;
+    assert_eq!(status["epoch"], 1, "{status}");
+    assert_eq!(status["partitions"].as_array().map(Vec::len), Some(2), "{status}");
+    for p in status["partitions"].as_array().context("partitions")? {
+        assert_eq!(p["replicas"][0]["health"], "ok", "{status}");
+    }
+    let share: f64 = status["partitions"]
+        .as_array()
+        .context("partitions")?
+        .iter()
+        .filter_map(|p| p["share"].as_f64())
+        .sum();
+    assert!((share - 1.0).abs() < 1e-9, "{status}");
+
+    let exit = dev.interrupt()?;
+    assert!(exit.success(), "causeway dev exited with {exit}");
+
+    // A different shape on this data dir is refused, quickly and clearly.
+    let refused = Command::new(BIN)
+        .arg("dev")
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args(["--partitions", "3", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .output()?;
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("holds a 2×1 cluster"), "{stderr}");
+
+    // Restart on the same data dir (the shape comes from it): the same token, every document.
+    let dev = Dev::start(&data_dir, port, &[], dir.path().join("dev-2.log"))?;
+    wait_serving(&http, &base, &dev, &data_dir).await?;
+    assert_eq!(token(&data_dir)?, token);
+    read_all(last_ts).await?;
+    // And it still takes writes.
+    let r = http
+        .patch(format!("{base}/v1/collections/notes/documents/n-0"))
+        .bearer_auth(&token)
+        .header("content-type", "application/merge-patch+json")
+        .body(r#"{"text": "edited"}"#)
+        .send()
+        .await?;
+    assert_eq!(r.status(), 200);
+    let ts = r.json::<Value>().await?["ts"].as_u64().context("no ts")?;
+    assert!(ts > last_ts, "commit ts {ts} after a restart must exceed {last_ts}");
+    let doc: Value = http
+        .get(format!("{base}/v1/collections/notes/documents/n-0"))
+        .bearer_auth(&token)
+        .header("causeway-after", ts.to_string())
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(doc, json!({"i": 0, "text": "edited"}));
+
+    let exit = dev.interrupt()?;
+    assert!(exit.success(), "causeway dev exited with {exit}");
+    if std::env::var_os("CAUSEWAY_KEEP_TEST_DIR").is_some() {
+        eprintln!("kept {}", dir.keep().display());
+    }
+    Ok(())
+}
