@@ -11,6 +11,16 @@ use causeway_store_node::{Store, StoreOptions};
 use common::*;
 use serde_json::json;
 
+/// Runs GC steps until a pass completes (bounded).
+fn gc_all(store: &Store, gc_ts: Timestamp) {
+    for _ in 0..10_000 {
+        if store.gc(gc_ts, 50).unwrap().pass_complete {
+            return;
+        }
+    }
+    panic!("gc did not finish a pass");
+}
+
 fn open(dir: &tempfile::TempDir, options: StoreOptions) -> Store {
     Store::open(dir.path(), options).unwrap()
 }
@@ -163,7 +173,7 @@ fn deleted_documents_disappear_from_the_index_after_gc() {
     assert_eq!(scan(3).scanned, 2);
     assert_eq!(scan(3).documents.len(), 1);
     assert_eq!(scan(1).documents.len(), 2);
-    while !store.gc(Timestamp(3), 100).unwrap().pass_complete {}
+    gc_all(&store, Timestamp(3));
     assert_eq!(
         scan(3).scanned,
         1,
@@ -534,7 +544,7 @@ fn raw_automerge_changes_apply_as_a_batch_and_merge_with_json_writes() {
             .version,
         Timestamp(3)
     );
-    assert_eq!(server.get(ROOT, "title").unwrap().is_some(), true);
+    assert!(server.get(ROOT, "title").unwrap().is_some());
 }
 
 fn split_after(client: &Automerge, server: &Automerge) -> Vec<Vec<u8>> {
@@ -608,7 +618,7 @@ fn backfill_moves_an_interval_to_a_new_replica_with_pending_mutations() {
     let (ds, dt) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let source = open(&ds, small_options());
     apply_stream(&source, 5, 1, 200, 10, 30);
-    while !source.gc(Timestamp(150), 50).unwrap().pass_complete {}
+    gc_all(&source, Timestamp(150));
     let interval = Interval::new(1 << 62, 3 << 62);
     // The target logs 201..=230 while the interval is still being backfilled.
     let target = open(&dt, small_options());
@@ -705,4 +715,58 @@ fn meta_keeps_configurations_and_backfill_progress() {
     assert_eq!(store.backfill_progress(&i).unwrap(), Some(b"half".to_vec()));
     store.put_backfill_progress(&i, None).unwrap();
     assert_eq!(store.backfill_progress(&i).unwrap(), None);
+}
+
+#[test]
+fn scans_are_bounded_and_resume_from_their_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, small_options());
+    let mutations = (0..25)
+        .map(|i| {
+            replace(
+                "s",
+                &format!("k{i:02}"),
+                &json!({"i": i, "even": i % 2 == 0}),
+            )
+        })
+        .collect();
+    store
+        .apply(&[(Timestamp(1), tx(mutations, 1))], &full())
+        .unwrap();
+    let even = |v: &serde_json::Value| v["even"] == json!(true);
+    let mut cursor = None;
+    let mut ids = Vec::new();
+    let mut pages = 0;
+    loop {
+        pages += 1;
+        assert!(pages <= 25);
+        let page = store
+            .scan("s", Timestamp(1), &even, 3, cursor.as_ref(), 4)
+            .unwrap();
+        assert!(page.scanned <= 4 && page.documents.len() <= 3);
+        ids.extend(page.documents.into_iter().map(|d| d.id));
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    assert!(pages >= 7, "25 documents at most 4 per page");
+    ids.sort();
+    let want: Vec<String> = (0..25)
+        .filter(|i| i % 2 == 0)
+        .map(|i| format!("k{i:02}"))
+        .collect();
+    assert_eq!(ids, want);
+    // A cursor of another collection is refused.
+    let other = store
+        .scan("s", Timestamp(1), &even, 1, None, 1)
+        .unwrap()
+        .next
+        .unwrap();
+    assert!(matches!(
+        store.scan("t", Timestamp(1), &even, 1, Some(&other), 1),
+        Err(Error::InvalidCursor(_))
+    ));
+    // Collections are listed from the index.
+    assert_eq!(store.collections().unwrap(), vec!["s".to_string()]);
 }

@@ -497,7 +497,12 @@ impl Store {
                 outcome.repeated += 1;
                 continue;
             }
-            self.apply_record(&mut writer, &mut batch, *ts, tx, ownership, &mut outcome);
+            if let Err(e) =
+                self.apply_record(&mut writer, &mut batch, *ts, tx, ownership, &mut outcome)
+            {
+                writer.discard();
+                return Err(e);
+            }
             outcome.applied = *ts;
         }
         if outcome.applied == start {
@@ -531,7 +536,7 @@ impl Store {
         tx: &Transaction,
         ownership: &Ownership,
         outcome: &mut ApplyOutcome,
-    ) {
+    ) -> Result<(), Error> {
         let docs = match parse_transaction(tx, &self.options) {
             Ok(docs) => docs,
             Err((culprit, reason)) => {
@@ -541,14 +546,14 @@ impl Store {
                     mutation: None,
                     reason,
                 });
-                return;
+                return Ok(());
             }
         };
         for doc in docs {
             let hash = KeyHash::of(doc.collection, doc.id);
             if ownership.owns(hash) {
                 let prefix = keys::doc_prefix(doc.collection, doc.id);
-                if self.apply_doc(writer, batch, &prefix, ts, tx.wall_clock_ms, &doc, outcome) {
+                if self.apply_doc(writer, batch, &prefix, ts, tx.wall_clock_ms, &doc, outcome)? {
                     outcome.versions_written += 1;
                 }
             } else if ownership.pends(hash) {
@@ -566,6 +571,7 @@ impl Store {
                 }
             }
         }
+        Ok(())
     }
 
     /// Loads a document for writing: from the cache, else from its newest version.
@@ -636,11 +642,8 @@ impl Store {
         wall_clock_ms: u64,
         mutations: &DocMutations<'_>,
         outcome: &mut ApplyOutcome,
-    ) -> bool {
-        let state = match self.load_for_write(writer, prefix) {
-            Ok(state) => state,
-            Err(e) => panic!("reading a document to apply ts {ts}: {e}"),
-        };
+    ) -> Result<bool, Error> {
+        let state = self.load_for_write(writer, prefix)?;
         let latest_before = state.latest();
         if let Some(latest) = latest_before {
             assert!(
@@ -750,7 +753,7 @@ impl Store {
                 },
             };
             put_back(writer, state);
-            return false;
+            return Ok(false);
         }
         let key = keys::version_key(prefix, ts);
         let Some(mut live_doc) = doc else {
@@ -760,7 +763,7 @@ impl Store {
             }
             let latest = if existed { Some(ts) } else { latest_before };
             put_back(writer, Cached::Absent { latest });
-            return existed;
+            return Ok(existed);
         };
         let hash = u64::from_be_bytes(prefix[..8].try_into().expect("hash prefix"));
         batch.put_cf(
@@ -807,7 +810,7 @@ impl Store {
                 json_bytes: json_bytes.len(),
             }),
         );
-        true
+        Ok(true)
     }
 
     fn latest_if_any(&self, prefix: &[u8]) -> Option<Timestamp> {
@@ -1368,7 +1371,7 @@ impl Store {
                     }),
                 }
             }
-            self.apply_doc(
+            if let Err(e) = self.apply_doc(
                 &mut writer,
                 &mut batch,
                 prefix,
@@ -1376,7 +1379,10 @@ impl Store {
                 *wall,
                 &doc,
                 &mut outcome,
-            );
+            ) {
+                writer.discard();
+                return Err(e);
+            }
         }
         for key in &consumed {
             batch.delete_cf(self.cf(CF_PENDING), key);
