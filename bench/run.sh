@@ -13,7 +13,8 @@
 #
 # Every server listens on 127.0.0.1 only and is stopped at exit. The results go to
 # $OUT (default bench/results.md) and to stdout. Knobs (environment):
-#   DURATION=20 CONCURRENCY=32 DOC_BYTES=256 KEYS=10000 PARTITIONS=1 REPLICAS=3
+#   DURATION=20 CONCURRENCY=32 DOC_BYTES=256 KEYS=10000 PARTITIONS=1 REPLICAS=3 PROFILE=release
+#   KEEP=1 keeps the temp dir (logs, JSON reports).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -50,10 +51,19 @@ if [ ! -x "$TANSU" ]; then
   cargo install tansu --locked --features libsql
 fi
 
-log "release build"
-cargo build --release --locked -p causeway-cli -p causeway-store-node \
-  -p causeway-config-manager -p causeway-api-server
-BIN=$CARGO_TARGET_DIR/release
+# PROFILE=dev measures the dev profile instead (dependencies optimised, our code not): only for
+# a quick look; BENCHMARKS.md records release numbers.
+PROFILE=${PROFILE:-release}
+log "$PROFILE build"
+if [ "$PROFILE" = release ]; then
+  cargo build --release --locked -p causeway-cli -p causeway-store-node \
+    -p causeway-config-manager -p causeway-api-server
+  BIN=$CARGO_TARGET_DIR/release
+else
+  cargo build --locked -p causeway-cli -p causeway-store-node \
+    -p causeway-config-manager -p causeway-api-server
+  BIN=$CARGO_TARGET_DIR/debug
+fi
 
 WORK=$(mktemp -d /tmp/causeway-bench.XXXXXX)
 chmod 755 "$WORK"
@@ -205,9 +215,9 @@ json.dump({"writes_per_s": tps, "ok": len(lat), "errors": 0,
 ' "$WORK/pgbench.txt" "$WORK/postgres.json"
 
 # --- the table ---------------------------------------------------------------------------------
-python3 - "$WORK" "$OUT" "$DURATION" "$CONCURRENCY" "$DOC_BYTES" "$KEYS" "$PARTITIONS" "$REPLICAS" <<'EOF'
+python3 - "$WORK" "$OUT" "$DURATION" "$CONCURRENCY" "$DOC_BYTES" "$KEYS" "$PARTITIONS" "$REPLICAS" "$PROFILE" <<'EOF'
 import json, os, platform, subprocess, sys
-work, out, duration, conc, doc, keys, p, r = sys.argv[1:]
+work, out, duration, conc, doc, keys, p, r, profile = sys.argv[1:]
 def load(name):
     return json.load(open(os.path.join(work, name + ".json")))
 rows = [
@@ -248,7 +258,7 @@ for name, label in (("dev-ycsb-b", "causeway dev"), ("kafka-ycsb-b", "Causeway o
 cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
 lines.append("")
 lines.append("Closed loop, %s clients, %s s per run, %s-byte JSON documents, %s keys (uniform for the write rows). "
-             "Machine: %s cores (%s), %s." % (conc, duration, doc, keys, os.cpu_count(), cpu, platform.platform()))
+             "Build profile: %s. Machine: %s cores (%s), %s." % (conc, duration, doc, keys, profile, os.cpu_count(), cpu, platform.platform()))
 text = "\n".join(lines) + "\n"
 open(out, "w").write(text)
 print(text)

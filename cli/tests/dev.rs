@@ -104,7 +104,8 @@ async fn wait_serving(http: &reqwest::Client, base: &str, dev: &Dev, data_dir: &
                     .bearer_auth(token)
                     .send()
                     .await?;
-                if r.status() == 404 {
+                // Serving, and the banner (URL, token, curl example) is printed.
+                if r.status() == 404 && dev.output().contains("Ctrl-C stops the cluster") {
                     return Ok(());
                 }
             }
