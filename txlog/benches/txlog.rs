@@ -119,7 +119,8 @@ async fn read_case(log: &TxLog, backend: &'static str) -> Result<Row> {
 /// Tail latency: a reader waiting at the end, one appender; the time from append start to the
 /// reader seeing the record, median of `n`.
 async fn tail_case(log: &TxLog, backend: &'static str, n: usize) -> Result<String> {
-    let mut stream = log.read_from(log.bounds().await?.next.get().saturating_sub(1).into_ts());
+    let end = Timestamp(log.bounds().await?.next.get() - 1);
+    let mut stream = log.read_from(end);
     let mut lat = Vec::with_capacity(n);
     for i in 0..n {
         let t = Instant::now();
@@ -136,15 +137,6 @@ async fn tail_case(log: &TxLog, backend: &'static str, n: usize) -> Result<Strin
         lat[n / 2].as_secs_f64() * 1e3,
         lat[n * 99 / 100].as_secs_f64() * 1e3
     ))
-}
-
-trait IntoTs {
-    fn into_ts(self) -> Timestamp;
-}
-impl IntoTs for u64 {
-    fn into_ts(self) -> Timestamp {
-        Timestamp(self)
-    }
 }
 
 /// The reference: rdkafka's `FutureProducer` with the producer settings of `KafkaLog`, all records

@@ -275,7 +275,12 @@ fn is_unavailable(code: RDKafkaErrorCode) -> bool {
 }
 
 fn classify(op: &'static str, e: KafkaError) -> Error {
-    match e.rdkafka_error_code() {
+    let code = match &e {
+        // rdkafka does not expose the code of a failed admin request.
+        KafkaError::AdminOp(code) => Some(*code),
+        e => e.rdkafka_error_code(),
+    };
+    match code {
         Some(code) if is_unavailable(code) => Error::Unavailable {
             what: format!("{op}: {code}"),
             source: Some(e),
@@ -421,14 +426,22 @@ impl KafkaLog {
 
     /// Replaces `failed` if librdkafka declared it unusable (a fatal idempotence error).
     fn replace_if_fatal(&self, failed: &Arc<FutureProducer>) {
-        let Some((code, reason)) = failed.client().fatal_error() else {
-            return;
-        };
+        if let Some((code, reason)) = failed.client().fatal_error() {
+            error!(%code, %reason, "kafka producer hit a fatal error; replacing it");
+            self.replace(failed);
+        }
+    }
+
+    /// Replaces `failed` (unless another append already did) with a new producer, which gets a
+    /// new producer id and so starts a fresh idempotence sequence. Done after any failed
+    /// delivery: after an outage a broker may refuse the old producer's sequence (tansu answers
+    /// every later produce with an unknown error), and the failed records were reported to their
+    /// appenders, who retry them.
+    fn replace(&self, failed: &Arc<FutureProducer>) {
         let mut slot = self.inner.producer.write().expect("producer lock poisoned");
         if !Arc::ptr_eq(&slot, failed) {
             return;
         }
-        error!(%code, %reason, "kafka producer hit a fatal error; replacing it");
         match self.inner.options.producer_config().create::<FutureProducer>() {
             Ok(p) => {
                 let old = std::mem::replace(&mut *slot, Arc::new(p));
@@ -509,7 +522,10 @@ impl KafkaLog {
             }
         }
         if let Some(e) = failure {
-            self.replace_if_fatal(&producer);
+            if !matches!(e, Error::RecordTooLarge { .. }) {
+                warn!(error = %e, "kafka append failed; starting a new producer");
+                self.replace(&producer);
+            }
             return Err(e);
         }
         if timestamps.windows(2).any(|w| w[0] >= w[1]) {
