@@ -157,7 +157,11 @@ async fn raw_producer_case(o: &KafkaOptions, size: usize, window: usize, secs: f
     while Instant::now() < deadline || !in_flight.is_empty() {
         if Instant::now() < deadline && in_flight.len() < window {
             let payload = record(size, i);
-            match producer.send_result(FutureRecord::<(), [u8]>::to(&o.topic).partition(0).payload(&payload[..])) {
+            match producer.send_result(
+                FutureRecord::<(), [u8]>::to(&o.topic)
+                    .partition(0)
+                    .payload(&payload[..]),
+            ) {
                 Ok(f) => {
                     in_flight.push_back(f);
                     i += 1;
@@ -208,9 +212,14 @@ async fn main() -> Result<()> {
     println!("|----------|--------------------------------------------|-----------:|---------:|----------:|");
 
     let dir = tempfile::tempdir()?;
-    let log = TxLog::open(LogOptions::Embedded(EmbeddedOptions::new(dir.path().join("log")))).await?;
+    let log = TxLog::open(LogOptions::Embedded(EmbeddedOptions::new(
+        dir.path().join("log"),
+    )))
+    .await?;
     for &(size, appenders, batch) in CASES {
-        append_case(&log, "embedded", size, appenders, batch, secs).await?.print();
+        append_case(&log, "embedded", size, appenders, batch, secs)
+            .await?
+            .print();
     }
     read_case(&log, "embedded").await?.print();
     let tail_embedded = tail_case(&log, "embedded", 200).await?;
@@ -221,7 +230,9 @@ async fn main() -> Result<()> {
     options.delivery_timeout_ms = 30_000;
     let log = TxLog::open(LogOptions::Kafka(options.clone())).await?;
     for &(size, appenders, batch) in CASES {
-        append_case(&log, "kafka", size, appenders, batch, secs).await?.print();
+        append_case(&log, "kafka", size, appenders, batch, secs)
+            .await?
+            .print();
     }
     read_case(&log, "kafka").await?.print();
     let tail_kafka = tail_case(&log, "kafka", 200).await?;

@@ -40,7 +40,10 @@ pub enum Error {
     /// gets `next`): the reader has applied records this log never had, so it is pointed at the
     /// wrong log (or the log lost data).
     #[error("position {position} is beyond the end of the log (next ts {next})")]
-    BeyondEnd { position: Timestamp, next: Timestamp },
+    BeyondEnd {
+        position: Timestamp,
+        next: Timestamp,
+    },
 
     /// Stored data failed its checks (CRC, framing, continuity of offsets).
     #[error("transaction log corrupt: {what}")]

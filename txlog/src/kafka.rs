@@ -158,7 +158,9 @@ impl KafkaOptions {
 
     fn validate(&self) -> Result<()> {
         if self.bootstrap_servers.trim().is_empty() || self.topic.trim().is_empty() {
-            return Err(Error::config("bootstrap_servers and topic must not be empty"));
+            return Err(Error::config(
+                "bootstrap_servers and topic must not be empty",
+            ));
         }
         if self.replication_factor < 1
             || self.min_insync_replicas < 1
@@ -206,7 +208,10 @@ impl KafkaOptions {
             ("linger.ms", self.linger_ms.to_string()),
             ("compression.type", self.compression.clone()),
             // Room for the record batch overhead around the largest record.
-            ("message.max.bytes", (self.max_record_bytes + 4096).to_string()),
+            (
+                "message.max.bytes",
+                (self.max_record_bytes + 4096).to_string(),
+            ),
             ("message.timeout.ms", self.delivery_timeout_ms.to_string()),
         ])
     }
@@ -218,8 +223,14 @@ impl KafkaOptions {
             ("isolation.level", "read_committed".into()),
             ("auto.offset.reset", "error".into()),
             ("enable.partition.eof", "false".into()),
-            ("fetch.max.bytes", (self.max_record_bytes + 4096).max(52_428_800).to_string()),
-            ("queued.max.messages.kbytes", self.read_prefetch_kbytes.to_string()),
+            (
+                "fetch.max.bytes",
+                (self.max_record_bytes + 4096).max(52_428_800).to_string(),
+            ),
+            (
+                "queued.max.messages.kbytes",
+                self.read_prefetch_kbytes.to_string(),
+            ),
         ])
     }
 }
@@ -346,7 +357,9 @@ impl KafkaLog {
         tokio::task::spawn_blocking(move || drop(admin));
         for result in results {
             match result {
-                Ok(name) => info!(topic = %name, partitions = 1, replication_factor = o.replication_factor, "created the log topic"),
+                Ok(name) => {
+                    info!(topic = %name, partitions = 1, replication_factor = o.replication_factor, "created the log topic")
+                }
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {
                     debug!(topic = %o.topic, "log topic exists")
                 }
@@ -442,7 +455,12 @@ impl KafkaLog {
         if !Arc::ptr_eq(&slot, failed) {
             return;
         }
-        match self.inner.options.producer_config().create::<FutureProducer>() {
+        match self
+            .inner
+            .options
+            .producer_config()
+            .create::<FutureProducer>()
+        {
             Ok(p) => {
                 let old = std::mem::replace(&mut *slot, Arc::new(p));
                 tokio::task::spawn_blocking(move || drop(old));
@@ -610,7 +628,10 @@ impl Inner {
             drop(consumer);
             let took = started.elapsed();
             if took > Duration::from_secs(2) {
-                warn!(took_ms = took.as_millis() as u64, "closing a kafka consumer was slow");
+                warn!(
+                    took_ms = took.as_millis() as u64,
+                    "closing a kafka consumer was slow"
+                );
             }
         });
         let mut drops = self.drops.lock().expect("drops lock poisoned");
@@ -638,7 +659,10 @@ async fn read_task(inner: Arc<Inner>, position: u64, tx: mpsc::Sender<Result<Rec
     // librdkafka wants a group for `assign()`, but the consumer never joins it (no `subscribe`)
     // and never commits to it: the group id only names the client.
     let mut config = inner.options.consumer_config();
-    config.set("group.id", format!("causeway-txlog-{}", inner.options.topic));
+    config.set(
+        "group.id",
+        format!("causeway-txlog-{}", inner.options.topic),
+    );
     let consumer: StreamConsumer = match config.create() {
         Ok(c) => c,
         Err(e) => {

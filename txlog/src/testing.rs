@@ -39,7 +39,9 @@ impl Broker {
     /// answers Kafka metadata requests.
     pub fn start() -> io::Result<Broker> {
         let bin = find_binary()?;
-        let dir = tempfile::Builder::new().prefix("causeway-tansu-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("causeway-tansu-")
+            .tempdir()?;
         let port = free_port()?;
         let mut broker = Broker {
             bin,

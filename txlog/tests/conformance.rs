@@ -72,7 +72,12 @@ async fn concurrent_appenders_get_one_total_order(fixture: Fixture) -> Result<()
                     .map(|j| payload(&format!("w{w}-c{call}"), j, 40))
                     .collect();
                 let ts = log.append(batch.clone()).await?;
-                anyhow::ensure!(ts.len() == batch.len(), "{} timestamps for {} records", ts.len(), batch.len());
+                anyhow::ensure!(
+                    ts.len() == batch.len(),
+                    "{} timestamps for {} records",
+                    ts.len(),
+                    batch.len()
+                );
                 mine.extend(ts.into_iter().zip(batch));
             }
             anyhow::Ok(mine)
@@ -82,7 +87,10 @@ async fn concurrent_appenders_get_one_total_order(fixture: Fixture) -> Result<()
     for task in tasks {
         let mine = task.await??;
         // Each writer's records are in the order it appended them.
-        ensure!(mine.windows(2).all(|w| w[0].0 < w[1].0), "a writer's timestamps went backwards");
+        ensure!(
+            mine.windows(2).all(|w| w[0].0 < w[1].0),
+            "a writer's timestamps went backwards"
+        );
         for (ts, p) in mine {
             ensure!(assigned.insert(ts, p).is_none(), "ts {ts} assigned twice");
         }
@@ -95,13 +103,20 @@ async fn concurrent_appenders_get_one_total_order(fixture: Fixture) -> Result<()
     ensure!(b.next > last, "bounds {b:?} behind the last ts {last}");
     if !fixture.is_kafka() {
         // Dense on the embedded log.
-        ensure!(last == Timestamp(total as u64), "last ts {last} for {total} records");
+        ensure!(
+            last == Timestamp(total as u64),
+            "last ts {last} for {total} records"
+        );
     }
     // Every reader sees exactly that order.
     let mut stream = log.read_from(Timestamp::ZERO);
     let read = take(&mut stream, total).await?;
     for (r, (ts, p)) in read.iter().zip(&assigned) {
-        ensure!(r.ts == *ts && r.payload == *p, "read {} where {ts} was assigned", r.ts);
+        ensure!(
+            r.ts == *ts && r.payload == *p,
+            "read {} where {ts} was assigned",
+            r.ts
+        );
     }
     log.close().await?;
     Ok(())
@@ -114,7 +129,11 @@ async fn reads_start_after_any_position(fixture: Fixture) -> Result<()> {
     // Records appended by earlier rounds, after the first 120.
     let mut extra: Vec<(Timestamp, Bytes)> = Vec::new();
     for position in [0usize, 1, 37, 64, 119, 120] {
-        let from = if position == 0 { Timestamp::ZERO } else { ts[position - 1] };
+        let from = if position == 0 {
+            Timestamp::ZERO
+        } else {
+            ts[position - 1]
+        };
         let mut stream = log.read_from(from);
         let read = take(&mut stream, 120 - position + extra.len()).await?;
         for (i, r) in read.iter().enumerate() {
@@ -122,7 +141,11 @@ async fn reads_start_after_any_position(fixture: Fixture) -> Result<()> {
                 Some(&t) => (t, payload("r", position + i, 100)),
                 None => extra[position + i - 120].clone(),
             };
-            ensure!(r.ts == want_ts && r.payload == want, "from {from}: got ts {} at {i}", r.ts);
+            ensure!(
+                r.ts == want_ts && r.payload == want,
+                "from {from}: got ts {} at {i}",
+                r.ts
+            );
         }
         // Nothing skipped or extra: the next record is the next append.
         let p = payload("more", position, 10);
@@ -165,14 +188,21 @@ async fn tailing_readers_see_every_append_in_order(fixture: Fixture) -> Result<(
     for w in writers {
         w.await??;
     }
-    let mut all = take(&mut log.read_from(Timestamp::ZERO), 10 + WRITERS * PER_WRITER).await?;
+    let mut all = take(
+        &mut log.read_from(Timestamp::ZERO),
+        10 + WRITERS * PER_WRITER,
+    )
+    .await?;
     let seen: HashSet<Timestamp> = all.iter().map(|r| r.ts).collect();
     ensure!(seen.len() == all.len(), "duplicate timestamps");
     for (i, reader) in readers.into_iter().enumerate() {
         let got = reader.await??;
         let start = i * 3;
         ensure!(got.len() == all.len() - start);
-        ensure!(got[..] == all[start..], "reader {i} saw a different sequence");
+        ensure!(
+            got[..] == all[start..],
+            "reader {i} saw a different sequence"
+        );
     }
     all.clear();
     log.close().await?;
@@ -189,9 +219,17 @@ async fn appends_survive_reopening(fixture: Fixture) -> Result<()> {
     drop(log);
 
     let log = fixture.open().await?;
-    ensure!(log.bounds().await? == bounds, "bounds changed across reopening");
+    ensure!(
+        log.bounds().await? == bounds,
+        "bounds changed across reopening"
+    );
     let second = append_n(&log, "b", 20, 300).await?;
-    ensure!(second[0] > first[49], "ts went backwards: {} after {}", second[0], first[49]);
+    ensure!(
+        second[0] > first[49],
+        "ts went backwards: {} after {}",
+        second[0],
+        first[49]
+    );
     let read = take(&mut log.read_from(Timestamp::ZERO), 70).await?;
     for (i, r) in read.iter().enumerate() {
         let (want_ts, want) = if i < 50 {
@@ -199,12 +237,19 @@ async fn appends_survive_reopening(fixture: Fixture) -> Result<()> {
         } else {
             (second[i - 50], payload("b", i - 50, 300))
         };
-        ensure!(r.ts == want_ts && r.payload == want, "record {i} is ts {}", r.ts);
+        ensure!(
+            r.ts == want_ts && r.payload == want,
+            "record {i} is ts {}",
+            r.ts
+        );
     }
     if let TxLog::Kafka(_) = &log {
         // The consumer of the old handle keeps reading across the producer restart.
         let old = take(&mut reader, 70).await?;
-        ensure!(old == read, "the reader from before the restart saw something else");
+        ensure!(
+            old == read,
+            "the reader from before the restart saw something else"
+        );
     }
     log.close().await?;
     Ok(())
@@ -221,7 +266,10 @@ async fn oversized_records_are_refused(fixture: Fixture) -> Result<()> {
         }
         other => anyhow::bail!("expected RecordTooLarge, got {other:?}"),
     }
-    ensure!(log.bounds().await? == before, "a refused batch appended something");
+    ensure!(
+        log.bounds().await? == before,
+        "a refused batch appended something"
+    );
     // Exactly the limit is fine, and reads back intact.
     let exact = Bytes::from(vec![9u8; max]);
     let ts = log.append(vec![exact.clone()]).await?;
@@ -260,7 +308,12 @@ async fn a_truncated_start_is_reported(mut fixture: Fixture) -> Result<()> {
     while last < fresh[0] {
         let r = take(&mut stream, 1).await?.remove(0);
         ensure!(r.ts > last, "out of order");
-        ensure!(r.ts >= b2.first, "read ts {} below the start {}", r.ts, b2.first);
+        ensure!(
+            r.ts >= b2.first,
+            "read ts {} below the start {}",
+            r.ts,
+            b2.first
+        );
         last = r.ts;
         count += 1;
         ensure!(count <= 100_000, "runaway read");
@@ -275,7 +328,10 @@ async fn a_position_beyond_the_end_is_reported(fixture: Fixture) -> Result<()> {
     append_n(&log, "x", 3, 10).await?;
     match next_error(&mut log.read_from(Timestamp(10))).await? {
         Error::BeyondEnd { position, next } => {
-            ensure!(position == Timestamp(10) && next == Timestamp(4), "{position} {next}")
+            ensure!(
+                position == Timestamp(10) && next == Timestamp(4),
+                "{position} {next}"
+            )
         }
         e => anyhow::bail!("expected BeyondEnd, got {e:?}"),
     }

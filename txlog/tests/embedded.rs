@@ -41,7 +41,12 @@ async fn read_all(log: &EmbeddedLog, n: usize) -> Result<Vec<Bytes>> {
     while out.len() < n {
         match tokio::time::timeout(WAIT, stream.next()).await {
             Ok(Some(Ok(r))) => {
-                ensure!(r.ts == Timestamp(out.len() as u64 + 1), "ts {} at {}", r.ts, out.len());
+                ensure!(
+                    r.ts == Timestamp(out.len() as u64 + 1),
+                    "ts {} at {}",
+                    r.ts,
+                    out.len()
+                );
                 out.push(r.payload);
             }
             other => bail!("after {} records: {other:?}", out.len()),
@@ -69,7 +74,10 @@ async fn a_torn_tail_is_truncated_on_open() -> Result<()> {
     f.write_all(&[b'x'; 60])?;
     drop(f);
     let log = EmbeddedLog::open(options(dir.path())).await?;
-    ensure!(fs::metadata(&seg)?.len() == len, "the torn record was not cut off");
+    ensure!(
+        fs::metadata(&seg)?.len() == len,
+        "the torn record was not cut off"
+    );
     ensure!(log.bounds().await?.next == Timestamp(11));
     // ...and the next append continues right after the last complete record.
     let ts = log.append(vec![Bytes::from_static(b"after")]).await?;
@@ -144,7 +152,10 @@ async fn damage_far_from_the_end_of_the_last_segment_fails_open() -> Result<()> 
         Err(Error::Corrupt { what }) => ensure!(what.contains("acknowledged"), "{what}"),
         other => bail!("expected Corrupt, got {other:?}"),
     }
-    ensure!(fs::metadata(&seg)?.len() == 100 * (FRAME + 100), "open changed the file");
+    ensure!(
+        fs::metadata(&seg)?.len() == 100 * (FRAME + 100),
+        "open changed the file"
+    );
     Ok(())
 }
 
@@ -188,12 +199,24 @@ async fn retention_drops_whole_old_segments() -> Result<()> {
     ensure!(b.next == Timestamp(201));
     ensure!(b.first > Timestamp(150), "retention kept too much: {b:?}");
     let segs = segments(dir.path())?;
-    let bytes: u64 = segs.iter().map(|s| fs::metadata(s).map(|m| m.len()).unwrap_or(0)).sum();
-    ensure!(bytes <= 4096 + 2048 + FRAME + 100, "{bytes} bytes in {} segments", segs.len());
+    let bytes: u64 = segs
+        .iter()
+        .map(|s| fs::metadata(s).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    ensure!(
+        bytes <= 4096 + 2048 + FRAME + 100,
+        "{bytes} bytes in {} segments",
+        segs.len()
+    );
     // The first retained segment's name is the first retained offset.
-    ensure!(segs[0].file_name().unwrap().to_str().unwrap() == format!("{:020}.seg", b.first.get() - 1));
+    ensure!(
+        segs[0].file_name().unwrap().to_str().unwrap() == format!("{:020}.seg", b.first.get() - 1)
+    );
     match next_error_embedded(&log, Timestamp(b.first.get() - 2)).await? {
-        Error::Truncated { after, first_available } => {
+        Error::Truncated {
+            after,
+            first_available,
+        } => {
             ensure!(after == Timestamp(b.first.get() - 2) && first_available == b.first)
         }
         e => bail!("expected Truncated, got {e:?}"),
@@ -224,7 +247,10 @@ async fn a_reader_behind_retention_gets_truncated_never_skips() -> Result<()> {
     let mut stream = log.read_from(Timestamp::ZERO);
     // The reader is in the first segment when retention deletes it.
     let first = tokio::time::timeout(WAIT, stream.next()).await?;
-    ensure!(matches!(first, Some(Ok(ref r)) if r.ts == Timestamp(1)), "{first:?}");
+    ensure!(
+        matches!(first, Some(Ok(ref r)) if r.ts == Timestamp(1)),
+        "{first:?}"
+    );
     append(&log, "s2", 60, 100).await?;
     ensure!(log.bounds().await?.first > Timestamp(20));
     // It delivers what it can still read, then reports the gap, never skipping across it.
@@ -232,7 +258,11 @@ async fn a_reader_behind_retention_gets_truncated_never_skips() -> Result<()> {
     loop {
         match tokio::time::timeout(WAIT, stream.next()).await? {
             Some(Ok(r)) => {
-                ensure!(r.ts == Timestamp(last.get() + 1), "skipped from {last} to {}", r.ts);
+                ensure!(
+                    r.ts == Timestamp(last.get() + 1),
+                    "skipped from {last} to {}",
+                    r.ts
+                );
                 last = r.ts;
                 ensure!(last.get() <= 90, "runaway");
             }
@@ -270,14 +300,20 @@ async fn closing_fails_later_appends_and_ends_readers() -> Result<()> {
     let mut stream = log.read_from(Timestamp::ZERO);
     let clone = log.clone();
     log.close().await?;
-    ensure!(matches!(clone.append(vec![Bytes::from_static(b"late")]).await, Err(Error::Closed)));
+    ensure!(matches!(
+        clone.append(vec![Bytes::from_static(b"late")]).await,
+        Err(Error::Closed)
+    ));
     for i in 1..=3 {
         match tokio::time::timeout(WAIT, stream.next()).await? {
             Some(Ok(r)) => ensure!(r.ts == Timestamp(i)),
             other => bail!("{other:?}"),
         }
     }
-    ensure!(matches!(tokio::time::timeout(WAIT, stream.next()).await?, Some(Err(Error::Closed))));
+    ensure!(matches!(
+        tokio::time::timeout(WAIT, stream.next()).await?,
+        Some(Err(Error::Closed))
+    ));
     Ok(())
 }
 

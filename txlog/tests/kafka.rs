@@ -60,7 +60,11 @@ async fn records_survive_a_broker_restart() -> Result<()> {
     ensure!(after[0] > before[99]);
     let read = take(&mut log.read_from(Timestamp::ZERO), 110).await?;
     for (i, r) in read.iter().enumerate() {
-        let want = if i < 100 { payload("pre", i, 200) } else { payload("post", i - 100, 200) };
+        let want = if i < 100 {
+            payload("pre", i, 200)
+        } else {
+            payload("post", i - 100, 200)
+        };
         ensure!(r.payload == want, "record {i} (ts {}) differs", r.ts);
     }
     log.close().await?;
@@ -84,7 +88,11 @@ async fn an_outage_is_reported_as_unavailable_and_the_handle_recovers() -> Resul
         Err(e @ Error::Unavailable { .. }) => ensure!(e.is_transient()),
         other => bail!("expected Unavailable while the broker is down, got {other:?}"),
     }
-    ensure!(started.elapsed() < Duration::from_secs(15), "append took {:?}", started.elapsed());
+    ensure!(
+        started.elapsed() < Duration::from_secs(15),
+        "append took {:?}",
+        started.elapsed()
+    );
     ensure!(matches!(log.bounds().await, Err(Error::Unavailable { .. })));
     match next_error(&mut reader).await? {
         Error::Unavailable { .. } => {}
@@ -117,7 +125,10 @@ async fn an_outage_is_reported_as_unavailable_and_the_handle_recovers() -> Resul
         last = r.ts;
     }
     let first_five = take(&mut log.read_from(Timestamp::ZERO), 5).await?;
-    ensure!(first_five.iter().enumerate().all(|(i, r)| r.payload == payload("up", i, 50)));
+    ensure!(first_five
+        .iter()
+        .enumerate()
+        .all(|(i, r)| r.payload == payload("up", i, 50)));
     log.close().await?;
     Ok(())
 }

@@ -227,7 +227,11 @@ impl EmbeddedLog {
         let mut bases = Vec::new();
         for entry in fs::read_dir(&dir).map_err(|e| Error::io("list", &dir, e))? {
             let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
-            if let Some(base) = entry.file_name().to_str().and_then(segment::parse_file_name) {
+            if let Some(base) = entry
+                .file_name()
+                .to_str()
+                .and_then(segment::parse_file_name)
+            {
                 bases.push(base);
             }
         }
@@ -397,7 +401,10 @@ impl EmbeddedLog {
             Err(_) => Err(Error::io(
                 "close",
                 &self.handle.shared.dir,
-                io::Error::new(io::ErrorKind::TimedOut, "the writer did not stop within 30 s"),
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the writer did not stop within 30 s",
+                ),
             )),
         }
     }
@@ -567,7 +574,11 @@ impl Writer {
         buf.clear();
         let end = pending.last().map_or(self.next, |&(o, _)| o + 1);
         {
-            let mut segments = self.shared.segments.write().expect("segments lock poisoned");
+            let mut segments = self
+                .shared
+                .segments
+                .write()
+                .expect("segments lock poisoned");
             let active = segments.back_mut().expect("an active segment");
             let mut last_indexed = active.index.last().map(|&(_, p)| p);
             for &(offset, pos) in pending.iter() {
@@ -597,7 +608,11 @@ impl Writer {
         self.active_bytes = 0;
         let mut removed = Vec::new();
         {
-            let mut segments = self.shared.segments.write().expect("segments lock poisoned");
+            let mut segments = self
+                .shared
+                .segments
+                .write()
+                .expect("segments lock poisoned");
             segments.push_back(SegmentMeta {
                 base: self.next,
                 end: self.next,
@@ -676,9 +691,10 @@ async fn read_task(shared: Arc<Shared>, position: u64, tx: mpsc::Sender<Result<R
         let durable = *durable_rx.borrow_and_update();
         if offset < durable.next {
             let s = shared.clone();
-            let chunk = tokio::task::spawn_blocking(move || read_chunk(&s, cursor, offset, durable.next))
-                .await
-                .expect("log read panicked");
+            let chunk =
+                tokio::task::spawn_blocking(move || read_chunk(&s, cursor, offset, durable.next))
+                    .await
+                    .expect("log read panicked");
             cursor = chunk.cursor;
             for record in chunk.records {
                 offset = record.ts.get();
@@ -811,7 +827,10 @@ fn position_cursor(
     };
     // While the segment is the active one, everything below the durable end we were given is in it.
     let end = if is_last { durable } else { meta.end };
-    assert!(offset < end, "reading offset {offset} beyond segment end {end}");
+    assert!(
+        offset < end,
+        "reading offset {offset} beyond segment end {end}"
+    );
     if let Some(c) = reuse.filter(|c| c.base == meta.base) {
         return Ok((c, end, meta.bytes));
     }

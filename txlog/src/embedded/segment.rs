@@ -161,12 +161,7 @@ pub(crate) struct Cursor {
 
 impl Cursor {
     /// Opens `path` at byte `pos`, which holds the record `offset`.
-    pub(crate) fn open(
-        path: PathBuf,
-        base: u64,
-        offset: u64,
-        pos: u64,
-    ) -> io::Result<Cursor> {
+    pub(crate) fn open(path: PathBuf, base: u64, offset: u64, pos: u64) -> io::Result<Cursor> {
         let mut file = File::open(&path)?;
         file.seek(SeekFrom::Start(pos))?;
         Ok(Cursor {

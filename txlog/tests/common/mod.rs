@@ -69,8 +69,12 @@ impl Fixture {
                 options.retention_bytes = Some(8192);
             }
             Fixture::Kafka { options, .. } => {
-                options.topic_config.insert("cleanup.policy".into(), "delete".into());
-                options.topic_config.insert("retention.ms".into(), "1500".into());
+                options
+                    .topic_config
+                    .insert("cleanup.policy".into(), "delete".into());
+                options
+                    .topic_config
+                    .insert("retention.ms".into(), "1500".into());
             }
         }
     }
