@@ -279,8 +279,11 @@ pub struct BackfillBatch {
 /// A decoded document in the apply cache.
 #[derive(Debug)]
 enum Cached {
-    Absent { latest: Option<Timestamp> },
-    Live(Live),
+    Absent {
+        latest: Option<Timestamp>,
+    },
+    /// Boxed: a decoded automerge document is large, and absent entries are common.
+    Live(Box<Live>),
 }
 
 #[derive(Debug)]
@@ -613,13 +616,13 @@ impl Store {
                         let snapshot = chain.pop().expect("pushed");
                         let doc =
                             document::load_chain(&snapshot, chain.iter().rev().map(Vec::as_slice));
-                        return Ok(Cached::Live(Live {
+                        return Ok(Cached::Live(Box::new(Live {
                             doc,
                             latest,
                             history_changes,
                             deltas,
                             json_bytes,
-                        }));
+                        })));
                     }
                 }
             }
@@ -741,13 +744,13 @@ impl Store {
         if !changed {
             // Every mutation was skipped and rolled back: the document is as it was.
             let state = match doc {
-                Some(doc) => Cached::Live(Live {
+                Some(doc) => Cached::Live(Box::new(Live {
                     doc,
                     latest: latest_before.expect("a live document has a version"),
                     history_changes,
                     deltas: deltas_before,
                     json_bytes: json_bytes_before,
-                }),
+                })),
                 None => Cached::Absent {
                     latest: latest_before,
                 },
@@ -802,13 +805,13 @@ impl Store {
         batch.put_cf(self.cf(CF_DOCS), key, value);
         put_back(
             writer,
-            Cached::Live(Live {
+            Cached::Live(Box::new(Live {
                 doc: live_doc,
                 latest: ts,
                 history_changes,
                 deltas,
                 json_bytes: json_bytes.len(),
-            }),
+            })),
         );
         Ok(true)
     }
@@ -1028,8 +1031,7 @@ impl Store {
             None => it.seek_to_first(),
         }
         let mut next_cursor = None;
-        loop {
-            let Some(first) = it.key() else { break };
+        while let Some(first) = it.key() {
             if progress.examined >= budget.max(1) {
                 next_cursor = Some(first.to_vec());
                 break;
@@ -1239,8 +1241,7 @@ impl Store {
             records: Vec::new(),
             next: None,
         };
-        loop {
-            let Some(first) = it.key() else { break };
+        while let Some(first) = it.key() {
             if first >= end.as_slice() {
                 break;
             }
@@ -1321,8 +1322,7 @@ impl Store {
         let (start, end) = keys::interval_range(interval);
         let mut it = self.db.raw_iterator_cf(self.cf(CF_PENDING));
         it.seek(&start);
-        // (prefix, ts) → (wall clock, mutations)
-        let mut groups: Vec<(Vec<u8>, Timestamp, u64, Vec<(u32, Mutation)>)> = Vec::new();
+        let mut groups: Vec<PendingGroup> = Vec::new();
         let mut consumed = Vec::new();
         while let (Some(key), Some(value)) = (it.key(), it.value()) {
             if key >= end.as_slice() {
@@ -1468,6 +1468,10 @@ impl Store {
         self.lock().cache.len()
     }
 }
+
+/// One document's pending mutations of one transaction: (document prefix, ts, wall clock,
+/// (mutation index, mutation) in order).
+type PendingGroup = (Vec<u8>, Timestamp, u64, Vec<(u32, Mutation)>);
 
 fn backfill_key(interval: &Interval) -> Vec<u8> {
     [
