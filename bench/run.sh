@@ -53,13 +53,17 @@ fi
 
 # PROFILE=dev measures the dev profile instead (dependencies optimised, our code not): only for
 # a quick look; BENCHMARKS.md records release numbers.
+# BIN_DIR=<dir> skips the build and uses the binaries there (PROFILE then only labels the table).
 PROFILE=${PROFILE:-release}
-log "$PROFILE build"
-if [ "$PROFILE" = release ]; then
+if [ -n "${BIN_DIR:-}" ]; then
+  BIN=$BIN_DIR
+elif [ "$PROFILE" = release ]; then
+  log "release build"
   cargo build --release --locked -p causeway-cli -p causeway-store-node \
     -p causeway-config-manager -p causeway-api-server
   BIN=$CARGO_TARGET_DIR/release
 else
+  log "dev build"
   cargo build --locked -p causeway-cli -p causeway-store-node \
     -p causeway-config-manager -p causeway-api-server
   BIN=$CARGO_TARGET_DIR/debug
