@@ -267,7 +267,10 @@ pub fn render(s: &Status) -> String {
         for p in partitions {
             for (i, r) in p.replicas.iter().enumerate() {
                 let (name, share) = if i == 0 {
-                    (format!("p{}", p.partition), format!("{:.1}%", p.share * 100.0))
+                    (
+                        format!("p{}", p.partition),
+                        format!("{:.1}%", p.share * 100.0),
+                    )
                 } else {
                     (String::new(), String::new())
                 };
@@ -305,7 +308,11 @@ pub fn render(s: &Status) -> String {
 #[derive(Debug, clap::Args)]
 pub struct BootstrapArgs {
     /// The config manager (`host:port`).
-    #[arg(long, env = "CAUSEWAY_CONFIG_MANAGER", default_value = "127.0.0.1:7400")]
+    #[arg(
+        long,
+        env = "CAUSEWAY_CONFIG_MANAGER",
+        default_value = "127.0.0.1:7400"
+    )]
     config_manager: String,
     #[arg(long)]
     partitions: u32,

@@ -121,8 +121,7 @@ impl Manifest {
             .with_context(|| format!("cannot create {}", tmp.display()))?;
         file.write_all(&serde_json::to_vec_pretty(self)?)?;
         file.sync_all()?;
-        std::fs::rename(&tmp, &path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
         std::fs::File::open(data_dir)?.sync_all()?;
         Ok(())
     }
@@ -377,11 +376,11 @@ async fn start(
     .context("starting the config manager")?;
     let cm_addr = cm_service.local_addr();
     let cm_handle = cm_service.handle();
-    cluster.config_manager.push(spawn(
-        "the config manager".into(),
-        exited,
-        |stopped| cm_service.run(stopped),
-    ));
+    cluster
+        .config_manager
+        .push(spawn("the config manager".into(), exited, |stopped| {
+            cm_service.run(stopped)
+        }));
 
     // The one log every component shares.
     let log_options: LogOptions = serde_json::from_value(serde_json::json!({
@@ -420,11 +419,11 @@ async fn start(
             id,
             listen: service.local_addr(),
         });
-        cluster.nodes.push(spawn(
-            format!("store node {id}"),
-            exited,
-            |stopped| service.run(stopped),
-        ));
+        cluster
+            .nodes
+            .push(spawn(format!("store node {id}"), exited, |stopped| {
+                service.run(stopped)
+            }));
     }
     let mut manifest = Manifest {
         partitions,
@@ -474,9 +473,11 @@ async fn start(
     .await
     .with_context(|| format!("starting the api-server on {}", args.listen))?;
     let api_addr = api_service.local_addr();
-    cluster.api.push(spawn("the api-server".into(), exited, |stopped| {
-        api_service.run(stopped)
-    }));
+    cluster
+        .api
+        .push(spawn("the api-server".into(), exited, |stopped| {
+            api_service.run(stopped)
+        }));
     manifest.api = api_addr;
     manifest.store(data_dir)?;
 
@@ -514,13 +515,12 @@ async fn wait_serving(url: &str, token: &str) -> Result<()> {
         .timeout(Duration::from_secs(5))
         .build()?;
     let probe = format!("{url}/v1/collections/{PROBE_COLLECTION}/documents/none");
-    let mut last = String::from("no answer yet");
     loop {
-        match http.get(&probe).bearer_auth(token).send().await {
+        let last = match http.get(&probe).bearer_auth(token).send().await {
             Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => return Ok(()),
-            Ok(r) => last = format!("status {}", r.status()),
-            Err(e) => last = e.to_string(),
-        }
+            Ok(r) => format!("status {}", r.status()),
+            Err(e) => e.to_string(),
+        };
         tracing::debug!(last = %last, "waiting for the API to serve reads");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -560,7 +560,10 @@ mod tests {
         assert_eq!(resolve_shape(&args(Some(3), None), None).unwrap(), (3, 1));
         let m = manifest(2, 2);
         assert_eq!(resolve_shape(&args(None, None), Some(&m)).unwrap(), (2, 2));
-        assert_eq!(resolve_shape(&args(Some(2), Some(2)), Some(&m)).unwrap(), (2, 2));
+        assert_eq!(
+            resolve_shape(&args(Some(2), Some(2)), Some(&m)).unwrap(),
+            (2, 2)
+        );
         let e = resolve_shape(&args(Some(3), None), Some(&m)).unwrap_err();
         assert!(e.to_string().contains("holds a 2×2 cluster"), "{e}");
         assert!(resolve_shape(&args(Some(0), None), None).is_err());

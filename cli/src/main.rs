@@ -22,7 +22,11 @@ use std::future::Future;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "causeway", version, about = "Causeway: a causally consistent document store")]
+#[command(
+    name = "causeway",
+    version,
+    about = "Causeway: a causally consistent document store"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -84,7 +84,7 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn token(data_dir: &Path) -> Result<String> {
+fn read_token(data_dir: &Path) -> Result<String> {
     let tokens: Value = serde_json::from_slice(&std::fs::read(data_dir.join("tokens.json"))?)?;
     tokens["tokens"][0]["token"]
         .as_str()
@@ -93,12 +93,17 @@ fn token(data_dir: &Path) -> Result<String> {
 }
 
 /// Polls `/readyz`, then a read, until the API serves (404 for a missing document).
-async fn wait_serving(http: &reqwest::Client, base: &str, dev: &Dev, data_dir: &Path) -> Result<()> {
+async fn wait_serving(
+    http: &reqwest::Client,
+    base: &str,
+    dev: &Dev,
+    data_dir: &Path,
+) -> Result<()> {
     let deadline = Instant::now() + START_DEADLINE;
     while Instant::now() < deadline {
         let ready = http.get(format!("{base}/readyz")).send().await;
         if matches!(&ready, Ok(r) if r.status().is_success()) {
-            if let Ok(token) = token(data_dir) {
+            if let Ok(token) = read_token(data_dir) {
                 let r = http
                     .get(format!("{base}/v1/collections/notes/documents/missing"))
                     .bearer_auth(token)
@@ -136,7 +141,7 @@ async fn dev_serves_documents_and_keeps_them_across_a_restart() -> Result<()> {
         dir.path().join("dev-1.log"),
     )?;
     wait_serving(&http, &base, &dev, &data_dir).await?;
-    let token = token(&data_dir)?;
+    let token = read_token(&data_dir)?;
     assert!(dev.output().contains(&token), "the token is printed");
     assert!(dev.output().contains("curl"), "a curl example is printed");
 
@@ -185,7 +190,10 @@ async fn dev_serves_documents_and_keeps_them_across_a_restart() -> Result<()> {
                     .await?;
                 ensure!(r.status() == 200, "GET n-{i}: {}", r.status());
                 let doc: Value = r.json().await?;
-                ensure!(doc == json!({"i": i, "text": format!("note {i}")}), "n-{i}: {doc}");
+                ensure!(
+                    doc == json!({"i": i, "text": format!("note {i}")}),
+                    "n-{i}: {doc}"
+                );
             }
             let r = http
                 .post(format!("{base}/v1/documents:get"))
@@ -219,7 +227,11 @@ async fn dev_serves_documents_and_keeps_them_across_a_restart() -> Result<()> {
     );
     let status: Value = serde_json::from_slice(&status.stdout)?;
     assert_eq!(status["epoch"], 1, "{status}");
-    assert_eq!(status["partitions"].as_array().map(Vec::len), Some(2), "{status}");
+    assert_eq!(
+        status["partitions"].as_array().map(Vec::len),
+        Some(2),
+        "{status}"
+    );
     for p in status["partitions"].as_array().context("partitions")? {
         assert_eq!(p["replicas"][0]["health"], "ok", "{status}");
     }
@@ -249,7 +261,7 @@ async fn dev_serves_documents_and_keeps_them_across_a_restart() -> Result<()> {
     // Restart on the same data dir (the shape comes from it): the same token, every document.
     let dev = Dev::start(&data_dir, port, &[], dir.path().join("dev-2.log"))?;
     wait_serving(&http, &base, &dev, &data_dir).await?;
-    assert_eq!(token(&data_dir)?, token);
+    assert_eq!(read_token(&data_dir)?, token);
     read_all(last_ts).await?;
     // And it still takes writes.
     let r = http
@@ -261,7 +273,10 @@ async fn dev_serves_documents_and_keeps_them_across_a_restart() -> Result<()> {
         .await?;
     assert_eq!(r.status(), 200);
     let ts = r.json::<Value>().await?["ts"].as_u64().context("no ts")?;
-    assert!(ts > last_ts, "commit ts {ts} after a restart must exceed {last_ts}");
+    assert!(
+        ts > last_ts,
+        "commit ts {ts} after a restart must exceed {last_ts}"
+    );
     let doc: Value = http
         .get(format!("{base}/v1/collections/notes/documents/n-0"))
         .bearer_auth(&token)

@@ -183,7 +183,11 @@ impl Recorder {
     }
 
     fn record_lag(&self, lag: Duration) {
-        self.inner.lock().expect("recorder poisoned").lag.record(lag);
+        self.inner
+            .lock()
+            .expect("recorder poisoned")
+            .lag
+            .record(lag);
     }
 
     fn error(&self, kind: String) {
@@ -390,7 +394,12 @@ async fn http(args: &Args) -> Result<Report> {
     Ok(Report {
         target: url,
         workload: args.workload.name().into(),
-        mode: if args.rate.is_some() { "open" } else { "closed" }.into(),
+        mode: if args.rate.is_some() {
+            "open"
+        } else {
+            "closed"
+        }
+        .into(),
         concurrency: args.concurrency,
         rate: args.rate,
         keys: args.keys,

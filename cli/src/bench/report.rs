@@ -28,12 +28,6 @@ impl Latencies {
         self.0.saturating_record(us.clamp(1, MAX_LATENCY_US));
     }
 
-    pub fn add(&mut self, other: &Latencies) {
-        self.0
-            .add(&other.0)
-            .expect("histograms of the same bounds always add");
-    }
-
     /// The summary, or `None` when nothing was recorded.
     pub fn summary(&self) -> Option<Summary> {
         if self.0.is_empty() {
@@ -120,7 +114,10 @@ fn line(name: &str, s: &Summary) -> String {
 pub fn render(r: &Report) -> String {
     let mut out = String::new();
     let mode = match r.rate {
-        Some(rate) => format!("open loop at {rate} req/s, at most {} in flight", r.concurrency),
+        Some(rate) => format!(
+            "open loop at {rate} req/s, at most {} in flight",
+            r.concurrency
+        ),
         None => format!("closed loop, {} workers", r.concurrency),
     };
     out.push_str(&format!(
@@ -139,9 +136,7 @@ pub fn render(r: &Report) -> String {
             "open loop   {sent} of {intended} scheduled requests sent\n"
         ));
     }
-    out.push_str(
-        "\nlatency (ms)        count      mean       p50       p99      p999       max\n",
-    );
+    out.push_str("\nlatency (ms)        count      mean       p50       p99      p999       max\n");
     if let Some(all) = &r.latency {
         out.push_str(&line("all", all));
     }
@@ -186,13 +181,11 @@ mod tests {
     }
 
     #[test]
-    fn extremes_are_clamped_and_histograms_merge() {
+    fn extremes_are_clamped() {
         let mut a = Latencies::default();
         a.record(Duration::ZERO);
         a.record(Duration::from_secs(3600));
-        let mut b = Latencies::default();
-        b.record(Duration::from_micros(250));
-        a.add(&b);
+        a.record(Duration::from_micros(250));
         let s = a.summary().unwrap();
         assert_eq!(s.count, 3);
         assert!(s.max_ms <= MAX_LATENCY_US as f64 / 1000.0 * 1.001, "{s:?}");

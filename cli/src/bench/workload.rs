@@ -41,8 +41,15 @@ pub enum Op {
     Read(u64),
     Put(u64),
     /// A merge patch; `increment` adds a counter increment to it.
-    Patch { key: u64, increment: bool },
-    Transfer { from: u64, to: u64, amount: i64 },
+    Patch {
+        key: u64,
+        increment: bool,
+    },
+    Transfer {
+        from: u64,
+        to: u64,
+        amount: i64,
+    },
 }
 
 /// The document a visibility probe reads: a document, or an account of `transfer`.
@@ -116,7 +123,6 @@ impl Workload {
         }
     }
 }
-
 
 impl Op {
     pub fn name(&self) -> &'static str {
@@ -237,7 +243,11 @@ impl Http {
             .get(format!("{}/readyz", self.base))
             .send()
             .await?;
-        ensure!(ready.status().is_success(), "/readyz answers {}", ready.status());
+        ensure!(
+            ready.status().is_success(),
+            "/readyz answers {}",
+            ready.status()
+        );
         let r = self
             .client
             .get(self.doc_url(&self.collection, u64::MAX))

@@ -145,7 +145,11 @@ mod tests {
         let c = counts(|r| z.next_rank(r), n, 7);
         // Rank 0 has probability 1/zeta(n): within 5% of it.
         let p0 = c[0] as f64 / DRAWS as f64;
-        assert!((p0 - z.p_first()).abs() < 0.05 * z.p_first(), "{p0} vs {}", z.p_first());
+        assert!(
+            (p0 - z.p_first()).abs() < 0.05 * z.p_first(),
+            "{p0} vs {}",
+            z.p_first()
+        );
         // Rank 1 is drawn about 2^-theta as often as rank 0.
         let ratio = c[1] as f64 / c[0] as f64;
         assert!((ratio - 0.5f64.powf(0.99)).abs() < 0.05, "{ratio}");
@@ -163,7 +167,10 @@ mod tests {
         let c = counts(|r| chooser.next(r), n, 1);
         let expected = DRAWS as f64 / n as f64;
         for (k, &count) in c.iter().enumerate() {
-            assert!((count as f64 - expected).abs() < 0.2 * expected, "key {k}: {count}");
+            assert!(
+                (count as f64 - expected).abs() < 0.2 * expected,
+                "key {k}: {count}"
+            );
         }
         assert!(KeyChooser::new(n, 1.0).is_err());
         assert!(KeyChooser::new(n, -0.5).is_err());
