@@ -211,13 +211,9 @@ pub async fn gather(config_manager: &str) -> Result<Status> {
         partitions: pair
             .current
             .as_ref()
-            .map(|c| partitions_of(c))
+            .map(&partitions_of)
             .unwrap_or_default(),
-        next_partitions: pair
-            .next
-            .as_ref()
-            .map(|c| partitions_of(c))
-            .unwrap_or_default(),
+        next_partitions: pair.next.as_ref().map(&partitions_of).unwrap_or_default(),
         spares: registered
             .iter()
             .map(|n| n.info.id)
