@@ -290,7 +290,19 @@ async fn http(args: &Args) -> Result<Report> {
     let mut loaded = None;
     if args.workload.reads() && !args.no_load {
         let started = Instant::now();
-        load(&client, args).await?;
+        let last_ts = load(&client, args).await?;
+        // Reads without a causal token see the UST: wait until every loaded document is
+        // visible, so the measured reads do not count 404s for documents still in flight.
+        let probe = workload::Probe {
+            account: false,
+            key: 0,
+        };
+        client
+            .probe_visible(&probe, last_ts)
+            .await
+            .map_err(|kind| {
+                anyhow::anyhow!("the loaded documents did not become visible: {kind}")
+            })?;
         loaded = Some((args.keys, started.elapsed().as_secs_f64()));
     }
 
@@ -466,9 +478,11 @@ impl Ctx {
     }
 }
 
-/// Writes every key once, `concurrency` at a time, so reads find documents.
-async fn load(client: &Http, args: &Args) -> Result<()> {
+/// Writes every key once, `concurrency` at a time, so reads find documents; answers the highest
+/// commit ts of the load.
+async fn load(client: &Http, args: &Args) -> Result<u64> {
     let next = Arc::new(AtomicU64::new(0));
+    let last_ts = Arc::new(AtomicU64::new(0));
     let failures = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + LOAD_DEADLINE;
     let workers: Vec<_> = (0..args.concurrency)
@@ -476,6 +490,7 @@ async fn load(client: &Http, args: &Args) -> Result<()> {
             let client = client.clone();
             let next = next.clone();
             let failures = failures.clone();
+            let last_ts = last_ts.clone();
             let workload = args.workload;
             tokio::spawn(async move {
                 loop {
@@ -483,8 +498,13 @@ async fn load(client: &Http, args: &Args) -> Result<()> {
                     if key >= client.keys() || Instant::now() >= deadline {
                         return;
                     }
-                    if let Outcome::Error(_) = client.send(&workload.load_op(key)).await {
-                        failures.fetch_add(1, Ordering::Relaxed);
+                    match client.send(&workload.load_op(key)).await {
+                        Outcome::Ok { ts } => {
+                            last_ts.fetch_max(ts.unwrap_or(0), Ordering::Relaxed);
+                        }
+                        Outcome::Error(_) => {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
             })
@@ -507,7 +527,7 @@ async fn load(client: &Http, args: &Args) -> Result<()> {
     if Instant::now() >= deadline {
         bail!("the load phase did not finish within {LOAD_DEADLINE:?}");
     }
-    Ok(())
+    Ok(last_ts.load(Ordering::Relaxed))
 }
 
 /// The baseline: records of `--doc-bytes` appended straight to a log, closed loop.
