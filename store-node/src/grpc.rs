@@ -131,7 +131,11 @@ impl Server {
         }
     }
 
-    fn client(&self, node: NodeId, config: &ClusterConfig) -> Result<StoreNodeClient<Channel>, Status> {
+    fn client(
+        &self,
+        node: NodeId,
+        config: &ClusterConfig,
+    ) -> Result<StoreNodeClient<Channel>, Status> {
         let addr = &config
             .nodes
             .get(&node)
@@ -186,12 +190,9 @@ impl Server {
             }
         };
         let at = ReadTimestamp::new(decided.decisions.routing_epoch, decided.decisions.ust);
-        let config = self
-            .shared
-            .configs()
-            .at(at.epoch)
-            .cloned()
-            .ok_or_else(|| Status::unavailable(format!("configuration {} is not known here", at.epoch)))?;
+        let config = self.shared.configs().at(at.epoch).cloned().ok_or_else(|| {
+            Status::unavailable(format!("configuration {} is not known here", at.epoch))
+        })?;
         Ok((at, config))
     }
 
@@ -239,10 +240,15 @@ impl Server {
                 let timeout = Duration::from_millis(self.shared.tuning.peer_rpc_timeout_ms);
                 match tokio::time::timeout(timeout, client.get_at(request)).await {
                     Ok(r) => r.map(|r| r.into_inner().documents),
-                    Err(_) => Err(Status::unavailable(format!("{node} did not answer in time"))),
+                    Err(_) => Err(Status::unavailable(format!(
+                        "{node} did not answer in time"
+                    ))),
                 }
             };
-            self.shared.metrics.sub_read_seconds.observe(started.elapsed());
+            self.shared
+                .metrics
+                .sub_read_seconds
+                .observe(started.elapsed());
             match result {
                 Ok(docs) => return Ok(docs),
                 Err(s) if is_too_old(&s) => return Err(Attempt::TooOld),
@@ -267,7 +273,8 @@ impl Server {
             by_partition.entry(p).or_default().push(i);
         }
         let reads = by_partition.iter().map(|(p, indexes)| {
-            let part_keys: Vec<pb::DocumentKey> = indexes.iter().map(|&i| keys[i].clone()).collect();
+            let part_keys: Vec<pb::DocumentKey> =
+                indexes.iter().map(|&i| keys[i].clone()).collect();
             self.get_from(config, &replicas[p], at, part_keys, with_automerge)
         });
         let results = futures::future::join_all(reads).await;
@@ -277,7 +284,10 @@ impl Server {
                 out[i] = Some(doc);
             }
         }
-        Ok(out.into_iter().map(|d| d.expect("every key read")).collect())
+        Ok(out
+            .into_iter()
+            .map(|d| d.expect("every key read"))
+            .collect())
     }
 
     /// One page of a query over every partition at `at`.
@@ -308,7 +318,12 @@ impl Server {
             let request = pb::ScanAtRequest {
                 at: Some(read_ts_to_proto(at)),
                 collection: collection.to_owned(),
-                intervals: config.slicing.intervals_of(p).iter().map(interval_to_proto).collect(),
+                intervals: config
+                    .slicing
+                    .intervals_of(p)
+                    .iter()
+                    .map(interval_to_proto)
+                    .collect(),
                 filter: filter.clone(),
                 after_hash: start.as_ref().map(|s| s.0),
                 after_id: start.as_ref().map(|s| s.1.clone()).unwrap_or_default(),
@@ -354,9 +369,13 @@ impl Server {
                 let partial = frontier.is_some() && docs.len() < limit;
                 docs.truncate(limit);
                 let cursor = if more {
-                    docs.last()
-                        .map(|(p, _, _)| p.clone())
-                        .or_else(|| frontier.map(|(hash, id)| Position { hash, id, sort: None }))
+                    docs.last().map(|(p, _, _)| p.clone()).or_else(|| {
+                        frontier.map(|(hash, id)| Position {
+                            hash,
+                            id,
+                            sort: None,
+                        })
+                    })
                 } else {
                     None
                 };
@@ -373,7 +392,9 @@ impl Server {
                         "an ordered query may examine at most {max_scanned} documents; add a filter, or drop the order and page through the results"
                     ))));
                 }
-                let key = |(p, _, json): &(Position, pb::Document, Json)| (json.clone(), p.hash, p.id.clone());
+                let key = |(p, _, json): &(Position, pb::Document, Json)| {
+                    (json.clone(), p.hash, p.id.clone())
+                };
                 docs.sort_by(|a, b| {
                     order
                         .compare(&a.2, &b.2)
@@ -385,7 +406,8 @@ impl Server {
                         let (json, hash, id) = key(d);
                         let by_value = order.compare(&json, &sort_doc(order, &sort));
                         by_value == CmpOrdering::Greater
-                            || (by_value == CmpOrdering::Equal && (hash, &id) > (after.hash, &after.id))
+                            || (by_value == CmpOrdering::Equal
+                                && (hash, &id) > (after.hash, &after.id))
                     });
                 }
                 let more = docs.len() > limit;
@@ -423,13 +445,17 @@ impl Server {
                 let timeout = Duration::from_millis(self.shared.tuning.peer_rpc_timeout_ms * 4);
                 match tokio::time::timeout(timeout, client.scan_at(request.clone())).await {
                     Ok(r) => r.map(Response::into_inner),
-                    Err(_) => Err(Status::unavailable(format!("{node} did not answer in time"))),
+                    Err(_) => Err(Status::unavailable(format!(
+                        "{node} did not answer in time"
+                    ))),
                 }
             };
             match result {
                 Ok(page) => return Ok(page),
                 Err(s) if is_too_old(&s) => return Err(Attempt::TooOld),
-                Err(s) if s.code() == tonic::Code::InvalidArgument => return Err(Attempt::Failed(s)),
+                Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                    return Err(Attempt::Failed(s))
+                }
                 Err(s) => last = s,
             }
         }
@@ -538,7 +564,10 @@ async fn local_get(
     with_automerge: bool,
 ) -> Result<Vec<pb::Document>, Status> {
     let store = Arc::clone(&shared.store);
-    let keys: Vec<(String, String)> = keys.iter().map(|k| (k.collection.clone(), k.id.clone())).collect();
+    let keys: Vec<(String, String)> = keys
+        .iter()
+        .map(|k| (k.collection.clone(), k.id.clone()))
+        .collect();
     tokio::task::spawn_blocking(move || {
         let ids: Vec<(&str, &str)> = keys.iter().map(|(c, i)| (c.as_str(), i.as_str())).collect();
         let docs = store.multi_get(&ids, ts).map_err(storage_status)?;
@@ -560,7 +589,10 @@ async fn local_get(
 }
 
 /// A scan of this node's own storage, restricted to the request's intervals.
-async fn local_scan(shared: &Arc<Shared>, req: pb::ScanAtRequest) -> Result<pb::ScanAtResponse, Status> {
+async fn local_scan(
+    shared: &Arc<Shared>,
+    req: pb::ScanAtRequest,
+) -> Result<pb::ScanAtResponse, Status> {
     let ts = Timestamp(req.at.map_or(0, |a| a.ts));
     let intervals: Vec<Interval> = req
         .intervals
@@ -576,7 +608,8 @@ async fn local_scan(shared: &Arc<Shared>, req: pb::ScanAtRequest) -> Result<pb::
     causeway_core::key::validate_collection(&req.collection, &KeyLimits::default())
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
     let store = Arc::clone(&shared.store);
-    let max_scanned = (req.max_scanned.max(1) as usize).min(shared.tuning.query_max_scanned as usize);
+    let max_scanned =
+        (req.max_scanned.max(1) as usize).min(shared.tuning.query_max_scanned as usize);
     let limit = req.limit.max(1) as usize;
     tokio::task::spawn_blocking(move || {
         let collection = req.collection.as_str();
@@ -594,7 +627,14 @@ async fn local_scan(shared: &Arc<Shared>, req: pb::ScanAtRequest) -> Result<pb::
             let budget = max_scanned.saturating_sub(out.scanned as usize);
             let want = limit - out.documents.len();
             let page = store
-                .scan(collection, ts, &|d| filter.matches(d), want, cursor.as_ref(), budget)
+                .scan(
+                    collection,
+                    ts,
+                    &|d| filter.matches(d),
+                    want,
+                    cursor.as_ref(),
+                    budget,
+                )
                 .map_err(storage_status)?;
             out.scanned += page.scanned as u32;
             for d in page.documents {
@@ -635,7 +675,8 @@ fn validate_keys(keys: &[pb::DocumentKey]) -> Result<(), Status> {
 
 /// The stream of a snapshot hold: the read timestamp, then nothing until the hold ends; the
 /// registered read goes with the stream.
-type HoldStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::HoldSnapshotEvent, Status>> + Send>>;
+type HoldStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::HoldSnapshotEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::store_node_server::StoreNode for Server {
@@ -653,30 +694,54 @@ impl pb::store_node_server::StoreNode for Server {
         let first = pb::HoldSnapshotEvent {
             at: Some(read_ts_to_proto(at)),
         };
-        let stream = futures::stream::once(async move { Ok(first) }).chain(futures::stream::once(async move {
-            tokio::time::sleep(max_hold).await;
-            drop(held);
-            Err(Status::deadline_exceeded("the snapshot hold reached its maximum duration"))
-        }));
+        let stream = futures::stream::once(async move { Ok(first) }).chain(futures::stream::once(
+            async move {
+                tokio::time::sleep(max_hold).await;
+                drop(held);
+                Err(Status::deadline_exceeded(
+                    "the snapshot hold reached its maximum duration",
+                ))
+            },
+        ));
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn gossip(&self, request: Request<pb::GossipMessage>) -> Result<Response<pb::GossipAck>, Status> {
+    async fn gossip(
+        &self,
+        request: Request<pb::GossipMessage>,
+    ) -> Result<Response<pb::GossipAck>, Status> {
         self.shared.observe(gossip_from_proto(request.into_inner()));
         Ok(Response::new(pb::GossipAck {}))
     }
 
-    async fn get_at(&self, request: Request<pb::GetAtRequest>) -> Result<Response<pb::GetAtResponse>, Status> {
+    async fn get_at(
+        &self,
+        request: Request<pb::GetAtRequest>,
+    ) -> Result<Response<pb::GetAtResponse>, Status> {
         let req = request.into_inner();
         validate_keys(&req.keys)?;
-        let at = req.at.ok_or_else(|| Status::invalid_argument("missing read timestamp"))?;
+        let at = req
+            .at
+            .ok_or_else(|| Status::invalid_argument("missing read timestamp"))?;
         let started = Instant::now();
-        let documents = local_get(&self.shared, Timestamp(at.ts), &req.keys, req.with_automerge).await?;
-        self.shared.metrics.sub_read_seconds.observe(started.elapsed());
+        let documents = local_get(
+            &self.shared,
+            Timestamp(at.ts),
+            &req.keys,
+            req.with_automerge,
+        )
+        .await?;
+        self.shared
+            .metrics
+            .sub_read_seconds
+            .observe(started.elapsed());
         Ok(Response::new(pb::GetAtResponse { documents }))
     }
 
-    async fn scan_at(&self, request: Request<pb::ScanAtRequest>) -> Result<Response<pb::ScanAtResponse>, Status> {
+    async fn scan_at(
+        &self,
+        request: Request<pb::ScanAtRequest>,
+    ) -> Result<Response<pb::ScanAtResponse>, Status> {
         let req = request.into_inner();
         if req.at.is_none() {
             return Err(Status::invalid_argument("missing read timestamp"));
@@ -684,7 +749,10 @@ impl pb::store_node_server::StoreNode for Server {
         Ok(Response::new(local_scan(&self.shared, req).await?))
     }
 
-    async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<pb::ReadResponse>, Status> {
+    async fn read(
+        &self,
+        request: Request<pb::ReadRequest>,
+    ) -> Result<Response<pb::ReadResponse>, Status> {
         let req = request.into_inner();
         validate_keys(&req.keys)?;
         let started = Instant::now();
@@ -692,7 +760,10 @@ impl pb::store_node_server::StoreNode for Server {
         for _ in 0..self.shared.tuning.read_attempts.max(1) {
             let (at, config) = self.read_timestamp(Timestamp(req.min_ts), deadline).await?;
             let _held = self.shared.reads.register(at);
-            match self.read_at(&config, at, &req.keys, req.with_automerge).await {
+            match self
+                .read_at(&config, at, &req.keys, req.with_automerge)
+                .await
+            {
                 Ok(documents) => {
                     self.shared.metrics.read_seconds.observe(started.elapsed());
                     return Ok(Response::new(pb::ReadResponse {
@@ -709,10 +780,15 @@ impl pb::store_node_server::StoreNode for Server {
                 Err(Attempt::Failed(s)) => return Err(s),
             }
         }
-        Err(Status::unavailable("the snapshot was pruned on every attempt; retry"))
+        Err(Status::unavailable(
+            "the snapshot was pruned on every attempt; retry",
+        ))
     }
 
-    async fn query(&self, request: Request<pb::QueryRequest>) -> Result<Response<pb::QueryResponse>, Status> {
+    async fn query(
+        &self,
+        request: Request<pb::QueryRequest>,
+    ) -> Result<Response<pb::QueryResponse>, Status> {
         let req = request.into_inner();
         causeway_core::key::validate_collection(&req.collection, &KeyLimits::default())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -725,9 +801,12 @@ impl pb::store_node_server::StoreNode for Server {
         let cursor = if req.cursor.is_empty() {
             None
         } else {
-            let c = Cursor::decode(&req.cursor).ok_or_else(|| Status::invalid_argument("invalid cursor"))?;
+            let c = Cursor::decode(&req.cursor)
+                .ok_or_else(|| Status::invalid_argument("invalid cursor"))?;
             if c.collection != req.collection {
-                return Err(Status::invalid_argument("the cursor belongs to another collection"));
+                return Err(Status::invalid_argument(
+                    "the cursor belongs to another collection",
+                ));
             }
             Some(c)
         };
@@ -744,7 +823,9 @@ impl pb::store_node_server::StoreNode for Server {
                 Some(c) => {
                     let at = ReadTimestamp::new(Epoch(c.epoch), Timestamp(c.ts));
                     let config = self.shared.configs().at(at.epoch).cloned().ok_or_else(|| {
-                        Status::failed_precondition("the cursor's configuration is gone; start the query again")
+                        Status::failed_precondition(
+                            "the cursor's configuration is gone; start the query again",
+                        )
                     })?;
                     (at, config)
                 }
@@ -752,7 +833,10 @@ impl pb::store_node_server::StoreNode for Server {
             };
             let _held = self.shared.reads.register(at);
             let after = cursor.as_ref().map(|c| &c.after);
-            match self.query_at(&config, at, &req.collection, &query, after, max_scanned).await {
+            match self
+                .query_at(&config, at, &req.collection, &query, after, max_scanned)
+                .await
+            {
                 Ok(page) => {
                     self.shared.metrics.query_seconds.observe(started.elapsed());
                     let cursor = page.cursor.map(|after| {
@@ -786,20 +870,33 @@ impl pb::store_node_server::StoreNode for Server {
                 Err(Attempt::Failed(s)) => return Err(s),
             }
         }
-        Err(Status::unavailable("the snapshot was pruned on every attempt; retry"))
+        Err(Status::unavailable(
+            "the snapshot was pruned on every attempt; retry",
+        ))
     }
 
-    async fn digest(&self, request: Request<pb::DigestRequest>) -> Result<Response<pb::DigestResponse>, Status> {
+    async fn digest(
+        &self,
+        request: Request<pb::DigestRequest>,
+    ) -> Result<Response<pb::DigestResponse>, Status> {
         let req = request.into_inner();
-        let intervals: Vec<Interval> = req.intervals.iter().map(interval_from_proto).collect::<Result<_, _>>()?;
+        let intervals: Vec<Interval> = req
+            .intervals
+            .iter()
+            .map(interval_from_proto)
+            .collect::<Result<_, _>>()?;
         if intervals.len() > 4096 {
-            return Err(Status::invalid_argument("at most 4096 intervals per digest request"));
+            return Err(Status::invalid_argument(
+                "at most 4096 intervals per digest request",
+            ));
         }
         let ts = Timestamp(req.ts);
         let store = Arc::clone(&self.shared.store);
         let committed = store.committed();
         if ts > committed {
-            return Err(Status::unavailable(format!("not yet applied: digest at {ts}, committed up to {committed}")));
+            return Err(Status::unavailable(format!(
+                "not yet applied: digest at {ts}, committed up to {committed}"
+            )));
         }
         let digests = tokio::task::spawn_blocking(move || {
             intervals
@@ -821,15 +918,22 @@ impl pb::store_node_server::StoreNode for Server {
         let deadline = Instant::now() + self.timeout(req.timeout_ms);
         let mut rx = self.shared.decided.subscribe();
         let want = Timestamp(req.ts);
-        let _ = tokio::time::timeout_at(deadline.into(), rx.wait_for(|d| d.decisions.ust >= want)).await;
+        let _ = tokio::time::timeout_at(deadline.into(), rx.wait_for(|d| d.decisions.ust >= want))
+            .await;
         let d = self.shared.decided();
         Ok(Response::new(pb::WaitForUstResponse {
-            ust: Some(read_ts_to_proto(ReadTimestamp::new(d.decisions.routing_epoch, d.decisions.ust))),
+            ust: Some(read_ts_to_proto(ReadTimestamp::new(
+                d.decisions.routing_epoch,
+                d.decisions.ust,
+            ))),
             reached: d.decisions.ust >= want,
         }))
     }
 
-    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::NodeStatus>, Status> {
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::NodeStatus>, Status> {
         let s = &self.shared;
         let d = s.decided();
         let peers = s

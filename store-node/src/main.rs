@@ -33,15 +33,14 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let args = Args::parse();
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;
-    let mut options: Options =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", args.config.display()))?;
+    let mut options: Options = serde_json::from_str(&text)
+        .with_context(|| format!("parsing {}", args.config.display()))?;
     if let Some(id) = args.node_id {
         options.node_id = NodeId(id);
     }
@@ -54,7 +53,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(dir) = args.data_dir {
         options.data_dir = dir;
     }
-    let service = Service::bind(options).await.context("starting the store node")?;
+    let service = Service::bind(options)
+        .await
+        .context("starting the store node")?;
     println!("listening {}", service.local_addr());
     if let Some(admin) = service.admin_addr() {
         println!("admin {admin}");

@@ -35,13 +35,23 @@ impl Histogram {
         let sep = if labels.is_empty() { "" } else { "," };
         for (i, bound) in BUCKETS_S.iter().enumerate() {
             cumulative += self.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+            );
         }
         let count = self.count.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
         let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
-        let _ = writeln!(out, "{name}_sum{braces} {sum}\n{name}_count{braces} {count}");
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(
+            out,
+            "{name}_sum{braces} {sum}\n{name}_count{braces} {count}"
+        );
     }
 }
 
@@ -81,18 +91,54 @@ impl Metrics {
         let mut out = String::with_capacity(4096);
         let log_end = g.log_next_ts.saturating_sub(1);
         let gauges = [
-            ("committed_ts", g.committed_ts, "highest ts applied and fsynced"),
-            ("ust_ts", g.ust_ts, "universally stable timestamp of the routing configuration"),
-            ("gc_ts", g.gc_ts, "GC timestamp: versions no read at or above it sees are pruned"),
+            (
+                "committed_ts",
+                g.committed_ts,
+                "highest ts applied and fsynced",
+            ),
+            (
+                "ust_ts",
+                g.ust_ts,
+                "universally stable timestamp of the routing configuration",
+            ),
+            (
+                "gc_ts",
+                g.gc_ts,
+                "GC timestamp: versions no read at or above it sees are pruned",
+            ),
             ("log_end_ts", log_end, "newest ts of the log, as last seen"),
-            ("log_end_lag_ts", log_end.saturating_sub(g.committed_ts), "log records not yet applied"),
-            ("visibility_lag_ts", log_end.saturating_sub(g.ust_ts), "log records not yet visible at the UST"),
-            ("current_epoch", g.current_epoch, "epoch of the current configuration"),
-            ("routing_epoch", g.routing_epoch, "epoch in which new reads are coordinated"),
-            ("peers_alive", g.peers_alive, "peers heard from within the liveness timeout"),
+            (
+                "log_end_lag_ts",
+                log_end.saturating_sub(g.committed_ts),
+                "log records not yet applied",
+            ),
+            (
+                "visibility_lag_ts",
+                log_end.saturating_sub(g.ust_ts),
+                "log records not yet visible at the UST",
+            ),
+            (
+                "current_epoch",
+                g.current_epoch,
+                "epoch of the current configuration",
+            ),
+            (
+                "routing_epoch",
+                g.routing_epoch,
+                "epoch in which new reads are coordinated",
+            ),
+            (
+                "peers_alive",
+                g.peers_alive,
+                "peers heard from within the liveness timeout",
+            ),
             ("peers_known", g.peers_known, "peers ever heard from"),
             ("active_reads", g.active_reads, "reads running on this node"),
-            ("cached_documents", g.cached_documents, "documents in the apply cache"),
+            (
+                "cached_documents",
+                g.cached_documents,
+                "documents in the apply cache",
+            ),
         ];
         for (name, value, help) in gauges {
             let _ = writeln!(
@@ -101,13 +147,41 @@ impl Metrics {
             );
         }
         let counters = [
-            ("applied_records_total", &self.applied_records_total, "log records applied"),
-            ("skipped_mutations_total", &self.skipped_mutations_total, "mutations or transactions skipped as invalid"),
-            ("apply_batches_total", &self.apply_batches_total, "WriteBatches applied"),
-            ("gc_pruned_versions_total", &self.gc_pruned_versions_total, "versions removed by GC"),
-            ("gossip_sent_total", &self.gossip_sent_total, "gossip messages sent"),
-            ("gossip_send_errors_total", &self.gossip_send_errors_total, "gossip messages that failed"),
-            ("snapshot_too_old_retries_total", &self.snapshot_too_old_retries_total, "coordinated reads retried after SnapshotTooOld"),
+            (
+                "applied_records_total",
+                &self.applied_records_total,
+                "log records applied",
+            ),
+            (
+                "skipped_mutations_total",
+                &self.skipped_mutations_total,
+                "mutations or transactions skipped as invalid",
+            ),
+            (
+                "apply_batches_total",
+                &self.apply_batches_total,
+                "WriteBatches applied",
+            ),
+            (
+                "gc_pruned_versions_total",
+                &self.gc_pruned_versions_total,
+                "versions removed by GC",
+            ),
+            (
+                "gossip_sent_total",
+                &self.gossip_sent_total,
+                "gossip messages sent",
+            ),
+            (
+                "gossip_send_errors_total",
+                &self.gossip_send_errors_total,
+                "gossip messages that failed",
+            ),
+            (
+                "snapshot_too_old_retries_total",
+                &self.snapshot_too_old_retries_total,
+                "coordinated reads retried after SnapshotTooOld",
+            ),
         ];
         for (name, value, help) in counters {
             let _ = writeln!(
@@ -116,10 +190,30 @@ impl Metrics {
                 value.load(Ordering::Relaxed)
             );
         }
-        self.apply_batch_seconds.render(&mut out, "causeway_store_apply_batch_seconds", "", "time to apply and fsync one batch");
-        self.read_seconds.render(&mut out, "causeway_store_read_seconds", "kind=\"read\"", "coordinated read latency");
-        self.query_seconds.render(&mut out, "causeway_store_query_seconds", "kind=\"query\"", "coordinated query latency");
-        self.sub_read_seconds.render(&mut out, "causeway_store_sub_read_seconds", "", "replica sub-read latency");
+        self.apply_batch_seconds.render(
+            &mut out,
+            "causeway_store_apply_batch_seconds",
+            "",
+            "time to apply and fsync one batch",
+        );
+        self.read_seconds.render(
+            &mut out,
+            "causeway_store_read_seconds",
+            "kind=\"read\"",
+            "coordinated read latency",
+        );
+        self.query_seconds.render(
+            &mut out,
+            "causeway_store_query_seconds",
+            "kind=\"query\"",
+            "coordinated query latency",
+        );
+        self.sub_read_seconds.render(
+            &mut out,
+            "causeway_store_sub_read_seconds",
+            "",
+            "replica sub-read latency",
+        );
         out
     }
 }

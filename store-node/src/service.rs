@@ -94,7 +94,10 @@ impl Service {
             addr: options.listen,
             source,
         })?;
-        let addr = options.advertise.clone().unwrap_or_else(|| local.to_string());
+        let addr = options
+            .advertise
+            .clone()
+            .unwrap_or_else(|| local.to_string());
         let store = {
             let dir = options.data_dir.clone();
             let store_options = options.store.clone();
@@ -134,7 +137,9 @@ impl Service {
 
     /// The admin server's bound address, if it has one.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin.as_ref().map(|l| l.local_addr().expect("bound listener"))
+        self.admin
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound listener"))
     }
 
     pub fn handle(&self) -> Handle {
@@ -321,7 +326,13 @@ async fn membership(
                 if let Err(e) = cm.heartbeat(shared.node, incarnation).await {
                     if e.code() == tonic::Code::NotFound {
                         // The config manager restarted and forgot us: register again.
-                        if let Ok(r) = cm.register(&NodeInfo { id: shared.node, addr: shared.addr.clone() }).await {
+                        if let Ok(r) = cm
+                            .register(&NodeInfo {
+                                id: shared.node,
+                                addr: shared.addr.clone(),
+                            })
+                            .await
+                        {
                             shared.incarnation.store(r.incarnation, Ordering::Relaxed);
                         }
                     } else {
@@ -399,7 +410,9 @@ async fn apply_loop(
     let mut backoff = Duration::from_millis(20);
     loop {
         if let Ok(bounds) = log.bounds().await {
-            shared.log_next.fetch_max(bounds.next.get(), Ordering::Relaxed);
+            shared
+                .log_next
+                .fetch_max(bounds.next.get(), Ordering::Relaxed);
         }
         let from = shared.store.applied();
         let mut stream = log.read_from(from);
@@ -456,7 +469,10 @@ async fn apply_loop(
                         backoff = Duration::from_millis(20);
                     }
                     Err(crate::storage::Error::UnsupportedFormat(v)) => {
-                        error!(format = v, "the log holds a record format this build cannot apply");
+                        error!(
+                            format = v,
+                            "the log holds a record format this build cannot apply"
+                        );
                         return Err(Error::Apply(format!("unsupported transaction format {v}")));
                     }
                     Err(e) => return Err(e.into()),
@@ -503,7 +519,9 @@ async fn gossip_loop(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), Error> {
     let mut peers = Peers::default();
-    let mut tick = tokio::time::interval(Duration::from_millis(shared.tuning.gossip_interval_ms.max(1)));
+    let mut tick = tokio::time::interval(Duration::from_millis(
+        shared.tuning.gossip_interval_ms.max(1),
+    ));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let installing = Arc::new(AtomicBool::new(false));
     loop {
@@ -585,7 +603,8 @@ impl Peers {
 
 /// Every `gc_interval_ms`: one bounded GC step up to the node's GC timestamp.
 async fn gc_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> Result<(), Error> {
-    let mut tick = tokio::time::interval(Duration::from_millis(shared.tuning.gc_interval_ms.max(1)));
+    let mut tick =
+        tokio::time::interval(Duration::from_millis(shared.tuning.gc_interval_ms.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

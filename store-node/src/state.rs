@@ -241,10 +241,11 @@ impl Shared {
         &self,
         config: &ClusterConfig,
         at: ReadTimestamp,
-    ) -> Result<BTreeMap<causeway_core::PartitionId, Vec<NodeId>>, causeway_core::PartitionId>
-    {
+    ) -> Result<BTreeMap<causeway_core::PartitionId, Vec<NodeId>>, causeway_core::PartitionId> {
         let configs = self.configs();
-        let is_next = configs.transition().is_some_and(|n| n.epoch == config.epoch);
+        let is_next = configs
+            .transition()
+            .is_some_and(|n| n.epoch == config.epoch);
         let p = lock(&self.protocol);
         let who = Eligibility {
             table: &p.table,

@@ -68,7 +68,10 @@ impl Proc {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .spawn()
             .with_context(|| format!("spawning {command:?}"))?;
         Ok(Proc {
@@ -79,7 +82,10 @@ impl Proc {
 
     /// Sends a signal (`KILL`, `STOP`, `CONT`, ...) with the `kill` command.
     fn signal(&self, signal: &str) -> Result<()> {
-        let child = self.child.as_ref().ok_or_else(|| anyhow!("process not running"))?;
+        let child = self
+            .child
+            .as_ref()
+            .ok_or_else(|| anyhow!("process not running"))?;
         let status = Command::new("kill")
             .arg(format!("-{signal}"))
             .arg(child.id().to_string())
@@ -100,7 +106,9 @@ impl Proc {
     fn tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let start = text.len().saturating_sub(4000);
-        let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+        let start = (start..text.len())
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(0);
         text[start..].to_owned()
     }
 }
@@ -175,7 +183,9 @@ impl LocalCluster {
     /// Starts a broker, a config manager and `P × R` store nodes, bootstraps the cluster and
     /// waits until every node can coordinate reads.
     pub async fn start(spec: ClusterSpec) -> Result<LocalCluster> {
-        let tmp = tempfile::Builder::new().prefix("causeway-cluster-").tempdir()?;
+        let tmp = tempfile::Builder::new()
+            .prefix("causeway-cluster-")
+            .tempdir()?;
         let (root, tmp) = if std::env::var_os("CAUSEWAY_KEEP_TEST_DIR").is_some() {
             let root = tmp.keep();
             eprintln!("cluster directory kept: {}", root.display());
@@ -279,24 +289,38 @@ impl LocalCluster {
 
     /// A gRPC client of a store node.
     pub fn client(&self, node: NodeId) -> Result<StoreNodeClient<Channel>> {
-        let addr = self.nodes.get(&node).ok_or_else(|| anyhow!("no {node}"))?.addr;
-        Ok(StoreNodeClient::new(causeway_store_node::grpc::lazy_channel(&addr.to_string()))
-            .max_decoding_message_size(64 << 20))
+        let addr = self
+            .nodes
+            .get(&node)
+            .ok_or_else(|| anyhow!("no {node}"))?
+            .addr;
+        Ok(
+            StoreNodeClient::new(causeway_store_node::grpc::lazy_channel(&addr.to_string()))
+                .max_decoding_message_size(64 << 20),
+        )
     }
 
     /// A node's status.
     pub async fn status(&self, node: NodeId) -> Result<pb::NodeStatus> {
         let mut client = self.client(node)?;
-        let status = tokio::time::timeout(Duration::from_secs(5), client.status(pb::StatusRequest {}))
-            .await
-            .map_err(|_| anyhow!("{node} status timed out"))??;
+        let status =
+            tokio::time::timeout(Duration::from_secs(5), client.status(pb::StatusRequest {}))
+                .await
+                .map_err(|_| anyhow!("{node} status timed out"))??;
         Ok(status.into_inner())
     }
 
     /// A node's Prometheus metrics.
     pub async fn metrics(&self, node: NodeId) -> Result<String> {
-        let admin = self.nodes.get(&node).ok_or_else(|| anyhow!("no {node}"))?.admin;
-        let text = reqwest::get(format!("http://{admin}/metrics")).await?.text().await?;
+        let admin = self
+            .nodes
+            .get(&node)
+            .ok_or_else(|| anyhow!("no {node}"))?
+            .admin;
+        let text = reqwest::get(format!("http://{admin}/metrics"))
+            .await?
+            .text()
+            .await?;
         Ok(text)
     }
 
@@ -326,10 +350,14 @@ impl LocalCluster {
 
     /// Waits until `node`'s UST reaches `ts`.
     pub async fn wait_ust(&self, node: NodeId, ts: Timestamp, deadline: Duration) -> Result<()> {
-        until(&format!("{node}'s UST to reach {ts}"), deadline, || async move {
-            let s = self.status(node).await.ok()?;
-            (s.ust >= ts.get()).then_some(())
-        })
+        until(
+            &format!("{node}'s UST to reach {ts}"),
+            deadline,
+            || async move {
+                let s = self.status(node).await.ok()?;
+                (s.ust >= ts.get()).then_some(())
+            },
+        )
         .await
     }
 
@@ -341,7 +369,10 @@ impl LocalCluster {
 
     /// kill -9.
     pub fn kill(&mut self, node: NodeId) -> Result<()> {
-        let n = self.nodes.get_mut(&node).ok_or_else(|| anyhow!("no {node}"))?;
+        let n = self
+            .nodes
+            .get_mut(&node)
+            .ok_or_else(|| anyhow!("no {node}"))?;
         n.proc.signal("KILL")?;
         if let Some(mut child) = n.proc.child.take() {
             let _ = child.wait();
@@ -351,7 +382,10 @@ impl LocalCluster {
 
     /// Starts a killed node again on the same directory and ports.
     pub fn restart(&mut self, node: NodeId) -> Result<()> {
-        let n = self.nodes.get_mut(&node).ok_or_else(|| anyhow!("no {node}"))?;
+        let n = self
+            .nodes
+            .get_mut(&node)
+            .ok_or_else(|| anyhow!("no {node}"))?;
         if n.proc.child.is_some() {
             bail!("{node} is running");
         }
@@ -361,12 +395,20 @@ impl LocalCluster {
 
     /// SIGSTOP.
     pub fn pause(&self, node: NodeId) -> Result<()> {
-        self.nodes.get(&node).ok_or_else(|| anyhow!("no {node}"))?.proc.signal("STOP")
+        self.nodes
+            .get(&node)
+            .ok_or_else(|| anyhow!("no {node}"))?
+            .proc
+            .signal("STOP")
     }
 
     /// SIGCONT.
     pub fn resume(&self, node: NodeId) -> Result<()> {
-        self.nodes.get(&node).ok_or_else(|| anyhow!("no {node}"))?.proc.signal("CONT")
+        self.nodes
+            .get(&node)
+            .ok_or_else(|| anyhow!("no {node}"))?
+            .proc
+            .signal("CONT")
     }
 
     /// The tail of every process's log, for failure messages.

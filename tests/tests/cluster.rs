@@ -22,11 +22,19 @@ fn key(collection: &str, id: &str) -> pb::DocumentKey {
 
 async fn config(cluster: &LocalCluster) -> ClusterConfig {
     let cm = cluster.config_manager().await.unwrap();
-    cm.get_config().await.unwrap().current.expect("bootstrapped")
+    cm.get_config()
+        .await
+        .unwrap()
+        .current
+        .expect("bootstrapped")
 }
 
 /// Ids whose documents land on each partition, `per` of each.
-fn ids_per_partition(config: &ClusterConfig, collection: &str, per: usize) -> BTreeMap<PartitionId, Vec<String>> {
+fn ids_per_partition(
+    config: &ClusterConfig,
+    collection: &str,
+    per: usize,
+) -> BTreeMap<PartitionId, Vec<String>> {
     let mut out: BTreeMap<PartitionId, Vec<String>> = BTreeMap::new();
     for i in 0.. {
         let id = format!("doc-{i}");
@@ -35,14 +43,20 @@ fn ids_per_partition(config: &ClusterConfig, collection: &str, per: usize) -> BT
         if ids.len() < per {
             ids.push(id);
         }
-        if out.len() == config.slicing.partitions().count() && out.values().all(|v| v.len() == per) {
+        if out.len() == config.slicing.partitions().count() && out.values().all(|v| v.len() == per)
+        {
             return out;
         }
     }
     unreachable!()
 }
 
-async fn read(cluster: &LocalCluster, node: NodeId, keys: Vec<pb::DocumentKey>, min_ts: Timestamp) -> pb::ReadResponse {
+async fn read(
+    cluster: &LocalCluster,
+    node: NodeId,
+    keys: Vec<pb::DocumentKey>,
+    min_ts: Timestamp,
+) -> pb::ReadResponse {
     let mut client = cluster.client(node).unwrap();
     client
         .read(pb::ReadRequest {
@@ -70,7 +84,11 @@ async fn appended_transactions_become_visible_everywhere() {
     let all: Vec<&String> = ids.values().flatten().collect();
     let mut txs = Vec::new();
     for (n, id) in all.iter().enumerate() {
-        txs.push(tx::replace(&[("things", id, json!({"n": n, "name": id, "nested": {"ok": true}}))]));
+        txs.push(tx::replace(&[(
+            "things",
+            id,
+            json!({"n": n, "name": id, "nested": {"ok": true}}),
+        )]));
     }
     let stamps = cluster.append(&txs).await.unwrap();
     let last = *stamps.last().unwrap();
@@ -82,7 +100,11 @@ async fn appended_transactions_become_visible_everywhere() {
         let r = read(&cluster, node, keys, last).await;
         assert!(r.at.unwrap().ts >= last.get());
         for (n, doc) in r.documents.iter().enumerate() {
-            assert!(doc.found, "{} missing on a read coordinated by {node}", doc.id);
+            assert!(
+                doc.found,
+                "{} missing on a read coordinated by {node}",
+                doc.id
+            );
             assert_eq!(json_of(doc)["n"], json!(n));
             assert_eq!(json_of(doc)["nested"]["ok"], json!(true));
         }
@@ -98,10 +120,16 @@ async fn appended_transactions_become_visible_everywhere() {
 async fn bank_invariant_holds_under_concurrent_transfers() {
     let cluster = Arc::new(LocalCluster::start(ClusterSpec::new(2, 2)).await.unwrap());
     let config = config(&cluster).await;
-    let accounts: Vec<String> = ids_per_partition(&config, "accounts", 5).into_values().flatten().collect();
+    let accounts: Vec<String> = ids_per_partition(&config, "accounts", 5)
+        .into_values()
+        .flatten()
+        .collect();
     const OPENING: i64 = 100;
     let total = OPENING * accounts.len() as i64;
-    let deposits: Vec<(&str, &str, &str, i64)> = accounts.iter().map(|a| ("accounts", a.as_str(), "balance", OPENING)).collect();
+    let deposits: Vec<(&str, &str, &str, i64)> = accounts
+        .iter()
+        .map(|a| ("accounts", a.as_str(), "balance", OPENING))
+        .collect();
     let opened = cluster.append(&[tx::increment(&deposits)]).await.unwrap()[0];
 
     let done = Arc::new(AtomicBool::new(false));
@@ -120,9 +148,16 @@ async fn bank_invariant_holds_under_concurrent_transfers() {
                 }
                 let r = read(&cluster, node, keys.clone(), opened).await;
                 let at = r.at.unwrap().ts;
-                assert!(at >= last_ts, "reads on {node} went back in time: {last_ts} then {at}");
+                assert!(
+                    at >= last_ts,
+                    "reads on {node} went back in time: {last_ts} then {at}"
+                );
                 last_ts = at;
-                let sum: i64 = r.documents.iter().map(|d| json_of(d)["balance"].as_i64().unwrap()).sum();
+                let sum: i64 = r
+                    .documents
+                    .iter()
+                    .map(|d| json_of(d)["balance"].as_i64().unwrap())
+                    .sum();
                 assert_eq!(sum, total, "a read at {at} on {node} sums to {sum}");
                 reads.fetch_add(1, Ordering::Relaxed);
                 if done.load(Ordering::Relaxed) {
@@ -155,10 +190,25 @@ async fn bank_invariant_holds_under_concurrent_transfers() {
         r.await.unwrap();
     }
     assert!(reads.load(Ordering::Relaxed) >= 4, "the readers ran");
-    let r = read(&cluster, cluster.node_ids()[0], accounts.iter().map(|a| key("accounts", a)).collect(), last).await;
-    let sum: i64 = r.documents.iter().map(|d| json_of(d)["balance"].as_i64().unwrap()).sum();
+    let r = read(
+        &cluster,
+        cluster.node_ids()[0],
+        accounts.iter().map(|a| key("accounts", a)).collect(),
+        last,
+    )
+    .await;
+    let sum: i64 = r
+        .documents
+        .iter()
+        .map(|d| json_of(d)["balance"].as_i64().unwrap())
+        .sum();
     assert_eq!(sum, total);
-    assert!(r.documents.iter().any(|d| json_of(d)["balance"].as_i64() != Some(OPENING)), "transfers applied");
+    assert!(
+        r.documents
+            .iter()
+            .any(|d| json_of(d)["balance"].as_i64() != Some(OPENING)),
+        "transfers applied"
+    );
 }
 
 /// kill -9 of one replica: the UST keeps rising and reads keep succeeding; restarted, it catches
@@ -188,11 +238,26 @@ async fn a_killed_replica_does_not_stall_and_catches_up() {
         last = *cluster.append(&write(round)).await.unwrap().last().unwrap();
         // The UST follows the live replica of partition 0.
         cluster.wait_ust(coordinator, last, WAIT).await.unwrap();
-        let r = read(&cluster, coordinator, all.iter().map(|id| key("items", id)).collect(), last).await;
-        assert!(r.documents.iter().all(|d| json_of(d)["round"] == json!(round)));
+        let r = read(
+            &cluster,
+            coordinator,
+            all.iter().map(|id| key("items", id)).collect(),
+            last,
+        )
+        .await;
+        assert!(r
+            .documents
+            .iter()
+            .all(|d| json_of(d)["round"] == json!(round)));
     }
     let before = cluster.status(peer).await.unwrap();
-    assert!(before.peers.iter().any(|p| p.node_id == victim.0 && !p.alive), "the peer sees the victim dead");
+    assert!(
+        before
+            .peers
+            .iter()
+            .any(|p| p.node_id == victim.0 && !p.alive),
+        "the peer sees the victim dead"
+    );
 
     cluster.restart(victim).unwrap();
     until("the restarted replica to catch up", WAIT, || async {
@@ -205,14 +270,20 @@ async fn a_killed_replica_does_not_stall_and_catches_up() {
         .slicing
         .intervals_of(PartitionId(0))
         .iter()
-        .map(|i| pb::KeyInterval { start: i.start, end: i.end_hash() })
+        .map(|i| pb::KeyInterval {
+            start: i.start,
+            end: i.end_hash(),
+        })
         .collect();
     let digest = |node: NodeId| {
         let intervals = intervals.clone();
         let mut client = cluster.client(node).unwrap();
         async move {
             client
-                .digest(pb::DigestRequest { ts: last.get(), intervals })
+                .digest(pb::DigestRequest {
+                    ts: last.get(),
+                    intervals,
+                })
                 .await
                 .unwrap()
                 .into_inner()
@@ -223,7 +294,13 @@ async fn a_killed_replica_does_not_stall_and_catches_up() {
     assert_eq!(a, b, "the restarted replica's digests equal its peer's");
     assert!(!a.is_empty());
     // And it serves reads again.
-    let r = read(&cluster, victim, all.iter().map(|id| key("items", id)).collect(), last).await;
+    let r = read(
+        &cluster,
+        victim,
+        all.iter().map(|id| key("items", id)).collect(),
+        last,
+    )
+    .await;
     assert!(r.documents.iter().all(|d| json_of(d)["round"] == json!(5)));
 }
 
@@ -233,14 +310,21 @@ async fn a_killed_replica_does_not_stall_and_catches_up() {
 async fn a_long_read_holds_gc_and_then_versions_are_pruned() {
     let cluster = LocalCluster::start(ClusterSpec::new(2, 2)).await.unwrap();
     let nodes = cluster.node_ids();
-    let first = cluster.append(&[tx::replace(&[("docs", "x", json!({"v": 0}))])]).await.unwrap()[0];
+    let first = cluster
+        .append(&[tx::replace(&[("docs", "x", json!({"v": 0}))])])
+        .await
+        .unwrap()[0];
     for &node in &nodes {
         cluster.wait_ust(node, first, WAIT).await.unwrap();
     }
     // Hold a snapshot on one node.
     let mut holder = cluster.client(nodes[0]).unwrap();
     let mut hold = holder
-        .hold_snapshot(pb::HoldSnapshotRequest { min_ts: first.get(), timeout_ms: 10_000, max_hold_ms: 120_000 })
+        .hold_snapshot(pb::HoldSnapshotRequest {
+            min_ts: first.get(),
+            timeout_ms: 10_000,
+            max_hold_ms: 120_000,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -250,40 +334,66 @@ async fn a_long_read_holds_gc_and_then_versions_are_pruned() {
     // Many newer versions of x.
     let mut last = first;
     for v in 1..=20 {
-        last = cluster.append(&[tx::replace(&[("docs", "x", json!({"v": v}))])]).await.unwrap()[0];
+        last = cluster
+            .append(&[tx::replace(&[("docs", "x", json!({"v": v}))])])
+            .await
+            .unwrap()[0];
     }
     for &node in &nodes {
         cluster.wait_ust(node, last, WAIT).await.unwrap();
     }
     // The GC timestamp rises to the held read everywhere, and no further.
     for &node in &nodes {
-        until(&format!("{node}'s GC to reach the held read"), WAIT, || async {
-            let s = cluster.status(node).await.ok()?;
-            assert!(s.gc <= held.ts, "{node} GC {} passed the held read {}", s.gc, held.ts);
-            (s.gc == held.ts).then_some(())
-        })
+        until(
+            &format!("{node}'s GC to reach the held read"),
+            WAIT,
+            || async {
+                let s = cluster.status(node).await.ok()?;
+                assert!(
+                    s.gc <= held.ts,
+                    "{node} GC {} passed the held read {}",
+                    s.gc,
+                    held.ts
+                );
+                (s.gc == held.ts).then_some(())
+            },
+        )
         .await
         .unwrap();
     }
     let config = config(&cluster).await;
-    let owners = config.replicas_of(config.partition_of(KeyHash::of("docs", "x"))).to_vec();
+    let owners = config
+        .replicas_of(config.partition_of(KeyHash::of("docs", "x")))
+        .to_vec();
     for &node in &owners {
         let mut client = cluster.client(node).unwrap();
         let r = client
-            .get_at(pb::GetAtRequest { at: Some(held), keys: vec![key("docs", "x")], with_automerge: false })
+            .get_at(pb::GetAtRequest {
+                at: Some(held),
+                keys: vec![key("docs", "x")],
+                with_automerge: false,
+            })
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(json_of(&r.documents[0])["v"], json!(0), "the held version on {node}");
+        assert_eq!(
+            json_of(&r.documents[0])["v"],
+            json!(0),
+            "the held version on {node}"
+        );
     }
 
     // Release the hold: GC moves past it and the old versions go.
     drop(hold);
     for &node in &nodes {
-        until(&format!("{node}'s GC to pass the released read"), WAIT, || async {
-            let s = cluster.status(node).await.ok()?;
-            (s.gc > held.ts).then_some(())
-        })
+        until(
+            &format!("{node}'s GC to pass the released read"),
+            WAIT,
+            || async {
+                let s = cluster.status(node).await.ok()?;
+                (s.gc > held.ts).then_some(())
+            },
+        )
         .await
         .unwrap();
     }
@@ -303,7 +413,11 @@ async fn a_long_read_holds_gc_and_then_versions_are_pruned() {
         .unwrap();
         let mut client = cluster.client(node).unwrap();
         let err = client
-            .get_at(pb::GetAtRequest { at: Some(held), keys: vec![key("docs", "x")], with_automerge: false })
+            .get_at(pb::GetAtRequest {
+                at: Some(held),
+                keys: vec![key("docs", "x")],
+                with_automerge: false,
+            })
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
