@@ -117,10 +117,13 @@ impl From<Status> for Attempt {
 }
 
 /// The gRPC server of one node.
+/// A peer's gRPC client, with the address it was made for.
+type PeerClients = HashMap<NodeId, (String, StoreNodeClient<Channel>)>;
+
 #[derive(Debug, Clone)]
 pub struct Server {
     shared: Arc<Shared>,
-    clients: Arc<Mutex<HashMap<NodeId, (String, StoreNodeClient<Channel>)>>>,
+    clients: Arc<Mutex<PeerClients>>,
 }
 
 impl Server {
