@@ -542,7 +542,6 @@ async fn gossip_loop(
                 }
                 let client = peer.client.clone();
                 let in_flight = Arc::clone(&peer.in_flight);
-                let msg = msg;
                 let shared = Arc::clone(&shared);
                 let timeout = Duration::from_millis(shared.tuning.peer_rpc_timeout_ms);
                 tokio::spawn(async move {
