@@ -190,7 +190,7 @@ fn raw_automerge(ids: &[u64], size: Size, rng: &mut Rng) -> f64 {
     let bodies: Vec<_> = ids.iter().map(|_| body(size, rng)).collect();
     let start = Instant::now();
     for (n, (id, body)) in ids.iter().zip(&bodies).enumerate() {
-        let doc = docs.entry(*id).or_insert_with(Automerge::new);
+        let doc = docs.entry(*id).or_default();
         doc.set_actor(ActorId::from(&(n as u64).to_be_bytes()[..]));
         let mut tx = doc.transaction();
         for (k, v) in body {
