@@ -11,7 +11,7 @@ sudo_if_needed() {
   if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi
 }
 
-packages=(build-essential clang libclang-dev pkg-config libssl-dev zlib1g-dev cmake python3 curl)
+packages=(build-essential clang libclang-dev pkg-config libssl-dev zlib1g-dev cmake python3 python3-venv curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, and every test (the Kafka tests against a real
-# tansu broker that the tests start themselves). Installs what is missing first.
+# The whole test suite: formatting, lints, every test (the Kafka tests against a real tansu
+# broker that the tests start themselves), and schemathesis against a live `causeway dev`.
+# Installs what is missing first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -13,5 +14,9 @@ echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo build (the binaries the cluster tests start)"
+cargo build --workspace --bins --locked
 echo "== cargo test"
 cargo test --workspace --locked
+echo "== schemathesis"
+scripts/schemathesis.sh
