@@ -48,7 +48,7 @@ where
 struct Cluster {
     apis: Vec<SocketAddr>,
     api_tasks: Vec<Running<api::Error>>,
-    nodes: Vec<Running<store_node::Error>>,
+    nodes: Vec<Running<store_node::ServiceError>>,
     config_manager: Running<cm::Error>,
     http: reqwest::Client,
     _broker: Broker,

@@ -507,7 +507,7 @@ impl Cursor {
     }
 
     fn decode(text: &str) -> Option<Cursor> {
-        if text.len() % 2 != 0 || text.len() > 64 * 1024 {
+        if !text.len().is_multiple_of(2) || text.len() > 64 * 1024 {
             return None;
         }
         let bytes: Option<Vec<u8>> = (0..text.len())

@@ -460,7 +460,7 @@ impl Ctx {
             .record(op.name(), op.is_write(), acked - intended, &outcome);
         if let (Outcome::Ok { ts: Some(ts) }, Some(probe)) = (&outcome, op.probe_key()) {
             let n = self.writes.fetch_add(1, Ordering::Relaxed);
-            if n % PROBE_EVERY == 0 {
+            if n.is_multiple_of(PROBE_EVERY) {
                 if let Ok(permit) = self.probes.clone().try_acquire_owned() {
                     let client = self.client.clone();
                     let recorder = self.recorder.clone();
