@@ -38,9 +38,16 @@ done
 grep -q "cluster ready" "$dir/dev.log" || { echo "causeway dev did not start" >&2; cat "$dir/dev.log" >&2; exit 1; }
 token=$(python3 -c 'import json,sys; print([t["token"] for t in json.load(open(sys.argv[1]))["tokens"] if t.get("admin")][0])' "$dir/data/tokens.json")
 
+# Two checks are left out. use_after_free: PATCH creates a document that is absent (a merge
+# patch is an upsert, API.md), so a PATCH after a DELETE rightly answers 200.
+# positive_data_acceptance: some rules cannot be written in a JSON schema (a Causeway-After past
+# the log's current end, the grammar of query filters and counter paths, limits in bytes of
+# UTF-8), so schema-valid requests that break them get their 400. Invalid requests that the
+# schema does describe must still be refused (negative_data_rejection stays on).
 "$venv/bin/st" run "http://127.0.0.1:$port/v1/openapi.json" \
   --header "Authorization: Bearer $token" \
   --checks all \
+  --exclude-checks use_after_free,positive_data_acceptance \
   --max-time "${SCHEMATHESIS_SECS:-120}" \
   --request-timeout 15 \
   --seed 1 \

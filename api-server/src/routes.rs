@@ -6,6 +6,7 @@
 //! (415, 413, 400), its shape and limits (400, 413); only then does a write reach the log or a
 //! read reach a store node.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -231,7 +232,7 @@ async fn get_document(
     let principal = s.tokens.authenticate(&headers)?;
     let key = s.key_from_path(path)?;
     principal.require(Access::Read, key.collection())?;
-    let min_ts = headers::after(&headers)?;
+    let min_ts = s.causal_token(&headers).await?;
     let (at, mut documents) = s.read(vec![key], min_ts).await?;
     let doc = documents
         .pop()
@@ -429,6 +430,8 @@ async fn delete_document(
         (status = 400, description = "Invalid input", body = ProblemBody, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json"),
         (status = 403, description = "Forbidden", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 415, description = "Not application/json", body = ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "Unavailable or causal wait timed out", body = ProblemBody, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
@@ -439,7 +442,7 @@ async fn get_documents(
     body: Body,
 ) -> Result<Response, Problem> {
     let principal = s.tokens.authenticate(&headers)?;
-    let min_ts = headers::after(&headers)?;
+    let min_ts = s.causal_token(&headers).await?;
     let (_, value) = body::json(&headers, body, &s.options.limits, &[JSON]).await?;
     let request: MultiGetRequest = shape(value)?;
     s.check_key_count(request.keys.len())?;
@@ -470,6 +473,8 @@ async fn get_documents(
         (status = 400, description = "Invalid input", body = ProblemBody, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json"),
         (status = 403, description = "Forbidden", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 415, description = "Not application/json", body = ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "Unavailable or causal wait timed out", body = ProblemBody, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
@@ -483,7 +488,7 @@ async fn get_collection_documents(
     let principal = s.tokens.authenticate(&headers)?;
     let collection = s.collection_from_path(path)?;
     principal.require(Access::Read, &collection)?;
-    let min_ts = headers::after(&headers)?;
+    let min_ts = s.causal_token(&headers).await?;
     let (_, value) = body::json(&headers, body, &s.options.limits, &[JSON]).await?;
     let request: CollectionGetRequest = shape(value)?;
     s.check_key_count(request.ids.len())?;
@@ -510,6 +515,8 @@ async fn get_collection_documents(
         (status = 400, description = "Invalid query", body = ProblemBody, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json"),
         (status = 403, description = "Forbidden", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 415, description = "Not application/json", body = ProblemBody, content_type = "application/problem+json"),
         (status = 410, description = "The cursor expired", body = ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "Unavailable or causal wait timed out", body = ProblemBody, content_type = "application/problem+json"),
     ),
@@ -524,7 +531,7 @@ async fn query(
     let principal = s.tokens.authenticate(&headers)?;
     let collection = s.collection_from_path(path)?;
     principal.require(Access::Read, &collection)?;
-    let min_ts = headers::after(&headers)?;
+    let min_ts = s.causal_token(&headers).await?;
     let (_, value) = body::json(&headers, body, &s.options.limits, &[JSON]).await?;
     let Value::Object(mut fields) = value else {
         return Err(Problem::new(
@@ -828,6 +835,34 @@ impl Drop for InFlight<'_> {
 // Helpers shared by the handlers
 
 impl Shared {
+    /// The `Causeway-After` of a request. A token at or past the end of the log names no
+    /// transaction, so waiting for it could only time out: it is refused at once (400). Only a
+    /// token past the end this server already knows costs a `bounds()` call.
+    async fn causal_token(&self, headers: &HeaderMap) -> Result<Timestamp, Problem> {
+        let min_ts = headers::after(headers)?;
+        if min_ts == Timestamp::ZERO || min_ts.get() < self.log_next.load(Ordering::Relaxed) {
+            return Ok(min_ts);
+        }
+        let bounds = self.log.bounds().await.map_err(|e| {
+            tracing::warn!(error = %e, "log bounds failed");
+            Problem::new(Kind::Unavailable, "the transaction log is unavailable")
+                .retry_after(self.options.timeouts.retry_after_s)
+        })?;
+        let next = bounds.next.get();
+        self.log_next.fetch_max(next, Ordering::Relaxed);
+        if min_ts.get() >= next {
+            return Err(Problem::new(
+                Kind::InvalidParameter,
+                format!(
+                    "Causeway-After {} is past the end of the transaction log (next ts {next}): \
+                     no such transaction",
+                    min_ts.get()
+                ),
+            ));
+        }
+        Ok(min_ts)
+    }
+
     fn key(&self, collection: &str, id: &str) -> Result<DocKey, Problem> {
         DocKey::new(collection, id, &self.options.limits.keys)
             .map_err(|e| Problem::new(Kind::InvalidKey, e.to_string()))
@@ -979,6 +1014,7 @@ impl Shared {
             }
         };
         self.metrics.log_append(true);
+        self.log_next.fetch_max(ts.get() + 1, Ordering::Relaxed);
         let visible = if wait {
             Some(self.wait_visible(ts).await)
         } else {

@@ -3,6 +3,7 @@
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,9 @@ pub(crate) struct Shared {
     pub(crate) in_flight: Arc<Semaphore>,
     /// The OpenAPI document, rendered once.
     pub(crate) openapi_json: String,
+    /// The highest `Bounds::next` of the log this server has seen (from its appends and from
+    /// `bounds()`): a causal token below it names a transaction that exists.
+    pub(crate) log_next: AtomicU64,
 }
 
 /// An api-server, bound and ready to [`Service::run`].
@@ -90,7 +94,8 @@ impl Service {
         let shared = Arc::new(Shared {
             store: Arc::new(Store::new(options.timeouts.store_tries, metrics.clone())),
             in_flight: Arc::new(Semaphore::new(options.limits.max_concurrent_requests)),
-            openapi_json: crate::openapi::json(),
+            openapi_json: crate::openapi::json(&options.limits),
+            log_next: AtomicU64::new(0),
             options,
             log,
             tokens,

@@ -805,6 +805,30 @@ async fn reads_without_store_nodes_answer_503_with_retry_after() -> Result<()> {
         .send()
         .await?;
     expect_problem(r, 400, "invalid_parameter", "bad causal token").await?;
+    // A token past the end of the log names no transaction: refused at once, not waited for.
+    // Once a write has that ts, the same token is accepted (and meets no store node here).
+    let r = http
+        .get(server.url("/v1/collections/orders/documents/a"))
+        .bearer_auth(SHOP)
+        .header("causeway-after", "1")
+        .send()
+        .await?;
+    expect_problem(r, 400, "invalid_parameter", "token past the log's end").await?;
+    let r = http
+        .put(server.url("/v1/collections/orders/documents/a"))
+        .bearer_auth(SHOP)
+        .json(&json!({"n": 1}))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "write: {}", r.status());
+    let ts = r.headers()["causeway-timestamp"].to_str()?.to_owned();
+    let r = http
+        .get(server.url("/v1/collections/orders/documents/a"))
+        .bearer_auth(SHOP)
+        .header("causeway-after", ts)
+        .send()
+        .await?;
+    expect_problem(r, 503, "unavailable", "token of a committed write").await?;
     let r = http
         .post(server.url("/v1/documents:get"))
         .bearer_auth(SHOP)
