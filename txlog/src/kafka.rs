@@ -96,6 +96,13 @@ pub struct KafkaOptions {
     /// librdkafka's prefetch buffer per reader (`queued.max.messages.kbytes`). Default 16 384.
     #[serde(default = "defaults::read_prefetch_kbytes")]
     pub read_prefetch_kbytes: u64,
+    /// The longest a reader's fetch waits at the broker for new records (`fetch.wait.max.ms`).
+    /// Default 20. A broker that answers as soon as a record arrives (Kafka) uses it only when
+    /// the log is idle; one that holds every fetch for the whole wait (tansu 0.6: measured 500 ms
+    /// from append to tail reader at librdkafka's default of 500) adds up to this much to the
+    /// visibility of every transaction.
+    #[serde(default = "defaults::fetch_wait_max_ms")]
+    pub fetch_wait_max_ms: u64,
 }
 
 mod defaults {
@@ -132,6 +139,9 @@ mod defaults {
     pub(super) fn read_prefetch_kbytes() -> u64 {
         16 * 1024
     }
+    pub(super) fn fetch_wait_max_ms() -> u64 {
+        20
+    }
 }
 
 impl KafkaOptions {
@@ -153,6 +163,7 @@ impl KafkaOptions {
             unavailable_after_ms: defaults::unavailable_after_ms(),
             read_buffer_records: defaults::read_buffer_records(),
             read_prefetch_kbytes: defaults::read_prefetch_kbytes(),
+            fetch_wait_max_ms: defaults::fetch_wait_max_ms(),
         }
     }
 
@@ -231,6 +242,7 @@ impl KafkaOptions {
                 "queued.max.messages.kbytes",
                 self.read_prefetch_kbytes.to_string(),
             ),
+            ("fetch.wait.max.ms", self.fetch_wait_max_ms.to_string()),
         ])
     }
 }
