@@ -13,7 +13,8 @@
 #
 # Every server listens on 127.0.0.1 only and is stopped at exit. The results go to
 # $OUT (default bench/results.md) and to stdout. Knobs (environment):
-#   DURATION=20 CONCURRENCY=32 DOC_BYTES=256 KEYS=10000 PARTITIONS=1 REPLICAS=3 PROFILE=release
+#   DURATION=20 CONCURRENCY=32 DOC_BYTES=256 KEYS=10000 PARTITIONS=1 REPLICAS=3 STEADY_RATE=500
+#   PROFILE=release
 #   KEEP=1 keeps the temp dir (logs, JSON reports).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,7 @@ DOC_BYTES=${DOC_BYTES:-256}
 KEYS=${KEYS:-10000}
 PARTITIONS=${PARTITIONS:-1}
 REPLICAS=${REPLICAS:-3}
+export STEADY_RATE=${STEADY_RATE:-500}
 NODES=$((PARTITIONS * REPLICAS))
 OUT=${OUT:-$ROOT/bench/results.md}
 
@@ -59,13 +61,13 @@ if [ -n "${BIN_DIR:-}" ]; then
   BIN=$BIN_DIR
 elif [ "$PROFILE" = release ]; then
   log "release build"
-  cargo build --release --locked -p causeway-cli -p causeway-store-node \
-    -p causeway-config-manager -p causeway-api-server
+  # The whole workspace, so features unify as in every other workspace build and the release
+  # RocksDB and librdkafka builds are reused.
+  cargo build --release --locked --workspace --bins
   BIN=$CARGO_TARGET_DIR/release
 else
   log "dev build"
-  cargo build --locked -p causeway-cli -p causeway-store-node \
-    -p causeway-config-manager -p causeway-api-server
+  cargo build --locked --workspace --bins
   BIN=$CARGO_TARGET_DIR/debug
 fi
 
@@ -179,6 +181,12 @@ bench kafka-write --url "http://127.0.0.1:$API_PORT" --token "$CLUSTER_TOKEN" --
   --keys "$KEYS" --zipf 0
 bench kafka-ycsb-b --url "http://127.0.0.1:$API_PORT" --token "$CLUSTER_TOKEN" --workload ycsb-b \
   --keys "$KEYS" --zipf 0.99
+bench kafka-read --url "http://127.0.0.1:$API_PORT" --token "$CLUSTER_TOKEN" --workload read \
+  --keys "$KEYS" --zipf 0
+# A steady write load below saturation (open loop, latency from the intended send time): the
+# visibility lag of a cluster that keeps up.
+bench kafka-steady --url "http://127.0.0.1:$API_PORT" --token "$CLUSTER_TOKEN" --workload write \
+  --keys "$KEYS" --zipf 0 --rate "$STEADY_RATE"
 "$BIN/causeway" admin status --config-manager "127.0.0.1:$CM_PORT" >"$WORK/kafka-status.txt" || true
 
 bench raw-kafka --raw-log \
@@ -254,6 +262,16 @@ lines.append("| Causeway on Kafka writes/s ÷ PostgreSQL upserts/s | %.2f |" % r
 lines.append("| causeway dev writes/s ÷ raw embedded log appends/s | %.2f |" % ratio("dev-write", "raw-embedded"))
 lines.append("| Causeway on Kafka writes/s ÷ raw Kafka appends/s | %.2f |" % ratio("kafka-write", "raw-kafka"))
 lines.append("")
+j = load("kafka-steady")
+lat, lag = j.get("latency") or {}, j.get("visibility_lag") or {}
+lines.append("Steady write load on Kafka (open loop, %s writes/s offered): %.0f writes/s, p50 %s ms, p99 %s ms, "
+             "visibility lag p50 %s ms, p99 %s ms, %d errors." % (
+    os.environ.get("STEADY_RATE", "500"), j["writes_per_s"], fmt(lat.get("p50_ms")), fmt(lat.get("p99_ms")),
+    fmt(lag.get("p50_ms")), fmt(lag.get("p99_ms")), j["errors"]))
+j = load("kafka-read")
+lat = j.get("latency") or {}
+lines.append("Reads (GET, uniform) on Kafka: %.0f reads/s, p50 %s ms, p99 %s ms, p999 %s ms, %d errors." % (
+    j["reads_per_s"], fmt(lat.get("p50_ms")), fmt(lat.get("p99_ms")), fmt(lat.get("p999_ms")), j["errors"]))
 for name, label in (("dev-ycsb-b", "causeway dev"), ("kafka-ycsb-b", "Causeway on Kafka")):
     j = res.get(name) or load(name)
     lat = j.get("latency") or {}
