@@ -32,12 +32,20 @@ fn two_replicas_hold_byte_identical_versions_and_equal_digests() {
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
     );
-    let a = open(&da, small_options());
-    // Another cache size and group size: the bytes must not depend on either.
+    // Documents applied on four threads here, on one in `b`, with another cache size and
+    // group size: the bytes must not depend on any of them.
+    let a = open(
+        &da,
+        StoreOptions {
+            apply_threads: 4,
+            ..small_options()
+        },
+    );
     let b = open(
         &db,
         StoreOptions {
             cache_documents: 0,
+            apply_threads: 1,
             ..small_options()
         },
     );

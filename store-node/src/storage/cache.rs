@@ -81,12 +81,6 @@ impl<V> Lru<V> {
         }
     }
 
-    pub fn clear(&mut self) {
-        self.entries.clear();
-        self.order.clear();
-        self.bytes = 0;
-    }
-
     pub fn len(&self) -> usize {
         self.entries.len()
     }

@@ -52,6 +52,7 @@
 //! pruning) and prunes in bounded, resumable steps; readers take a RocksDB snapshot before
 //! checking the watermark, so a read that passes the check never sees a half-pruned document.
 
+mod apply;
 mod cache;
 mod document;
 mod keys;
@@ -64,7 +65,7 @@ use std::sync::{Mutex, MutexGuard};
 use automerge::{Automerge, Change};
 use causeway_core::key::{validate_collection, validate_id};
 use causeway_core::{Epoch, Interval, KeyHash, KeyLimits, Timestamp};
-use causeway_proto::v1::{mutation, Mutation, Transaction, TRANSACTION_FORMAT_VERSION};
+use causeway_proto::v1::{mutation, Mutation, Transaction};
 use prost::Message;
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType,
@@ -109,6 +110,9 @@ pub struct StoreOptions {
     pub block_cache_bytes: usize,
     /// Limits on collection names and ids; records breaking them are skipped.
     pub key_limits: KeyLimits,
+    /// Threads that apply a group's documents in parallel (default 0: one per core). The
+    /// versions written are the same for any count.
+    pub apply_threads: usize,
 }
 
 impl Default for StoreOptions {
@@ -122,6 +126,7 @@ impl Default for StoreOptions {
             sync_writes: true,
             block_cache_bytes: 128 << 20,
             key_limits: KeyLimits::default(),
+            apply_threads: 0,
         }
     }
 }
@@ -315,27 +320,8 @@ impl Cached {
 #[derive(Debug)]
 struct Writer {
     cache: Lru<Cached>,
-    /// Documents written by the batch being built: pinned here (the cache may evict, and
-    /// RocksDB does not have the batch yet) until the batch is written.
-    dirty: HashMap<Vec<u8>, Cached>,
     /// Where the current GC pass resumes.
     gc_cursor: Option<Vec<u8>>,
-}
-
-impl Writer {
-    /// The batch was written: its documents join the cache.
-    fn written(&mut self) {
-        for (prefix, state) in self.dirty.drain() {
-            let weight = state.weight();
-            self.cache.insert(prefix, state, weight);
-        }
-    }
-
-    /// The batch was not written: forget every decoded document (some may be ahead of disk).
-    fn discard(&mut self) {
-        self.dirty.clear();
-        self.cache.clear();
-    }
 }
 
 /// The storage engine of one store node. `&self` methods are safe to call from many threads:
@@ -407,7 +393,6 @@ impl Store {
         Ok(Store {
             writer: Mutex::new(Writer {
                 cache: Lru::new(options.cache_documents, options.cache_bytes),
-                dirty: HashMap::new(),
                 gc_cursor: None,
             }),
             db,
@@ -466,355 +451,7 @@ impl Store {
     // Apply
     // ---------------------------------------------------------------------------------------
 
-    /// Applies a group of log records, in strictly increasing ts order, as one WriteBatch.
-    ///
-    /// Records at or below the applied position are ignored (counted in `repeated`), so a
-    /// stream may be resumed from any earlier position. An unknown record format stops the
-    /// group before anything is written ([`Error::UnsupportedFormat`]): this build cannot apply
-    /// it and must not skip it. On a RocksDB error nothing of the group is applied.
-    pub fn apply(
-        &self,
-        records: &[(Timestamp, Transaction)],
-        ownership: &Ownership,
-    ) -> Result<ApplyOutcome, Error> {
-        let mut writer = self.lock();
-        let start = self.applied();
-        let mut outcome = ApplyOutcome {
-            applied: start,
-            ..ApplyOutcome::default()
-        };
-        let mut previous = None;
-        for (ts, tx) in records {
-            assert!(
-                previous.is_none_or(|p| p < *ts),
-                "records out of order: {ts} after {previous:?}"
-            );
-            previous = Some(*ts);
-            if tx.format_version != TRANSACTION_FORMAT_VERSION && *ts > start {
-                return Err(Error::UnsupportedFormat(tx.format_version));
-            }
-        }
-        let mut batch = WriteBatch::default();
-        for (ts, tx) in records {
-            if *ts <= start {
-                outcome.repeated += 1;
-                continue;
-            }
-            if let Err(e) =
-                self.apply_record(&mut writer, &mut batch, *ts, tx, ownership, &mut outcome)
-            {
-                writer.discard();
-                return Err(e);
-            }
-            outcome.applied = *ts;
-        }
-        if outcome.applied == start {
-            return Ok(outcome);
-        }
-        batch.put_cf(
-            self.cf(CF_META),
-            META_APPLIED,
-            outcome.applied.0.to_be_bytes(),
-        );
-        if let Err(e) = self.write(batch, self.options.sync_writes) {
-            writer.discard();
-            return Err(e);
-        }
-        writer.written();
-        self.applied.store(outcome.applied.0, Ordering::SeqCst);
-        if self.options.sync_writes {
-            self.committed.store(outcome.applied.0, Ordering::SeqCst);
-        }
-        for skipped in &outcome.skipped {
-            tracing::warn!(ts = skipped.ts.0, mutation = ?skipped.mutation, reason = %skipped.reason, "mutation skipped");
-        }
-        Ok(outcome)
-    }
-
-    fn apply_record(
-        &self,
-        writer: &mut Writer,
-        batch: &mut WriteBatch,
-        ts: Timestamp,
-        tx: &Transaction,
-        ownership: &Ownership,
-        outcome: &mut ApplyOutcome,
-    ) -> Result<(), Error> {
-        let docs = match parse_transaction(tx, &self.options) {
-            Ok(docs) => docs,
-            Err((culprit, reason)) => {
-                tracing::debug!(ts = ts.0, ?culprit, %reason, "whole transaction skipped");
-                outcome.skipped.push(Skipped {
-                    ts,
-                    mutation: None,
-                    reason,
-                });
-                return Ok(());
-            }
-        };
-        for doc in docs {
-            let hash = KeyHash::of(doc.collection, doc.id);
-            if ownership.owns(hash) {
-                let prefix = keys::doc_prefix(doc.collection, doc.id);
-                if self.apply_doc(writer, batch, &prefix, ts, tx.wall_clock_ms, &doc, outcome)? {
-                    outcome.versions_written += 1;
-                }
-            } else if ownership.pends(hash) {
-                let prefix = keys::doc_prefix(doc.collection, doc.id);
-                for (index, _) in &doc.ops {
-                    let mutation = &tx.mutations[*index as usize];
-                    let mut value = tx.wall_clock_ms.to_be_bytes().to_vec();
-                    mutation.encode(&mut value).expect("a Vec grows");
-                    batch.put_cf(
-                        self.cf(CF_PENDING),
-                        keys::pending_key(&prefix, ts, *index),
-                        value,
-                    );
-                    outcome.pending_written += 1;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Loads a document for writing: from the cache, else from its newest version.
-    fn load_for_write(&self, writer: &mut Writer, prefix: &[u8]) -> Result<Cached, Error> {
-        if let Some(cached) = writer.dirty.remove(prefix) {
-            return Ok(cached);
-        }
-        if let Some(cached) = writer.cache.take(prefix) {
-            return Ok(cached);
-        }
-        let mut it = self.db.raw_iterator_cf(self.cf(CF_DOCS));
-        it.seek(prefix);
-        let mut chain: Vec<Vec<u8>> = Vec::new();
-        let mut newest: Option<(Timestamp, u32, u32, usize)> = None;
-        while let (Some(key), Some(value)) = (it.key(), it.value()) {
-            if !is_version_of(key, prefix) {
-                break;
-            }
-            let ts = keys::version_key_parts(key).ts;
-            match Record::decode(value) {
-                Record::Tombstone => {
-                    assert!(newest.is_none(), "a delta follows a tombstone");
-                    return Ok(Cached::Absent { latest: Some(ts) });
-                }
-                Record::Put {
-                    segment,
-                    history_changes,
-                    deltas,
-                    json,
-                    automerge,
-                } => {
-                    if newest.is_none() {
-                        newest = Some((ts, history_changes, deltas, json.len()));
-                    }
-                    chain.push(automerge.to_vec());
-                    if segment == Segment::Snapshot {
-                        let (latest, history_changes, deltas, json_bytes) =
-                            newest.expect("set above");
-                        let snapshot = chain.pop().expect("pushed");
-                        let doc =
-                            document::load_chain(&snapshot, chain.iter().rev().map(Vec::as_slice));
-                        return Ok(Cached::Live(Box::new(Live {
-                            doc,
-                            latest,
-                            history_changes,
-                            deltas,
-                            json_bytes,
-                        })));
-                    }
-                }
-            }
-            it.next();
-        }
-        it.status()?;
-        assert!(newest.is_none(), "a delta chain without a snapshot");
-        Ok(Cached::Absent { latest: None })
-    }
-
-    /// Applies one transaction's mutations of one owned document. Returns whether a version was
-    /// written.
-    #[allow(clippy::too_many_arguments)]
-    fn apply_doc(
-        &self,
-        writer: &mut Writer,
-        batch: &mut WriteBatch,
-        prefix: &[u8],
-        ts: Timestamp,
-        wall_clock_ms: u64,
-        mutations: &DocMutations<'_>,
-        outcome: &mut ApplyOutcome,
-    ) -> Result<bool, Error> {
-        let state = self.load_for_write(writer, prefix)?;
-        let latest_before = state.latest();
-        if let Some(latest) = latest_before {
-            assert!(
-                latest < ts,
-                "version {latest} is not older than applied ts {ts}"
-            );
-        }
-        let (mut doc, mut history_changes, deltas_before, heads_before, json_bytes_before) =
-            match state {
-                Cached::Live(live) => {
-                    let heads = live.doc.get_heads();
-                    (
-                        Some(live.doc),
-                        live.history_changes,
-                        live.deltas,
-                        Some(heads),
-                        live.json_bytes,
-                    )
-                }
-                Cached::Absent { .. } => (None, 0, 0, None, 0),
-            };
-        let existed = doc.is_some();
-        // A document created (or re-created after a delete) within this transaction gets a
-        // snapshot: it has no previous version to be a delta of.
-        let mut fresh = false;
-        let mut json: Option<Vec<u8>> = None;
-        let mut changed = false;
-        let max = self.options.max_document_bytes;
-        for (index, op) in &mutations.ops {
-            let result = match op {
-                Op::Delete => {
-                    doc = None;
-                    json = None;
-                    history_changes = 0;
-                    Ok(())
-                }
-                Op::Changes(changes) => {
-                    let created = doc.is_none();
-                    let mut next = doc
-                        .clone()
-                        .unwrap_or_else(|| document::empty_doc(ts, *index));
-                    document::apply_changes(&mut next, changes).and_then(|added| {
-                        let bytes = check_size(&document::materialize(&next), max)?;
-                        fresh |= created;
-                        history_changes = history_changes
-                            .saturating_add(u32::try_from(added).unwrap_or(u32::MAX));
-                        doc = Some(next);
-                        json = Some(bytes);
-                        Ok(())
-                    })
-                }
-                local => {
-                    let created = doc.is_none();
-                    let mut target = doc
-                        .take()
-                        .unwrap_or_else(|| document::empty_doc(ts, *index));
-                    target.set_actor(document::actor(ts, *index));
-                    let mut tx = target.transaction();
-                    let result = document::apply_local(&mut tx, local)
-                        .and_then(|()| check_size(&document::materialize(&tx), max));
-                    let result = match result {
-                        Ok(bytes) => {
-                            let (hash, _) = tx.commit_with(document::commit_options(wall_clock_ms));
-                            if hash.is_some() {
-                                history_changes = history_changes.saturating_add(1);
-                            }
-                            fresh |= created;
-                            json = Some(bytes);
-                            Ok(())
-                        }
-                        Err(e) => {
-                            tx.rollback();
-                            Err(e)
-                        }
-                    };
-                    // A document made for a mutation that failed holds nothing: drop it.
-                    if result.is_ok() || !created {
-                        doc = Some(target);
-                    }
-                    result
-                }
-            };
-            match result {
-                Ok(()) => changed = true,
-                Err(reason) => outcome.skipped.push(Skipped {
-                    ts,
-                    mutation: Some(*index),
-                    reason,
-                }),
-            }
-        }
-        let put_back = |writer: &mut Writer, state: Cached| {
-            writer.dirty.insert(prefix.to_vec(), state);
-        };
-        if !changed {
-            // Every mutation was skipped and rolled back: the document is as it was.
-            let state = match doc {
-                Some(doc) => Cached::Live(Box::new(Live {
-                    doc,
-                    latest: latest_before.expect("a live document has a version"),
-                    history_changes,
-                    deltas: deltas_before,
-                    json_bytes: json_bytes_before,
-                })),
-                None => Cached::Absent {
-                    latest: latest_before,
-                },
-            };
-            put_back(writer, state);
-            return Ok(false);
-        }
-        let key = keys::version_key(prefix, ts);
-        let Some(mut live_doc) = doc else {
-            // Deleted. A document that was already absent needs no tombstone.
-            if existed {
-                batch.put_cf(self.cf(CF_DOCS), key, Record::Tombstone.encode());
-            }
-            let latest = if existed { Some(ts) } else { latest_before };
-            put_back(writer, Cached::Absent { latest });
-            return Ok(existed);
-        };
-        let hash = u64::from_be_bytes(prefix[..8].try_into().expect("hash prefix"));
-        batch.put_cf(
-            self.cf(CF_BY_COLLECTION),
-            keys::collection_key(mutations.collection, hash, mutations.id),
-            [],
-        );
-        let json_bytes =
-            json.unwrap_or_else(|| document::to_bytes(&document::materialize(&live_doc)));
-        let (segment, automerge) = if history_changes > self.options.max_history_changes {
-            live_doc = document::rebase(&live_doc, ts, wall_clock_ms);
-            history_changes = 1;
-            (Segment::Snapshot, live_doc.save())
-        } else {
-            match heads_before {
-                Some(heads)
-                    if !fresh && deltas_before + 1 < self.options.snapshot_every_versions =>
-                {
-                    (Segment::Delta, live_doc.save_after(&heads))
-                }
-                _ => (Segment::Snapshot, live_doc.save()),
-            }
-        };
-        let deltas = match segment {
-            Segment::Snapshot => 0,
-            Segment::Delta => deltas_before + 1,
-        };
-        let value = Record::Put {
-            segment,
-            history_changes,
-            deltas,
-            json: &json_bytes,
-            automerge: &automerge,
-        }
-        .encode();
-        batch.put_cf(self.cf(CF_DOCS), key, value);
-        put_back(
-            writer,
-            Cached::Live(Box::new(Live {
-                doc: live_doc,
-                latest: ts,
-                history_changes,
-                deltas,
-                json_bytes: json_bytes.len(),
-            })),
-        );
-        Ok(true)
-    }
+    // [`Store::apply`] and the machinery behind it are in `apply.rs`.
 
     fn latest_if_any(&self, prefix: &[u8]) -> Option<Timestamp> {
         let mut it = self.db.raw_iterator_cf(self.cf(CF_DOCS));
@@ -1348,7 +985,12 @@ impl Store {
         it.status()?;
         drop(it);
         let mut batch = WriteBatch::default();
+        for key in &consumed {
+            batch.delete_cf(self.cf(CF_PENDING), key);
+        }
         let mut outcome = ApplyOutcome::default();
+        let mut work = Vec::new();
+        let mut slots = HashMap::new();
         for (prefix, ts, wall, mutations) in &groups {
             let latest = self.latest_if_any(prefix);
             if latest.is_some_and(|latest| latest >= *ts) {
@@ -1371,27 +1013,14 @@ impl Store {
                     }),
                 }
             }
-            if let Err(e) = self.apply_doc(
-                &mut writer,
-                &mut batch,
-                prefix,
-                *ts,
-                *wall,
-                &doc,
-                &mut outcome,
-            ) {
-                writer.discard();
-                return Err(e);
-            }
+            let version = apply::Version {
+                ts: *ts,
+                wall_clock_ms: *wall,
+                mutations: doc,
+            };
+            apply::push_version(&mut work, &mut slots, prefix.clone(), version);
         }
-        for key in &consumed {
-            batch.delete_cf(self.cf(CF_PENDING), key);
-        }
-        if let Err(e) = self.write(batch, true) {
-            writer.discard();
-            return Err(e);
-        }
-        writer.written();
+        self.apply_documents(&mut writer, batch, work, &mut outcome, true)?;
         Ok(consumed.len())
     }
 
