@@ -16,9 +16,9 @@ use rocksdb::WriteBatch;
 use super::document::{self, Op};
 use super::record::{Record, Segment};
 use super::{
-    check_size, is_version_of, keys, parse_transaction, ApplyOutcome, Cached, DocMutations,
-    Error, Live, Ownership, Skipped, Store, Writer, CF_BY_COLLECTION, CF_DOCS, CF_META,
-    CF_PENDING, META_APPLIED,
+    check_size, is_version_of, keys, parse_transaction, ApplyOutcome, Cached, DocMutations, Error,
+    Live, Ownership, Skipped, Store, Writer, CF_BY_COLLECTION, CF_DOCS, CF_META, CF_PENDING,
+    META_APPLIED,
 };
 
 /// One transaction's mutations of one document, and when it was logged.
@@ -85,7 +85,15 @@ impl Store {
                 outcome.repeated += 1;
                 continue;
             }
-            self.route(&mut batch, &mut work, &mut slots, *ts, tx, ownership, &mut outcome);
+            self.route(
+                &mut batch,
+                &mut work,
+                &mut slots,
+                *ts,
+                tx,
+                ownership,
+                &mut outcome,
+            );
             outcome.applied = *ts;
         }
         if outcome.applied == start {
@@ -210,11 +218,7 @@ impl Store {
     }
 
     /// Applies one document's share, starting from its cached state or its newest version.
-    fn apply_share(
-        &self,
-        share: DocWork<'_>,
-        cached: Option<Cached>,
-    ) -> Result<DocOutput, Error> {
+    fn apply_share(&self, share: DocWork<'_>, cached: Option<Cached>) -> Result<DocOutput, Error> {
         let state = match cached {
             Some(state) => state,
             None => self.load_newest(&share.prefix)?,
@@ -319,20 +323,20 @@ fn apply_version(output: &mut DocOutput, version: &Version<'_>, options: &super:
             "version {latest} is not older than applied ts {ts}"
         );
     }
-    let (mut doc, mut history_changes, deltas_before, heads_before, json_bytes_before) =
-        match state {
-            Cached::Live(live) => {
-                let heads = live.doc.get_heads();
-                (
-                    Some(live.doc),
-                    live.history_changes,
-                    live.deltas,
-                    Some(heads),
-                    live.json_bytes,
-                )
-            }
-            Cached::Absent { .. } => (None, 0, 0, None, 0),
-        };
+    let (mut doc, mut history_changes, deltas_before, heads_before, json_bytes_before) = match state
+    {
+        Cached::Live(live) => {
+            let heads = live.doc.get_heads();
+            (
+                Some(live.doc),
+                live.history_changes,
+                live.deltas,
+                Some(heads),
+                live.json_bytes,
+            )
+        }
+        Cached::Absent { .. } => (None, 0, 0, None, 0),
+    };
     let existed = doc.is_some();
     // A document created (or re-created after a delete) within this transaction gets a
     // snapshot: it has no previous version to be a delta of.
@@ -423,9 +427,7 @@ fn apply_version(output: &mut DocOutput, version: &Version<'_>, options: &super:
     let Some(mut live_doc) = doc else {
         // Deleted. A document that was already absent needs no tombstone.
         if existed {
-            output
-                .puts
-                .push((CF_DOCS, key, Record::Tombstone.encode()));
+            output.puts.push((CF_DOCS, key, Record::Tombstone.encode()));
             output.versions_written += 1;
         }
         let latest = if existed { Some(ts) } else { latest_before };
