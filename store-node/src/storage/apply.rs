@@ -16,9 +16,9 @@ use rocksdb::WriteBatch;
 use super::document::{self, Op};
 use super::record::{Record, Segment};
 use super::{
-    check_size, is_version_of, keys, parse_transaction, ApplyOutcome, Cached, DocMutations, Error,
-    Live, Ownership, Skipped, Store, Writer, CF_BY_COLLECTION, CF_DOCS, CF_META, CF_PENDING,
-    META_APPLIED,
+    check_size, is_version_of, keys, parse_json, parse_transaction, ApplyOutcome, Cached,
+    DocMutations, Error, Live, Ownership, Skipped, Store, Writer, CF_BY_COLLECTION, CF_DOCS,
+    CF_META, CF_PENDING, META_APPLIED,
 };
 
 /// One transaction's mutations of one document, and when it was logged.
@@ -241,7 +241,7 @@ impl Store {
         let mut it = self.db.raw_iterator_cf(self.cf(CF_DOCS));
         it.seek(prefix);
         let mut chain: Vec<Vec<u8>> = Vec::new();
-        let mut newest: Option<(Timestamp, u32, u32, usize)> = None;
+        let mut newest: Option<(Timestamp, u32, u32, Vec<u8>)> = None;
         while let (Some(key), Some(value)) = (it.key(), it.value()) {
             if !is_version_of(key, prefix) {
                 break;
@@ -260,12 +260,11 @@ impl Store {
                     automerge,
                 } => {
                     if newest.is_none() {
-                        newest = Some((ts, history_changes, deltas, json.len()));
+                        newest = Some((ts, history_changes, deltas, json.to_vec()));
                     }
                     chain.push(automerge.to_vec());
                     if segment == Segment::Snapshot {
-                        let (latest, history_changes, deltas, json_bytes) =
-                            newest.expect("set above");
+                        let (latest, history_changes, deltas, json) = newest.expect("set above");
                         let snapshot = chain.pop().expect("pushed");
                         let doc =
                             document::load_chain(&snapshot, chain.iter().rev().map(Vec::as_slice));
@@ -274,7 +273,8 @@ impl Store {
                             latest,
                             history_changes,
                             deltas,
-                            json_bytes,
+                            json: parse_json(&json),
+                            json_bytes: json.len(),
                         })));
                     }
                 }
@@ -323,24 +323,27 @@ fn apply_version(output: &mut DocOutput, version: &Version<'_>, options: &super:
             "version {latest} is not older than applied ts {ts}"
         );
     }
-    let (mut doc, mut history_changes, deltas_before, heads_before, json_bytes_before) = match state
-    {
-        Cached::Live(live) => {
-            let heads = live.doc.get_heads();
-            (
-                Some(live.doc),
-                live.history_changes,
-                live.deltas,
-                Some(heads),
-                live.json_bytes,
-            )
-        }
-        Cached::Absent { .. } => (None, 0, 0, None, 0),
-    };
+    // `model` is the document as JSON: `Some` exactly when `doc` is.
+    let (mut doc, mut model, mut history_changes, deltas_before, heads_before, json_bytes_before) =
+        match state {
+            Cached::Live(live) => {
+                let heads = live.doc.get_heads();
+                (
+                    Some(live.doc),
+                    Some(live.json),
+                    live.history_changes,
+                    live.deltas,
+                    Some(heads),
+                    live.json_bytes,
+                )
+            }
+            Cached::Absent { .. } => (None, None, 0, 0, None, 0),
+        };
     let existed = doc.is_some();
     // A document created (or re-created after a delete) within this transaction gets a
     // snapshot: it has no previous version to be a delta of.
     let mut fresh = false;
+    // The JSON bytes of the last mutation that applied.
     let mut json: Option<Vec<u8>> = None;
     let mut changed = false;
     let max = options.max_document_bytes;
@@ -348,6 +351,7 @@ fn apply_version(output: &mut DocOutput, version: &Version<'_>, options: &super:
         let result = match op {
             Op::Delete => {
                 doc = None;
+                model = None;
                 json = None;
                 history_changes = 0;
                 Ok(())
@@ -358,11 +362,13 @@ fn apply_version(output: &mut DocOutput, version: &Version<'_>, options: &super:
                     .clone()
                     .unwrap_or_else(|| document::empty_doc(ts, *index));
                 document::apply_changes(&mut next, changes).and_then(|added| {
-                    let bytes = check_size(&document::materialize(&next), max)?;
+                    let map = document::materialize(&next);
+                    let bytes = check_size(&map, max)?;
                     fresh |= created;
                     history_changes =
                         history_changes.saturating_add(u32::try_from(added).unwrap_or(u32::MAX));
                     doc = Some(next);
+                    model = Some(map);
                     json = Some(bytes);
                     Ok(())
                 })
@@ -374,8 +380,11 @@ fn apply_version(output: &mut DocOutput, version: &Version<'_>, options: &super:
                     .unwrap_or_else(|| document::empty_doc(ts, *index));
                 target.set_actor(document::actor(ts, *index));
                 let mut tx = target.transaction();
-                let result = document::apply_local(&mut tx, local)
-                    .and_then(|()| check_size(&document::materialize(&tx), max));
+                let mut map = model.clone().unwrap_or_default();
+                let result = document::apply_local(&mut tx, local).and_then(|()| {
+                    document::apply_json(&mut map, local);
+                    check_size(&map, max)
+                });
                 let result = match result {
                     Ok(bytes) => {
                         let (hash, _) = tx.commit_with(document::commit_options(wall_clock_ms));
@@ -383,6 +392,7 @@ fn apply_version(output: &mut DocOutput, version: &Version<'_>, options: &super:
                             history_changes = history_changes.saturating_add(1);
                         }
                         fresh |= created;
+                        model = Some(map);
                         json = Some(bytes);
                         Ok(())
                     }
@@ -415,6 +425,7 @@ fn apply_version(output: &mut DocOutput, version: &Version<'_>, options: &super:
                 latest: latest_before.expect("a live document has a version"),
                 history_changes,
                 deltas: deltas_before,
+                json: model.expect("a live document has its JSON"),
                 json_bytes: json_bytes_before,
             })),
             None => Cached::Absent {
@@ -440,7 +451,13 @@ fn apply_version(output: &mut DocOutput, version: &Version<'_>, options: &super:
         keys::collection_key(mutations.collection, hash, mutations.id),
         Vec::new(),
     ));
-    let json_bytes = json.unwrap_or_else(|| document::to_bytes(&document::materialize(&live_doc)));
+    let model = model.expect("a live document has its JSON");
+    debug_assert_eq!(
+        model,
+        document::materialize(&live_doc),
+        "the JSON model drifted"
+    );
+    let json_bytes = json.unwrap_or_else(|| document::to_bytes(&model));
     let (segment, automerge) = if history_changes > options.max_history_changes {
         live_doc = document::rebase(&live_doc, ts, wall_clock_ms);
         history_changes = 1;
@@ -472,6 +489,7 @@ fn apply_version(output: &mut DocOutput, version: &Version<'_>, options: &super:
         latest: ts,
         history_changes,
         deltas,
+        json: model,
         json_bytes: json_bytes.len(),
     }));
 }

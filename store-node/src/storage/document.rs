@@ -292,6 +292,60 @@ pub fn apply_local(tx: &mut Transaction<'_>, op: &Op) -> Result<(), Rejection> {
     }
 }
 
+/// What [`materialize`] gives after `op`, a local JSON mutation that [`apply_local`] accepted,
+/// computed from the JSON before it instead of read back from automerge (a read of every field
+/// of the document). Values map to automerge and back unchanged, so the two agree; apply
+/// checks that they do in debug builds.
+pub fn apply_json(json: &mut Map<String, Json>, op: &Op) {
+    match op {
+        Op::Replace(map) => json.clone_from(map),
+        Op::MergePatch(patch) => merge_json(json, patch),
+        Op::Increment { path, delta } => {
+            let (last, parents) = path
+                .split_last()
+                .expect("apply_local refuses an empty path");
+            let mut obj = json;
+            for key in parents {
+                let child = obj
+                    .entry(key.clone())
+                    .or_insert_with(|| Json::Object(Map::new()));
+                obj = match child {
+                    Json::Object(map) => map,
+                    _ => unreachable!("apply_local refuses a path through a non-object"),
+                };
+            }
+            let current = obj.get(last).and_then(Json::as_i64).unwrap_or(0);
+            obj.insert(last.clone(), Json::from(current + delta));
+        }
+        Op::Delete | Op::Changes(_) => unreachable!("not a local JSON mutation"),
+    }
+}
+
+/// RFC 7396 on JSON, as [`merge_map`] does it on automerge.
+fn merge_json(json: &mut Map<String, Json>, patch: &Map<String, Json>) {
+    for (key, value) in patch {
+        match value {
+            Json::Null => {
+                json.remove(key);
+            }
+            Json::Object(inner) => {
+                let slot = json
+                    .entry(key.clone())
+                    .or_insert_with(|| Json::Object(Map::new()));
+                if !slot.is_object() {
+                    *slot = Json::Object(Map::new());
+                }
+                if let Json::Object(map) = slot {
+                    merge_json(map, inner);
+                }
+            }
+            leaf => {
+                json.insert(key.clone(), leaf.clone());
+            }
+        }
+    }
+}
+
 /// Applies raw changes to `doc` as one batch. Refuses (and leaves `doc` unchanged) changes whose
 /// dependencies are neither in the document nor in the batch: automerge would queue them
 /// silently, and a document must never hold invisible state.

@@ -297,6 +297,9 @@ struct Live {
     latest: Timestamp,
     history_changes: u32,
     deltas: u32,
+    /// The document as JSON (what `document::materialize` gives), kept so a write need not
+    /// read it back from automerge.
+    json: Map<String, Json>,
     json_bytes: usize,
 }
 
@@ -311,7 +314,7 @@ impl Cached {
     fn weight(&self) -> usize {
         match self {
             Cached::Absent { .. } => 64,
-            Cached::Live(live) => 512 + live.json_bytes * 4,
+            Cached::Live(live) => 512 + live.json_bytes * 6,
         }
     }
 }
