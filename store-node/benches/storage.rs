@@ -216,24 +216,34 @@ fn main() {
     let zipf = Zipf::new(KEYSPACE, 0.99);
     let mut rng = Rng(1);
     println!();
-    println!("| documents | distribution | store tx/s | raw RocksDB puts/s | raw automerge tx/s | store / RocksDB | store / automerge |");
-    println!("|---|---|---|---|---|---|---|");
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    println!("| documents | distribution | store tx/s, 1 thread | store tx/s, {threads} threads | raw RocksDB puts/s | raw automerge tx/s | store (1 thread) / RocksDB | store (1 thread) / automerge |");
+    println!("|---|---|---|---|---|---|---|---|");
     for size in [Size::Small, Size::Kb] {
-        let mut bench = Bench::new(StoreOptions::default());
-        let populate: Vec<u64> = (0..prepopulate)
-            .map(|i| i * (KEYSPACE / prepopulate.max(1)))
-            .collect();
-        let start = Instant::now();
-        let rate = bench.apply(&populate, size, &mut rng);
         let label = if size == Size::Small {
             "10 fields"
         } else {
             "~1 KB"
         };
-        eprintln!(
-            "prepopulated {prepopulate} {label} documents in {:.1?} ({rate:.0} tx/s)",
-            start.elapsed()
-        );
+        let populate: Vec<u64> = (0..prepopulate)
+            .map(|i| i * (KEYSPACE / prepopulate.max(1)))
+            .collect();
+        // The same store twice: applying on one thread, and on one per core.
+        let open = |apply_threads: usize, rng: &mut Rng| {
+            let mut bench = Bench::new(StoreOptions {
+                apply_threads,
+                ..StoreOptions::default()
+            });
+            let start = Instant::now();
+            let rate = bench.apply(&populate, size, rng);
+            eprintln!(
+                "prepopulated {prepopulate} {label} documents on {apply_threads} thread(s) in {:.1?} ({rate:.0} tx/s)",
+                start.elapsed()
+            );
+            bench
+        };
+        let mut single = open(1, &mut rng);
+        let mut bench = open(threads, &mut rng);
         for dist in ["uniform", "zipfian"] {
             let ids: Vec<u64> = (0..txs)
                 .map(|_| {
@@ -244,11 +254,12 @@ fn main() {
                     }
                 })
                 .collect();
-            let store = bench.apply(&ids, size, &mut rng);
+            let store = single.apply(&ids, size, &mut rng);
+            let parallel = bench.apply(&ids, size, &mut rng);
             let raw = raw_rocksdb(&ids, size, &mut rng);
             let am = raw_automerge(&ids, size, &mut rng);
             println!(
-                "| {label} | {dist} | {store:.0} | {raw:.0} | {am:.0} | {:.2} | {:.2} |",
+                "| {label} | {dist} | {store:.0} | {parallel:.0} | {raw:.0} | {am:.0} | {:.2} | {:.2} |",
                 store / raw,
                 store / am
             );
