@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use causeway_config_manager::Client as ConfigClient;
 use causeway_txlog::TxLog;
 use tokio::net::TcpListener;
@@ -141,11 +142,17 @@ impl Service {
         let app = crate::routes::router(shared.clone());
         let mut stopped = stop_rx.clone();
         let mut server = tokio::spawn(
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = stopped.wait_for(|s| *s).await;
-                })
-                .into_future(),
+            axum::serve(
+                listener.tap_io(|tcp| {
+                    // Small responses must not wait for the client's delayed ACK.
+                    let _ = tcp.set_nodelay(true);
+                }),
+                app,
+            )
+            .with_graceful_shutdown(async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .into_future(),
         );
         tracing::info!(addr = %local_addr, "api-server listening");
         let early = tokio::select! {

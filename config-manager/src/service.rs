@@ -17,7 +17,6 @@ use causeway_proto::v1::config_manager_server::ConfigManagerServer;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::time::Instant;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::disk;
 use crate::error::Error;
@@ -154,7 +153,7 @@ impl Service {
             )))
             .concurrency_limit_per_connection(options.max_concurrent_requests_per_connection)
             .add_service(ConfigManagerServer::new(grpc))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            .serve_with_incoming_shutdown(causeway_proto::incoming(listener), async move {
                 shutdown.await;
                 tracing::info!(addr = %local_addr, "config manager shutting down");
                 // Ends the event loop, which drops the watch sender and so ends every Watch

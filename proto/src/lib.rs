@@ -4,6 +4,7 @@
 //! - [`v1`]: the `Transaction` record of the log (`txlog.proto`); the `ConfigManager` service
 //!   (`cluster.proto`): registration, heartbeats, `GetConfig`, `Watch` and the admin calls; the
 //!   `StoreNode` service (`node.proto`): gossip, replica sub-reads and coordinated reads.
+//! - [`incoming`]: the connections a gRPC server of ours accepts.
 
 /// Version 1 of the wire formats.
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
@@ -12,4 +13,20 @@ pub mod v1 {
 
     /// The transaction record format this build writes and reads.
     pub const TRANSACTION_FORMAT_VERSION: u32 = 1;
+}
+
+/// The connections `listener` accepts, with Nagle's algorithm off, for tonic's
+/// `serve_with_incoming*`. Tonic applies its own `tcp_nodelay` only to listeners it binds
+/// itself; without this, a small response written in two parts waits for the peer's delayed
+/// ACK (40 ms on Linux), which showed as a 45 ms p99 on reads.
+pub fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
+        let stream = accepted?;
+        // Fails only on a socket the peer has already closed; serving it fails right after.
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    })
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::serve::ListenerExt;
 use causeway_config_manager::Client as ConfigClient;
 use causeway_core::{Epoch, NodeId, NodeInfo, Timestamp};
 use causeway_proto::v1::store_node_client::StoreNodeClient;
@@ -167,12 +168,11 @@ impl Service {
         tasks.spawn(gossip_loop(Arc::clone(&shared), cm, stop.clone()));
         tasks.spawn(gc_loop(Arc::clone(&shared), stop.clone()));
         let server = crate::grpc::Server::new(Arc::clone(&shared));
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+        let incoming = causeway_proto::incoming(grpc);
         let mut grpc_stop = stop.clone();
         tasks.spawn(async move {
             tonic::transport::Server::builder()
                 .concurrency_limit_per_connection(256)
-                .tcp_nodelay(true)
                 .add_service(
                     StoreNodeServer::new(server)
                         .max_decoding_message_size(64 << 20)
@@ -188,12 +188,17 @@ impl Service {
             let mut admin_stop = stop.clone();
             let router = admin_router(Arc::clone(&shared));
             tasks.spawn(async move {
-                axum::serve(admin, router)
-                    .with_graceful_shutdown(async move {
-                        let _ = admin_stop.wait_for(|s| *s).await;
-                    })
-                    .await
-                    .map_err(|e| Error::Apply(format!("admin server: {e}")))?;
+                axum::serve(
+                    admin.tap_io(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    }),
+                    router,
+                )
+                .with_graceful_shutdown(async move {
+                    let _ = admin_stop.wait_for(|s| *s).await;
+                })
+                .await
+                .map_err(|e| Error::Apply(format!("admin server: {e}")))?;
                 Ok(())
             });
         }
@@ -463,9 +468,6 @@ async fn apply_loop(
                         m.applied_records_total.fetch_add(count, Ordering::Relaxed);
                         m.skipped_mutations_total
                             .fetch_add(outcome.skipped.len() as u64, Ordering::Relaxed);
-                        for s in &outcome.skipped {
-                            warn!(ts = %s.ts, mutation = ?s.mutation, reason = %s.reason, "skipped an invalid mutation");
-                        }
                         backoff = Duration::from_millis(20);
                     }
                     Err(crate::storage::Error::UnsupportedFormat(v)) => {
