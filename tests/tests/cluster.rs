@@ -250,14 +250,18 @@ async fn a_killed_replica_does_not_stall_and_catches_up() {
             .iter()
             .all(|d| json_of(d)["round"] == json!(round)));
     }
-    let before = cluster.status(peer).await.unwrap();
-    assert!(
-        before
+    // The rounds above need not outlast the liveness timeout: the UST never waited for the
+    // victim. Its peer declares it dead once its gossip has been missing for that long.
+    until("the peer to see the victim dead", WAIT, || async {
+        let status = cluster.status(peer).await.ok()?;
+        status
             .peers
             .iter()
-            .any(|p| p.node_id == victim.0 && !p.alive),
-        "the peer sees the victim dead"
-    );
+            .any(|p| p.node_id == victim.0 && !p.alive)
+            .then_some(())
+    })
+    .await
+    .unwrap();
 
     cluster.restart(victim).unwrap();
     until("the restarted replica to catch up", WAIT, || async {
