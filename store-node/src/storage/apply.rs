@@ -191,11 +191,7 @@ impl Store {
                 (share, cached)
             })
             .collect();
-        let threads = match self.options.apply_threads {
-            0 => std::thread::available_parallelism().map_or(1, usize::from),
-            n => n,
-        };
-        let results = parallel_map(jobs, threads, |(share, cached)| {
+        let results = parallel_map(jobs, self.apply_threads, |(share, cached)| {
             self.apply_share(share, cached)
         });
         let mut states = Vec::with_capacity(results.len());

@@ -333,6 +333,8 @@ pub struct Store {
     db: DB,
     options: StoreOptions,
     writer: Mutex<Writer>,
+    /// `options.apply_threads`, with 0 resolved to the number of cores once at open.
+    apply_threads: usize,
     applied: AtomicU64,
     committed: AtomicU64,
     gc: AtomicU64,
@@ -398,6 +400,10 @@ impl Store {
                 cache: Lru::new(options.cache_documents, options.cache_bytes),
                 gc_cursor: None,
             }),
+            apply_threads: match options.apply_threads {
+                0 => std::thread::available_parallelism().map_or(1, usize::from),
+                n => n,
+            },
             db,
             options,
             applied: AtomicU64::new(applied),
