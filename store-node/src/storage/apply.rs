@@ -29,9 +29,33 @@ pub(super) struct Version<'a> {
 }
 
 /// One document's share of a group: its versions in ts order.
-pub(super) struct DocWork<'a> {
-    pub prefix: Vec<u8>,
-    pub versions: Vec<Version<'a>>,
+struct DocWork<'a> {
+    prefix: Vec<u8>,
+    versions: Vec<Version<'a>>,
+}
+
+/// A group's documents' shares, in order of first appearance.
+#[derive(Default)]
+pub(super) struct Shares<'a> {
+    work: Vec<DocWork<'a>>,
+    /// Prefix → index in `work`.
+    index: HashMap<Vec<u8>, usize>,
+}
+
+impl<'a> Shares<'a> {
+    /// Files `version` under its document's share, making the share on first sight.
+    pub fn push(&mut self, prefix: Vec<u8>, version: Version<'a>) {
+        match self.index.get(&prefix) {
+            Some(&slot) => self.work[slot].versions.push(version),
+            None => {
+                self.index.insert(prefix.clone(), self.work.len());
+                self.work.push(DocWork {
+                    prefix,
+                    versions: vec![version],
+                });
+            }
+        }
+    }
 }
 
 /// What applying one document's share produced, for the group's batch.
@@ -78,22 +102,13 @@ impl Store {
             }
         }
         let mut batch = WriteBatch::default();
-        let mut work = Vec::new();
-        let mut slots = HashMap::new();
+        let mut shares = Shares::default();
         for (ts, tx) in records {
             if *ts <= start {
                 outcome.repeated += 1;
                 continue;
             }
-            self.route(
-                &mut batch,
-                &mut work,
-                &mut slots,
-                *ts,
-                tx,
-                ownership,
-                &mut outcome,
-            );
+            self.route(&mut batch, &mut shares, *ts, tx, ownership, &mut outcome);
             outcome.applied = *ts;
         }
         if outcome.applied == start {
@@ -107,7 +122,7 @@ impl Store {
         self.apply_documents(
             &mut writer,
             batch,
-            work,
+            shares,
             &mut outcome,
             self.options.sync_writes,
         )?;
@@ -123,12 +138,10 @@ impl Store {
 
     /// Sends one record's mutations where they go: owned documents' into their share of the
     /// group, those of intervals being backfilled into `pending`, the rest nowhere.
-    #[allow(clippy::too_many_arguments)]
     fn route<'a>(
         &self,
         batch: &mut WriteBatch,
-        work: &mut Vec<DocWork<'a>>,
-        slots: &mut HashMap<Vec<u8>, usize>,
+        shares: &mut Shares<'a>,
         ts: Timestamp,
         tx: &'a Transaction,
         ownership: &Ownership,
@@ -155,7 +168,7 @@ impl Store {
                     wall_clock_ms: tx.wall_clock_ms,
                     mutations: doc,
                 };
-                push_version(work, slots, prefix, version);
+                shares.push(prefix, version);
             } else if ownership.pends(hash) {
                 let prefix = keys::doc_prefix(doc.collection, doc.id);
                 for (index, _) in &doc.ops {
@@ -180,11 +193,12 @@ impl Store {
         &self,
         writer: &mut Writer,
         mut batch: WriteBatch,
-        work: Vec<DocWork<'_>>,
+        shares: Shares<'_>,
         outcome: &mut ApplyOutcome,
         sync: bool,
     ) -> Result<(), Error> {
-        let jobs: Vec<_> = work
+        let jobs: Vec<_> = shares
+            .work
             .into_iter()
             .map(|share| {
                 let cached = writer.cache.take(&share.prefix);
@@ -280,25 +294,6 @@ impl Store {
         it.status()?;
         assert!(newest.is_none(), "a delta chain without a snapshot");
         Ok(Cached::Absent { latest: None })
-    }
-}
-
-/// Files `version` under its document's share, making the share on first sight.
-pub(super) fn push_version<'a>(
-    work: &mut Vec<DocWork<'a>>,
-    slots: &mut HashMap<Vec<u8>, usize>,
-    prefix: Vec<u8>,
-    version: Version<'a>,
-) {
-    match slots.get(&prefix) {
-        Some(&slot) => work[slot].versions.push(version),
-        None => {
-            slots.insert(prefix.clone(), work.len());
-            work.push(DocWork {
-                prefix,
-                versions: vec![version],
-            });
-        }
     }
 }
 

@@ -58,7 +58,6 @@ mod document;
 mod keys;
 mod record;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
@@ -998,8 +997,7 @@ impl Store {
             batch.delete_cf(self.cf(CF_PENDING), key);
         }
         let mut outcome = ApplyOutcome::default();
-        let mut work = Vec::new();
-        let mut slots = HashMap::new();
+        let mut shares = apply::Shares::default();
         for (prefix, ts, wall, mutations) in &groups {
             let latest = self.latest_if_any(prefix);
             if latest.is_some_and(|latest| latest >= *ts) {
@@ -1027,9 +1025,9 @@ impl Store {
                 wall_clock_ms: *wall,
                 mutations: doc,
             };
-            apply::push_version(&mut work, &mut slots, prefix.clone(), version);
+            shares.push(prefix.clone(), version);
         }
-        self.apply_documents(&mut writer, batch, work, &mut outcome, true)?;
+        self.apply_documents(&mut writer, batch, shares, &mut outcome, true)?;
         Ok(consumed.len())
     }
 
