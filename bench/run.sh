@@ -2,11 +2,12 @@
 # The end-to-end benchmark of BENCHMARKS.md ("## End to end"), in one go on one machine:
 #
 #   1. `causeway dev` (everything in one process, embedded log) under `causeway bench`;
-#   2. a LocalCluster on a real Kafka-protocol broker: tansu (sqlite storage), the processes
-#      causeway-config-manager, causeway-store-node × NODES and causeway-api-server, under
-#      `causeway bench`;
+#   2. a LocalCluster on Apache Kafka 4.4 (KAFKA_NODES KRaft nodes on loopback, started by the
+#      txlog `kafka_cluster` example; replication factor 3 and min.insync.replicas 2 with three
+#      nodes), the processes causeway-config-manager, causeway-store-node × NODES and
+#      causeway-api-server, under `causeway bench`;
 #   3. the raw log-append baselines with the same record payload (`causeway bench --raw-log`),
-#      on the embedded log and on the same tansu broker;
+#      on the embedded log and on the same Kafka;
 #   4. PostgreSQL 15 (Debian package, installed if missing, a throwaway cluster in a temp dir,
 #      loopback only, synchronous_commit=on) doing jsonb upserts of the same documents at the
 #      same concurrency with pgbench.
@@ -14,6 +15,7 @@
 # Every server listens on 127.0.0.1 only and is stopped at exit. The results go to
 # $OUT (default bench/results.md) and to stdout. Knobs (environment):
 #   DURATION=20 CONCURRENCY=32 DOC_BYTES=256 KEYS=10000 PARTITIONS=1 REPLICAS=3 STEADY_RATE=500
+#   KAFKA_NODES=1
 #   PROFILE=release
 #   KEEP=1 keeps the temp dir (logs, JSON reports).
 set -euo pipefail
@@ -29,6 +31,7 @@ KEYS=${KEYS:-10000}
 PARTITIONS=${PARTITIONS:-1}
 REPLICAS=${REPLICAS:-3}
 export STEADY_RATE=${STEADY_RATE:-500}
+KAFKA_NODES=${KAFKA_NODES:-1}
 NODES=$((PARTITIONS * REPLICAS))
 OUT=${OUT:-$ROOT/bench/results.md}
 
@@ -47,11 +50,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   systemctl stop postgresql 2>/dev/null || service postgresql stop 2>/dev/null || true
 fi
 PGBIN=/usr/lib/postgresql/15/bin
-TANSU=${TANSU:-$HOME/.cargo/bin/tansu}
-if [ ! -x "$TANSU" ]; then
-  log "installing tansu"
-  cargo install tansu --locked --features libsql
-fi
+# Java, Maven and the Kafka jars (from Maven Central), when missing.
+scripts/setup.sh --broker
 
 # PROFILE=dev measures the dev profile instead (dependencies optimised, our code not): only for
 # a quick look; BENCHMARKS.md records release numbers.
@@ -64,10 +64,12 @@ elif [ "$PROFILE" = release ]; then
   # The whole workspace, so features unify as in every other workspace build and the release
   # RocksDB and librdkafka builds are reused.
   cargo build --release --locked --workspace --bins
+  cargo build --release --locked -p causeway-txlog --features testing --example kafka_cluster
   BIN=$CARGO_TARGET_DIR/release
 else
   log "dev build"
   cargo build --locked --workspace --bins
+  cargo build --locked -p causeway-txlog --features testing --example kafka_cluster
   BIN=$CARGO_TARGET_DIR/debug
 fi
 
@@ -138,21 +140,23 @@ stop "$DEV_PID"
 # --- 2. raw embedded log -----------------------------------------------------------------------
 bench raw-embedded --raw-log "{\"backend\":\"embedded\",\"dir\":\"$WORK/rawlog\"}"
 
-# --- 3. tansu + LocalCluster -------------------------------------------------------------------
-log "tansu"
-KAFKA_PORT=$(free_port)
-mkdir -p "$WORK/tansu"
-(cd "$WORK/tansu" && exec env -u STORAGE_ENGINE -u LISTENER_URL -u ADVERTISED_LISTENER_URL \
-  "$TANSU" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-  --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-  --storage-engine "sqlite://tansu.db" >"$WORK/tansu.log" 2>&1) &
+# --- 3. Kafka + LocalCluster -------------------------------------------------------------------
+log "Kafka 4.4, $KAFKA_NODES node(s)"
+"$BIN/examples/kafka_cluster" --nodes "$KAFKA_NODES" >"$WORK/kafka.out" 2>"$WORK/kafka.log" &
 PIDS+=($!)
-deadline=$((SECONDS + 30))
-until (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null; do
-  [ $SECONDS -lt $deadline ] || { cat "$WORK/tansu.log" >&2; exit 1; }
+deadline=$((SECONDS + 120))
+until grep -q '^dir=' "$WORK/kafka.out" 2>/dev/null; do
+  [ $SECONDS -lt $deadline ] || { cat "$WORK/kafka.log" >&2; exit 1; }
+  kill -0 "${PIDS[-1]}" 2>/dev/null || { cat "$WORK/kafka.log" >&2; exit 1; }
   sleep 0.2
 done
-KAFKA_LOG="{\"backend\":\"kafka\",\"bootstrap_servers\":\"127.0.0.1:$KAFKA_PORT\",\"topic\":\"causeway-tx\"}"
+kafka_setting() { sed -n "s/^$1=//p" "$WORK/kafka.out"; }
+KAFKA_BOOTSTRAP=$(kafka_setting bootstrap_servers)
+kafka_log() { # topic
+  printf '{"backend":"kafka","bootstrap_servers":"%s","topic":"%s","replication_factor":%s,"min_insync_replicas":%s}' \
+    "$KAFKA_BOOTSTRAP" "$1" "$(kafka_setting replication_factor)" "$(kafka_setting min_insync_replicas)"
+}
+KAFKA_LOG=$(kafka_log causeway-tx)
 
 log "LocalCluster: config manager, $NODES store nodes, api-server on Kafka"
 CM_PORT=$(free_port)
@@ -189,8 +193,7 @@ bench kafka-steady --url "http://127.0.0.1:$API_PORT" --token "$CLUSTER_TOKEN" -
   --keys "$KEYS" --zipf 0 --rate "$STEADY_RATE"
 "$BIN/causeway" admin status --config-manager "127.0.0.1:$CM_PORT" >"$WORK/kafka-status.txt" || true
 
-bench raw-kafka --raw-log \
-  "{\"backend\":\"kafka\",\"bootstrap_servers\":\"127.0.0.1:$KAFKA_PORT\",\"topic\":\"raw-baseline\"}"
+bench raw-kafka --raw-log "$(kafka_log raw-baseline)"
 
 # --- 4. PostgreSQL 15 --------------------------------------------------------------------------
 log "PostgreSQL 15 (synchronous_commit=on)"
@@ -227,16 +230,17 @@ json.dump({"writes_per_s": tps, "ok": len(lat), "errors": 0,
 ' "$WORK/pgbench.txt" "$WORK/postgres.json"
 
 # --- the table ---------------------------------------------------------------------------------
-python3 - "$WORK" "$OUT" "$DURATION" "$CONCURRENCY" "$DOC_BYTES" "$KEYS" "$PARTITIONS" "$REPLICAS" "$PROFILE" <<'EOF'
+python3 - "$WORK" "$OUT" "$DURATION" "$CONCURRENCY" "$DOC_BYTES" "$KEYS" "$PARTITIONS" "$REPLICAS" "$PROFILE" "$KAFKA_NODES" <<'EOF'
 import json, os, platform, subprocess, sys
-work, out, duration, conc, doc, keys, p, r, profile = sys.argv[1:]
+work, out, duration, conc, doc, keys, p, r, profile, kn = sys.argv[1:]
+kafka = "Kafka 4.4, %s broker%s%s" % (kn, "" if kn == "1" else "s", ", RF 3" if int(kn) >= 3 else "")
 def load(name):
     return json.load(open(os.path.join(work, name + ".json")))
 rows = [
     ("causeway dev (embedded log, %sx%s, one process), PUT" % (p, r), "dev-write"),
-    ("Causeway LocalCluster on tansu (Kafka protocol), %sx%s, PUT" % (p, r), "kafka-write"),
+    ("Causeway LocalCluster on %s, %sx%s, PUT" % (kafka, p, r), "kafka-write"),
     ("raw embedded log append (same payload)", "raw-embedded"),
-    ("raw Kafka append to tansu (same payload)", "raw-kafka"),
+    ("raw append to %s (same payload)" % kafka, "raw-kafka"),
     ("PostgreSQL 15 jsonb upsert, synchronous_commit=on (pgbench)", "postgres"),
 ]
 res = {name: load(name) for _, name in rows}

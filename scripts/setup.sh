@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building and testing Causeway needs on a Debian machine, skipping what is there:
-# the C/C++ toolchain and libclang (RocksDB, librdkafka), and, with --broker, the tansu
-# Kafka-protocol broker the Kafka tests run against. Safe to run again.
+# the C/C++ toolchain and libclang (RocksDB, librdkafka), and, with --broker, a JDK, Maven and the
+# Apache Kafka broker the Kafka tests run against (its jars, from Maven Central through `mvn`, into
+# ~/.cache/causeway-kafka/<version>/libs; CAUSEWAY_KAFKA_LIBS overrides the place). Safe to run
+# again.
 set -euo pipefail
 
 want_broker=false
@@ -32,9 +34,24 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 if $want_broker; then
-  tansu_bin="${TANSU_BIN:-$(command -v tansu || echo "$HOME/.cargo/bin/tansu")}"
-  if [[ ! -x "$tansu_bin" ]]; then
-    echo "setup: building the tansu broker (once per machine, about 10 minutes)"
-    cargo install tansu --locked --features libsql
+  kafka_version=4.4.0
+  libs="${CAUSEWAY_KAFKA_LIBS:-$HOME/.cache/causeway-kafka/$kafka_version/libs}"
+  jdk=()
+  command -v java >/dev/null 2>&1 || [[ -x "${JAVA_HOME:-/nonexistent}/bin/java" ]] || jdk+=(openjdk-17-jre-headless)
+  command -v mvn >/dev/null 2>&1 || jdk+=(maven)
+  if ((${#jdk[@]})); then
+    echo "setup: installing ${jdk[*]}"
+    sudo_if_needed apt-get update -qq
+    sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${jdk[@]}" >/dev/null
+  fi
+  if [[ ! -f "$libs/kafka_2.13-$kafka_version.jar" ]]; then
+    echo "setup: fetching the Kafka $kafka_version broker from Maven Central into $libs"
+    pom="$(cd "$(dirname "$0")/.." && pwd)/txlog/kafka-broker/pom.xml"
+    tmp="$libs.partial"
+    rm -rf "$tmp"
+    mvn -q -B -f "$pom" dependency:copy-dependencies -DoutputDirectory="$tmp"
+    [[ -f "$tmp/kafka_2.13-$kafka_version.jar" ]] || { echo "setup: mvn did not bring kafka_2.13-$kafka_version.jar" >&2; exit 1; }
+    rm -rf "$libs"
+    mv "$tmp" "$libs"
   fi
 fi

@@ -1,10 +1,11 @@
 //! Full-cluster tests of the HTTP API: a config manager, store nodes and api-servers composed in
-//! this process from their real libraries, over a real Kafka-protocol broker (tansu, the
+//! this process from their real libraries, over a real Apache Kafka (the shared
 //! `causeway_txlog::testing::Broker`) as the transaction log, with RocksDB on temp dirs and tonic
 //! over loopback. Every wait is bounded.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use causeway_api_server as api;
 use causeway_config_manager as cm;
 use causeway_store_node as store_node;
 use causeway_txlog::testing::Broker;
-use causeway_txlog::{KafkaOptions, LogOptions};
+use causeway_txlog::LogOptions;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -51,7 +52,6 @@ struct Cluster {
     nodes: Vec<Running<store_node::ServiceError>>,
     config_manager: Running<cm::Error>,
     http: reqwest::Client,
-    _broker: Broker,
     _dir: tempfile::TempDir,
 }
 
@@ -59,9 +59,10 @@ impl Cluster {
     /// `nodes` store nodes as `partitions × replicas`, and `apis` api-servers.
     async fn start(nodes: u64, partitions: u32, replicas: u32, apis: usize) -> Result<Cluster> {
         let dir = tempfile::tempdir()?;
-        let broker = Broker::start()
-            .context("starting tansu (cargo install tansu --locked --features libsql)")?;
-        let log = LogOptions::Kafka(KafkaOptions::new(broker.bootstrap_servers(), "causeway-tx"));
+        let broker = tokio::task::block_in_place(Broker::shared).context("starting Kafka")?;
+        static CLUSTERS: AtomicUsize = AtomicUsize::new(0);
+        let topic = format!("causeway-tx-{}", CLUSTERS.fetch_add(1, Ordering::Relaxed));
+        let log = LogOptions::Kafka(broker.log_options(&topic));
 
         let cm_service = cm::Service::bind(cm::Options {
             listen_addr: "127.0.0.1:0".parse()?,
@@ -140,7 +141,6 @@ impl Cluster {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()?,
-            _broker: broker,
             _dir: dir,
         };
         cluster.wait_serving().await?;

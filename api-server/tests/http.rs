@@ -28,7 +28,7 @@ const MAX_DOC: usize = 64 << 10;
 #[derive(Debug, Clone, Copy)]
 enum Backend {
     Embedded,
-    /// A real Kafka-protocol broker (tansu), started for the test.
+    /// The test process's Apache Kafka broker, a topic of the test's own.
     Kafka,
 }
 
@@ -38,7 +38,6 @@ struct Server {
     log: TxLog,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), causeway_api_server::Error>>,
-    _broker: Option<Broker>,
     _dir: tempfile::TempDir,
 }
 
@@ -49,16 +48,19 @@ impl Server {
 
     async fn start_on(backend: Backend, tweak: impl FnOnce(&mut Options)) -> Result<Server> {
         let dir = tempfile::tempdir()?;
-        let (log, broker) = match backend {
+        let log = match backend {
             Backend::Embedded => {
                 let options = LogOptions::Embedded(embedded(dir.path().join("log"))?);
-                (TxLog::open(options).await?, None)
+                TxLog::open(options).await?
             }
             Backend::Kafka => {
-                let broker = tokio::task::block_in_place(Broker::start)
-                    .context("starting tansu (scripts/setup.sh --broker installs it)")?;
-                let options = LogOptions::Kafka(broker.log_options("causeway-tx"));
-                (TxLog::open(options).await?, Some(broker))
+                let broker = tokio::task::block_in_place(Broker::shared)
+                    .context("starting Kafka (scripts/setup.sh --broker fetches it)")?;
+                static TOPICS: std::sync::atomic::AtomicUsize =
+                    std::sync::atomic::AtomicUsize::new(0);
+                let n = TOPICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let options = LogOptions::Kafka(broker.log_options(&format!("causeway-tx-{n}")));
+                TxLog::open(options).await?
             }
         };
         let tokens = dir.path().join("tokens.json");
@@ -93,7 +95,6 @@ impl Server {
             log,
             stop: Some(stop),
             task,
-            _broker: broker,
             _dir: dir,
         })
     }

@@ -1,13 +1,14 @@
 //! `causeway dev`: the config manager, P × R store nodes and the api-server in one process, on
-//! ONE embedded transaction log shared by all of them (the embedded log locks its directory, so
-//! the components cannot each open it).
+//! ONE transaction log shared by all of them: the embedded log by default (it locks its
+//! directory, so the components cannot each open it), or a topic on a Kafka cluster with
+//! `--kafka BOOTSTRAP`.
 //!
 //! The data dir holds one subdirectory per component and two files of its own:
 //!
 //! ```text
 //! <data-dir>/dev.json          the manifest: the shape and the store nodes' addresses
 //! <data-dir>/tokens.json       the generated admin token (0600), kept across restarts
-//! <data-dir>/log/              the embedded transaction log
+//! <data-dir>/log/              the embedded transaction log (not with --kafka)
 //! <data-dir>/config-manager/   the config manager's state file
 //! <data-dir>/node-<id>/        each store node's RocksDB
 //! ```
@@ -33,7 +34,7 @@ use causeway_api_server as api;
 use causeway_config_manager as cm;
 use causeway_core::NodeId;
 use causeway_store_node as store_node;
-use causeway_txlog::{LogOptions, TxLog};
+use causeway_txlog::{KafkaOptions, LogOptions, TxLog};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -61,6 +62,32 @@ pub struct Args {
     /// Where the HTTP API listens.
     #[arg(long, default_value = "127.0.0.1:7300")]
     listen: SocketAddr,
+    /// Run on this Kafka cluster (`host:port[,host:port...]`) instead of the embedded log (first
+    /// start; later starts reuse the data dir's log and refuse another).
+    #[arg(long, value_name = "BOOTSTRAP")]
+    kafka: Option<String>,
+    /// The topic of the log on `--kafka`, created if missing with one partition.
+    #[arg(long, default_value = "causeway-tx", requires = "kafka")]
+    kafka_topic: String,
+    /// Replication factor of the topic `--kafka` creates (`min.insync.replicas` is 2 from 3
+    /// replicas up, else 1). Default 1, for a single local broker (`scripts/kafka.sh`).
+    #[arg(long, default_value_t = 1, requires = "kafka")]
+    kafka_replication_factor: i32,
+}
+
+/// The log a data dir's cluster runs on; its store nodes' applied positions are positions in it,
+/// so it never changes for a data dir.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "backend", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ManifestLog {
+    /// `<data-dir>/log`.
+    #[default]
+    Embedded,
+    /// A topic on a Kafka cluster.
+    Kafka {
+        bootstrap_servers: String,
+        topic: String,
+    },
 }
 
 /// What the data dir remembers between runs (`dev.json`).
@@ -75,6 +102,9 @@ pub struct Manifest {
     pub api: SocketAddr,
     /// Every store node, with the address it must keep.
     pub nodes: Vec<ManifestNode>,
+    /// The log (data dirs from before there was a choice ran on the embedded log).
+    #[serde(default)]
+    pub log: ManifestLog,
 }
 
 /// One store node of the manifest.
@@ -213,6 +243,59 @@ fn resolve_shape(args: &Args, existing: Option<&Manifest>) -> Result<(u32, u32)>
     }
 }
 
+/// The log to run on: the flags, checked against the data dir's.
+fn resolve_log(args: &Args, existing: Option<&Manifest>) -> Result<ManifestLog> {
+    let wanted = args.kafka.as_ref().map(|bootstrap| ManifestLog::Kafka {
+        bootstrap_servers: bootstrap.clone(),
+        topic: args.kafka_topic.clone(),
+    });
+    match (existing, wanted) {
+        (None, wanted) => Ok(wanted.unwrap_or_default()),
+        (Some(m), None) => Ok(m.log.clone()),
+        (Some(m), Some(wanted)) if wanted == m.log => Ok(wanted),
+        (Some(m), Some(wanted)) => bail!(
+            "the data dir {} runs on {}, not {}: its store nodes hold positions in that log; \
+             pick another --data-dir for another log",
+            args.data_dir.display(),
+            describe_log(&m.log),
+            describe_log(&wanted)
+        ),
+    }
+}
+
+fn describe_log(log: &ManifestLog) -> String {
+    match log {
+        ManifestLog::Embedded => "the embedded log".into(),
+        ManifestLog::Kafka {
+            bootstrap_servers,
+            topic,
+        } => format!("Kafka topic {topic} at {bootstrap_servers}"),
+    }
+}
+
+/// The options every component opens the log with.
+fn log_options(args: &Args, log: &ManifestLog, data_dir: &Path) -> Result<LogOptions> {
+    Ok(match log {
+        ManifestLog::Embedded => serde_json::from_value(serde_json::json!({
+            "backend": "embedded",
+            "dir": data_dir.join("log"),
+        }))?,
+        ManifestLog::Kafka {
+            bootstrap_servers,
+            topic,
+        } => {
+            let mut o = KafkaOptions::new(bootstrap_servers.clone(), topic.clone());
+            ensure!(
+                args.kafka_replication_factor >= 1,
+                "--kafka-replication-factor must be at least 1"
+            );
+            o.replication_factor = args.kafka_replication_factor;
+            o.min_insync_replicas = if o.replication_factor >= 3 { 2 } else { 1 };
+            LogOptions::Kafka(o)
+        }
+    })
+}
+
 /// A running component: how to tell it to stop, and its task.
 struct Running {
     name: String,
@@ -295,6 +378,7 @@ impl Cluster {
 pub async fn run(args: Args, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
     let existing = Manifest::load(&args.data_dir)?;
     let (partitions, replicas) = resolve_shape(&args, existing.as_ref())?;
+    let log = resolve_log(&args, existing.as_ref())?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let data_dir = args
@@ -310,6 +394,7 @@ pub async fn run(args: Args, shutdown: impl Future<Output = ()> + Send + 'static
         &args,
         &data_dir,
         existing.as_ref(),
+        log,
         (partitions, replicas),
         &exited_tx,
         &mut cluster,
@@ -362,6 +447,7 @@ async fn start(
     args: &Args,
     data_dir: &Path,
     existing: Option<&Manifest>,
+    manifest_log: ManifestLog,
     (partitions, replicas): (u32, u32),
     exited: &mpsc::Sender<String>,
     cluster: &mut Cluster,
@@ -383,13 +469,10 @@ async fn start(
         }));
 
     // The one log every component shares.
-    let log_options: LogOptions = serde_json::from_value(serde_json::json!({
-        "backend": "embedded",
-        "dir": data_dir.join("log"),
-    }))?;
+    let log_options = log_options(args, &manifest_log, data_dir)?;
     let log = TxLog::open(log_options.clone())
         .await
-        .with_context(|| format!("opening the log in {}", data_dir.join("log").display()))?;
+        .with_context(|| format!("opening {}", describe_log(&manifest_log)))?;
     cluster.log = Some(log.clone());
 
     // The store nodes, at the addresses of the manifest (free ports on the first start).
@@ -431,6 +514,7 @@ async fn start(
         config_manager: cm_addr,
         api: args.listen,
         nodes,
+        log: manifest_log.clone(),
     };
     manifest.store(data_dir)?;
 
@@ -485,8 +569,9 @@ async fn start(
     wait_serving(&url, &token).await?;
 
     let data = data_dir.display();
+    let on = describe_log(&manifest_log);
     Ok(format!(
-        "Causeway dev cluster ready: {partitions} partition(s) × {replicas} replica(s), data in {data}\n\
+        "Causeway dev cluster ready: {partitions} partition(s) × {replicas} replica(s) on {on}, data in {data}\n\
          \n  API             {url}\n  admin token     {token}\n  tokens file     {tokens}\n  config manager  {cm_addr}   (causeway admin status --data-dir {data})\n\
          \nTry:\n  curl -sS -X PUT {url}/v1/collections/notes/documents/hello \\\n    -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' \\\n    -d '{{\"text\": \"hello, causeway\"}}'\n\
          \nCtrl-C stops the cluster.",
@@ -536,6 +621,9 @@ mod tests {
             replicas: r,
             data_dir: PathBuf::from("d"),
             listen: "127.0.0.1:7300".parse().unwrap(),
+            kafka: None,
+            kafka_topic: "causeway-tx".into(),
+            kafka_replication_factor: 1,
         }
     }
 
@@ -551,6 +639,7 @@ mod tests {
                     listen: "127.0.0.1:3".parse().unwrap(),
                 })
                 .collect(),
+            log: ManifestLog::Embedded,
         }
     }
 
@@ -567,6 +656,46 @@ mod tests {
         let e = resolve_shape(&args(Some(3), None), Some(&m)).unwrap_err();
         assert!(e.to_string().contains("holds a 2×2 cluster"), "{e}");
         assert!(resolve_shape(&args(Some(0), None), None).is_err());
+    }
+
+    #[test]
+    fn the_log_is_chosen_on_the_first_start_and_kept() {
+        let kafka = |bootstrap: &str| Args {
+            kafka: Some(bootstrap.into()),
+            ..args(None, None)
+        };
+        assert_eq!(
+            resolve_log(&args(None, None), None).unwrap(),
+            ManifestLog::Embedded
+        );
+        let on_kafka = resolve_log(&kafka("k:9092"), None).unwrap();
+        assert_eq!(
+            on_kafka,
+            ManifestLog::Kafka {
+                bootstrap_servers: "k:9092".into(),
+                topic: "causeway-tx".into()
+            }
+        );
+        let mut m = manifest(1, 1);
+        m.log = on_kafka.clone();
+        // Later starts reuse the data dir's log, with or without the same flag.
+        assert_eq!(resolve_log(&args(None, None), Some(&m)).unwrap(), on_kafka);
+        assert_eq!(resolve_log(&kafka("k:9092"), Some(&m)).unwrap(), on_kafka);
+        let e = resolve_log(&kafka("other:9092"), Some(&m)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("runs on Kafka topic causeway-tx at k:9092"),
+            "{e}"
+        );
+        let e = resolve_log(&kafka("k:9092"), Some(&manifest(1, 1))).unwrap_err();
+        assert!(e.to_string().contains("runs on the embedded log"), "{e}");
+        // A manifest from before the choice runs on the embedded log.
+        let old = r#"{"partitions":1,"replicas":1,"config_manager":"127.0.0.1:1","api":"127.0.0.1:2","nodes":[{"id":1,"listen":"127.0.0.1:3"}]}"#;
+        let old: Manifest = serde_json::from_str(old).unwrap();
+        assert_eq!(old.log, ManifestLog::Embedded);
+        let dir = tempfile::tempdir().unwrap();
+        m.store(dir.path()).unwrap();
+        assert_eq!(Manifest::load(dir.path()).unwrap(), Some(m));
     }
 
     #[test]

@@ -32,7 +32,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Runs a whole cluster in this process on the embedded log (for development).
+    /// Runs a whole cluster in this process on the embedded log, or on Kafka with --kafka (for
+    /// development).
     Dev(dev::Args),
     /// Operator commands.
     Admin {

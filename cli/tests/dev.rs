@@ -1,7 +1,8 @@
 //! The real `causeway` binary end to end: `causeway dev` on a temp data dir and a free loopback
 //! port serves documents; after SIGINT it stops cleanly; restarted on the same data dir it serves
 //! the same documents with the same token; `causeway admin status` describes it; a different
-//! shape on that data dir is refused. Every wait has a deadline; set `CAUSEWAY_KEEP_TEST_DIR=1`
+//! shape on that data dir is refused; `--kafka` runs it on a topic of the test broker and keeps the
+//! data dir to that log. Every wait has a deadline; set `CAUSEWAY_KEEP_TEST_DIR=1`
 //! to keep the data dir for inspection.
 
 use std::net::TcpListener;
@@ -292,5 +293,85 @@ async fn dev_serves_documents_and_keeps_them_across_a_restart() -> Result<()> {
     if std::env::var_os("CAUSEWAY_KEEP_TEST_DIR").is_some() {
         eprintln!("kept {}", dir.keep().display());
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_runs_on_kafka_and_keeps_to_that_log() -> Result<()> {
+    let broker = tokio::task::block_in_place(causeway_txlog::testing::Broker::shared)
+        .context("starting Kafka (scripts/setup.sh --broker fetches it)")?;
+    let dir = tempfile::tempdir()?;
+    let data_dir = dir.path().join("data");
+    let port = free_port()?;
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()?;
+    let bootstrap = broker.bootstrap_servers();
+    let kafka = ["--kafka", &bootstrap, "--kafka-topic", "dev-on-kafka"];
+
+    let dev = Dev::start(&data_dir, port, &kafka, dir.path().join("dev-1.log"))?;
+    wait_serving(&http, &base, &dev, &data_dir).await?;
+    ensure!(
+        dev.output().contains("on Kafka topic dev-on-kafka"),
+        "the banner names the log\n{}",
+        dev.output()
+    );
+    let token = read_token(&data_dir)?;
+    let r = http
+        .put(format!("{base}/v1/collections/notes/documents/k"))
+        .bearer_auth(&token)
+        .json(&json!({"on": "kafka"}))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "PUT: {}", r.status());
+    let ts = r.json::<Value>().await?["ts"].as_u64().context("no ts")?;
+    let exit = dev.interrupt()?;
+    assert!(exit.success(), "causeway dev exited with {exit}");
+
+    // The records are in the topic: the log of record is Kafka, not a local file.
+    let log = causeway_txlog::TxLog::open(causeway_txlog::LogOptions::Kafka(
+        broker.log_options("dev-on-kafka"),
+    ))
+    .await?;
+    ensure!(
+        log.bounds().await?.next.get() >= ts,
+        "the topic ends before ts {ts}"
+    );
+    log.close().await?;
+    ensure!(
+        !data_dir.join("log").exists(),
+        "an embedded log was created too"
+    );
+
+    // Another log for this data dir is refused; without the flag the data dir's log is used.
+    let refused = Command::new(BIN)
+        .arg("dev")
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--kafka", &bootstrap, "--kafka-topic", "another"])
+        .output()?;
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("runs on Kafka topic dev-on-kafka"),
+        "{stderr}"
+    );
+
+    let dev = Dev::start(&data_dir, port, &[], dir.path().join("dev-2.log"))?;
+    wait_serving(&http, &base, &dev, &data_dir).await?;
+    let doc: Value = http
+        .get(format!("{base}/v1/collections/notes/documents/k"))
+        .bearer_auth(&token)
+        .header("causeway-after", ts.to_string())
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(doc, json!({"on": "kafka"}));
+    let exit = dev.interrupt()?;
+    assert!(exit.success(), "causeway dev exited with {exit}");
     Ok(())
 }

@@ -2,7 +2,8 @@
 //!
 //! A [`LocalCluster`] runs the real binaries as OS processes on loopback: one
 //! `causeway-config-manager` and `P × R` `causeway-store-node`s, each with its own directory and
-//! log file, against a real Kafka-protocol broker (tansu, started by `causeway_txlog::testing`).
+//! log file, against a real Apache Kafka (one broker per test process, `causeway_txlog::testing::Broker::shared`,
+//! a topic per cluster).
 //! It bootstraps the cluster, waits until every node can coordinate reads, and can kill -9,
 //! restart, pause (SIGSTOP) and resume nodes. Set `CAUSEWAY_KEEP_TEST_DIR=1` to keep the
 //! directories (their path is printed), with every process's log.
@@ -132,7 +133,7 @@ struct Node {
 pub struct LocalCluster {
     root: PathBuf,
     _tmp: Option<tempfile::TempDir>,
-    broker: Broker,
+    broker: &'static Broker,
     log: TxLog,
     cm: Proc,
     cm_addr: SocketAddr,
@@ -193,8 +194,10 @@ impl LocalCluster {
         } else {
             (tmp.path().to_path_buf(), Some(tmp))
         };
-        let broker = Broker::start().context("starting the tansu broker")?;
-        let log_options = LogOptions::Kafka(broker.log_options("causeway-tx"));
+        let broker = tokio::task::block_in_place(Broker::shared).context("starting Kafka")?;
+        static CLUSTERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log_options = LogOptions::Kafka(broker.log_options(&format!("causeway-tx-{n}")));
         let log = TxLog::open(log_options.clone()).await?;
 
         let cm_addr = free_addr()?;
@@ -280,7 +283,7 @@ impl LocalCluster {
     }
 
     pub fn broker(&self) -> &Broker {
-        &self.broker
+        self.broker
     }
 
     pub fn node_ids(&self) -> Vec<NodeId> {

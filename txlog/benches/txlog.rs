@@ -2,9 +2,10 @@
 //! 1 KiB records, and tail reads, on both backends; against the broker also a raw rdkafka
 //! `FutureProducer` loop with the same records and producer settings, as the reference.
 //!
-//! `cargo bench -p causeway-txlog` (release build; the Kafka half starts tansu, see
-//! `causeway_txlog::testing`). Set `TXLOG_BENCH_SECS` to change the time per append case
-//! (default 3).
+//! `cargo bench -p causeway-txlog` (release build; the Kafka half starts Apache Kafka through
+//! `causeway_txlog::testing`: one node, or `TXLOG_BENCH_KAFKA_NODES=3` for three with replication
+//! factor 3 and `min.insync.replicas=2`). Set `TXLOG_BENCH_SECS` to change the time per append
+//! case (default 3).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -225,8 +226,16 @@ async fn main() -> Result<()> {
     let tail_embedded = tail_case(&log, "embedded", 200).await?;
     log.close().await?;
 
-    let broker = tokio::task::block_in_place(Broker::start)?;
+    let nodes: usize = std::env::var("TXLOG_BENCH_KAFKA_NODES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let broker = tokio::task::block_in_place(|| Broker::start_cluster(nodes))?;
     let mut options = broker.log_options("bench");
+    let kafka_setup = format!(
+        "Kafka: {nodes} node(s), replication factor {}, min.insync.replicas {}",
+        options.replication_factor, options.min_insync_replicas
+    );
     options.delivery_timeout_ms = 30_000;
     let log = TxLog::open(LogOptions::Kafka(options.clone())).await?;
     for &(size, appenders, batch) in CASES {
@@ -241,6 +250,7 @@ async fn main() -> Result<()> {
         raw_producer_case(&options, size, 1024, secs).await?.print();
     }
     println!();
+    println!("{kafka_setup}");
     println!("{tail_embedded}");
     println!("{tail_kafka}");
     drop(broker);

@@ -60,6 +60,11 @@ pub enum Error {
     )]
     TooManyPartitions { topic: String, partitions: usize },
 
+    /// The log's topic does not exist and this handle may not create it (`create_topic` false),
+    /// or the brokers did not learn of the one it created within the request timeout.
+    #[error("topic {topic:?} does not exist (set create_topic, or create it with one partition)")]
+    UnknownTopic { topic: String },
+
     /// A file operation of the embedded log failed.
     #[error("{op} {path:?} failed")]
     Io {

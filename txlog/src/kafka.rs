@@ -297,6 +297,21 @@ fn is_unavailable(code: RDKafkaErrorCode) -> bool {
     )
 }
 
+/// Whether an error means the partition's leader moved (or is being elected): worth asking again.
+fn is_leader_change(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            NotLeaderForPartition
+                | LeaderNotAvailable
+                | NotCoordinator
+                | FencedLeaderEpoch
+                | UnknownLeaderEpoch
+        )
+    )
+}
+
 fn classify(op: &'static str, e: KafkaError) -> Error {
     let code = match &e {
         // rdkafka does not expose the code of a failed admin request.
@@ -335,8 +350,22 @@ impl KafkaLog {
         };
         if log.inner.options.create_topic {
             log.create_topic().await?;
+            // A broker learns of a topic from the controller's metadata log after the
+            // controller answered the create: wait for it there, within the request timeout.
+            let deadline = Instant::now() + log.inner.options.request_timeout();
+            loop {
+                match log.check_topic().await {
+                    Err(Error::UnknownTopic { .. } | Error::Unavailable { .. })
+                        if Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(50)).await
+                    }
+                    other => break other?,
+                }
+            }
+        } else {
+            log.check_topic().await?;
         }
-        log.check_topic().await?;
         info!(
             bootstrap_servers = %log.inner.options.bootstrap_servers,
             topic = %log.inner.options.topic,
@@ -404,7 +433,9 @@ impl KafkaLog {
                 .topics()
                 .iter()
                 .find(|t| t.name() == o.topic)
-                .ok_or_else(|| Error::config(format!("topic {:?} does not exist", o.topic)))?;
+                .ok_or_else(|| Error::UnknownTopic {
+                    topic: o.topic.clone(),
+                })?;
             if let Some(e) = topic.error() {
                 let code = RDKafkaErrorCode::from(e);
                 return Err(if is_unavailable(code) {
@@ -413,10 +444,9 @@ impl KafkaLog {
                         source: None,
                     }
                 } else if code == RDKafkaErrorCode::UnknownTopicOrPartition {
-                    Error::config(format!(
-                        "topic {:?} does not exist (create_topic is {})",
-                        o.topic, o.create_topic
-                    ))
+                    Error::UnknownTopic {
+                        topic: o.topic.clone(),
+                    }
                 } else {
                     Error::Kafka {
                         op: "topic metadata",
@@ -459,9 +489,9 @@ impl KafkaLog {
 
     /// Replaces `failed` (unless another append already did) with a new producer, which gets a
     /// new producer id and so starts a fresh idempotence sequence. Done after any failed
-    /// delivery: after an outage a broker may refuse the old producer's sequence (tansu answers
-    /// every later produce with an unknown error), and the failed records were reported to their
-    /// appenders, who retry them.
+    /// delivery: after an outage the old producer's sequence numbers may no longer match the
+    /// broker's (an `OutOfOrderSequence` would follow), and the failed records were reported to
+    /// their appenders, who retry them.
     fn replace(&self, failed: &Arc<FutureProducer>) {
         let mut slot = self.inner.producer.write().expect("producer lock poisoned");
         if !Arc::ptr_eq(&slot, failed) {
@@ -616,10 +646,19 @@ impl Inner {
     async fn bounds(self: Arc<Self>) -> Result<Bounds> {
         tokio::task::spawn_blocking(move || {
             let o = &self.options;
-            let (low, high) = self
-                .meta
-                .fetch_watermarks(&o.topic, 0, o.request_timeout())
-                .map_err(|e| classify("fetch watermarks", e))?;
+            // After a leader change the first request may go to the old leader; librdkafka
+            // refreshes its metadata on that answer, so asking again soon finds the new one.
+            let deadline = Instant::now() + o.request_timeout();
+            let (low, high) = loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.meta.fetch_watermarks(&o.topic, 0, left) {
+                    Ok(w) => break w,
+                    Err(e) if is_leader_change(&e) && Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => return Err(classify("fetch watermarks", e)),
+                }
+            };
             let high = u64::try_from(high)
                 .map_err(|_| Error::corrupt(format!("high watermark {high}")))?;
             // An empty partition may report a negative low watermark.

@@ -14,8 +14,8 @@
 //!   and size-based retention.
 //! - [`kafka`]: [`KafkaLog`], rdkafka with an idempotent `acks=all` producer and consumers
 //!   assigned to partition 0 at an explicit offset.
-//! - `testing` (feature `testing`): `Broker`, a real Kafka-protocol broker (tansu) on a loopback
-//!   port with its own temp dir, for tests.
+//! - `testing` (feature `testing`): `Broker`, Apache Kafka (KRaft, one node or a replicated
+//!   three) on loopback ports with its own temp dir, for tests and benchmarks.
 //!
 //! This file holds the seam itself: [`Record`], [`Bounds`], [`LogOptions`], [`TxLog`] and
 //! [`RecordStream`].

@@ -1,5 +1,6 @@
 //! The txlog conformance suite: the same test functions against both backends, the embedded log
-//! on a temp dir and Kafka on a real broker (tansu, started per test; without it these fail).
+//! on a temp dir and Kafka on a real broker (one Apache Kafka per test process, a topic per test;
+//! without the broker these fail).
 
 mod common;
 
@@ -25,7 +26,7 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() -> anyhow::Result<()> {
-                    let fixture = tokio::task::block_in_place(super::Fixture::kafka)?;
+                    let fixture = tokio::task::block_in_place(|| super::Fixture::kafka(stringify!($name)))?;
                     super::$name(fixture).await
                 }
             )*

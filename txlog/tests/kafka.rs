@@ -1,5 +1,7 @@
-//! Kafka-only tests against a real broker (tansu on SQLite): topic checks, broker restarts and
-//! outages. Without tansu these fail.
+//! Kafka-only tests against a real Apache Kafka (KRaft): topic checks, broker restarts and
+//! outages on one node, and the production settings on three (replication factor 3,
+//! `min.insync.replicas=2`, no unclean leader election) under kill -9 of the leader and the loss
+//! of two brokers. Without the broker these fail.
 
 mod common;
 
@@ -14,27 +16,43 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 
+/// A broker of the test's own, for tests that stop it.
 fn start_broker() -> Result<Broker> {
-    tokio::task::block_in_place(Broker::start).context("starting the tansu broker")
+    tokio::task::block_in_place(Broker::start).context("starting the Kafka broker")
+}
+
+/// The test process's shared broker, for tests that only need topics of their own.
+fn shared_broker() -> Result<&'static Broker> {
+    tokio::task::block_in_place(Broker::shared).context("starting the Kafka broker")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_with_several_partitions_is_refused() -> Result<()> {
-    let broker = start_broker()?;
+    let broker = shared_broker()?;
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", broker.bootstrap_servers())
         .create()?;
-    let topic = NewTopic::new("three", 3, TopicReplication::Fixed(1));
+    let topic = NewTopic::new("three-partitions", 3, TopicReplication::Fixed(1));
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(5)));
     for r in admin.create_topics([&topic], &opts).await? {
         r.map_err(|(t, code)| anyhow::anyhow!("creating {t}: {code}"))?;
     }
     tokio::task::spawn_blocking(move || drop(admin));
-    match TxLog::open(LogOptions::Kafka(broker.log_options("three"))).await {
+    match TxLog::open(LogOptions::Kafka(broker.log_options("three-partitions"))).await {
         Err(Error::TooManyPartitions { topic, partitions }) => {
-            ensure!(topic == "three" && partitions == 3, "{topic} {partitions}");
+            ensure!(
+                topic == "three-partitions" && partitions == 3,
+                "{topic} {partitions}"
+            );
         }
         other => bail!("expected TooManyPartitions, got {other:?}"),
+    }
+    // A missing topic is refused when the log may not create it.
+    let mut options = broker.log_options("never-created");
+    options.create_topic = false;
+    match TxLog::open(LogOptions::Kafka(options)).await {
+        Err(Error::UnknownTopic { topic }) => ensure!(topic == "never-created", "{topic}"),
+        other => bail!("expected UnknownTopic, got {other:?}"),
     }
     // A topic with one partition is fine, created or existing.
     let log = KafkaLog::open(broker.log_options("one")).await?;
@@ -51,7 +69,7 @@ async fn records_survive_a_broker_restart() -> Result<()> {
     let before = append_n(&log, "pre", 100, 200).await?;
     log.close().await?;
     drop(log);
-    // SIGKILL, then the same SQLite file.
+    // kill -9, then the same data directory.
     tokio::task::block_in_place(|| broker.restart())?;
     let log = TxLog::open(LogOptions::Kafka(broker.log_options("tx"))).await?;
     let b = log.bounds().await?;
@@ -135,8 +153,8 @@ async fn an_outage_is_reported_as_unavailable_and_the_handle_recovers() -> Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_readers_come_and_go_without_blocking_the_runtime() -> Result<()> {
-    let broker = start_broker()?;
-    let log = TxLog::open(LogOptions::Kafka(broker.log_options("tx"))).await?;
+    let broker = shared_broker()?;
+    let log = TxLog::open(LogOptions::Kafka(broker.log_options("many-readers"))).await?;
     append_n(&log, "m", 20, 50).await?;
     let started = Instant::now();
     for round in 0..10 {

@@ -23,7 +23,6 @@ pub enum Fixture {
         options: EmbeddedOptions,
     },
     Kafka {
-        broker: Broker,
         options: KafkaOptions,
     },
 }
@@ -36,12 +35,13 @@ impl Fixture {
         Ok(Fixture::Embedded { dir, options })
     }
 
-    /// A fresh broker (tests must fail, not skip, without one) and a fresh topic.
-    pub fn kafka() -> Result<Fixture> {
-        let broker = Broker::start().context("starting the tansu broker")?;
-        let mut options = broker.log_options("causeway-tx");
+    /// The test process's shared broker (tests must fail, not skip, without one) and a topic
+    /// of the test's own, `topic`.
+    pub fn kafka(topic: &str) -> Result<Fixture> {
+        let broker = Broker::shared().context("starting the Kafka broker")?;
+        let mut options = broker.log_options(topic);
         options.max_record_bytes = 64 * 1024;
-        Ok(Fixture::Kafka { broker, options })
+        Ok(Fixture::Kafka { options })
     }
 
     pub fn options(&self) -> LogOptions {
@@ -60,8 +60,8 @@ impl Fixture {
     }
 
     /// Configures the log to drop old records: small segments and a size limit (embedded), a
-    /// short `retention.ms` with the delete policy (Kafka; tansu applies it in its maintenance
-    /// pass, which runs when it starts).
+    /// short `retention.ms` and `segment.ms` with the delete policy (Kafka, whose retention
+    /// check runs every 500 ms on the test broker and deletes only segments that rolled).
     pub fn with_retention(&mut self) {
         match self {
             Fixture::Embedded { options, .. } => {
@@ -69,12 +69,13 @@ impl Fixture {
                 options.retention_bytes = Some(8192);
             }
             Fixture::Kafka { options, .. } => {
-                options
-                    .topic_config
-                    .insert("cleanup.policy".into(), "delete".into());
-                options
-                    .topic_config
-                    .insert("retention.ms".into(), "1500".into());
+                for (k, v) in [
+                    ("cleanup.policy", "delete"),
+                    ("retention.ms", "1500"),
+                    ("segment.ms", "500"),
+                ] {
+                    options.topic_config.insert(k.into(), v.into());
+                }
             }
         }
     }
@@ -88,16 +89,12 @@ impl Fixture {
                 append_n(log, "filler", filler.max(200), 256).await?;
                 Ok(log.clone())
             }
-            Fixture::Kafka { broker, .. } => {
-                // Let what is there age past retention.ms, then append fresh records and restart
-                // the broker, whose startup maintenance deletes the aged ones.
+            Fixture::Kafka { .. } => {
+                // Let what is there age past retention.ms; the next append rolls the segment
+                // (older than segment.ms), and the broker's retention check deletes the old one.
                 let aged = tokio::time::Instant::now() + Duration::from_millis(2000);
                 tokio::time::sleep_until(aged).await;
                 append_n(log, "filler", filler.max(1), 256).await?;
-                log.close().await?;
-                let broker_ref = &mut *broker;
-                tokio::task::block_in_place(|| broker_ref.restart())?;
-                let log = self.open().await?;
                 wait_for(
                     || {
                         let log = log.clone();
@@ -106,15 +103,8 @@ impl Fixture {
                     "the broker to apply retention",
                 )
                 .await?;
-                Ok(log)
+                Ok(log.clone())
             }
-        }
-    }
-
-    pub fn broker(&mut self) -> Option<&mut Broker> {
-        match self {
-            Fixture::Kafka { broker, .. } => Some(broker),
-            Fixture::Embedded { .. } => None,
         }
     }
 }
