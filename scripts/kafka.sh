@@ -46,20 +46,10 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 PROPERTIES
-cat >"$data_dir/log4j2.properties" <<'LOG4J'
-status = warn
-appender.out.type = Console
-appender.out.name = out
-appender.out.layout.type = PatternLayout
-appender.out.layout.pattern = [%d] %p %m (%c)%n
-rootLogger.level = warn
-rootLogger.appenderRef.out.ref = out
-logger.started.name = kafka.server.KafkaRaftServer
-logger.started.level = info
-LOG4J
 
 jvm=("$java" "-Xmx$heap" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true
-  "-Dlog4j2.configurationFile=$data_dir/log4j2.properties" -cp "$libs/*")
+  -Dcauseway.kafka.log.level=warn "-Dlog4j2.configurationFile=$PWD/txlog/kafka-broker/log4j2.properties"
+  -cp "$libs/*")
 if [[ ! -f "$data_dir/data/meta.properties" ]]; then
   # The cluster id is fixed for this data dir at its first start.
   cluster_id="$("${jvm[@]}" kafka.tools.StorageTool random-uuid | tail -n 1)"

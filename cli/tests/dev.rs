@@ -27,13 +27,7 @@ struct Dev {
 impl Dev {
     fn start(data_dir: &Path, port: u16, extra: &[&str], log: PathBuf) -> Result<Dev> {
         let out = std::fs::File::create(&log)?;
-        let child = Command::new(BIN)
-            .arg("dev")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .args(extra)
+        let child = dev_command(data_dir, port, extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -79,6 +73,44 @@ impl Drop for Dev {
             let _ = child.wait();
         }
     }
+}
+
+/// The note `id` as a read after `ts` sees it.
+async fn get_note(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    id: &str,
+    ts: u64,
+) -> Result<Value> {
+    Ok(http
+        .get(format!("{base}/v1/collections/notes/documents/{id}"))
+        .bearer_auth(token)
+        .header("causeway-after", ts.to_string())
+        .send()
+        .await?
+        .json()
+        .await?)
+}
+
+/// `causeway dev --data-dir DATA_DIR --listen 127.0.0.1:PORT EXTRA…`.
+fn dev_command(data_dir: &Path, port: u16, extra: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .arg("dev")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(extra);
+    command
+}
+
+/// Runs `causeway dev` with `extra` flags on `data_dir`, which must refuse to start; its stderr.
+fn refused(data_dir: &Path, port: u16, extra: &[&str]) -> Result<String> {
+    let out = dev_command(data_dir, port, extra).output()?;
+    ensure!(!out.status.success(), "causeway dev {extra:?} started");
+    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 fn free_port() -> Result<u16> {
@@ -248,15 +280,7 @@ async fn dev_serves_documents_and_keeps_them_across_a_restart() -> Result<()> {
     assert!(exit.success(), "causeway dev exited with {exit}");
 
     // A different shape on this data dir is refused, quickly and clearly.
-    let refused = Command::new(BIN)
-        .arg("dev")
-        .arg("--data-dir")
-        .arg(&data_dir)
-        .args(["--partitions", "3", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .output()?;
-    assert!(!refused.status.success());
-    let stderr = String::from_utf8_lossy(&refused.stderr);
+    let stderr = refused(&data_dir, port, &["--partitions", "3"])?;
     assert!(stderr.contains("holds a 2×1 cluster"), "{stderr}");
 
     // Restart on the same data dir (the shape comes from it): the same token, every document.
@@ -278,14 +302,7 @@ async fn dev_serves_documents_and_keeps_them_across_a_restart() -> Result<()> {
         ts > last_ts,
         "commit ts {ts} after a restart must exceed {last_ts}"
     );
-    let doc: Value = http
-        .get(format!("{base}/v1/collections/notes/documents/n-0"))
-        .bearer_auth(&token)
-        .header("causeway-after", ts.to_string())
-        .send()
-        .await?
-        .json()
-        .await?;
+    let doc = get_note(&http, &base, &token, "n-0", ts).await?;
     assert_eq!(doc, json!({"i": 0, "text": "edited"}));
 
     let exit = dev.interrupt()?;
@@ -345,16 +362,11 @@ async fn dev_runs_on_kafka_and_keeps_to_that_log() -> Result<()> {
     );
 
     // Another log for this data dir is refused; without the flag the data dir's log is used.
-    let refused = Command::new(BIN)
-        .arg("dev")
-        .arg("--data-dir")
-        .arg(&data_dir)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .args(["--kafka", &bootstrap, "--kafka-topic", "another"])
-        .output()?;
-    assert!(!refused.status.success());
-    let stderr = String::from_utf8_lossy(&refused.stderr);
+    let stderr = refused(
+        &data_dir,
+        port,
+        &["--kafka", &bootstrap, "--kafka-topic", "another"],
+    )?;
     assert!(
         stderr.contains("runs on Kafka topic dev-on-kafka"),
         "{stderr}"
@@ -362,14 +374,7 @@ async fn dev_runs_on_kafka_and_keeps_to_that_log() -> Result<()> {
 
     let dev = Dev::start(&data_dir, port, &[], dir.path().join("dev-2.log"))?;
     wait_serving(&http, &base, &dev, &data_dir).await?;
-    let doc: Value = http
-        .get(format!("{base}/v1/collections/notes/documents/k"))
-        .bearer_auth(&token)
-        .header("causeway-after", ts.to_string())
-        .send()
-        .await?
-        .json()
-        .await?;
+    let doc = get_note(&http, &base, &token, "k", ts).await?;
     assert_eq!(doc, json!({"on": "kafka"}));
     let exit = dev.interrupt()?;
     assert!(exit.success(), "causeway dev exited with {exit}");

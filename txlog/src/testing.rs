@@ -43,6 +43,9 @@ const START_DEADLINE: Duration = Duration::from_secs(60);
 /// How long a node may take to exit after SIGTERM before it gets SIGKILL.
 pub const STOP_DEADLINE: Duration = Duration::from_secs(10);
 
+/// The brokers' logging (shared with `scripts/kafka.sh`).
+const LOG4J2: &str = include_str!("../kafka-broker/log4j2.properties");
+
 /// The heap of each node's JVM.
 const HEAP: &str = "-Xmx512m";
 
@@ -346,21 +349,7 @@ log.segment.delete.delay.ms=1000
             data = dir.join("data").display(),
         );
         std::fs::write(dir.join("server.properties"), properties)?;
-        std::fs::write(
-            dir.join("log4j2.properties"),
-            "status = warn
-appender.out.type = Console
-appender.out.name = out
-appender.out.layout.type = PatternLayout
-appender.out.layout.pattern = [%d] %p %m (%c)%n
-rootLogger.level = info
-rootLogger.appenderRef.out.ref = out
-logger.kafka.name = kafka
-logger.kafka.level = info
-logger.state.name = state.change.logger
-logger.state.level = warn
-",
-        )?;
+        std::fs::write(dir.join("log4j2.properties"), LOG4J2)?;
         Ok(())
     }
 
