@@ -403,7 +403,8 @@ log.segment.delete.delay.ms=1000
             .map_err(|e| {
                 io::Error::new(e.kind(), format!("starting {}: {e}", self.java.display()))
             })?;
-        let watchdog = spawn_watchdog(child.id())?;
+        let keep = std::env::var_os("CAUSEWAY_KEEP_BROKER_DIR").is_some();
+        let watchdog = spawn_watchdog(child.id(), (!keep).then(|| self.dir.path()))?;
         let node = &mut self.nodes[index];
         node.child = Some(child);
         node.watchdog = Some(watchdog);
@@ -483,6 +484,9 @@ log.segment.delete.delay.ms=1000
 
 impl Drop for Broker {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("the Kafka brokers' output:\n{}", self.log_tail(4096));
+        }
         self.terminate();
         if std::env::var_os("CAUSEWAY_KEEP_BROKER_DIR").is_some() {
             let dir = std::mem::replace(
@@ -528,16 +532,20 @@ fn wait_with_deadline(
 }
 
 /// A shell that waits for its stdin to close, then stops `pid` (SIGTERM, SIGKILL after the stop
-/// deadline). The caller keeps the write end until it stops the JVM itself.
-fn spawn_watchdog(pid: u32) -> io::Result<(Child, ChildStdin)> {
+/// deadline) and removes `dir` (the broker's temp dir, which no `Drop` will remove then). The
+/// caller keeps the write end until it stops the JVM itself.
+fn spawn_watchdog(pid: u32, dir: Option<&Path>) -> io::Result<(Child, ChildStdin)> {
     let grace = STOP_DEADLINE.as_secs();
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cat >/dev/null; kill -TERM {pid} 2>/dev/null || exit 0; \
-             i=0; while [ $i -lt {grace} ] && kill -0 {pid} 2>/dev/null; do sleep 1; i=$((i+1)); done; \
-             kill -KILL {pid} 2>/dev/null; exit 0"
-        ))
+    let mut command = Command::new("sh");
+    command.arg("-c").arg(format!(
+        "cat >/dev/null; kill -TERM {pid} 2>/dev/null; \
+         i=0; while [ $i -lt {grace} ] && kill -0 {pid} 2>/dev/null; do sleep 1; i=$((i+1)); done; \
+         kill -KILL {pid} 2>/dev/null; [ -z \"$1\" ] || rm -rf -- \"$1\"; exit 0"
+    ));
+    // `$0` and `$1` of the script: the directory goes as an argument, never into the script.
+    command.arg("causeway-kafka-watchdog");
+    command.arg(dir.map(Path::as_os_str).unwrap_or_default());
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
