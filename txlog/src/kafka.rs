@@ -97,10 +97,9 @@ pub struct KafkaOptions {
     #[serde(default = "defaults::read_prefetch_kbytes")]
     pub read_prefetch_kbytes: u64,
     /// The longest a reader's fetch waits at the broker for new records (`fetch.wait.max.ms`).
-    /// Default 20. A broker that answers as soon as a record arrives (Kafka) uses it only when
-    /// the log is idle; one that holds every fetch for the whole wait (tansu 0.6: measured 500 ms
-    /// from append to tail reader at librdkafka's default of 500) adds up to this much to the
-    /// visibility of every transaction.
+    /// Default 100. Kafka answers a waiting fetch as soon as a record is committed
+    /// (`fetch.min.bytes` 1), so this bounds only how often an idle reader asks again (10 times
+    /// a second), not how soon it sees an append (BENCHMARKS.md: append → tail reader latency).
     #[serde(default = "defaults::fetch_wait_max_ms")]
     pub fetch_wait_max_ms: u64,
 }
@@ -140,7 +139,7 @@ mod defaults {
         16 * 1024
     }
     pub(super) fn fetch_wait_max_ms() -> u64 {
-        20
+        100
     }
 }
 
@@ -243,6 +242,8 @@ impl KafkaOptions {
                 self.read_prefetch_kbytes.to_string(),
             ),
             ("fetch.wait.max.ms", self.fetch_wait_max_ms.to_string()),
+            // Answer a fetch with the first committed record.
+            ("fetch.min.bytes", "1".into()),
         ])
     }
 }

@@ -171,3 +171,34 @@ async fn many_readers_come_and_go_without_blocking_the_runtime() -> Result<()> {
     log.close().await?;
     Ok(())
 }
+
+/// Kafka answers a waiting fetch as soon as a record is committed: with a 3 s fetch wait, a
+/// tailing reader still sees each append well before the wait would end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tailing_reader_sees_appends_before_its_fetch_wait_ends() -> Result<()> {
+    let broker = shared_broker()?;
+    let mut options = broker.log_options("long-fetch-wait");
+    options.fetch_wait_max_ms = 3_000;
+    let log = TxLog::open(LogOptions::Kafka(options)).await?;
+    let start = append_n(&log, "before", 1, 50).await?[0];
+    let mut reader = log.read_from(start);
+    // Let the reader's first fetch reach the broker and wait there.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut took = Vec::new();
+    for i in 0..5 {
+        let sent = Instant::now();
+        let ts = log.append(vec![payload("tail", i, 50)]).await?[0];
+        let got = take(&mut reader, 1).await?.remove(0);
+        ensure!(got.ts == ts, "read {} for append {ts}", got.ts);
+        took.push(sent.elapsed());
+        // The next append finds the reader's next fetch waiting at the broker.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    took.sort();
+    ensure!(
+        took[2] < Duration::from_millis(1_000),
+        "append → tail reader took {took:?} with a 3 s fetch wait: the broker held the fetch"
+    );
+    log.close().await?;
+    Ok(())
+}
