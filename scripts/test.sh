@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, every test (the Kafka tests against a real tansu
-# broker that the tests start themselves), and schemathesis against a live `causeway dev`.
+# The whole test suite: formatting, lints, every test (the Kafka tests against real Apache Kafka
+# brokers, KRaft JVMs that the tests start themselves), and schemathesis against a live `causeway dev`.
 # Installs what is missing first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
