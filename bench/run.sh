@@ -17,7 +17,8 @@
 #   DURATION=20 CONCURRENCY=32 DOC_BYTES=256 KEYS=10000 PARTITIONS=1 REPLICAS=3 STEADY_RATE=500
 #   KAFKA_NODES=1
 #   PROFILE=release
-#   KEEP=1 keeps the temp dir (logs, JSON reports).
+#   KEEP=1 keeps the temp dir (logs, JSON reports; the Kafka brokers' own logs go with them only
+#   with CAUSEWAY_KEEP_BROKER_DIR=1, which keeps the brokers' temp dir, named in kafka.out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD

@@ -6,10 +6,10 @@
 #
 #   scripts/kafka.sh [--port 9092] [--data-dir .causeway-kafka] [--heap 1g]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+root="$(cd "$(dirname "$0")/.." && pwd)"
 
 port=9092
-data_dir=.causeway-kafka
+data_dir="$root/.causeway-kafka"
 heap=1g
 while (($#)); do
   case "$1" in
@@ -20,7 +20,7 @@ while (($#)); do
   esac
 done
 
-scripts/setup.sh --broker
+"$root/scripts/setup.sh" --broker
 libs="${CAUSEWAY_KAFKA_LIBS:-$HOME/.cache/causeway-kafka/4.4.0/libs}"
 java="${JAVA_HOME:+$JAVA_HOME/bin/}java"
 mkdir -p "$data_dir"
@@ -48,7 +48,7 @@ group.initial.rebalance.delay.ms=0
 PROPERTIES
 
 jvm=("$java" "-Xmx$heap" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true
-  -Dcauseway.kafka.log.level=warn "-Dlog4j2.configurationFile=$PWD/txlog/kafka-broker/log4j2.properties"
+  -Dcauseway.kafka.log.level=warn "-Dlog4j2.configurationFile=$root/txlog/kafka-broker/log4j2.properties"
   -cp "$libs/*")
 if [[ ! -f "$data_dir/data/meta.properties" ]]; then
   # The cluster id is fixed for this data dir at its first start.
@@ -57,5 +57,5 @@ if [[ ! -f "$data_dir/data/meta.properties" ]]; then
     --config "$data_dir/server.properties" >/dev/null
 fi
 echo "kafka.sh: Kafka 4.4.0 on 127.0.0.1:$port, data in $data_dir (Ctrl-C stops it)"
-echo "kafka.sh: then, in another shell: scripts/dev.sh --kafka 127.0.0.1:$port"
+echo "kafka.sh: then, in another shell: $root/scripts/dev.sh --kafka 127.0.0.1:$port"
 exec env -u KAFKA_OPTS -u JAVA_TOOL_OPTIONS "${jvm[@]}" kafka.Kafka "$data_dir/server.properties"

@@ -452,14 +452,7 @@ async fn start(
     exited: &mpsc::Sender<String>,
     cluster: &mut Cluster,
 ) -> Result<String> {
-    // The config manager, on a free port.
-    let cm_service = cm::Service::bind(cm::Options {
-        listen_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        data_dir: data_dir.join("config-manager"),
-        ..cm::Options::default()
-    })
-    .await
-    .context("starting the config manager")?;
+    let cm_service = bind_config_manager(data_dir, existing).await?;
     let cm_addr = cm_service.local_addr();
     let cm_handle = cm_service.handle();
     cluster
@@ -577,6 +570,38 @@ async fn start(
          \nCtrl-C stops the cluster.",
         tokens = tokens_file.display(),
     ))
+}
+
+/// The config manager: at its address of the last run when it can have it (never a store node's:
+/// they were all bound beside it), else on a free port that no store node of the manifest must
+/// take back.
+async fn bind_config_manager(data_dir: &Path, existing: Option<&Manifest>) -> Result<cm::Service> {
+    let options = |listen_addr| cm::Options {
+        listen_addr,
+        data_dir: data_dir.join("config-manager"),
+        ..cm::Options::default()
+    };
+    if let Some(m) = existing {
+        match cm::Service::bind(options(m.config_manager)).await {
+            Ok(service) => return Ok(service),
+            Err(e) => {
+                tracing::info!(addr = %m.config_manager, error = %e, "the config manager's last address is taken; picking another")
+            }
+        }
+    }
+    let reserved: Vec<SocketAddr> = existing
+        .map(|m| m.nodes.iter().map(|n| n.listen).collect())
+        .unwrap_or_default();
+    // A few tries: the system hands out each free port at random.
+    for _ in 0..16 {
+        let service = cm::Service::bind(options(SocketAddr::from(([127, 0, 0, 1], 0))))
+            .await
+            .context("starting the config manager")?;
+        if !reserved.contains(&service.local_addr()) {
+            return Ok(service);
+        }
+    }
+    bail!("no free port for the config manager outside the store nodes' ports")
 }
 
 /// Waits until the `count` store nodes of this run are registered and live.

@@ -420,6 +420,7 @@ impl LocalCluster {
         for (id, n) in &self.nodes {
             out.push_str(&format!("--- {id} ---\n{}\n", n.proc.tail()));
         }
+        out.push_str(&self.broker.log_tail(2048));
         out
     }
 }

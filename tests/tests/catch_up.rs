@@ -1,7 +1,8 @@
 //! Catch-up under load on 2P × 2R over Kafka: a replica killed (kill -9) while transactions stream
 //! in, then restarted, reaches the log's end within a bounded time while the load goes on, and the
-//! other nodes never fall behind meanwhile. Prints the catch-up rate as a multiple of the write
-//! rate (BENCHMARKS.md records it).
+//! other nodes stay near the log's end all along (sampled). Prints the catch-up rate as a multiple
+//! of the write rate (BENCHMARKS.md records it): reaching the end in bounded time is what the test
+//! asserts; the rate is what it reports.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,6 +24,10 @@ const CATCH_UP_WITHIN: Duration = Duration::from_secs(45);
 /// "At the log's end": within this many records of the newest acknowledged append (half a
 /// second of load).
 const AT_END: u64 = RATE / 2;
+/// How far behind the log's end the other nodes may be seen at any sample: five seconds of load
+/// (a loaded two-core machine stalls a process now and then; a node that stops keeping up falls
+/// behind by far more).
+const OTHERS_WITHIN: u64 = RATE * 5;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_restarted_under_load_catches_up_to_the_log_end() {
@@ -67,8 +72,14 @@ async fn a_replica_restarted_under_load_catches_up_to_the_log_end() {
                         causeway_txlog::codec::encode(&t)
                     })
                     .collect();
-                let ts = log.append(records).await.expect("append under load");
-                head.fetch_max(ts.last().unwrap().get(), Ordering::Relaxed);
+                match log.append(records).await {
+                    Ok(ts) => {
+                        head.fetch_max(ts.last().unwrap().get(), Ordering::Relaxed);
+                    }
+                    // The tick bursts to make up for it.
+                    Err(e) if e.is_transient() => {}
+                    Err(e) => panic!("append under load: {e}"),
+                }
             }
             appended
         })
@@ -76,6 +87,34 @@ async fn a_replica_restarted_under_load_catches_up_to_the_log_end() {
     let head_now = || head.load(Ordering::Relaxed);
 
     tokio::time::sleep(Duration::from_secs(3)).await;
+    // The others' lag behind the log's end, sampled from the kill until the victim caught up.
+    let watching = Arc::new(AtomicBool::new(true));
+    let watch = {
+        let (head, watching, others) = (head.clone(), watching.clone(), others.clone());
+        let clients: Vec<_> = others
+            .iter()
+            .map(|n| (*n, cluster.client(*n).unwrap()))
+            .collect();
+        tokio::spawn(async move {
+            let mut worst = (0u64, NodeId(0));
+            while watching.load(Ordering::Relaxed) {
+                for (node, client) in &clients {
+                    let mut client = client.clone();
+                    let status = client.status(causeway_proto::v1::StatusRequest {}).await;
+                    if let Ok(s) = status {
+                        let lag = head
+                            .load(Ordering::Relaxed)
+                            .saturating_sub(s.into_inner().committed);
+                        if lag > worst.0 {
+                            worst = (lag, *node);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            worst
+        })
+    };
     cluster.kill(victim).unwrap();
     let killed_at = head_now();
     tokio::time::sleep(DOWN).await;
@@ -95,16 +134,13 @@ async fn a_replica_restarted_under_load_catches_up_to_the_log_end() {
     .unwrap_or_else(|e| panic!("{e}: head {}\n{}", head_now(), cluster.logs()));
     let took = restarted.elapsed();
 
-    // The others kept up all along (and still do).
-    for node in &others {
-        let s = cluster.status(*node).await.unwrap();
-        assert!(
-            s.committed + AT_END >= head_now(),
-            "{node} fell behind: committed {} with the log at {}",
-            s.committed,
-            head_now()
-        );
-    }
+    // The others kept up all along.
+    watching.store(false, Ordering::Relaxed);
+    let (worst, worst_node) = watch.await.unwrap();
+    assert!(
+        worst <= OTHERS_WITHIN,
+        "{worst_node} was seen {worst} records behind the log's end"
+    );
 
     stop.store(true, Ordering::Relaxed);
     let appended = load.await.unwrap();
@@ -120,11 +156,8 @@ async fn a_replica_restarted_under_load_catches_up_to_the_log_end() {
     eprintln!(
         "catch-up: {victim} was {behind} records behind after {DOWN:?} down; it reached the log \
          end {took:.1?} after the restart (process start included), applying {applied} records: \
-         {rate:.0} records/s = {:.1}× the write rate of {RATE}/s ({appended} transactions in all)",
+         {rate:.0} records/s = {:.1}× the write rate of {RATE}/s ({appended} transactions in all); \
+         the other nodes were at most {worst} records behind",
         rate / RATE as f64
-    );
-    assert!(
-        rate > RATE as f64,
-        "catching up at {rate:.0} records/s does not outrun the write rate"
     );
 }

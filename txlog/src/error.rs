@@ -62,7 +62,7 @@ pub enum Error {
 
     /// The log's topic does not exist and this handle may not create it (`create_topic` false),
     /// or the brokers did not learn of the one it created within the request timeout.
-    #[error("topic {topic:?} does not exist (set create_topic, or create it with one partition)")]
+    #[error("topic {topic:?} does not exist on the brokers (a log with create_topic false does not create it)")]
     UnknownTopic { topic: String },
 
     /// A file operation of the embedded log failed.

@@ -4,7 +4,7 @@
 //! - [`Broker::start`]: one node, combined controller and broker; topics have one replica.
 //! - [`Broker::start_cluster`]: `n` nodes (three for the production setting), each a controller
 //!   and a broker, with an `n`-voter controller quorum; topics get replication factor
-//!   `min(n, 3)` and `min.insync.replicas` 2.
+//!   `min(n, 3)` and `min.insync.replicas` 2 from three nodes up (1 below).
 //! - [`Broker::shared`]: one single-node broker per test process, for tests that only need a
 //!   topic of their own (give each a distinct topic name) and never stop the broker.
 //!
@@ -404,11 +404,19 @@ log.segment.delete.delay.ms=1000
                 io::Error::new(e.kind(), format!("starting {}: {e}", self.java.display()))
             })?;
         let keep = std::env::var_os("CAUSEWAY_KEEP_BROKER_DIR").is_some();
-        let watchdog = spawn_watchdog(child.id(), (!keep).then(|| self.dir.path()))?;
-        let node = &mut self.nodes[index];
-        node.child = Some(child);
-        node.watchdog = Some(watchdog);
-        Ok(())
+        let pid = child.id();
+        self.nodes[index].child = Some(child);
+        match spawn_watchdog(pid, (!keep).then(|| self.dir.path())) {
+            Ok(watchdog) => {
+                self.nodes[index].watchdog = Some(watchdog);
+                Ok(())
+            }
+            Err(e) => {
+                // No JVM without its watchdog.
+                let _ = self.kill(index);
+                Err(e)
+            }
+        }
     }
 
     /// Waits until node `index` answers metadata listing every node that runs.
@@ -588,8 +596,8 @@ pub fn find_java() -> io::Result<PathBuf> {
         .ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::NotFound,
-                "java not found (JAVA_HOME, PATH): the Kafka tests need a JDK 17 or later; \
-                 `scripts/setup.sh --broker` installs one and the broker",
+                "java not found (JAVA_HOME, PATH): the Kafka tests need Java 17 or later; \
+                 `scripts/setup.sh --broker` installs a Java 17 runtime and the broker",
             )
         })
 }

@@ -1,7 +1,6 @@
-//! Kafka-only tests against a real Apache Kafka (KRaft): topic checks, broker restarts and
-//! outages on one node, and the production settings on three (replication factor 3,
-//! `min.insync.replicas=2`, no unclean leader election) under kill -9 of the leader and the loss
-//! of two brokers. Without the broker these fail.
+//! Kafka-only tests against a real Apache Kafka (KRaft, one node): topic checks, broker restarts
+//! and outages, readers, fetch waits (the three-node tests are in `replicated.rs`). Without the
+//! broker these fail.
 
 mod common;
 

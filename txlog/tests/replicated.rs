@@ -155,15 +155,28 @@ fn check_log(records: &[(Timestamp, Bytes)], attempts: &[Attempt]) -> Result<usi
     Ok(checked)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn acknowledged_appends_survive_killing_the_leader_exactly_once() -> Result<()> {
+/// Runs `test` on a fresh three-node cluster; a failure comes with the brokers' output.
+async fn on_three_nodes<F>(test: F) -> Result<()>
+where
+    F: for<'a> FnOnce(&'a mut Broker) -> futures::future::BoxFuture<'a, Result<()>>,
+{
     let _one = ONE_CLUSTER.lock().await;
     let mut broker = start_cluster()?;
+    let result = test(&mut broker).await;
+    result.map_err(|e| e.context(format!("the brokers' output:\n{}", broker.log_tail(4096))))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_appends_survive_killing_the_leader_exactly_once() -> Result<()> {
+    on_three_nodes(|broker| Box::pin(leader_kill(broker))).await
+}
+
+async fn leader_kill(broker: &mut Broker) -> Result<()> {
     let topic = "replicated";
-    let log = TxLog::open(LogOptions::Kafka(options(&broker, topic))).await?;
+    let log = TxLog::open(LogOptions::Kafka(options(broker, topic))).await?;
 
     // The topic Causeway created has the production settings.
-    let (replicas, settings) = topic_settings(&broker, topic).await?;
+    let (replicas, settings) = topic_settings(broker, topic).await?;
     ensure!(replicas == 3, "replication factor {replicas}");
     ensure!(
         settings.get("min.insync.replicas").map(String::as_str) == Some("2"),
@@ -288,10 +301,12 @@ fn acked_after(attempts: &[Attempt], since: Instant) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_two_of_three_brokers_down_appends_are_unavailable() -> Result<()> {
-    let _one = ONE_CLUSTER.lock().await;
-    let mut broker = start_cluster()?;
+    on_three_nodes(|broker| Box::pin(two_down(broker))).await
+}
+
+async fn two_down(broker: &mut Broker) -> Result<()> {
     let topic = "quorum";
-    let log = TxLog::open(LogOptions::Kafka(options(&broker, topic))).await?;
+    let log = TxLog::open(LogOptions::Kafka(options(broker, topic))).await?;
     let mut attempts = Vec::new();
     for seq in 0..20 {
         let payload = attempt_payload(0, seq, 0);

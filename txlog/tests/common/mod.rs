@@ -89,7 +89,7 @@ impl Fixture {
                 append_n(log, "filler", filler.max(200), 256).await?;
                 Ok(log.clone())
             }
-            Fixture::Kafka { .. } => {
+            Fixture::Kafka { options } => {
                 // Let what is there age past retention.ms; the next append rolls the segment
                 // (older than segment.ms), and the broker's retention check deletes the old one.
                 let aged = tokio::time::Instant::now() + Duration::from_millis(2000);
@@ -103,10 +103,35 @@ impl Fixture {
                     "the broker to apply retention",
                 )
                 .await?;
+                // Retention stops here: Kafka also ages out the active segment, and the records
+                // the test appends next must stay while it reads them.
+                keep_everything(options).await?;
                 Ok(log.clone())
             }
         }
     }
+}
+
+/// Sets the topic of `options` to keep its records forever (the whole configuration: Kafka's
+/// `AlterConfigs` replaces it).
+async fn keep_everything(options: &KafkaOptions) -> Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::config::ClientConfig::new()
+            .set("bootstrap.servers", &options.bootstrap_servers)
+            .create()?;
+    let min_isr = options.min_insync_replicas.to_string();
+    let config = AlterConfig::new(ResourceSpecifier::Topic(&options.topic))
+        .set("cleanup.policy", "delete")
+        .set("retention.ms", "-1")
+        .set("min.insync.replicas", &min_isr)
+        .set("unclean.leader.election.enable", "false");
+    let opts = AdminOptions::new().request_timeout(Some(WAIT));
+    for result in admin.alter_configs([&config], &opts).await? {
+        result.map_err(|(r, code)| anyhow::anyhow!("altering {r:?}: {code}"))?;
+    }
+    tokio::task::spawn_blocking(move || drop(admin));
+    Ok(())
 }
 
 /// `n` records `"{tag}-{i}"` padded to `size` bytes, appended one call each.
