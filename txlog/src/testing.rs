@@ -122,12 +122,7 @@ impl Broker {
                 )));
             }
         }
-        for i in 0..nodes {
-            broker.launch(i)?;
-        }
-        for i in 0..nodes {
-            broker.wait_until_ready(i)?;
-        }
+        broker.launch_all()?;
         tracing::info!(nodes, dir = %broker.dir.path().display(), "started kafka");
         Ok(broker)
     }
@@ -243,6 +238,11 @@ impl Broker {
     /// Kills every node and starts them all again on their data; waits until each answers.
     pub fn restart(&mut self) -> io::Result<()> {
         self.stop()?;
+        self.launch_all()
+    }
+
+    /// Launches every node, then waits until each answers (a quorum needs them all up at once).
+    fn launch_all(&mut self) -> io::Result<()> {
         for i in 0..self.nodes.len() {
             self.launch(i)?;
         }

@@ -224,16 +224,9 @@ async fn leader_kill(broker: &mut Broker) -> Result<()> {
             Ok(())
         }));
     }
-    let acked = |attempts: &Mutex<Vec<Attempt>>, since: Option<Instant>| {
-        attempts
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|a| a.acked.is_some() && since.is_none_or(|s| a.at > s))
-            .count()
-    };
+    let acked = |since: Option<Instant>| acked_since(&attempts.lock().unwrap(), since);
     common::wait_for(
-        || std::future::ready(Ok(acked(&attempts, None) >= 100)),
+        || std::future::ready(Ok(acked(None) >= 100)),
         "100 appends before the kill",
     )
     .await?;
@@ -243,11 +236,11 @@ async fn leader_kill(broker: &mut Broker) -> Result<()> {
     let killed_at = Instant::now();
     tokio::task::block_in_place(|| broker.kill(leader))?;
     let wanted = Instant::now() + RESUME_WITHIN + Duration::from_secs(60);
-    while acked(&attempts, Some(killed_at)) < AFTER_KILL {
+    while acked(Some(killed_at)) < AFTER_KILL {
         if Instant::now() >= wanted {
             bail!(
                 "{} acknowledged appends since the kill of node {}\n{}",
-                acked(&attempts, Some(killed_at)),
+                acked(Some(killed_at)),
                 leader + 1,
                 broker.log_tail(3000)
             );
@@ -283,7 +276,7 @@ async fn leader_kill(broker: &mut Broker) -> Result<()> {
         "leader kill: checked {checked} acknowledged appends ({} after the kill), {failed} failed \
          attempts retried, {} records in the log; appends resumed {resume:?} after kill -9 of \
          node {}",
-        acked_after(&attempts, killed_at),
+        acked_since(&attempts, Some(killed_at)),
         records.len(),
         leader + 1
     );
@@ -292,10 +285,11 @@ async fn leader_kill(broker: &mut Broker) -> Result<()> {
     Ok(())
 }
 
-fn acked_after(attempts: &[Attempt], since: Instant) -> usize {
+/// Acknowledged attempts, all or those that ended after `since`.
+fn acked_since(attempts: &[Attempt], since: Option<Instant>) -> usize {
     attempts
         .iter()
-        .filter(|a| a.acked.is_some() && a.at > since)
+        .filter(|a| a.acked.is_some() && since.is_none_or(|s| a.at > s))
         .count()
 }
 
