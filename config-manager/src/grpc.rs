@@ -171,6 +171,13 @@ impl ConfigManager for GrpcService {
         }))
     }
 
+    async fn abort_transition(
+        &self,
+        _request: Request<pb::AbortTransitionRequest>,
+    ) -> Result<Response<pb::ConfigState>, Status> {
+        Err(Status::unimplemented("abort is not built yet"))
+    }
+
     async fn list_nodes(
         &self,
         _request: Request<pb::ListNodesRequest>,

@@ -684,6 +684,21 @@ type HoldStream =
 #[tonic::async_trait]
 impl pb::store_node_server::StoreNode for Server {
     type HoldSnapshotStream = HoldStream;
+    type BackfillStream = crate::backfill::ChunkStream;
+
+    async fn backfill(
+        &self,
+        request: Request<pb::BackfillRequest>,
+    ) -> Result<Response<Self::BackfillStream>, Status> {
+        crate::backfill::serve(&self.shared, request.into_inner()).await
+    }
+
+    async fn veto_backfill(
+        &self,
+        request: Request<pb::VetoBackfillRequest>,
+    ) -> Result<Response<pb::VetoBackfillResponse>, Status> {
+        crate::backfill::veto(&self.shared, Epoch(request.into_inner().epoch)).await
+    }
 
     async fn hold_snapshot(
         &self,
@@ -969,6 +984,8 @@ impl pb::store_node_server::StoreNode for Server {
             log_next: s.log_next.load(Ordering::Relaxed),
             can_coordinate: d.decisions.can_coordinate,
             peers,
+            backfill: crate::backfill::status(s),
+            drained: false,
         }))
     }
 }

@@ -17,6 +17,7 @@
 //! - [`grpc`]: the `StoreNode` gRPC server: gossip, replica sub-reads, coordinated reads.
 //! - [`metrics`]: the node's Prometheus metrics.
 
+pub mod backfill;
 pub mod grpc;
 pub mod metrics;
 pub mod options;
