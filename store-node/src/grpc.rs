@@ -80,7 +80,7 @@ pub fn read_ts_from_proto(r: pb::ReadTs) -> ReadTimestamp {
 
 const SNAPSHOT_TOO_OLD: &str = "snapshot too old";
 
-fn storage_status(e: storage::Error) -> Status {
+pub(crate) fn storage_status(e: storage::Error) -> Status {
     match e {
         storage::Error::SnapshotTooOld { requested, gc } => Status::failed_precondition(format!(
             "{SNAPSHOT_TOO_OLD}: read at {requested} is below the GC timestamp {gc}"
@@ -95,7 +95,7 @@ fn storage_status(e: storage::Error) -> Status {
     }
 }
 
-fn is_too_old(s: &Status) -> bool {
+pub(crate) fn is_too_old(s: &Status) -> bool {
     s.code() == tonic::Code::FailedPrecondition && s.message().starts_with(SNAPSHOT_TOO_OLD)
 }
 
@@ -525,14 +525,14 @@ struct Page {
     scanned: u32,
 }
 
-fn interval_to_proto(i: &Interval) -> pb::KeyInterval {
+pub(crate) fn interval_to_proto(i: &Interval) -> pb::KeyInterval {
     pb::KeyInterval {
         start: i.start,
         end: i.end_hash(),
     }
 }
 
-fn interval_from_proto(i: &pb::KeyInterval) -> Result<Interval, Status> {
+pub(crate) fn interval_from_proto(i: &pb::KeyInterval) -> Result<Interval, Status> {
     let end = i.end.map_or(causeway_core::KEYSPACE, u128::from);
     if u128::from(i.start) >= end {
         return Err(Status::invalid_argument("empty interval"));
@@ -985,7 +985,7 @@ impl pb::store_node_server::StoreNode for Server {
             can_coordinate: d.decisions.can_coordinate,
             peers,
             backfill: crate::backfill::status(s),
-            drained: false,
+            drained: s.drained.load(Ordering::Relaxed),
         }))
     }
 }

@@ -65,6 +65,11 @@ pub struct Metrics {
     pub gossip_sent_total: AtomicU64,
     pub gossip_send_errors_total: AtomicU64,
     pub snapshot_too_old_retries_total: AtomicU64,
+    pub backfill_chunks_sent_total: AtomicU64,
+    pub backfill_records_sent_total: AtomicU64,
+    pub backfill_records_received_total: AtomicU64,
+    pub backfill_bytes_received_total: AtomicU64,
+    pub backfill_intervals_done_total: AtomicU64,
     pub apply_batch_seconds: Histogram,
     pub read_seconds: Histogram,
     pub query_seconds: Histogram,
@@ -181,6 +186,31 @@ impl Metrics {
                 "snapshot_too_old_retries_total",
                 &self.snapshot_too_old_retries_total,
                 "coordinated reads retried after SnapshotTooOld",
+            ),
+            (
+                "backfill_chunks_sent_total",
+                &self.backfill_chunks_sent_total,
+                "backfill chunks streamed to nodes of a next configuration",
+            ),
+            (
+                "backfill_records_sent_total",
+                &self.backfill_records_sent_total,
+                "version records streamed by backfill",
+            ),
+            (
+                "backfill_records_received_total",
+                &self.backfill_records_received_total,
+                "version records ingested by backfill",
+            ),
+            (
+                "backfill_bytes_received_total",
+                &self.backfill_bytes_received_total,
+                "bytes of version records ingested by backfill",
+            ),
+            (
+                "backfill_intervals_done_total",
+                &self.backfill_intervals_done_total,
+                "gained intervals backfilled, verified and replayed",
             ),
         ];
         for (name, value, help) in counters {

@@ -66,6 +66,12 @@ pub struct Tuning {
     pub query_max_limit: u32,
     /// Concurrent gRPC requests served (default 1 024).
     pub max_concurrent_requests: usize,
+    /// Most version records in one backfill chunk (default 2 000).
+    pub backfill_chunk_records: u32,
+    /// Most bytes of keys and values in one backfill chunk (default 4 MiB).
+    pub backfill_chunk_bytes: u32,
+    /// Longest a backfill source waits to commit the snapshot asked for (default 10 000 ms).
+    pub backfill_wait_ms: u32,
 }
 
 impl Default for Tuning {
@@ -83,6 +89,9 @@ impl Default for Tuning {
             query_max_scanned: 100_000,
             query_max_limit: 1_000,
             max_concurrent_requests: 1_024,
+            backfill_chunk_records: 2_000,
+            backfill_chunk_bytes: 4 << 20,
+            backfill_wait_ms: 10_000,
         }
     }
 }

@@ -47,6 +47,9 @@ pub enum Error {
     Apply(String),
 }
 
+/// The meta record of the last (current, next) pair seen.
+const CONFIGS: &str = "configs";
+
 /// A store node, bound and ready to run.
 #[derive(Debug)]
 pub struct Service {
@@ -119,7 +122,22 @@ impl Service {
             reads: Arc::new(ActiveReads::default()),
             log_next: AtomicU64::new(0),
             metrics: Metrics::default(),
+            plan: Mutex::new(None),
+            plan_writer: tokio::sync::Mutex::new(()),
+            apply_gate: tokio::sync::Mutex::new(()),
+            backfill_holds: Mutex::new(Vec::new()),
+            drained: AtomicBool::new(false),
         });
+        if let Some(bytes) = shared.store.meta(CONFIGS)? {
+            let configs = Configs::decode(&bytes)
+                .map_err(|e| Error::Apply(format!("the saved configurations do not parse: {e}")))?;
+            info!(
+                revision = configs.revision,
+                "serving from the saved configurations until the config manager answers"
+            );
+            shared.configs.send_replace(configs);
+        }
+        crate::backfill::load(&shared)?;
         info!(node = %options.node_id, addr = %shared.addr, committed = %shared.store.committed(), "store node bound");
         Ok(Service {
             options,
@@ -167,6 +185,11 @@ impl Service {
         tasks.spawn(apply_loop(Arc::clone(&shared), log.clone(), stop.clone()));
         tasks.spawn(gossip_loop(Arc::clone(&shared), cm, stop.clone()));
         tasks.spawn(gc_loop(Arc::clone(&shared), stop.clone()));
+        tasks.spawn(crate::backfill::transition_loop(
+            Arc::clone(&shared),
+            log.clone(),
+            stop.clone(),
+        ));
         let server = crate::grpc::Server::new(Arc::clone(&shared));
         let incoming = causeway_proto::incoming(grpc);
         let mut grpc_stop = stop.clone();
@@ -360,14 +383,30 @@ async fn membership(
                                 current: pair.current.map(Arc::new),
                                 next: pair.next.map(Arc::new),
                             };
-                            if let Some(c) = &configs.current {
-                                let json = serde_json::to_vec(&**c).expect("config serializes");
-                                let store = Arc::clone(&shared.store);
-                                let epoch = c.epoch;
-                                tokio::task::spawn_blocking(move || store.put_config(epoch, &json))
-                                    .await
-                                    .expect("put config task")?;
+                            if shared.configs.borrow().revision > configs.revision {
+                                // A config manager that lost its state must not move us back.
+                                warn!(
+                                    revision = configs.revision,
+                                    "the config manager offers an older revision; ignored"
+                                );
+                                continue;
                             }
+                            let store = Arc::clone(&shared.store);
+                            let saved = configs.encode();
+                            let current = configs.current.as_ref().map(|c| {
+                                (
+                                    c.epoch,
+                                    serde_json::to_vec(&**c).expect("config serializes"),
+                                )
+                            });
+                            tokio::task::spawn_blocking(move || {
+                                if let Some((epoch, json)) = current {
+                                    store.put_config(epoch, &json)?;
+                                }
+                                store.put_meta(CONFIGS, Some(&saved))
+                            })
+                            .await
+                            .expect("save configs task")?;
                             info!(revision = configs.revision,
                                 current = ?configs.current.as_ref().map(|c| c.epoch),
                                 next = ?configs.next.as_ref().map(|c| c.epoch), "configuration");
@@ -402,22 +441,29 @@ async fn apply_loop(
     log: TxLog,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), Error> {
-    let mut configs_rx = shared.configs.subscribe();
-    // Only a node of the current configuration applies; a new node waits (it joins through a
-    // transition, which starts it at the end of the log).
-    tokio::select! {
-        r = configs_rx.wait_for(|c| c.current.as_ref().is_some_and(|c| c.contains(shared.node))) => {
-            if r.is_err() { return Ok(()); }
-        }
-        _ = stop.wait_for(|s| *s) => return Ok(()),
-    }
     let tuning = shared.tuning.clone();
     let mut backoff = Duration::from_millis(20);
     loop {
+        // Only a node with something to store applies: one of the current configuration, or
+        // one of next once its plan is made (it starts at the log's end).
+        while !storing(&shared) {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+            }
+        }
         if let Ok(bounds) = log.bounds().await {
             shared
                 .log_next
                 .fetch_max(bounds.next.get(), Ordering::Relaxed);
+            let applied = shared.store.applied();
+            if bounds.next <= applied {
+                error!(%applied, log_next = %bounds.next, "the log ends below this node's applied position: it is not the log this node applied (was the topic recreated?)");
+                return Err(Error::Apply(format!(
+                    "the log ends at {} but this node has applied up to {applied}",
+                    bounds.next.get().saturating_sub(1)
+                )));
+            }
         }
         let from = shared.store.applied();
         let mut stream = log.read_from(from);
@@ -453,7 +499,8 @@ async fn apply_loop(
                 shared.log_next.fetch_max(last.get() + 1, Ordering::Relaxed);
             }
             if !batch.is_empty() {
-                let ownership = shared.configs().ownership(shared.node);
+                let _gate = shared.apply_gate.lock().await;
+                let ownership = shared.ownership();
                 let store = Arc::clone(&shared.store);
                 let started = Instant::now();
                 let count = batch.len() as u64;
@@ -480,6 +527,10 @@ async fn apply_loop(
                     Err(e) => return Err(e.into()),
                 }
             }
+            if !storing(&shared) {
+                info!("this node stores nothing any more: it stops applying the log");
+                break;
+            }
             if let Some(e) = failed {
                 match e {
                     causeway_txlog::Error::Truncated { .. } => {
@@ -499,6 +550,21 @@ async fn apply_loop(
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
+}
+
+/// Whether the node stores anything of the log now (see `apply_loop`).
+fn storing(shared: &Shared) -> bool {
+    let configs = shared.configs();
+    let node = shared.node;
+    if configs.current.as_ref().is_some_and(|c| c.contains(node)) {
+        return true;
+    }
+    configs.transition().is_some_and(|next| {
+        next.contains(node)
+            && crate::state::lock(&shared.plan)
+                .as_ref()
+                .is_some_and(|p| p.epoch == next.epoch)
+    })
 }
 
 /// A record that does not decode is the same bytes on every node, so every node treats it the

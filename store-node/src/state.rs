@@ -4,17 +4,18 @@
 //! only keeps it and hands it out under short locks.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use causeway_core::frontier::Eligibility;
 use causeway_core::{
-    ClusterConfig, Decisions, Epoch, Frontiers, Gain, Gossip, GossipTable, Interval, NodeId, Phase,
+    ClusterConfig, Decisions, Epoch, Frontiers, Gossip, GossipTable, Interval, NodeId, Phase,
     ReadTimestamp, Timestamp, View,
 };
 use tokio::sync::watch;
 
+use crate::backfill::Plan;
 use crate::metrics::Metrics;
 use crate::options::Tuning;
 use crate::storage::{Ownership, Store};
@@ -50,29 +51,32 @@ impl Configs {
             .any(|c| c.contains(node))
     }
 
-    /// What `node` stores: its current intervals, plus (pending until backfilled) the intervals
-    /// it gains in the next configuration.
-    pub fn ownership(&self, node: NodeId) -> Ownership {
-        let Some(current) = &self.current else {
-            return Ownership::default();
+    /// The pair as the node saves it, to serve from after a restart while the config manager
+    /// is down.
+    pub fn encode(&self) -> Vec<u8> {
+        let saved = SavedConfigs {
+            revision: self.revision,
+            current: self.current.as_deref().cloned(),
+            next: self.next.as_deref().cloned(),
         };
-        let pending = self
-            .transition()
-            .map(|next| gains_of(current, next, node))
-            .unwrap_or_default();
-        Ownership {
-            owned: current.owned_intervals(node),
-            pending,
-        }
+        serde_json::to_vec(&saved).expect("configurations serialize")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Configs, serde_json::Error> {
+        let saved: SavedConfigs = serde_json::from_slice(bytes)?;
+        Ok(Configs {
+            revision: saved.revision,
+            current: saved.current.map(Arc::new),
+            next: saved.next.map(Arc::new),
+        })
     }
 }
 
-fn gains_of(current: &ClusterConfig, next: &ClusterConfig, node: NodeId) -> Vec<Interval> {
-    current
-        .gains(next, node)
-        .into_iter()
-        .map(|g: Gain| g.interval)
-        .collect()
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedConfigs {
+    revision: u64,
+    current: Option<ClusterConfig>,
+    next: Option<ClusterConfig>,
 }
 
 /// Reads running on this node, by read timestamp: their minimum holds the GC timestamp.
@@ -164,6 +168,17 @@ pub struct Shared {
     /// The log's next ts as last seen by the apply loop (for lag).
     pub log_next: AtomicU64,
     pub metrics: Metrics,
+    /// This node's plan for the next configuration (see `backfill`), as last saved.
+    pub plan: Mutex<Option<Plan>>,
+    /// Held by whoever changes the plan, across its save.
+    pub plan_writer: tokio::sync::Mutex<()>,
+    /// Held by the apply loop for each group, and by backfill while it hands an interval over
+    /// from pending to owned: ownership never changes under an applying group.
+    pub apply_gate: tokio::sync::Mutex<()>,
+    /// The reads that hold the GC timestamp at the snapshots being backfilled.
+    pub backfill_holds: Mutex<Vec<(Interval, ReadGuard)>>,
+    /// The node is in neither configuration and has dropped its data.
+    pub drained: AtomicBool,
 }
 
 impl Shared {
@@ -192,9 +207,11 @@ impl Shared {
         let mut p = lock(&self.protocol);
         p.seq += 1;
         let next_epoch = next.map(|n| n.epoch);
-        // Backfill is not run yet: a node that gains intervals never reports backfilled, so a
-        // transition that moves data waits in the backfilling phase.
-        let backfilled = next.is_some_and(|n| current.gains(n, self.node).is_empty());
+        let backfilled = next_epoch.is_some_and(|epoch| {
+            lock(&self.plan)
+                .as_ref()
+                .is_some_and(|p| p.epoch == epoch && p.backfilled())
+        });
         let gossip = Gossip {
             node: self.node,
             incarnation: self.incarnation.load(Ordering::Relaxed),
@@ -228,6 +245,20 @@ impl Shared {
         };
         self.decided.send_replace(decided);
         Some((gossip, decided))
+    }
+
+    /// What this node stores now: its current intervals and the gained ones it has backfilled
+    /// outright, the gained ones still backfilling as pending. Call under `apply_gate`.
+    pub fn ownership(&self) -> Ownership {
+        let configs = self.configs();
+        let Some(current) = &configs.current else {
+            return Ownership::default();
+        };
+        let owned = current.owned_intervals(self.node);
+        match (&*lock(&self.plan), configs.transition()) {
+            (Some(plan), Some(next)) if plan.epoch == next.epoch => plan.ownership(owned),
+            _ => Ownership::owned(owned),
+        }
     }
 
     /// Takes in a peer's gossip.

@@ -652,6 +652,7 @@ fn backfill_moves_an_interval_to_a_new_replica_with_pending_mutations() {
                 Timestamp(200),
                 from.as_deref(),
                 5,
+                usize::MAX,
             )
             .unwrap();
         target.ingest(&batch.records).unwrap();
@@ -704,13 +705,12 @@ fn backfill_moves_an_interval_to_a_new_replica_with_pending_mutations() {
 }
 
 #[test]
-fn meta_keeps_configurations_and_backfill_progress() {
+fn meta_keeps_configurations_and_named_state() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(&dir, small_options());
     store.put_config(causeway_core::Epoch(2), b"two").unwrap();
     store.put_config(causeway_core::Epoch(1), b"one").unwrap();
-    let i = Interval::new(5, 10);
-    store.put_backfill_progress(&i, Some(b"half")).unwrap();
+    store.put_meta("plan", Some(b"half")).unwrap();
     drop(store);
     let store = open(&dir, small_options());
     assert_eq!(
@@ -720,9 +720,10 @@ fn meta_keeps_configurations_and_backfill_progress() {
             (causeway_core::Epoch(2), b"two".to_vec())
         ]
     );
-    assert_eq!(store.backfill_progress(&i).unwrap(), Some(b"half".to_vec()));
-    store.put_backfill_progress(&i, None).unwrap();
-    assert_eq!(store.backfill_progress(&i).unwrap(), None);
+    assert_eq!(store.meta("plan").unwrap(), Some(b"half".to_vec()));
+    assert_eq!(store.meta("other").unwrap(), None);
+    store.put_meta("plan", None).unwrap();
+    assert_eq!(store.meta("plan").unwrap(), None);
 }
 
 #[test]

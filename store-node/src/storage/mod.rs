@@ -86,7 +86,7 @@ const CF_BY_COLLECTION: &str = "by_collection";
 const META_APPLIED: &[u8] = b"applied";
 const META_GC: &[u8] = b"gc";
 const META_CONFIG: &[u8] = b"config/";
-const META_BACKFILL: &[u8] = b"backfill/";
+const META_NAMED: &[u8] = b"named/";
 
 /// Options of the storage engine. Every limit has a documented default.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -777,13 +777,25 @@ impl Store {
     /// Drops every document of `intervals` (no longer owned): versions, collection index entries
     /// and pending mutations, with range deletes, in one fsynced batch.
     pub fn drop_intervals(&self, intervals: &[Interval]) -> Result<(), Error> {
+        self.drop_ranges(intervals, true)
+    }
+
+    /// Drops the documents of `intervals` but keeps their pending mutations: a backfill that
+    /// starts an interval over.
+    pub fn drop_documents(&self, intervals: &[Interval]) -> Result<(), Error> {
+        self.drop_ranges(intervals, false)
+    }
+
+    fn drop_ranges(&self, intervals: &[Interval], pending: bool) -> Result<(), Error> {
         let mut writer = self.lock();
         let collections = self.collections()?;
         let mut batch = WriteBatch::default();
         for interval in intervals {
             let (start, end) = keys::interval_range(interval);
             batch.delete_range_cf(self.cf(CF_DOCS), &start, &end);
-            batch.delete_range_cf(self.cf(CF_PENDING), &start, &end);
+            if pending {
+                batch.delete_range_cf(self.cf(CF_PENDING), &start, &end);
+            }
             for collection in &collections {
                 let from = [keys::collection_start(collection), start.clone()].concat();
                 let to = match interval.end_hash() {
@@ -802,7 +814,7 @@ impl Store {
             let hash = KeyHash(u64::from_be_bytes(prefix[..8].try_into().expect("hash")));
             intervals.iter().any(|i| i.contains(hash))
         });
-        tracing::info!(intervals = intervals.len(), "intervals dropped");
+        tracing::info!(intervals = intervals.len(), pending, "intervals dropped");
         Ok(())
     }
 
@@ -860,7 +872,8 @@ impl Store {
     /// A batch of the raw version records of `interval` that a read at any ts in
     /// `[gc_ts, upto]` could need: per document, the versions ≤ `upto` down to the newest
     /// version ≤ `gc_ts`, plus the older ones its delta chain rests on. Start with `from: None`,
-    /// continue with the batch's `next`. About `limit` records per batch (whole documents).
+    /// continue with the batch's `next`. About `limit` records and `max_bytes` bytes of keys and
+    /// values per batch (whole documents: the last one may pass the bounds).
     pub fn backfill_batch(
         &self,
         interval: &Interval,
@@ -868,6 +881,7 @@ impl Store {
         upto: Timestamp,
         from: Option<&[u8]>,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<BackfillBatch, Error> {
         assert!(gc_ts <= upto, "backfill window [{gc_ts}, {upto}] is empty");
         let snapshot = self.snapshot_at(gc_ts)?;
@@ -886,11 +900,14 @@ impl Store {
             records: Vec::new(),
             next: None,
         };
+        let mut bytes = 0;
         while let Some(first) = it.key() {
             if first >= end.as_slice() {
                 break;
             }
-            if batch.records.len() >= limit.max(1) {
+            if batch.records.len() >= limit.max(1)
+                || (bytes >= max_bytes && !batch.records.is_empty())
+            {
                 batch.next = Some(first.to_vec());
                 break;
             }
@@ -913,6 +930,7 @@ impl Store {
                 );
                 let needed = ts <= upto && (!reached_gc || need_base);
                 if needed {
+                    bytes += key.len() + value.len();
                     batch.records.push(BackfillRecord {
                         key: key.to_vec(),
                         value: value.to_vec(),
@@ -1060,23 +1078,49 @@ impl Store {
         Ok(out)
     }
 
-    /// Records backfill progress of an interval (opaque bytes); `None` clears it.
-    pub fn put_backfill_progress(
-        &self,
-        interval: &Interval,
-        progress: Option<&[u8]>,
-    ) -> Result<(), Error> {
-        let key = backfill_key(interval);
+    /// Records a named piece of node state (opaque bytes, e.g. the transition plan) durably;
+    /// `None` clears it.
+    pub fn put_meta(&self, name: &str, value: Option<&[u8]>) -> Result<(), Error> {
+        let key = [META_NAMED, name.as_bytes()].concat();
         let mut batch = WriteBatch::default();
-        match progress {
-            Some(p) => batch.put_cf(self.cf(CF_META), key, p),
+        match value {
+            Some(v) => batch.put_cf(self.cf(CF_META), key, v),
             None => batch.delete_cf(self.cf(CF_META), key),
         }
         self.write(batch, true)
     }
 
-    pub fn backfill_progress(&self, interval: &Interval) -> Result<Option<Vec<u8>>, Error> {
-        Ok(self.db.get_cf(self.cf(CF_META), backfill_key(interval))?)
+    /// A named piece of node state recorded by [`Store::put_meta`].
+    pub fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, Error> {
+        let key = [META_NAMED, name.as_bytes()].concat();
+        Ok(self.db.get_cf(self.cf(CF_META), key)?)
+    }
+
+    /// Moves the applied position forward to `ts` without applying the records before it, and
+    /// syncs: a node that owns nothing in the current configuration starts storing at the log's
+    /// end (what it gains comes by backfill). Never moves it back.
+    pub fn skip_to(&self, ts: Timestamp) -> Result<(), Error> {
+        let _writer = self.lock();
+        if ts <= self.applied() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf(CF_META), META_APPLIED, ts.0.to_be_bytes());
+        self.write(batch, true)?;
+        self.applied.store(ts.0, Ordering::SeqCst);
+        self.committed.fetch_max(ts.0, Ordering::SeqCst);
+        tracing::info!(%ts, "applied position moved to the log's end");
+        Ok(())
+    }
+
+    /// The approximate bytes on disk of the documents of `interval` (flushed data only).
+    pub fn estimate_bytes(&self, interval: &Interval) -> u64 {
+        let (start, end) = keys::interval_range(interval);
+        self.db
+            .get_approximate_sizes_cf(self.cf(CF_DOCS), &[rocksdb::Range::new(&start, &end)])
+            .first()
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Every version record of `interval`, raw, in key order (tests and tooling; unbounded).
@@ -1108,15 +1152,6 @@ impl Store {
 /// One document's pending mutations of one transaction: (document prefix, ts, wall clock,
 /// (mutation index, mutation) in order).
 type PendingGroup = (Vec<u8>, Timestamp, u64, Vec<(u32, Mutation)>);
-
-fn backfill_key(interval: &Interval) -> Vec<u8> {
-    [
-        META_BACKFILL,
-        &interval.start.to_be_bytes()[..],
-        &interval.end.to_be_bytes()[..],
-    ]
-    .concat()
-}
 
 fn cf<'a>(db: &'a DB, name: &str) -> &'a ColumnFamily {
     db.cf_handle(name)
