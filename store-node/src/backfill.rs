@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use tonic::{Response, Status};
 use tracing::{info, warn};
 
-use crate::grpc::{interval_from_proto, interval_to_proto, lazy_channel, storage_status};
+use crate::grpc::{endpoint, interval_from_proto, interval_to_proto, storage_status};
 use crate::service::Error;
 use crate::state::{lock, ReadGuard, Shared};
 use crate::storage::{BackfillRecord, Ownership};
@@ -427,7 +427,14 @@ async fn stream_from(
         return Ok(Err(Failure::Gone));
     };
     let tuning = &shared.tuning;
-    let mut client = StoreNodeClient::new(lazy_channel(addr)).max_decoding_message_size(256 << 20);
+    // The HTTP/2 window is what the source may send ahead of what this node has taken: about
+    // two chunks, so a stream holds little memory and the rate bound reaches the source.
+    let window = (2 * tuning.backfill_chunk_bytes).clamp(64 << 10, 16 << 20);
+    let channel = endpoint(addr)
+        .initial_stream_window_size(window)
+        .initial_connection_window_size(window)
+        .connect_lazy();
+    let mut client = StoreNodeClient::new(channel).max_decoding_message_size(256 << 20);
     let request = pb::BackfillRequest {
         epoch: epoch.get(),
         interval: Some(interval_to_proto(&entry.interval)),
@@ -454,7 +461,18 @@ async fn stream_from(
         Ok(Ok(r)) => r.into_inner(),
     };
     let chunk_wait = Duration::from_millis(tuning.peer_rpc_timeout_ms.max(5_000));
+    let started = Instant::now();
+    let mut streamed = 0u64;
     loop {
+        // The rate bound: the next chunk is pulled only once the bytes so far are within it.
+        if let Some(due) = Duration::from_secs_f64(
+            streamed as f64 / tuning.backfill_bytes_per_second.max(1) as f64,
+        )
+        .checked_sub(started.elapsed())
+        .filter(|_| tuning.backfill_bytes_per_second > 0)
+        {
+            tokio::time::sleep(due).await;
+        }
         let chunk = match tokio::time::timeout(chunk_wait, stream.message()).await {
             Err(_) => return Ok(Err(Failure::Retry("no chunk in time".into()))),
             Ok(Err(s)) if crate::grpc::is_too_old(&s) => {
@@ -498,6 +516,7 @@ async fn stream_from(
             .map(|r| (r.key.len() + r.value.len()) as u64)
             .sum();
         let count = records.len() as u64;
+        streamed += bytes;
         let store = Arc::clone(&shared.store);
         let ingested = tokio::task::spawn_blocking(move || store.ingest(&records))
             .await

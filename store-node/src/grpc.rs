@@ -25,6 +25,11 @@ use crate::storage::{self, ScanCursor};
 
 /// A channel that connects on first use and reconnects after failures.
 pub fn lazy_channel(addr: &str) -> Channel {
+    endpoint(addr).connect_lazy()
+}
+
+/// The endpoint of a peer's gRPC server.
+pub fn endpoint(addr: &str) -> Endpoint {
     let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
         addr.to_owned()
     } else {
@@ -34,7 +39,6 @@ pub fn lazy_channel(addr: &str) -> Channel {
         .expect("node addresses are valid URIs")
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
-        .connect_lazy()
 }
 
 pub fn gossip_to_proto(g: &Gossip) -> pb::GossipMessage {

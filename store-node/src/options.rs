@@ -72,6 +72,9 @@ pub struct Tuning {
     pub backfill_chunk_bytes: u32,
     /// Longest a backfill source waits to commit the snapshot asked for (default 10 000 ms).
     pub backfill_wait_ms: u32,
+    /// Bound on the bytes per second a node ingests by backfill, so that moving data does not
+    /// starve the foreground (default 64 MiB/s; 0 = no bound).
+    pub backfill_bytes_per_second: u64,
 }
 
 impl Default for Tuning {
@@ -92,6 +95,7 @@ impl Default for Tuning {
             backfill_chunk_records: 2_000,
             backfill_chunk_bytes: 4 << 20,
             backfill_wait_ms: 10_000,
+            backfill_bytes_per_second: 64 << 20,
         }
     }
 }

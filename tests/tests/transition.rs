@@ -394,3 +394,156 @@ async fn scale_down_and_up_under_load() {
         acknowledged.len()
     );
 }
+
+/// A 2×2 cluster whose backfill is slow (small chunks, a low rate bound) and holds `docs`
+/// documents, so that a test can act in the middle of a transition.
+async fn slow_cluster(docs: usize) -> LocalCluster {
+    let mut spec = ClusterSpec::new(2, 2);
+    spec.tuning.backfill_chunk_records = CHUNK;
+    spec.tuning.backfill_chunk_bytes = 16 << 10;
+    spec.tuning.backfill_bytes_per_second = 80_000;
+    let cluster = LocalCluster::start(spec).await.unwrap();
+    let seed: Vec<_> = (0..docs)
+        .map(|i| {
+            tx::replace(&[(
+                "seed",
+                &format!("s{i}"),
+                json!({"i": i, "pad": "x".repeat(200)}),
+            )])
+        })
+        .collect();
+    let mut last = Timestamp::ZERO;
+    for batch in seed.chunks(500) {
+        last = *cluster.append(batch).await.unwrap().last().unwrap();
+    }
+    for node in cluster.node_ids() {
+        cluster.wait_ust(node, last, TRANSITION).await.unwrap();
+    }
+    cluster
+}
+
+const CHUNK: u32 = 25;
+
+/// A node's backfill progress, once it has one.
+async fn backfill(cluster: &LocalCluster, node: NodeId) -> Option<pb::BackfillStatus> {
+    cluster.status(node).await.ok()?.backfill
+}
+
+/// A counter from a node's metrics.
+async fn counter(cluster: &LocalCluster, node: NodeId, name: &str) -> u64 {
+    let text = cluster.metrics(node).await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("causeway_store_{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the metrics of {node}"))
+}
+
+/// Every seeded document reads back through `node`.
+async fn assert_seed_readable(cluster: &LocalCluster, node: NodeId, docs: usize) {
+    let ids: Vec<String> = (0..docs).map(|i| format!("s{i}")).collect();
+    for chunk in ids.chunks(300) {
+        let mut client = cluster.client(node).unwrap();
+        let r = client
+            .read(pb::ReadRequest {
+                keys: chunk.iter().map(|id| key("seed", id)).collect(),
+                min_ts: 0,
+                timeout_ms: 10_000,
+                with_automerge: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for doc in &r.documents {
+            assert!(doc.found, "seeded {} is missing through {node}", doc.id);
+        }
+    }
+}
+
+/// kill -9 of a receiver in the middle of its backfill: restarted, it resumes from its last
+/// chunk instead of starting over (the sources re-send only the chunks in flight).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_receiver_resumes_its_backfill() {
+    const DOCS: usize = 2_400;
+    let mut cluster = slow_cluster(DOCS).await;
+    let cm = cluster.config_manager().await.unwrap();
+    let next = cm.propose_shape(1, 2).await.unwrap().next.unwrap();
+    let (steady, victim) = (NodeId(1), NodeId(2));
+    let before = until("the victim to be halfway", TRANSITION, || {
+        let cluster = &cluster;
+        async move {
+            let b = backfill(cluster, victim).await?;
+            (b.records_done >= 400 && !b.backfilled).then_some(b.records_done)
+        }
+    })
+    .await
+    .unwrap();
+    cluster.kill(victim).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.restart(victim).unwrap();
+    installed(&cluster, next.epoch).await.unwrap();
+    let moved = counter(&cluster, steady, "backfill_records_received_total").await;
+    // The victim's counter starts at its restart.
+    let after = counter(&cluster, victim, "backfill_records_received_total").await;
+    let resent = (before + after).saturating_sub(moved);
+    println!(
+        "the interval holds {moved} records; {before} were in before the kill, {after} came after the restart: {resent} were sent again"
+    );
+    assert!(moved > 800, "the moved interval is large ({moved} records)");
+    assert!(
+        resent <= u64::from(12 * CHUNK),
+        "{resent} records were sent again after the restart: the backfill started over"
+    );
+    assert_seed_readable(&cluster, victim, DOCS).await;
+    let config = current(&cluster).await;
+    let at = Timestamp(cluster.status(steady).await.unwrap().ust);
+    assert_replicas_equal(&cluster, &config, at).await;
+}
+
+/// kill -9 of the source in the middle of a stream: the receivers finish from the other owner
+/// while it is down, and the transition installs once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_source_is_replaced_by_another_owner() {
+    const DOCS: usize = 1_600;
+    let mut cluster = slow_cluster(DOCS).await;
+    let cm = cluster.config_manager().await.unwrap();
+    let config = current(&cluster).await;
+    let next = cm.propose_shape(1, 2).await.unwrap().next.unwrap();
+    let sources = config.replicas_of(causeway_core::PartitionId(1)).to_vec();
+    let receivers = config.replicas_of(causeway_core::PartitionId(0)).to_vec();
+    let watched = receivers[0];
+    until("a receiver to be in the middle", TRANSITION, || {
+        let cluster = &cluster;
+        async move {
+            let b = backfill(cluster, watched).await?;
+            (b.records_done >= 200 && !b.backfilled).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    // Both receivers start with the first owner.
+    let (first, other) = (sources[0], sources[1]);
+    let sent_before = counter(&cluster, other, "backfill_records_sent_total").await;
+    cluster.kill(first).unwrap();
+    for &node in &receivers {
+        let cluster = &cluster;
+        until(
+            &format!("{node} to finish while {first} is down"),
+            TRANSITION,
+            || async move { backfill(cluster, node).await?.backfilled.then_some(()) },
+        )
+        .await
+        .unwrap();
+    }
+    let sent_after = counter(&cluster, other, "backfill_records_sent_total").await;
+    assert!(
+        sent_after > sent_before,
+        "{other} served the rest of the backfill ({sent_before} → {sent_after} records)"
+    );
+    cluster.restart(first).unwrap();
+    let installed = installed(&cluster, next.epoch).await.unwrap();
+    for &node in &receivers {
+        assert_seed_readable(&cluster, node, DOCS).await;
+    }
+    let at = Timestamp(cluster.status(receivers[0]).await.unwrap().ust);
+    assert_replicas_equal(&cluster, &installed, at).await;
+}
