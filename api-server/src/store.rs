@@ -1,15 +1,19 @@
 //! [`Store`]: the api-server's view of the store nodes. It follows the config manager's
 //! (current, next) pair through a `Watch` stream, keeps one lazily connected tonic channel per
-//! node address, and runs coordinated reads on a node of the routing configuration: during a
-//! transition either epoch's nodes may coordinate, so the candidates are the live nodes of
-//! current, then of next. A call that fails with a transport-level status (UNAVAILABLE,
-//! UNKNOWN, CANCELLED) is retried on the next candidate, up to `store_tries` nodes.
+//! node address, and runs coordinated reads on a node of the routing configuration.
+//!
+//! During a transition the routing epoch switches from current to next at a moment only the
+//! store nodes know, so the first choice is a live node of both configurations (it coordinates
+//! in either epoch); nodes of only one come after. A node that has just failed a call
+//! (unreachable, or still starting and not yet coordinating) goes to the back of the order for a
+//! while, so later requests do not wait on it. A call that fails with a transport-level status
+//! (UNAVAILABLE, UNKNOWN, CANCELLED) is retried on the next candidate, up to `store_tries` nodes.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use causeway_config_manager::{Client as ConfigClient, ConfigPair};
 use causeway_proto::v1::store_node_client::StoreNodeClient;
@@ -26,6 +30,8 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Backoff of the config watch after a failure: from the first to the last, doubling.
 const WATCH_BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long a node that failed a call is tried only after the others.
+const PENALTY: Duration = Duration::from_secs(1);
 
 /// Why a call to the store nodes failed.
 #[derive(Debug)]
@@ -39,8 +45,11 @@ pub enum StoreError {
 /// The store nodes and the channels to them. Shared by every request.
 #[derive(Debug)]
 pub struct Store {
-    /// Node addresses in preference order: live nodes of current, then of next.
-    nodes: RwLock<Arc<Vec<String>>>,
+    /// Node addresses: the preferred ones (live in both configurations during a transition,
+    /// else every live node of current), then the others.
+    nodes: RwLock<Arc<Candidates>>,
+    /// Nodes that failed a call recently, until when they come last.
+    penalized: Mutex<HashMap<String, Instant>>,
     pair: RwLock<Option<ConfigPair>>,
     channels: Mutex<HashMap<String, Channel>>,
     /// Spreads coordination over the candidates.
@@ -52,7 +61,8 @@ pub struct Store {
 impl Store {
     pub fn new(tries: usize, metrics: Arc<Metrics>) -> Store {
         Store {
-            nodes: RwLock::new(Arc::new(Vec::new())),
+            nodes: RwLock::new(Arc::new(Candidates::default())),
+            penalized: Mutex::new(HashMap::new()),
             pair: RwLock::new(None),
             channels: Mutex::new(HashMap::new()),
             next: AtomicUsize::new(0),
@@ -63,23 +73,15 @@ impl Store {
 
     /// Installs a new (current, next) pair.
     pub fn set_pair(&self, pair: ConfigPair) {
-        let mut addrs: Vec<String> = Vec::new();
-        for config in pair.current.iter().chain(pair.next.iter()) {
-            for id in config.live_node_ids() {
-                if let Some(info) = config.nodes.get(&id) {
-                    if !addrs.contains(&info.addr) {
-                        addrs.push(info.addr.clone());
-                    }
-                }
-            }
-        }
+        let candidates = Candidates::of(&pair);
         tracing::info!(
             revision = pair.revision,
             epoch = %pair.current_epoch(),
-            nodes = addrs.len(),
+            preferred = candidates.preferred.len(),
+            others = candidates.others.len(),
             "routing configuration changed"
         );
-        *self.nodes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(addrs);
+        *self.nodes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(candidates);
         *self.pair.write().unwrap_or_else(|e| e.into_inner()) = Some(pair);
     }
 
@@ -90,6 +92,32 @@ impl Store {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .is_empty()
+    }
+
+    /// The nodes to try for one call, best first: each tier rotated by `start` (to spread the
+    /// load), recently failed nodes last.
+    fn order(&self, start: usize) -> Vec<String> {
+        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let rotate = |tier: &[String]| -> Vec<String> {
+            (0..tier.len())
+                .map(|i| tier[(start + i) % tier.len()].clone())
+                .collect()
+        };
+        let mut order = rotate(&nodes.preferred);
+        order.extend(rotate(&nodes.others));
+        let now = Instant::now();
+        let mut penalized = self.penalized.lock().unwrap_or_else(|e| e.into_inner());
+        penalized.retain(|_, until| *until > now);
+        // A stable sort: the order within each group stays.
+        order.sort_by_key(|addr| penalized.contains_key(addr));
+        order
+    }
+
+    fn penalize(&self, addr: &str) {
+        self.penalized
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(addr.to_owned(), Instant::now() + PENALTY);
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, Status> {
@@ -119,14 +147,13 @@ impl Store {
         F: Fn(StoreNodeClient<Channel>) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
-        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let nodes = self.order(start);
         if nodes.is_empty() {
             return Err(StoreError::NoNodes);
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut last = Status::unavailable("no store node tried");
-        for i in 0..self.tries.min(nodes.len()) {
-            let addr = &nodes[(start + i) % nodes.len()];
+        for addr in nodes.iter().take(self.tries) {
             let result = match self.channel(addr) {
                 Ok(channel) => call(StoreNodeClient::new(channel)).await,
                 Err(status) => Err(status),
@@ -135,6 +162,7 @@ impl Store {
                 Ok(v) => return Ok(v),
                 Err(status) if retryable(status.code()) => {
                     self.metrics.store_failover();
+                    self.penalize(addr);
                     tracing::debug!(node = %addr, code = ?status.code(), "store node call failed, trying another");
                     last = status;
                 }
@@ -178,6 +206,50 @@ impl Store {
     }
 }
 
+/// Where coordinated calls may go.
+#[derive(Debug, Default, PartialEq)]
+struct Candidates {
+    preferred: Vec<String>,
+    others: Vec<String>,
+}
+
+impl Candidates {
+    fn of(pair: &ConfigPair) -> Candidates {
+        let addr = |config: &causeway_core::ClusterConfig, id| {
+            config.nodes.get(&id).map(|info| info.addr.clone())
+        };
+        let mut c = Candidates::default();
+        let Some(current) = &pair.current else {
+            return c;
+        };
+        let next = pair.next.as_ref().filter(|n| n.epoch > current.epoch);
+        for id in current.live_node_ids() {
+            let in_next = next.is_none_or(|n| n.live_node_ids().contains(&id));
+            let tier = if in_next {
+                &mut c.preferred
+            } else {
+                &mut c.others
+            };
+            tier.extend(addr(current, id));
+        }
+        if let Some(next) = next {
+            for id in next.live_node_ids() {
+                if !current.contains(id) {
+                    c.others.extend(addr(next, id));
+                }
+            }
+        }
+        c.preferred.dedup();
+        c.others.retain(|a| !c.preferred.contains(a));
+        c.others.dedup();
+        c
+    }
+
+    fn is_empty(&self) -> bool {
+        self.preferred.is_empty() && self.others.is_empty()
+    }
+}
+
 /// Statuses after which another node may do better.
 fn retryable(code: Code) -> bool {
     matches!(code, Code::Unavailable | Code::Unknown | Code::Cancelled)
@@ -198,11 +270,10 @@ mod tests {
     #[tokio::test]
     async fn calls_fail_over_on_unavailable_and_stop_on_other_errors() {
         let store = Store::new(2, Arc::new(Metrics::default()));
-        *store.nodes.write().unwrap() = Arc::new(vec![
-            "127.0.0.1:1".into(),
-            "127.0.0.1:2".into(),
-            "127.0.0.1:3".into(),
-        ]);
+        *store.nodes.write().unwrap() = Arc::new(Candidates {
+            preferred: vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()],
+            others: vec!["127.0.0.1:3".into()],
+        });
         let tried = AtomicUsize::new(0);
         let r = store
             .call(|_c| {
@@ -221,5 +292,38 @@ mod tests {
             .await;
         assert!(matches!(r, Err(StoreError::Status(s)) if s.code() == Code::InvalidArgument));
         assert_eq!(tried.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn nodes_of_both_configurations_come_first_and_failed_nodes_last() {
+        use causeway_core::{ClusterConfig, NodeId, NodeInfo};
+        let info = |i: u64| NodeInfo {
+            id: NodeId(i),
+            addr: format!("n{i}"),
+        };
+        let current = ClusterConfig::bootstrap(1, 2, &[info(1), info(2)]).unwrap();
+        let next = current.next_for_shape(2, 2, &[info(3), info(4)]).unwrap();
+        let pair = ConfigPair {
+            revision: 2,
+            current: Some(current.clone()),
+            next: Some(next),
+        };
+        let c = Candidates::of(&pair);
+        assert_eq!(c.preferred, vec!["n1".to_owned(), "n2".to_owned()]);
+        assert_eq!(c.others, vec!["n3".to_owned(), "n4".to_owned()]);
+        // Stable: every live node is preferred.
+        let stable = Candidates::of(&ConfigPair {
+            revision: 1,
+            current: Some(current),
+            next: None,
+        });
+        assert_eq!(stable.preferred.len(), 2);
+        assert!(stable.others.is_empty());
+
+        let store = Store::new(4, Arc::new(Metrics::default()));
+        store.set_pair(pair);
+        assert_eq!(store.order(1), ["n2", "n1", "n4", "n3"]);
+        store.penalize("n2");
+        assert_eq!(store.order(1), ["n1", "n4", "n3", "n2"]);
     }
 }
