@@ -49,6 +49,8 @@ struct Node {
     committed: u64,
     consuming: bool,
     backfilled_for: Option<Epoch>,
+    /// Epochs this node promised never to backfill for (an abort).
+    vetoed: BTreeSet<Epoch>,
     incarnation: u64,
     // Volatile.
     up: bool,
@@ -56,7 +58,7 @@ struct Node {
     /// Paused (as by SIGSTOP) until this tick: applies nothing, sends and handles nothing.
     paused_until: u64,
     seq: u64,
-    backfill_done_at: Option<u64>,
+    backfill_done_at: Option<(Epoch, u64)>,
     current: ClusterConfig,
     next: Option<ClusterConfig>,
     table: GossipTable,
@@ -84,6 +86,9 @@ struct Sim {
     cm_next: Option<ClusterConfig>,
     net: Vec<Message>,
     installs: Vec<Epoch>,
+    /// The highest epoch ever proposed: an aborted one is never used again.
+    proposed: Epoch,
+    aborts: u64,
     reads_served: u64,
     too_old_retries: u64,
 }
@@ -109,6 +114,8 @@ impl Sim {
             cm_next: None,
             net: Vec::new(),
             installs: Vec::new(),
+            proposed: current.epoch,
+            aborts: 0,
             reads_served: 0,
             too_old_retries: 0,
         };
@@ -120,6 +127,7 @@ impl Sim {
                     committed: 0,
                     consuming: current.contains(info.id),
                     backfilled_for: None,
+                    vetoed: BTreeSet::new(),
                     incarnation: 1,
                     up: current.contains(info.id),
                     down_until: 0,
@@ -173,24 +181,32 @@ impl Sim {
     }
 
     fn run(&mut self) {
+        // The config manager's plan: scale up (perhaps aborted at a random moment, then
+        // proposed again), then back down, then stop.
         let mut plan = 0;
+        let mut abort_at = 0;
         while self.tick < MAX_TICKS {
             self.tick += 1;
-            // The config manager's plan: scale up, then back down, then stop.
-            if self.cm_next.is_none() && self.tick > 30 {
-                match (plan, self.cm_current.epoch.get()) {
-                    (0, 1) => {
-                        self.cm_next =
-                            Some(self.cm_current.next_for_shape(2, 2, &infos(3..5)).unwrap());
-                        plan = 1;
-                    }
-                    (1, 2) if self.tick > self.installs_tick() + 30 => {
-                        self.cm_next = Some(self.cm_current.next_for_shape(1, 2, &[]).unwrap());
-                        plan = 2;
-                    }
-                    (2, 3) if self.tick > self.installs_tick() + 30 => return,
-                    _ => {}
+            let settled = self.cm_next.is_none() && self.tick > self.installs_tick() + 30;
+            match plan {
+                0 if self.tick > 30 => {
+                    self.propose(2, 2);
+                    abort_at = self.tick + self.rng.below(60);
+                    plan = 1;
                 }
+                1 if self.cm_next.is_none() => plan = 2,
+                1 if self.tick >= abort_at => {
+                    if self.abort() {
+                        self.propose(2, 2);
+                    }
+                    plan = 2;
+                }
+                2 if settled => {
+                    self.propose(1, 2);
+                    plan = 3;
+                }
+                3 if settled => return,
+                _ => {}
             }
             self.log_end += self.rng.below(4);
             self.deliver();
@@ -204,6 +220,41 @@ impl Sim {
             "the transitions did not finish: installed {:?}, cm at epoch {}",
             self.installs, self.cm_current.epoch
         ));
+    }
+
+    fn propose(&mut self, partitions: u32, replicas: u32) {
+        let mut next = self
+            .cm_current
+            .next_for_shape(partitions, replicas, &infos(3..5))
+            .unwrap();
+        next.epoch = self.proposed.next();
+        self.proposed = next.epoch;
+        self.cm_current.validate_successor(&next).unwrap();
+        self.cm_next = Some(next);
+    }
+
+    /// `AbortTransition`: the first running node of next that gains intervals and has not
+    /// backfilled vetoes the epoch; then next is dropped. False when none can.
+    fn abort(&mut self) -> bool {
+        let Some(next) = self.cm_next.clone() else {
+            return false;
+        };
+        let tick = self.tick;
+        let current = &self.cm_current;
+        let vetoer = self.nodes.values_mut().find(|n| {
+            next.contains(n.id)
+                && !current.gains(&next, n.id).is_empty()
+                && n.up
+                && tick >= n.paused_until
+                && n.backfilled_for != Some(next.epoch)
+        });
+        let Some(node) = vetoer else {
+            return false;
+        };
+        node.vetoed.insert(next.epoch);
+        self.cm_next = None;
+        self.aborts += 1;
+        true
     }
 
     fn installs_tick(&self) -> u64 {
@@ -292,12 +343,17 @@ impl Sim {
             node.committed = (node.committed + advance).min(log_end);
         }
         if let Some(next) = &node.next {
-            if next.epoch > node.current.epoch && node.backfilled_for != Some(next.epoch) {
+            if next.epoch > node.current.epoch
+                && node.backfilled_for != Some(next.epoch)
+                && !node.vetoed.contains(&next.epoch)
+            {
                 if node.current.gains(next, id).is_empty() {
                     node.backfilled_for = Some(next.epoch);
                 } else {
-                    let done_at = *node.backfill_done_at.get_or_insert(tick + backfill_time);
-                    if tick >= done_at {
+                    if node.backfill_done_at.is_none_or(|(e, _)| e != next.epoch) {
+                        node.backfill_done_at = Some((next.epoch, tick + backfill_time));
+                    }
+                    if node.backfill_done_at.is_some_and(|(_, at)| tick >= at) {
                         node.backfilled_for = Some(next.epoch);
                     }
                 }
@@ -462,16 +518,24 @@ impl Sim {
     }
 }
 
-fn run_seed(seed: u64) -> (u64, u64) {
+fn run_seed(seed: u64) -> (u64, u64, u64) {
     let mut sim = Sim::new(seed);
     sim.run();
     assert_eq!(
-        sim.cm_current.epoch,
-        Epoch(3),
+        (
+            sim.installs.len(),
+            sim.cm_current.slicing.partitions().count()
+        ),
+        (2, 1),
         "seed {seed}: both transitions installed"
     );
+    assert_eq!(
+        sim.cm_current.epoch.get(),
+        3 + sim.aborts,
+        "seed {seed}: an aborted epoch is never reused"
+    );
     assert!(sim.reads_served > 0, "seed {seed}: no read was served");
-    (sim.reads_served, sim.too_old_retries)
+    (sim.reads_served, sim.too_old_retries, sim.aborts)
 }
 
 #[test]
@@ -484,13 +548,18 @@ fn transitions_keep_every_invariant() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1_000);
-    let (mut reads, mut retries) = (0, 0);
+    let (mut reads, mut retries, mut aborts) = (0, 0, 0);
     for seed in 0..seeds {
-        let (r, t) = run_seed(seed);
+        let (r, t, a) = run_seed(seed);
         reads += r;
         retries += t;
+        aborts += a;
     }
     println!(
-        "{seeds} seeds: {reads} reads served, {retries} SnapshotTooOld retries after restarts"
+        "{seeds} seeds: {reads} reads served, {retries} SnapshotTooOld retries after restarts, {aborts} transitions aborted"
+    );
+    assert!(
+        aborts > seeds / 10 && aborts < seeds,
+        "some seeds abort and some cannot ({aborts} of {seeds})"
     );
 }
