@@ -868,3 +868,63 @@ pub async fn veto(
 pub fn status(shared: &Shared) -> Option<pb::BackfillStatus> {
     lock(&shared.plan).as_ref().map(Plan::status)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use causeway_core::NodeInfo;
+
+    fn infos(ids: std::ops::RangeInclusive<u64>) -> Vec<NodeInfo> {
+        ids.map(|i| NodeInfo {
+            id: NodeId(i),
+            addr: format!("n{i}"),
+        })
+        .collect()
+    }
+
+    #[test]
+    fn the_complement_covers_what_is_not_owned() {
+        let full = causeway_core::KEYSPACE;
+        assert_eq!(complement(&[]), vec![Interval::new(0, full)]);
+        assert_eq!(complement(&[Interval::new(0, full)]), vec![]);
+        let owned = [Interval::new(100, 200), Interval::new(10, 50)];
+        assert_eq!(
+            complement(&owned),
+            vec![
+                Interval::new(0, 10),
+                Interval::new(50, 100),
+                Interval::new(200, full)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_plan_owns_what_is_done_and_pends_the_rest() {
+        let current = ClusterConfig::bootstrap(1, 2, &infos(1..=2)).unwrap();
+        let next = current.next_for_shape(2, 2, &infos(3..=4)).unwrap();
+        // A new node gains its whole partition; an old one gains nothing.
+        let mut plan = Plan::new(&current, &next, NodeId(3), Timestamp(40));
+        assert!(!plan.intervals.is_empty());
+        assert!(plan.intervals.iter().all(|i| i.start == Timestamp(40)));
+        assert!(!plan.backfilled());
+        let ownership = plan.ownership(vec![]);
+        assert!(ownership.owned.is_empty());
+        assert_eq!(ownership.pending.len(), plan.intervals.len());
+        for i in &mut plan.intervals {
+            i.done = true;
+            i.bytes = 10;
+        }
+        assert!(plan.backfilled());
+        assert_eq!(plan.ownership(vec![]).owned.len(), plan.intervals.len());
+        let status = plan.status();
+        assert_eq!(status.intervals_done, status.intervals_total);
+        assert_eq!(status.bytes_done, 10 * plan.intervals.len() as u64);
+        plan.vetoed = true;
+        assert!(!plan.backfilled(), "a vetoed plan never reports backfilled");
+        let old = Plan::new(&current, &next, NodeId(1), Timestamp(40));
+        assert!(old.intervals.is_empty() && old.backfilled());
+        // The saved form reads back the same.
+        let bytes = serde_json::to_vec(&plan).unwrap();
+        assert_eq!(serde_json::from_slice::<Plan>(&bytes).unwrap(), plan);
+    }
+}

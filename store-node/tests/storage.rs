@@ -779,3 +779,109 @@ fn scans_are_bounded_and_resume_from_their_cursor() {
     // Collections are listed from the index.
     assert_eq!(store.collections().unwrap(), vec!["s".to_string()]);
 }
+
+#[test]
+fn backfill_chunks_keep_to_their_byte_bound_and_cover_the_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, small_options());
+    apply_stream(&store, 9, 1, 120, 10, 40);
+    let all = store.raw_versions(&Interval::FULL).unwrap();
+    let (mut from, mut records, mut chunks): (Option<Vec<u8>>, usize, usize) = (None, 0, 0);
+    let bound = 2_000;
+    loop {
+        chunks += 1;
+        assert!(chunks < 10_000);
+        let batch = store
+            .backfill_batch(
+                &Interval::FULL,
+                Timestamp::ZERO,
+                Timestamp(120),
+                from.as_deref(),
+                usize::MAX,
+                bound,
+            )
+            .unwrap();
+        let bytes: usize = batch
+            .records
+            .iter()
+            .map(|r| r.key.len() + r.value.len())
+            .sum();
+        // Whole documents: a chunk passes the bound by at most its last document.
+        let prefix = |key: &[u8]| {
+            causeway_store_node::storage::parse_version_key(key)
+                .expect("a version key")
+                .prefix
+                .to_vec()
+        };
+        let last = prefix(&batch.records.last().expect("a record").key);
+        let last_doc: usize = batch
+            .records
+            .iter()
+            .filter(|r| prefix(&r.key) == last)
+            .map(|r| r.key.len() + r.value.len())
+            .sum();
+        assert!(bytes < bound + last_doc, "{bytes} bytes in one chunk");
+        records += batch.records.len();
+        match batch.next {
+            Some(next) => from = Some(next),
+            None => break,
+        }
+    }
+    assert!(chunks > 3, "the bound split the interval ({chunks} chunks)");
+    // Nothing was pruned: every version is needed at ts 0.
+    assert_eq!(records, all.len());
+}
+
+#[test]
+fn dropping_documents_keeps_the_pending_mutations_and_skip_moves_only_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, small_options());
+    let half = Interval::new(0, 1 << 63);
+    let pending = Ownership {
+        owned: vec![Interval::new(1 << 63, 1 << 64)],
+        pending: vec![half],
+    };
+    let records: Vec<_> = (1..=40).map(|t| stream_record(3, t, 20)).collect();
+    let outcome = store.apply(&records, &pending).unwrap();
+    assert!(outcome.pending_written > 0);
+    let ingested: Vec<_> = (1..=40).map(|t| stream_record(3, t, 20)).collect();
+    let other = tempfile::tempdir().unwrap();
+    let source = open(&other, small_options());
+    source.apply(&ingested, &full()).unwrap();
+    let batch = source
+        .backfill_batch(
+            &half,
+            Timestamp::ZERO,
+            Timestamp(40),
+            None,
+            usize::MAX,
+            usize::MAX,
+        )
+        .unwrap();
+    store.ingest(&batch.records).unwrap();
+    assert!(!store.raw_versions(&half).unwrap().is_empty());
+    store.drop_documents(&[half]).unwrap();
+    assert!(store.raw_versions(&half).unwrap().is_empty());
+    // The pending mutations are still there to replay.
+    let mut replayed = 0;
+    for _ in 0..100 {
+        let n = store.replay_pending(&half, 1000).unwrap();
+        if n == 0 {
+            break;
+        }
+        replayed += n;
+    }
+    assert_eq!(replayed, outcome.pending_written);
+
+    assert_eq!(store.applied(), Timestamp(40));
+    store.skip_to(Timestamp(30)).unwrap();
+    assert_eq!(store.applied(), Timestamp(40), "never back");
+    store.skip_to(Timestamp(1_000)).unwrap();
+    assert_eq!(
+        (store.applied(), store.committed()),
+        (Timestamp(1_000), Timestamp(1_000))
+    );
+    drop(store);
+    let store = open(&dir, small_options());
+    assert_eq!(store.applied(), Timestamp(1_000), "durable");
+}
