@@ -204,14 +204,31 @@ impl Server {
     }
 
     /// The replicas to try for each partition, this node first.
-    fn replicas(
+    ///
+    /// The read timestamp may come from a peer's UST view (views are shared so that no node
+    /// lags its peers), computed from gossip this node has not received yet: then the replicas
+    /// that committed it show up here within a few gossip intervals, and this waits for them
+    /// (bounded) rather than failing the read.
+    async fn replicas(
         &self,
         config: &ClusterConfig,
         at: ReadTimestamp,
     ) -> Result<BTreeMap<PartitionId, Vec<NodeId>>, Status> {
-        let mut readable = self.shared.readable(config, at).map_err(|p| {
-            Status::unavailable(format!("no live replica of {p} has committed {}", at.ts))
-        })?;
+        let tuning = &self.shared.tuning;
+        let patience = Duration::from_millis((tuning.gossip_interval_ms * 20).clamp(50, 1_000));
+        let until = Instant::now() + patience;
+        let mut readable = loop {
+            match self.shared.readable(config, at) {
+                Ok(r) => break r,
+                Err(p) if Instant::now() >= until => {
+                    return Err(Status::unavailable(format!(
+                        "no live replica of {p} has committed {}",
+                        at.ts
+                    )))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        };
         let spin = self.shared.now_ms() as usize;
         for nodes in readable.values_mut() {
             let len = nodes.len();
@@ -273,7 +290,7 @@ impl Server {
         keys: &[pb::DocumentKey],
         with_automerge: bool,
     ) -> Result<Vec<pb::Document>, Attempt> {
-        let replicas = self.replicas(config, at)?;
+        let replicas = self.replicas(config, at).await?;
         let mut by_partition: BTreeMap<PartitionId, Vec<usize>> = BTreeMap::new();
         for (i, k) in keys.iter().enumerate() {
             let p = config.partition_of(KeyHash::of(&k.collection, &k.id));
@@ -307,7 +324,7 @@ impl Server {
         after: Option<&Position>,
         max_scanned: u32,
     ) -> Result<Page, Attempt> {
-        let replicas = self.replicas(config, at)?;
+        let replicas = self.replicas(config, at).await?;
         let limit = query
             .limit
             .unwrap_or(self.shared.tuning.query_max_limit)
