@@ -63,6 +63,18 @@ async fn installed(cluster: &LocalCluster, epoch: Epoch) -> Result<ClusterConfig
     }
 }
 
+/// The least keyspace any scheme must move: what each partition's share grows by.
+fn least_movement(current: &ClusterConfig, next: &ClusterConfig) -> u128 {
+    next.slicing
+        .partitions()
+        .map(|p| {
+            next.slicing
+                .share(p)
+                .saturating_sub(current.slicing.share(p))
+        })
+        .sum()
+}
+
 /// The moved keyspace of a transition: what the partitions gain, once per partition.
 fn moved(current: &ClusterConfig, next: &ClusterConfig) -> u128 {
     next.slicing
@@ -329,6 +341,7 @@ async fn scale_down_and_up_under_load() {
         first.slicing.share(causeway_core::PartitionId(1)),
         "scale-down moves exactly the removed partition's share"
     );
+    assert_eq!(moved(&first, &proposed), least_movement(&first, &proposed));
     let second = installed(&cluster, proposed.epoch).await.unwrap();
     let left: Vec<NodeId> = first
         .node_ids()
@@ -354,6 +367,10 @@ async fn scale_down_and_up_under_load() {
         .unwrap()
         .next
         .expect("a next configuration");
+    assert_eq!(
+        moved(&second, &proposed),
+        least_movement(&second, &proposed)
+    );
     let third = installed(&cluster, proposed.epoch).await.unwrap();
     let (last, acknowledged) = writer.stop().await;
     let reads = reader.stop().await;

@@ -48,7 +48,7 @@ const MAX_PROBES: usize = 4;
 /// One write in this many is considered for a visibility probe.
 const PROBE_EVERY: u64 = 16;
 /// How long the load phase may take.
-const LOAD_DEADLINE: Duration = Duration::from_secs(600);
+const LOAD_DEADLINE: Duration = Duration::from_secs(1800);
 
 /// Flags of `causeway bench`.
 #[derive(Debug, Clone, clap::Args)]
@@ -88,6 +88,13 @@ pub struct Args {
     /// Skip writing every key before a workload that reads.
     #[arg(long)]
     pub no_load: bool,
+    /// Documents per transaction in the load phase (1: one PUT each). At most 256, the
+    /// api-server's default bound on mutations per transaction.
+    #[arg(long, default_value_t = 1)]
+    pub load_batch: u64,
+    /// Only load the keys, then stop (no measured phase).
+    #[arg(long)]
+    pub load_only: bool,
     /// Accept a target that is not on the loopback interface.
     #[arg(long)]
     pub allow_remote: bool,
@@ -116,6 +123,10 @@ impl Args {
         ensure!(
             (16..=256 << 10).contains(&self.doc_bytes),
             "--doc-bytes must be in 16..=262144"
+        );
+        ensure!(
+            (1..=256).contains(&self.load_batch),
+            "--load-batch must be in 1..=256"
         );
         if let Some(rate) = self.rate {
             ensure!(
@@ -297,12 +308,17 @@ async fn http(args: &Args) -> Result<Report> {
             account: false,
             key: 0,
         };
-        client
-            .probe_visible(&probe, last_ts)
-            .await
-            .map_err(|kind| {
-                anyhow::anyhow!("the loaded documents did not become visible: {kind}")
-            })?;
+        // A large load may take a while to apply: probe again until the load deadline.
+        let until = started + LOAD_DEADLINE;
+        loop {
+            match client.probe_visible(&probe, last_ts).await {
+                Ok(()) => break,
+                Err(kind) if Instant::now() >= until => {
+                    bail!("the loaded documents did not become visible: {kind}")
+                }
+                Err(_) => {}
+            }
+        }
         loaded = Some((args.keys, started.elapsed().as_secs_f64()));
     }
 
@@ -316,7 +332,13 @@ async fn http(args: &Args) -> Result<Report> {
         Duration::from_secs(args.duration),
         done_rx,
     );
-    let budget = Budget::new(args);
+    let budget = match args.load_only {
+        true => Budget {
+            until: Instant::now(),
+            requests: 0,
+        },
+        false => Budget::new(args),
+    };
     let started = Instant::now();
     let sent = Arc::new(AtomicU64::new(0));
     let mut intended = None;
@@ -492,13 +514,21 @@ async fn load(client: &Http, args: &Args) -> Result<u64> {
             let failures = failures.clone();
             let last_ts = last_ts.clone();
             let workload = args.workload;
+            let batch = args.load_batch;
             tokio::spawn(async move {
                 loop {
-                    let key = next.fetch_add(1, Ordering::Relaxed);
+                    let key = next.fetch_add(batch, Ordering::Relaxed);
                     if key >= client.keys() || Instant::now() >= deadline {
                         return;
                     }
-                    match client.send(&workload.load_op(key)).await {
+                    let op = match batch {
+                        1 => workload.load_op(key),
+                        _ => Op::PutBatch {
+                            first: key,
+                            count: batch.min(client.keys() - key),
+                        },
+                    };
+                    match client.send(&op).await {
                         Outcome::Ok { ts } => {
                             last_ts.fetch_max(ts.unwrap_or(0), Ordering::Relaxed);
                         }

@@ -50,6 +50,11 @@ pub enum Op {
         to: u64,
         amount: i64,
     },
+    /// Documents `first..first + count` written in one transaction (the load phase).
+    PutBatch {
+        first: u64,
+        count: u64,
+    },
 }
 
 /// The document a visibility probe reads: a document, or an account of `transfer`.
@@ -131,6 +136,7 @@ impl Op {
             Op::Put(_) => "put",
             Op::Patch { .. } => "patch",
             Op::Transfer { .. } => "transfer",
+            Op::PutBatch { .. } => "put_batch",
         }
     }
 
@@ -141,7 +147,7 @@ impl Op {
     /// The document a visibility probe of this write reads.
     pub fn probe_key(&self) -> Option<Probe> {
         match self {
-            Op::Read(_) => None,
+            Op::Read(_) | Op::PutBatch { .. } => None,
             Op::Put(k) | Op::Patch { key: k, .. } => Some(Probe {
                 account: false,
                 key: *k,
@@ -291,6 +297,17 @@ impl Http {
                     {"op": "increment", "collection": self.accounts, "id": doc_id(*to),
                      "path": "balance", "delta": amount},
                 ]})),
+            Op::PutBatch { first, count } => {
+                let mutations: Vec<Value> = (*first..first + count)
+                    .map(|k| {
+                        json!({"op": "replace", "collection": self.collection, "id": doc_id(k),
+                               "document": document(k, self.doc_bytes)})
+                    })
+                    .collect();
+                self.client
+                    .post(format!("{}/v1/transactions", self.base))
+                    .json(&json!({ "mutations": mutations }))
+            }
         };
         match request.bearer_auth(&self.token).send().await {
             Ok(r) if r.status().is_success() => {
