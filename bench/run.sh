@@ -21,10 +21,14 @@
 #   with CAUSEWAY_KEEP_BROKER_DIR=1, which keeps the brokers' temp dir, named in kafka.out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$PWD
-export PATH="$HOME/.cargo/bin:$PATH"
-export CARGO_TARGET_DIR="${CAUSEWAY_TARGET_DIR:-$HOME/.cache/causeway-target}"
-
+PGBIN=/usr/lib/postgresql/15/bin
+stop_postgres() {
+  if [ -f "$WORK/pg/data/postmaster.pid" ]; then
+    runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg/data" -m fast stop >/dev/null 2>&1 || true
+  fi
+}
+CLEANUP_EXTRA=stop_postgres
+. bench/lib.sh
 DURATION=${DURATION:-20}
 CONCURRENCY=${CONCURRENCY:-32}
 DOC_BYTES=${DOC_BYTES:-256}
@@ -35,8 +39,6 @@ export STEADY_RATE=${STEADY_RATE:-500}
 KAFKA_NODES=${KAFKA_NODES:-1}
 NODES=$((PARTITIONS * REPLICAS))
 OUT=${OUT:-$ROOT/bench/results.md}
-
-log() { printf '\n== %s\n' "$*" >&2; }
 
 # --- prerequisites -----------------------------------------------------------------------------
 need_apt=()
@@ -50,66 +52,13 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   # The package starts a system cluster: this benchmark uses its own.
   systemctl stop postgresql 2>/dev/null || service postgresql stop 2>/dev/null || true
 fi
-PGBIN=/usr/lib/postgresql/15/bin
 # Java, Maven and the Kafka jars (from Maven Central), when missing.
 scripts/setup.sh --broker
 
 # PROFILE=dev measures the dev profile instead (dependencies optimised, our code not): only for
 # a quick look; BENCHMARKS.md records release numbers.
 # BIN_DIR=<dir> skips the build and uses the binaries there (PROFILE then only labels the table).
-PROFILE=${PROFILE:-release}
-if [ -n "${BIN_DIR:-}" ]; then
-  BIN=$BIN_DIR
-elif [ "$PROFILE" = release ]; then
-  log "release build"
-  # The whole workspace, so features unify as in every other workspace build and the release
-  # RocksDB and librdkafka builds are reused.
-  cargo build --release --locked --workspace --bins
-  cargo build --release --locked -p causeway-txlog --features testing --example kafka_cluster
-  BIN=$CARGO_TARGET_DIR/release
-else
-  log "dev build"
-  cargo build --locked --workspace --bins
-  cargo build --locked -p causeway-txlog --features testing --example kafka_cluster
-  BIN=$CARGO_TARGET_DIR/debug
-fi
-
-WORK=$(mktemp -d /tmp/causeway-bench.XXXXXX)
-chmod 755 "$WORK"
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  if [ -f "$WORK/pg/data/postmaster.pid" ]; then
-    runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg/data" -m fast stop >/dev/null 2>&1 || true
-  fi
-  if [ -z "${KEEP:-}" ]; then rm -rf "$WORK"; else echo "kept $WORK" >&2; fi
-}
-trap cleanup EXIT
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-# Waits (at most 60 s) until the API at $1 serves a read with token $2.
-wait_api() {
-  local deadline=$((SECONDS + 60))
-  until [ "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $2" \
-      "$1/v1/collections/_probe/documents/none")" = 404 ]; do
-    [ $SECONDS -lt $deadline ] || { echo "the API at $1 did not serve within 60 s" >&2; return 1; }
-    sleep 0.2
-  done
-}
-
-# Stops the process $1 with SIGINT and waits (at most 30 s).
-stop() {
-  kill -INT "$1" 2>/dev/null || return 0
-  local deadline=$((SECONDS + 30))
-  while kill -0 "$1" 2>/dev/null; do
-    [ $SECONDS -lt $deadline ] || { kill -9 "$1"; break; }
-    sleep 0.1
-  done
-}
+build
 
 bench() { # name, then causeway bench flags
   local name=$1; shift
@@ -142,57 +91,26 @@ stop "$DEV_PID"
 bench raw-embedded --raw-log "{\"backend\":\"embedded\",\"dir\":\"$WORK/rawlog\"}"
 
 # --- 3. Kafka + LocalCluster -------------------------------------------------------------------
-log "Kafka 4.4, $KAFKA_NODES node(s)"
-"$BIN/examples/kafka_cluster" --nodes "$KAFKA_NODES" >"$WORK/kafka.out" 2>"$WORK/kafka.log" &
-PIDS+=($!)
-deadline=$((SECONDS + 120))
-until grep -q '^dir=' "$WORK/kafka.out" 2>/dev/null; do
-  [ $SECONDS -lt $deadline ] || { cat "$WORK/kafka.log" >&2; exit 1; }
-  kill -0 "${PIDS[-1]}" 2>/dev/null || { cat "$WORK/kafka.log" >&2; exit 1; }
-  sleep 0.2
-done
-kafka_setting() { sed -n "s/^$1=//p" "$WORK/kafka.out"; }
-KAFKA_BOOTSTRAP=$(kafka_setting bootstrap_servers)
-kafka_log() { # topic
-  printf '{"backend":"kafka","bootstrap_servers":"%s","topic":"%s","replication_factor":%s,"min_insync_replicas":%s}' \
-    "$KAFKA_BOOTSTRAP" "$1" "$(kafka_setting replication_factor)" "$(kafka_setting min_insync_replicas)"
-}
+start_kafka "$KAFKA_NODES"
 KAFKA_LOG=$(kafka_log causeway-tx)
 
 log "LocalCluster: config manager, $NODES store nodes, api-server on Kafka"
-CM_PORT=$(free_port)
-"$BIN/causeway-config-manager" --listen "127.0.0.1:$CM_PORT" --data-dir "$WORK/cluster/cm" \
-  >"$WORK/cm.log" 2>&1 &
-PIDS+=($!)
-for i in $(seq 1 "$NODES"); do
-  cat >"$WORK/node-$i.json" <<EOF
-{"node_id": $i, "listen": "127.0.0.1:$(free_port)", "data_dir": "$WORK/cluster/node-$i",
- "config_manager": "127.0.0.1:$CM_PORT", "log": $KAFKA_LOG}
-EOF
-  "$BIN/causeway-store-node" --config "$WORK/node-$i.json" >"$WORK/node-$i.log" 2>&1 &
-  PIDS+=($!)
-done
-"$BIN/causeway" admin bootstrap --config-manager "127.0.0.1:$CM_PORT" \
+start_config_manager
+for i in $(seq 1 "$NODES"); do start_store_node "$i" "$KAFKA_LOG"; done
+"$BIN/causeway" admin bootstrap --config-manager "$CM_ADDR" \
   --partitions "$PARTITIONS" --replicas "$REPLICAS" --wait 60
-CLUSTER_TOKEN="bench-$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
-printf '{"tokens": [{"name": "bench", "token": "%s", "admin": true}]}\n' "$CLUSTER_TOKEN" \
-  >"$WORK/tokens.json"
-API_PORT=$(free_port)
-"$BIN/causeway-api-server" --listen "127.0.0.1:$API_PORT" --config-manager "127.0.0.1:$CM_PORT" \
-  --log "$KAFKA_LOG" --tokens-file "$WORK/tokens.json" >"$WORK/api.log" 2>&1 &
-PIDS+=($!)
-wait_api "http://127.0.0.1:$API_PORT" "$CLUSTER_TOKEN"
-bench kafka-write --url "http://127.0.0.1:$API_PORT" --token "$CLUSTER_TOKEN" --workload write \
+start_api_server "$KAFKA_LOG"
+bench kafka-write --url "$API_URL" --token "$API_TOKEN" --workload write \
   --keys "$KEYS" --zipf 0
-bench kafka-ycsb-b --url "http://127.0.0.1:$API_PORT" --token "$CLUSTER_TOKEN" --workload ycsb-b \
+bench kafka-ycsb-b --url "$API_URL" --token "$API_TOKEN" --workload ycsb-b \
   --keys "$KEYS" --zipf 0.99
-bench kafka-read --url "http://127.0.0.1:$API_PORT" --token "$CLUSTER_TOKEN" --workload read \
+bench kafka-read --url "$API_URL" --token "$API_TOKEN" --workload read \
   --keys "$KEYS" --zipf 0
 # A steady write load below saturation (open loop, latency from the intended send time): the
 # visibility lag of a cluster that keeps up.
-bench kafka-steady --url "http://127.0.0.1:$API_PORT" --token "$CLUSTER_TOKEN" --workload write \
+bench kafka-steady --url "$API_URL" --token "$API_TOKEN" --workload write \
   --keys "$KEYS" --zipf 0 --rate "$STEADY_RATE"
-"$BIN/causeway" admin status --config-manager "127.0.0.1:$CM_PORT" >"$WORK/kafka-status.txt" || true
+"$BIN/causeway" admin status --config-manager "$CM_ADDR" >"$WORK/kafka-status.txt" || true
 
 bench raw-kafka --raw-log "$(kafka_log raw-baseline)"
 

@@ -1,0 +1,126 @@
+# Shared pieces of the benchmark scripts: the build, the temp dir and its processes, ports, and
+# starting Apache Kafka and the cluster processes. Sourced by bench/*.sh after `cd` to the root.
+# Every server listens on 127.0.0.1 only; every process started here is stopped at exit.
+
+export PATH="$HOME/.cargo/bin:$PATH"
+export CARGO_TARGET_DIR="${CAUSEWAY_TARGET_DIR:-$HOME/.cache/causeway-target}"
+ROOT=$PWD
+
+log() { printf '\n== %s\n' "$*" >&2; }
+
+# Builds the binaries (or takes BIN_DIR) and sets BIN. PROFILE=release (default) or dev.
+build() {
+  PROFILE=${PROFILE:-release}
+  if [ -n "${BIN_DIR:-}" ]; then
+    BIN=$BIN_DIR
+  elif [ "$PROFILE" = release ]; then
+    log "release build"
+    # The whole workspace, so features unify as in every other workspace build and the release
+    # RocksDB and librdkafka builds are reused.
+    cargo build --release --locked --workspace --bins
+    cargo build --release --locked -p causeway-txlog --features testing --example kafka_cluster
+    BIN=$CARGO_TARGET_DIR/release
+  else
+    log "dev build"
+    cargo build --locked --workspace --bins
+    cargo build --locked -p causeway-txlog --features testing --example kafka_cluster
+    BIN=$CARGO_TARGET_DIR/debug
+  fi
+}
+
+# The temp dir WORK; PIDS are stopped, and WORK removed (unless KEEP=1), at exit.
+WORK=$(mktemp -d /tmp/causeway-bench.XXXXXX)
+chmod 755 "$WORK"
+PIDS=()
+CLEANUP_EXTRA=${CLEANUP_EXTRA:-}
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [ -n "$CLEANUP_EXTRA" ]; then $CLEANUP_EXTRA; fi
+  if [ -z "${KEEP:-}" ]; then rm -rf "$WORK"; else echo "kept $WORK" >&2; fi
+}
+trap cleanup EXIT
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Waits (at most 60 s) until the API at $1 serves a read with token $2.
+wait_api() {
+  local deadline=$((SECONDS + 60))
+  until [ "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $2" \
+      "$1/v1/collections/_probe/documents/none")" = 404 ]; do
+    [ $SECONDS -lt $deadline ] || { echo "the API at $1 did not serve within 60 s" >&2; return 1; }
+    sleep 0.2
+  done
+}
+
+# Stops the process $1 with SIGINT and waits (at most 30 s).
+stop() {
+  kill -INT "$1" 2>/dev/null || return 0
+  local deadline=$((SECONDS + 30))
+  while kill -0 "$1" 2>/dev/null; do
+    [ $SECONDS -lt $deadline ] || { kill -9 "$1"; break; }
+    sleep 0.1
+  done
+}
+
+# Starts Apache Kafka 4.4 with $1 KRaft nodes (the txlog `kafka_cluster` example); sets
+# KAFKA_BOOTSTRAP. `kafka_log TOPIC` then prints the LogOptions JSON of a topic on it.
+start_kafka() {
+  log "Kafka 4.4, $1 node(s)"
+  "$BIN/examples/kafka_cluster" --nodes "$1" >"$WORK/kafka.out" 2>"$WORK/kafka.log" &
+  PIDS+=($!)
+  local deadline=$((SECONDS + 120))
+  until grep -q '^dir=' "$WORK/kafka.out" 2>/dev/null; do
+    [ $SECONDS -lt $deadline ] || { cat "$WORK/kafka.log" >&2; exit 1; }
+    kill -0 "${PIDS[-1]}" 2>/dev/null || { cat "$WORK/kafka.log" >&2; exit 1; }
+    sleep 0.2
+  done
+  KAFKA_BOOTSTRAP=$(kafka_setting bootstrap_servers)
+}
+kafka_setting() { sed -n "s/^$1=//p" "$WORK/kafka.out"; }
+kafka_log() { # topic
+  printf '{"backend":"kafka","bootstrap_servers":"%s","topic":"%s","replication_factor":%s,"min_insync_replicas":%s}' \
+    "$KAFKA_BOOTSTRAP" "$1" "$(kafka_setting replication_factor)" "$(kafka_setting min_insync_replicas)"
+}
+
+# Starts a config manager; sets CM_ADDR.
+start_config_manager() {
+  CM_ADDR=127.0.0.1:$(free_port)
+  "$BIN/causeway-config-manager" --listen "$CM_ADDR" --data-dir "$WORK/cluster/cm" \
+    >"$WORK/cm.log" 2>&1 &
+  PIDS+=($!)
+}
+
+# Starts store node $1 on the log $2 (LogOptions JSON), with its admin (metrics) server on a
+# free port written to $WORK/node-$1.admin; extra JSON fields of its options in $3.
+start_store_node() {
+  local admin=127.0.0.1:$(free_port)
+  echo "$admin" >"$WORK/node-$1.admin"
+  cat >"$WORK/node-$1.json" <<JSON
+{"node_id": $1, "listen": "127.0.0.1:$(free_port)", "admin_listen": "$admin",
+ "data_dir": "$WORK/cluster/node-$1", "config_manager": "$CM_ADDR", "log": $2 ${3:-}}
+JSON
+  "$BIN/causeway-store-node" --config "$WORK/node-$1.json" >"$WORK/node-$1.log" 2>&1 &
+  PIDS+=($!)
+}
+
+# A counter or gauge from store node $1's metrics.
+node_metric() {
+  curl -s "http://$(cat "$WORK/node-$1.admin")/metrics" | sed -n "s/^causeway_store_$2 //p"
+}
+
+# Starts an api-server on the log $1 with an admin token; sets API_URL and API_TOKEN.
+start_api_server() {
+  API_TOKEN="bench-$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
+  printf '{"tokens": [{"name": "bench", "token": "%s", "admin": true}]}\n' "$API_TOKEN" \
+    >"$WORK/tokens.json"
+  local port
+  port=$(free_port)
+  "$BIN/causeway-api-server" --listen "127.0.0.1:$port" --config-manager "$CM_ADDR" \
+    --log "$1" --tokens-file "$WORK/tokens.json" >"$WORK/api.log" 2>&1 &
+  PIDS+=($!)
+  API_URL=http://127.0.0.1:$port
+  wait_api "$API_URL" "$API_TOKEN"
+}
