@@ -1,19 +1,24 @@
 //! Causeway's cross-component tests and the `LocalCluster` harness.
 //!
 //! A [`LocalCluster`] runs the real binaries as OS processes on loopback: one
-//! `causeway-config-manager` and `P × R` `causeway-store-node`s (and spare ones outside the
-//! configuration), each with its own directory and log file, against a real Apache Kafka (one
-//! broker per test process, `causeway_txlog::testing::Broker::shared`, a topic per cluster).
+//! `causeway-config-manager`, `P × R` `causeway-store-node`s (and spare ones outside the
+//! configuration) and, on demand, `causeway-api-server`s, each with its own directory and log
+//! file, against a real Apache Kafka (one broker per test process,
+//! `causeway_txlog::testing::Broker::shared`, a topic per cluster).
 //! It bootstraps the cluster, waits until every node can coordinate reads, and can kill -9,
 //! restart, pause (SIGSTOP) and resume nodes and add new ones. Set `CAUSEWAY_KEEP_TEST_DIR=1` to
 //! keep the directories (their path is printed), with every process's log.
 //!
 //! # Layout
 //! - [`LocalCluster`], [`ClusterSpec`]: the harness.
+//! - `api`: api-server processes of a cluster ([`LocalCluster::start_api_servers`], [`API_TOKEN`]).
 //! - `process`: child processes, their logs, free ports.
 //! - [`tx`]: small builders of `Transaction` records for tests.
 
+mod api;
 mod process;
+
+pub use api::API_TOKEN;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -31,6 +36,7 @@ use causeway_txlog::testing::Broker;
 use causeway_txlog::{LogOptions, TxLog};
 use tonic::transport::Channel;
 
+use crate::api::ApiServer;
 use crate::process::{binary, free_addr, Proc};
 
 /// The shape of a cluster to start.
@@ -84,6 +90,7 @@ pub struct LocalCluster {
     log_options: LogOptions,
     tuning: Tuning,
     nodes: BTreeMap<NodeId, Node>,
+    api_servers: Vec<ApiServer>,
 }
 
 /// Retries `f` every 20 ms until it gives `Some` or `deadline` passes.
@@ -143,6 +150,7 @@ impl LocalCluster {
             log_options,
             tuning: spec.tuning.clone(),
             nodes: BTreeMap::new(),
+            api_servers: Vec::new(),
         };
         let count = u64::from(spec.partitions * spec.replicas);
         for i in 1..=count {
@@ -477,6 +485,14 @@ impl LocalCluster {
         let mut out = format!("--- config manager ---\n{}\n", self.cm.tail());
         for (id, n) in &self.nodes {
             out.push_str(&format!("--- {id} ---\n{}\n", n.proc.tail()));
+        }
+        for (i, a) in self.api_servers.iter().enumerate() {
+            out.push_str(&format!(
+                "--- api-server {} ({}) ---\n{}\n",
+                i + 1,
+                a.addr,
+                a.proc.tail()
+            ));
         }
         out.push_str(&self.broker.log_tail(2048));
         out
