@@ -13,9 +13,11 @@
 //! - [`LocalCluster`], [`ClusterSpec`]: the harness.
 //! - `api`: api-server processes of a cluster ([`LocalCluster::start_api_servers`], [`API_TOKEN`]).
 //! - `process`: child processes, their logs, free ports.
+//! - [`load`]: the history of a mixed load through the HTTP API, and its checkers.
 //! - [`tx`]: small builders of `Transaction` records for tests.
 
 mod api;
+pub mod load;
 mod process;
 
 pub use api::API_TOKEN;
