@@ -13,7 +13,8 @@
 //! - [`LocalCluster`], [`ClusterSpec`]: the harness.
 //! - `api`: api-server processes of a cluster ([`LocalCluster::start_api_servers`], [`API_TOKEN`]).
 //! - `process`: child processes, their logs, free ports.
-//! - [`load`]: the history of a mixed load through the HTTP API, and its checkers.
+//! - [`load`]: a steady mixed load through the HTTP API that records every request, and the
+//!   checkers of its history.
 //! - [`tx`]: small builders of `Transaction` records for tests.
 
 mod api;
