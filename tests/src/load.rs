@@ -39,7 +39,7 @@ use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 
 pub use check::{
-    Acknowledged, BankRead, History, Kind, KindStats, Outcome, ReadObservation, Report,
+    Acknowledged, BankRead, History, Kind, KindStats, Outcome, PhaseStats, ReadObservation, Report,
     RequestRecord, SessionEvent,
 };
 
@@ -218,6 +218,14 @@ impl Load {
     /// flowing).
     pub fn completed(&self) -> u64 {
         self.shared.ok.load(Ordering::Relaxed)
+    }
+
+    /// Marks this moment with `label` (say, "scale 2x2 -> 3x2"): the report counts the requests
+    /// and failures of each phase between marks, and names the phase of each failure.
+    pub fn mark(&self, label: &str) {
+        let at = self.shared.started.elapsed();
+        let mut h = self.shared.history.lock().expect("history lock");
+        h.marks.push((at, label.to_owned()));
     }
 
     /// Requests sent so far, whatever their outcome.

@@ -73,7 +73,9 @@ async fn a_steady_load_through_two_api_servers_is_clean() {
     .await
     .unwrap();
     // The run length, not a synchronisation: the load runs at its rates meanwhile.
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    load.mark("second half");
+    tokio::time::sleep(Duration::from_secs(4)).await;
     let report = load.stop().await;
     if !report.is_clean() {
         panic!("{report}\n{}", cluster.logs());
@@ -89,6 +91,12 @@ async fn a_steady_load_through_two_api_servers_is_clean() {
         let ok = report.per_kind[&kind].ok;
         assert!(ok >= 20, "{ok} {kind} requests succeeded in 8 s");
     }
+    assert_eq!(report.phases.len(), 2);
+    assert_eq!(report.phases[1].label, "second half");
+    assert!(report
+        .phases
+        .iter()
+        .all(|p| p.requests >= 100 && p.failures == 0));
     assert!(report.checked_bank_reads >= 20);
     assert!(report.checked_session_reads >= 20);
 
@@ -360,6 +368,7 @@ fn clean_history() -> History {
             read(12, 12, Some(2)),
         ]],
         expected: kinds.to_vec(),
+        marks: Vec::new(),
     }
 }
 
@@ -567,4 +576,37 @@ fn a_kind_that_never_succeeded_is_a_violation() {
         ..History::default()
     };
     assert!(!Report::check(&empty).is_clean());
+}
+
+#[test]
+fn failures_are_counted_in_the_phase_they_were_sent_in() {
+    let mut h = clean_history();
+    h.marks = vec![
+        (Duration::from_secs(1), "scale out".to_owned()),
+        (Duration::from_secs(3), "scale in".to_owned()),
+    ];
+    for (at, outcome) in [
+        (1500, Outcome::Timeout),
+        (2500, Outcome::Ok),
+        (3500, Outcome::Ok),
+    ] {
+        let mut r = request(Kind::Write, outcome);
+        r.sent_at = Duration::from_millis(at);
+        h.requests.push(r);
+    }
+    let report = Report::check(&h);
+    let phases: Vec<(&str, usize, usize)> = report
+        .phases
+        .iter()
+        .map(|p| (p.label.as_str(), p.requests, p.failures))
+        .collect();
+    // The clean history's six requests were sent at 100 ms.
+    assert_eq!(
+        phases,
+        vec![("start", 6, 0), ("scale out", 2, 1), ("scale in", 1, 0)]
+    );
+    assert!(report.first_failures[0].contains("(scale out)"), "{report}");
+    assert!(report
+        .to_string()
+        .contains("(scale out): 2 requests, 1 failures"));
 }

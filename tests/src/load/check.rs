@@ -160,7 +160,23 @@ pub struct History {
     /// The kinds the load was asked to send: a clean report needs at least one successful
     /// request of each, so a load that never ran cannot pass.
     pub expected: Vec<Kind>,
+    /// Labelled moments of the run (since its start, in order), such as the start of a
+    /// transition: the report counts requests and failures between one and the next.
+    pub marks: Vec<(Duration, String)>,
 }
+
+/// The requests sent between one mark and the next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PhaseStats {
+    pub label: String,
+    /// Since the start of the run.
+    pub from: Duration,
+    pub requests: usize,
+    pub failures: usize,
+}
+
+/// The phase label before any mark.
+pub const FIRST_PHASE: &str = "start";
 
 /// Counts and latencies of one kind of request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -193,6 +209,8 @@ pub struct Report {
     pub checked_bank_reads: usize,
     pub checked_reads: usize,
     pub checked_session_reads: usize,
+    /// Requests and failures per phase: from the start, then from each mark.
+    pub phases: Vec<PhaseStats>,
 }
 
 impl Report {
@@ -208,6 +226,15 @@ impl Report {
             checked_reads: history.reads.len(),
             ..Report::default()
         };
+        report.phases = std::iter::once((Duration::ZERO, FIRST_PHASE.to_owned()))
+            .chain(history.marks.iter().cloned())
+            .map(|(from, label)| PhaseStats {
+                label,
+                from,
+                requests: 0,
+                failures: 0,
+            })
+            .collect();
         report.count_requests(&history.requests);
         let mut vacuous = Vec::new();
         for kind in &history.expected {
@@ -241,16 +268,29 @@ impl Report {
     fn count_requests(&mut self, requests: &[RequestRecord]) {
         let mut latencies: BTreeMap<Kind, Vec<Duration>> = BTreeMap::new();
         for r in requests {
+            let phase = self
+                .phases
+                .iter()
+                .rposition(|p| p.from <= r.sent_at)
+                .unwrap_or(0);
+            self.phases[phase].requests += 1;
             let stats = self.per_kind.entry(r.kind).or_default();
             if r.outcome.is_ok() {
                 stats.ok += 1;
             } else {
                 stats.failed += 1;
                 self.failures += 1;
+                self.phases[phase].failures += 1;
                 if self.first_failures.len() < FIRST_FAILURES {
                     self.first_failures.push(format!(
-                        "{} via {} at {:?}: {} after {:?}: {}",
-                        r.kind, r.api, r.sent_at, r.outcome, r.latency, r.detail
+                        "{} via {} at {:?} ({}): {} after {:?}: {}",
+                        r.kind,
+                        r.api,
+                        r.sent_at,
+                        self.phases[phase].label,
+                        r.outcome,
+                        r.latency,
+                        r.detail
                     ));
                 }
             }
@@ -302,6 +342,15 @@ impl fmt::Display for Report {
                 "  {kind}: {} ok, {} failed, latency p50 {:?} p99 {:?} max {:?}",
                 s.ok, s.failed, s.latency_p50, s.latency_p99, s.latency_max
             )?;
+        }
+        if self.phases.len() > 1 {
+            for p in &self.phases {
+                writeln!(
+                    f,
+                    "  from {:?} ({}): {} requests, {} failures",
+                    p.from, p.label, p.requests, p.failures
+                )?;
+            }
         }
         for failure in &self.first_failures {
             writeln!(f, "  failure: {failure}")?;
