@@ -682,9 +682,10 @@ fn commit_ts(body: &Value) -> Option<u64> {
 }
 
 impl Report {
-    /// Reads back every acknowledged write through each api-server, in multi-gets at
-    /// `Causeway-After` the highest acknowledged ts, and checks each is found with the content
-    /// written. The number of documents checked, or every mismatch.
+    /// Reads back every acknowledged write of a new document through each api-server, in
+    /// multi-gets at `Causeway-After` the highest acknowledged ts, and checks each is found with
+    /// the content written. The number of documents checked, or every mismatch. (The accounts and
+    /// the sessions' documents are rewritten all along; their own checkers judge them.)
     pub async fn verify_acknowledged(&self, urls: &[String]) -> Result<usize> {
         self.verify_acknowledged_with(urls, crate::API_TOKEN).await
     }
