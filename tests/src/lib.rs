@@ -1,27 +1,37 @@
 //! Causeway's cross-component tests and the `LocalCluster` harness.
 //!
 //! A [`LocalCluster`] runs the real binaries as OS processes on loopback: one
-//! `causeway-config-manager` and `P × R` `causeway-store-node`s, each with its own directory and
-//! log file, against a real Apache Kafka (one broker per test process, `causeway_txlog::testing::Broker::shared`,
-//! a topic per cluster).
+//! `causeway-config-manager`, `P × R` `causeway-store-node`s (and spare ones outside the
+//! configuration) and, on demand, `causeway-api-server`s, each with its own directory and log
+//! file, against a real Apache Kafka (one broker per test process,
+//! `causeway_txlog::testing::Broker::shared`, a topic per cluster).
 //! It bootstraps the cluster, waits until every node can coordinate reads, and can kill -9,
-//! restart, pause (SIGSTOP) and resume nodes. Set `CAUSEWAY_KEEP_TEST_DIR=1` to keep the
-//! directories (their path is printed), with every process's log.
+//! restart, pause (SIGSTOP) and resume nodes and add new ones. Set `CAUSEWAY_KEEP_TEST_DIR=1` to
+//! keep the directories (their path is printed), with every process's log.
 //!
 //! # Layout
 //! - [`LocalCluster`], [`ClusterSpec`]: the harness.
+//! - `api`: api-server processes of a cluster ([`LocalCluster::start_api_servers`], [`API_TOKEN`]).
+//! - `process`: child processes, their logs, free ports.
+//! - [`load`]: a steady mixed load through the HTTP API that records every request, and the
+//!   checkers of its history.
 //! - [`tx`]: small builders of `Transaction` records for tests.
 
+mod api;
+pub mod load;
+mod process;
+
+pub use api::API_TOKEN;
+
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use causeway_config_manager::Client as ConfigClient;
-use causeway_core::{NodeId, Timestamp};
+use causeway_config_manager::{Client as ConfigClient, ConfigPair};
+use causeway_core::{ClusterConfig, Interval, NodeId, Timestamp};
 use causeway_proto::v1::store_node_client::StoreNodeClient;
 use causeway_proto::v1::{self as pb, Transaction};
 use causeway_store_node::{Options as NodeOptions, Tuning};
@@ -29,11 +39,18 @@ use causeway_txlog::testing::Broker;
 use causeway_txlog::{LogOptions, TxLog};
 use tonic::transport::Channel;
 
+use crate::api::ApiServer;
+use crate::process::{binary, free_addr, Proc};
+
 /// The shape of a cluster to start.
 #[derive(Debug, Clone)]
 pub struct ClusterSpec {
     pub partitions: u32,
     pub replicas: u32,
+    /// Store nodes started and registered after the bootstrap, so outside the first
+    /// configuration: the candidates of a scale-out or a replacement. Their ids follow the
+    /// `P × R` bootstrapped ones.
+    pub spares: u32,
     /// Node tuning (gossip interval, liveness timeout, GC cadence, ...).
     pub tuning: Tuning,
 }
@@ -49,74 +66,9 @@ impl ClusterSpec {
         ClusterSpec {
             partitions,
             replicas,
+            spares: 0,
             tuning,
         }
-    }
-}
-
-/// One child process and where its output goes.
-#[derive(Debug)]
-struct Proc {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(mut command: Command, log: PathBuf) -> Result<Proc> {
-        let out = File::options().create(true).append(true).open(&log)?;
-        let err = out.try_clone()?;
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .spawn()
-            .with_context(|| format!("spawning {command:?}"))?;
-        Ok(Proc {
-            child: Some(child),
-            log,
-        })
-    }
-
-    /// Sends a signal (`KILL`, `STOP`, `CONT`, ...) with the `kill` command.
-    fn signal(&self, signal: &str) -> Result<()> {
-        let child = self
-            .child
-            .as_ref()
-            .ok_or_else(|| anyhow!("process not running"))?;
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(child.id().to_string())
-            .status()?;
-        if !status.success() {
-            bail!("kill -{signal} {} failed", child.id());
-        }
-        Ok(())
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let start = text.len().saturating_sub(4000);
-        let start = (start..text.len())
-            .find(|&i| text.is_char_boundary(i))
-            .unwrap_or(0);
-        text[start..].to_owned()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -137,29 +89,11 @@ pub struct LocalCluster {
     log: TxLog,
     cm: Proc,
     cm_addr: SocketAddr,
+    /// What every store node and api-server is given: the log topic, the node tuning.
+    log_options: LogOptions,
+    tuning: Tuning,
     nodes: BTreeMap<NodeId, Node>,
-}
-
-/// Where the workspace's binaries are: next to the test executable's `deps` directory.
-fn binary(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow!("unexpected test executable path {}", exe.display()))?;
-    let path = dir.join(name);
-    if !path.exists() {
-        bail!(
-            "{} is missing: build the binaries first (`cargo build --workspace --bins`)",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
-/// A free loopback port (bound and released: the process that takes it binds it again).
-fn free_addr() -> Result<SocketAddr> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+    api_servers: Vec<ApiServer>,
 }
 
 /// Retries `f` every 20 ms until it gives `Some` or `deadline` passes.
@@ -181,8 +115,8 @@ where
 }
 
 impl LocalCluster {
-    /// Starts a broker, a config manager and `P × R` store nodes, bootstraps the cluster and
-    /// waits until every node can coordinate reads.
+    /// Starts a broker, a config manager and `P × R` store nodes, bootstraps the cluster, waits
+    /// until every node can coordinate reads, and then starts the spare nodes.
     pub async fn start(spec: ClusterSpec) -> Result<LocalCluster> {
         let tmp = tempfile::Builder::new()
             .prefix("causeway-cluster-")
@@ -216,55 +150,84 @@ impl LocalCluster {
             log,
             cm,
             cm_addr,
+            log_options,
+            tuning: spec.tuning.clone(),
             nodes: BTreeMap::new(),
+            api_servers: Vec::new(),
         };
         let count = u64::from(spec.partitions * spec.replicas);
         for i in 1..=count {
-            let id = NodeId(i);
-            let addr = free_addr()?;
-            let admin = free_addr()?;
-            let dir = cluster.root.join(format!("node-{i}"));
-            std::fs::create_dir_all(&dir)?;
-            let options = NodeOptions {
-                node_id: id,
-                listen: addr,
-                advertise: None,
-                admin_listen: Some(admin),
-                data_dir: dir.join("data"),
-                config_manager: cm_addr.to_string(),
-                log: log_options.clone(),
-                store: Default::default(),
-                tuning: spec.tuning.clone(),
-            };
-            let config = dir.join("options.json");
-            std::fs::write(&config, serde_json::to_vec_pretty(&options)?)?;
-            let proc = spawn_node(&config, &cluster.root, id)?;
-            cluster.nodes.insert(
-                id,
-                Node {
-                    proc,
-                    addr,
-                    admin,
-                    config,
-                },
-            );
+            cluster.spawn_new_node(NodeId(i))?;
         }
-
+        let ids: Vec<NodeId> = cluster.node_ids();
+        cluster
+            .wait_registered(&ids, Duration::from_secs(60))
+            .await?;
         let cm = cluster.config_manager().await?;
-        let registered = until("every node to register", Duration::from_secs(60), || {
+        cm.bootstrap(spec.partitions, spec.replicas).await?;
+        cluster.wait_ready(Duration::from_secs(60)).await?;
+        for _ in 0..spec.spares {
+            cluster.add_node().await?;
+        }
+        Ok(cluster)
+    }
+
+    /// Starts a new store node (the next free id) on its own directory and ports, and returns
+    /// once the config manager lists it live. It is in no configuration until a transition puts
+    /// it in one.
+    pub async fn add_node(&mut self) -> Result<NodeId> {
+        let id = NodeId(self.nodes.keys().last().map_or(0, |n| n.0) + 1);
+        self.spawn_new_node(id)?;
+        self.wait_registered(&[id], Duration::from_secs(60)).await?;
+        Ok(id)
+    }
+
+    /// Writes the options of a new node `id` and starts it.
+    fn spawn_new_node(&mut self, id: NodeId) -> Result<()> {
+        let addr = free_addr()?;
+        let admin = free_addr()?;
+        let dir = self.root.join(format!("node-{}", id.0));
+        std::fs::create_dir_all(&dir)?;
+        let options = NodeOptions {
+            node_id: id,
+            listen: addr,
+            advertise: None,
+            admin_listen: Some(admin),
+            data_dir: dir.join("data"),
+            config_manager: self.cm_addr.to_string(),
+            log: self.log_options.clone(),
+            store: Default::default(),
+            tuning: self.tuning.clone(),
+        };
+        let config = dir.join("options.json");
+        std::fs::write(&config, serde_json::to_vec_pretty(&options)?)?;
+        let proc = spawn_node(&config, &self.root, id)?;
+        self.nodes.insert(
+            id,
+            Node {
+                proc,
+                addr,
+                admin,
+                config,
+            },
+        );
+        Ok(())
+    }
+
+    /// Waits until the config manager lists every node of `ids` live.
+    async fn wait_registered(&self, ids: &[NodeId], deadline: Duration) -> Result<()> {
+        let cm = self.config_manager().await?;
+        let registered = until("the nodes to register", deadline, || {
             let cm = cm.clone();
             async move {
                 let nodes = cm.list_nodes().await.ok()?;
-                (nodes.iter().filter(|n| n.live).count() as u64 == count).then_some(())
+                ids.iter()
+                    .all(|id| nodes.iter().any(|n| n.info.id == *id && n.live))
+                    .then_some(())
             }
         })
         .await;
-        if let Err(e) = registered {
-            bail!("{e}\n{}", cluster.logs());
-        }
-        cm.bootstrap(spec.partitions, spec.replicas).await?;
-        cluster.wait_ready(Duration::from_secs(60)).await?;
-        Ok(cluster)
+        registered.map_err(|e| anyhow!("{e} ({ids:?})\n{}", self.logs()))
     }
 
     /// A client of the config manager.
@@ -313,6 +276,111 @@ impl LocalCluster {
         Ok(status.into_inner())
     }
 
+    /// The (current, next) configuration pair as the config manager has it.
+    pub async fn config(&self) -> Result<ConfigPair> {
+        let cm = self.config_manager().await?;
+        Ok(cm.get_config().await?)
+    }
+
+    /// The current configuration (an error before the bootstrap).
+    pub async fn current_config(&self) -> Result<ClusterConfig> {
+        self.config()
+            .await?
+            .current
+            .ok_or_else(|| anyhow!("the cluster is not bootstrapped"))
+    }
+
+    /// A node's digests of its documents in each of `intervals` as of `ts` (the `Digest` RPC),
+    /// one 32-hex-digit string per interval: equal digests mean equal replicas. The node must have
+    /// committed `ts`, and `ts` must not be below its GC timestamp.
+    pub async fn digests(
+        &self,
+        node: NodeId,
+        ts: Timestamp,
+        intervals: &[Interval],
+    ) -> Result<Vec<String>> {
+        let mut client = self.client(node)?;
+        let request = pb::DigestRequest {
+            ts: ts.get(),
+            intervals: intervals
+                .iter()
+                .map(|i| pb::KeyInterval {
+                    start: i.start,
+                    end: i.end_hash(),
+                })
+                .collect(),
+        };
+        let response = tokio::time::timeout(Duration::from_secs(10), client.digest(request))
+            .await
+            .map_err(|_| anyhow!("{node} digest timed out"))??;
+        let digests = response.into_inner().digests;
+        if digests.len() != intervals.len() {
+            bail!(
+                "{node} answered {} digests for {} intervals",
+                digests.len(),
+                intervals.len()
+            );
+        }
+        Ok(digests)
+    }
+
+    /// Waits until the cluster is in a steady configuration: the config manager has no next
+    /// configuration, and every running node of the current one has installed it, routes by it
+    /// and can coordinate reads. Answers that configuration.
+    pub async fn wait_stable(&self, deadline: Duration) -> Result<ClusterConfig> {
+        let stable = until("a steady configuration", deadline, || async {
+            let pair = self.config().await.ok()?;
+            if pair.next.is_some() {
+                return None;
+            }
+            let current = pair.current?;
+            let epoch = current.epoch.get();
+            for node in current.nodes.keys() {
+                if !self.nodes.get(node).is_some_and(|n| n.proc.is_running()) {
+                    continue;
+                }
+                let s = self.status(*node).await.ok()?;
+                let installed = s.current_epoch == epoch && s.next_epoch.is_none();
+                if !installed || s.routing_epoch != epoch || !s.can_coordinate {
+                    return None;
+                }
+            }
+            Some(current)
+        })
+        .await;
+        stable.map_err(|e| anyhow!("{e}\n{}", self.logs()))
+    }
+
+    /// Checks that the running replicas of every partition of the current configuration hold
+    /// the same documents: their digests of the partition's intervals at one ts (the UST of
+    /// the first replica, which every replica is first waited to reach) are equal. Answers the ts.
+    /// Run it while no writes arrive, so that the GC timestamp cannot pass the ts meanwhile.
+    pub async fn verify_replicas_agree(&self, deadline: Duration) -> Result<Timestamp> {
+        let config = self.current_config().await?;
+        let running = |n: &NodeId| self.nodes.get(n).is_some_and(|n| n.proc.is_running());
+        let first = config
+            .replicas
+            .values()
+            .flatten()
+            .find(|n| running(n))
+            .ok_or_else(|| anyhow!("no replica is running"))?;
+        let ts = Timestamp(self.status(*first).await?.ust);
+        for (partition, replicas) in &config.replicas {
+            let intervals = config.slicing.intervals_of(*partition);
+            let mut digests: Vec<(NodeId, Vec<String>)> = Vec::new();
+            for &node in replicas.iter().filter(|n| running(n)) {
+                self.wait_ust(node, ts, deadline).await?;
+                digests.push((node, self.digests(node, ts, &intervals).await?));
+            }
+            if let Some((_, reference)) = digests.first() {
+                if digests.iter().any(|(_, d)| d != reference) {
+                    bail!("the replicas of {partition:?} differ at {ts}: {digests:?}");
+                }
+            }
+        }
+        Ok(ts)
+    }
+
     /// A node's Prometheus metrics.
     pub async fn metrics(&self, node: NodeId) -> Result<String> {
         let admin = self
@@ -327,12 +395,13 @@ impl LocalCluster {
         Ok(text)
     }
 
-    /// Waits until every running node can coordinate reads.
+    /// Waits until every running node of the current configuration can coordinate reads.
     pub async fn wait_ready(&self, deadline: Duration) -> Result<()> {
+        let current = self.current_config().await?;
         let running: Vec<NodeId> = self
             .nodes
             .iter()
-            .filter(|(_, n)| n.proc.child.is_some())
+            .filter(|(id, n)| n.proc.is_running() && current.nodes.contains_key(id))
             .map(|(&id, _)| id)
             .collect();
         let ready = until("every node to be ready", deadline, || {
@@ -389,7 +458,7 @@ impl LocalCluster {
             .nodes
             .get_mut(&node)
             .ok_or_else(|| anyhow!("no {node}"))?;
-        if n.proc.child.is_some() {
+        if n.proc.is_running() {
             bail!("{node} is running");
         }
         n.proc = spawn_node(&n.config, &self.root, node)?;
@@ -419,6 +488,14 @@ impl LocalCluster {
         let mut out = format!("--- config manager ---\n{}\n", self.cm.tail());
         for (id, n) in &self.nodes {
             out.push_str(&format!("--- {id} ---\n{}\n", n.proc.tail()));
+        }
+        for (i, a) in self.api_servers.iter().enumerate() {
+            out.push_str(&format!(
+                "--- api-server {} ({}) ---\n{}\n",
+                i + 1,
+                a.addr,
+                a.proc.tail()
+            ));
         }
         out.push_str(&self.broker.log_tail(2048));
         out

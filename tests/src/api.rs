@@ -1,0 +1,86 @@
+//! `causeway-api-server` processes of a [`LocalCluster`]: each on its own loopback port, against
+//! the cluster's config manager and log topic, accepting the one admin token [`API_TOKEN`].
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+
+use crate::process::{binary, free_addr, Proc};
+use crate::{until, LocalCluster};
+
+/// The bearer token every api-server of a `LocalCluster` accepts, with admin rights (read and
+/// write on every collection).
+pub const API_TOKEN: &str = "local-cluster-admin-token";
+
+/// One api-server process.
+#[derive(Debug)]
+pub(crate) struct ApiServer {
+    pub(crate) proc: Proc,
+    pub(crate) addr: SocketAddr,
+}
+
+impl LocalCluster {
+    /// Starts `n` more api-servers and waits until each answers `/readyz` with 200 (it knows
+    /// the store nodes of the routing configuration).
+    pub async fn start_api_servers(&mut self, n: usize) -> Result<()> {
+        let tokens = self.root.join("tokens.json");
+        if !tokens.exists() {
+            let file = serde_json::json!({"tokens": [
+                {"name": "local-cluster", "token": API_TOKEN, "admin": true}
+            ]});
+            std::fs::write(&tokens, serde_json::to_vec_pretty(&file)?)?;
+        }
+        let log = serde_json::to_string(&self.log_options)?;
+        let mut started = Vec::new();
+        for _ in 0..n {
+            let i = self.api_servers.len() + 1;
+            let addr = free_addr()?;
+            let mut command = Command::new(binary("causeway-api-server")?);
+            command
+                .arg("--listen")
+                .arg(addr.to_string())
+                .arg("--config-manager")
+                .arg(self.cm_addr.to_string())
+                .arg("--log")
+                .arg(&log)
+                .arg("--tokens-file")
+                .arg(&tokens);
+            let proc = Proc::spawn(command, self.root.join(format!("api-server-{i}.log")))?;
+            self.api_servers.push(ApiServer { proc, addr });
+            started.push(addr);
+        }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        for addr in started {
+            let ready = until(
+                &format!("the api-server on {addr} to be ready"),
+                Duration::from_secs(30),
+                || {
+                    let http = http.clone();
+                    async move {
+                        let r = http
+                            .get(format!("http://{addr}/readyz"))
+                            .send()
+                            .await
+                            .ok()?;
+                        r.status().is_success().then_some(())
+                    }
+                },
+            )
+            .await;
+            ready.map_err(|e| anyhow!("{e}\n{}", self.logs()))?;
+        }
+        Ok(())
+    }
+
+    /// The base URLs (`http://127.0.0.1:port`) of the api-servers, in start order.
+    pub fn api_urls(&self) -> Vec<String> {
+        self.api_servers
+            .iter()
+            .map(|a| format!("http://{}", a.addr))
+            .collect()
+    }
+}

@@ -1,0 +1,754 @@
+//! A steady mixed load through the HTTP API of one or more api-servers, recording every request,
+//! for tests that change the cluster underneath it and must show that no client noticed.
+//!
+//! [`Load::start`] creates the bank accounts and then runs, open-loop at fixed rates: writes of
+//! unique documents, reads of acknowledged ones at `Causeway-After` their ts, bank transfers
+//! (one transaction of two increments) and snapshot reads of every account; and, closed-loop,
+//! causal sessions that alternate between the api-servers carrying their token. Every request has
+//! a client timeout. [`Load::stop`] waits for the requests in flight and judges the history
+//! ([`check`]): the [`Report`] lists failed requests (any answer but 2xx, a timeout, a connection
+//! error) and violations (a bank total off, an acknowledged write not readable, a session that
+//! does not read its writes or reads back in time).
+//!
+//! ```no_run
+//! # async fn example(cluster: &causeway_tests::LocalCluster) -> anyhow::Result<()> {
+//! use causeway_tests::load::{Load, LoadSpec};
+//! let load = Load::start(cluster.api_urls(), LoadSpec::default()).await?;
+//! // ... change the cluster ...
+//! let report = load.stop().await;
+//! report.assert_clean();
+//! report.verify_acknowledged(&cluster.api_urls()).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - [`check`]: the history and its checkers, pure.
+
+pub mod check;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use rand::Rng;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::MissedTickBehavior;
+
+pub use check::{
+    Acknowledged, BankRead, History, Kind, KindStats, Outcome, PhaseStats, ReadObservation, Report,
+    RequestRecord, SessionEvent,
+};
+
+/// Collections of the load's documents.
+const WRITES: &str = "load_writes";
+const BANK: &str = "load_bank";
+const SESSIONS: &str = "load_sessions";
+/// Keys per multi-get when reading acknowledged writes back.
+const VERIFY_BATCH: usize = 200;
+
+/// The rates and sizes of a load. The defaults are modest: two cores also run the broker and
+/// the nodes.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// Writes of new unique documents per second.
+    pub writes_per_s: u32,
+    /// Reads of acknowledged documents per second.
+    pub reads_per_s: u32,
+    /// Bank transfers per second.
+    pub transfers_per_s: u32,
+    /// Snapshot reads of every account per second.
+    pub bank_reads_per_s: u32,
+    /// Causal sessions, each alternating between the api-servers.
+    pub sessions: u32,
+    /// Steps (a write, then two reads, ...) per second of each session.
+    pub session_steps_per_s: u32,
+    pub accounts: u32,
+    /// Every account's balance at the start.
+    pub initial_balance: i64,
+    /// The client timeout of every request: past it, the request is a failure.
+    pub request_timeout: Duration,
+    /// The load stops by itself after this, should `stop` never be called.
+    pub max_duration: Duration,
+    /// Most requests in flight; a request due past it is not sent and counts as a failure.
+    pub max_in_flight: usize,
+    /// The bearer token.
+    pub token: String,
+}
+
+impl Default for LoadSpec {
+    fn default() -> Self {
+        LoadSpec {
+            writes_per_s: 40,
+            reads_per_s: 40,
+            transfers_per_s: 10,
+            bank_reads_per_s: 10,
+            sessions: 4,
+            session_steps_per_s: 10,
+            accounts: 8,
+            initial_balance: 1000,
+            request_timeout: Duration::from_secs(5),
+            max_duration: Duration::from_secs(600),
+            max_in_flight: 256,
+            token: crate::API_TOKEN.to_owned(),
+        }
+    }
+}
+
+impl LoadSpec {
+    /// The requests sent open-loop, with their rates.
+    fn open_loop_rates(&self) -> [(u32, Kind); 4] {
+        [
+            (self.writes_per_s, Kind::Write),
+            (self.reads_per_s, Kind::Read),
+            (self.transfers_per_s, Kind::Transfer),
+            (self.bank_reads_per_s, Kind::BankRead),
+        ]
+    }
+}
+
+/// A running load. Dropping it without [`Load::stop`] aborts it.
+#[derive(Debug)]
+pub struct Load {
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    http: reqwest::Client,
+    urls: Vec<String>,
+    spec: LoadSpec,
+    /// Distinguishes this run's documents from another run's on the same cluster.
+    run: String,
+    started: Instant,
+    /// The commit ts of the accounts' creation: every bank read asks at least it.
+    bank_ts: u64,
+    history: Mutex<History>,
+    in_flight: Arc<Semaphore>,
+    next_write: AtomicU64,
+    /// Round robin over the api-servers.
+    next_api: AtomicUsize,
+    ok: AtomicU64,
+}
+
+/// An HTTP answer.
+struct Answer {
+    status: StatusCode,
+    headers: reqwest::header::HeaderMap,
+    body: Value,
+}
+
+impl Load {
+    /// Creates the accounts (one transaction through the first api-server) and starts the load.
+    pub async fn start(urls: Vec<String>, spec: LoadSpec) -> Result<Load> {
+        if urls.is_empty() {
+            bail!("a load needs at least one api-server");
+        }
+        let http = reqwest::Client::builder()
+            .timeout(spec.request_timeout)
+            .build()?;
+        let run = format!("r{:08x}", rand::rng().random::<u32>());
+        let mut shared = Shared {
+            http,
+            urls,
+            run,
+            started: Instant::now(),
+            bank_ts: 0,
+            history: Mutex::new(History {
+                bank_total: spec.initial_balance * i64::from(spec.accounts),
+                sessions: vec![Vec::new(); spec.sessions as usize],
+                ..History::default()
+            }),
+            in_flight: Arc::new(Semaphore::new(spec.max_in_flight)),
+            next_write: AtomicU64::new(0),
+            next_api: AtomicUsize::new(0),
+            ok: AtomicU64::new(0),
+            spec,
+        };
+        shared.bank_ts = shared.create_accounts().await?;
+        {
+            let spec = &shared.spec;
+            let mut h = shared.history.lock().expect("history lock");
+            h.expected = spec
+                .open_loop_rates()
+                .iter()
+                .filter(|(rate, _)| *rate > 0)
+                .map(|&(_, kind)| kind)
+                .collect();
+            if spec.sessions > 0 && spec.session_steps_per_s > 0 {
+                h.expected.extend([Kind::SessionWrite, Kind::SessionRead]);
+            }
+        }
+
+        let shared = Arc::new(shared);
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let spec = shared.spec.clone();
+        for (rate, kind) in spec.open_loop_rates() {
+            if rate > 0 {
+                tasks.spawn(open_loop(Arc::clone(&shared), rate, kind, stopped.clone()));
+            }
+        }
+        if spec.session_steps_per_s > 0 {
+            for session in 0..spec.sessions as usize {
+                tasks.spawn(Arc::clone(&shared).session(session, stopped.clone()));
+            }
+        }
+        let limit = spec.max_duration;
+        let mut own_stop = stopped.clone();
+        let stop_tx = stop.clone();
+        tasks.spawn(async move {
+            // Ends the load at `max_duration`, or when it is stopped.
+            let _ = tokio::time::timeout(limit, own_stop.wait_for(|s| *s)).await;
+            let _ = stop_tx.send(true);
+        });
+        Ok(Load {
+            shared,
+            stop,
+            tasks,
+        })
+    }
+
+    /// Requests completed with a 2xx answer so far (a test waits for it to grow to see the load
+    /// flowing).
+    pub fn completed(&self) -> u64 {
+        self.shared.ok.load(Ordering::Relaxed)
+    }
+
+    /// Marks this moment with `label` (say, "scale 2x2 -> 3x2"): the report counts the requests
+    /// and failures of each phase between marks, and names the phase of each failure.
+    pub fn mark(&self, label: &str) {
+        let at = self.shared.started.elapsed();
+        let mut h = self.shared.history.lock().expect("history lock");
+        h.marks.push((at, label.to_owned()));
+    }
+
+    /// Requests sent so far, whatever their outcome.
+    pub fn sent(&self) -> usize {
+        self.shared
+            .history
+            .lock()
+            .expect("history lock")
+            .requests
+            .len()
+    }
+
+    /// Stops sending, waits for the requests in flight (each bounded by the client timeout) and
+    /// judges the history.
+    pub async fn stop(mut self) -> Report {
+        let _ = self.stop.send(true);
+        while let Some(joined) = self.tasks.join_next().await {
+            if let Err(e) = joined {
+                if e.is_panic() {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
+        }
+        let history = self.shared.history.lock().expect("history lock").clone();
+        Report::check(&history)
+    }
+}
+
+/// Sends requests of `kind` at `rate` per second until stopped, whatever the answers take: each
+/// is its own task, at most `max_in_flight` at once.
+async fn open_loop(shared: Arc<Shared>, rate: u32, kind: Kind, mut stopped: watch::Receiver<bool>) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(1) / rate);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Burst);
+    let mut requests = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stopped.wait_for(|s| *s) => break,
+        }
+        while requests.try_join_next().is_some() {}
+        match Arc::clone(&shared.in_flight).try_acquire_owned() {
+            Ok(permit) => {
+                let shared = Arc::clone(&shared);
+                requests.spawn(async move {
+                    match kind {
+                        Kind::Write => shared.write().await,
+                        Kind::Read => shared.read().await,
+                        Kind::Transfer => shared.transfer().await,
+                        Kind::BankRead => shared.bank_read().await,
+                        Kind::Setup | Kind::SessionWrite | Kind::SessionRead => {
+                            unreachable!("{kind} is not an open-loop request")
+                        }
+                    }
+                    drop(permit);
+                });
+            }
+            Err(_) => shared.record(
+                kind,
+                String::new(),
+                Outcome::Saturated,
+                Duration::ZERO,
+                shared.started.elapsed(),
+                format!("{} requests in flight", shared.spec.max_in_flight),
+            ),
+        }
+    }
+    while requests.join_next().await.is_some() {}
+}
+
+impl Shared {
+    fn api(&self) -> usize {
+        self.next_api.fetch_add(1, Ordering::Relaxed) % self.urls.len()
+    }
+
+    fn record(
+        &self,
+        kind: Kind,
+        api: String,
+        outcome: Outcome,
+        latency: Duration,
+        sent_at: Duration,
+        detail: String,
+    ) {
+        if outcome.is_ok() {
+            self.ok.fetch_add(1, Ordering::Relaxed);
+        }
+        self.history
+            .lock()
+            .expect("history lock")
+            .requests
+            .push(RequestRecord {
+                kind,
+                api,
+                outcome,
+                latency,
+                sent_at,
+                detail,
+            });
+    }
+
+    /// Sends one request to api-server `api` and records it; the answer when there is one (of
+    /// any status).
+    async fn send(
+        &self,
+        kind: Kind,
+        api: usize,
+        method: Method,
+        path: &str,
+        after: Option<u64>,
+        body: Option<&Value>,
+    ) -> Option<Answer> {
+        let url = &self.urls[api];
+        let mut request = self
+            .http
+            .request(method.clone(), format!("{url}{path}"))
+            .bearer_auth(&self.spec.token);
+        if let Some(after) = after {
+            request = request.header("Causeway-After", after.to_string());
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let sent_at = self.started.elapsed();
+        let start = Instant::now();
+        let result = async {
+            let response = request.send().await?;
+            let status = response.status();
+            let headers = response.headers().clone();
+            let bytes = response.bytes().await?;
+            Ok::<_, reqwest::Error>((status, headers, bytes))
+        }
+        .await;
+        let latency = start.elapsed();
+        let what = format!("{method} {path}");
+        match result {
+            Ok((status, headers, bytes)) => {
+                let outcome = if status.is_success() {
+                    Outcome::Ok
+                } else if status.is_client_error() {
+                    Outcome::ClientError(status.as_u16())
+                } else {
+                    Outcome::ServerError(status.as_u16())
+                };
+                let detail = if outcome.is_ok() {
+                    what
+                } else {
+                    let text = String::from_utf8_lossy(&bytes);
+                    format!("{what}: {}", text.chars().take(300).collect::<String>())
+                };
+                self.record(kind, url.clone(), outcome, latency, sent_at, detail);
+                let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                Some(Answer {
+                    status,
+                    headers,
+                    body,
+                })
+            }
+            Err(e) => {
+                let outcome = if e.is_timeout() {
+                    Outcome::Timeout
+                } else {
+                    Outcome::Connection
+                };
+                let detail = format!("{what}: {e}");
+                self.record(kind, url.clone(), outcome, latency, sent_at, detail);
+                None
+            }
+        }
+    }
+
+    fn account(&self, i: u32) -> String {
+        format!("{}-acct-{i}", self.run)
+    }
+
+    /// Creates every account with the initial balance in one transaction; its commit ts.
+    async fn create_accounts(&self) -> Result<u64> {
+        let mutations: Vec<Value> = (0..self.spec.accounts)
+            .map(|i| {
+                json!({"op": "replace", "collection": BANK, "id": self.account(i),
+                       "document": {"balance": self.spec.initial_balance}})
+            })
+            .collect();
+        let body = json!({ "mutations": mutations });
+        let answer = self
+            .send(
+                Kind::Setup,
+                0,
+                Method::POST,
+                "/v1/transactions",
+                None,
+                Some(&body),
+            )
+            .await;
+        let history = self.history.lock().expect("history lock");
+        let failed = || {
+            anyhow!(
+                "creating the accounts failed: {:?}",
+                history.requests.last().map(|r| &r.detail)
+            )
+        };
+        let answer = answer.ok_or_else(failed)?;
+        if !answer.status.is_success() {
+            return Err(failed());
+        }
+        commit_ts(&answer.body).context("the accounts' commit ts")
+    }
+
+    async fn write(&self) {
+        let n = self.next_write.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}-w-{n}", self.run);
+        let document = json!({"n": n, "text": format!("value of write {n}")});
+        let path = format!("/v1/collections/{WRITES}/documents/{id}");
+        let api = self.api();
+        let Some(answer) = self
+            .send(Kind::Write, api, Method::PUT, &path, None, Some(&document))
+            .await
+        else {
+            return;
+        };
+        if !answer.status.is_success() {
+            return;
+        }
+        match commit_ts(&answer.body) {
+            Some(ts) => self
+                .history
+                .lock()
+                .expect("history lock")
+                .acknowledged
+                .push(Acknowledged {
+                    collection: WRITES.to_owned(),
+                    id,
+                    ts,
+                    document,
+                }),
+            None => self.malformed(Kind::Write, api, "a write answered no ts"),
+        }
+    }
+
+    async fn read(&self) {
+        let write = {
+            let h = self.history.lock().expect("history lock");
+            if h.acknowledged.is_empty() {
+                return;
+            }
+            let i = rand::rng().random_range(0..h.acknowledged.len());
+            h.acknowledged[i].clone()
+        };
+        let path = format!(
+            "/v1/collections/{}/documents/{}",
+            write.collection, write.id
+        );
+        let api = self.api();
+        let Some(answer) = self
+            .send(Kind::Read, api, Method::GET, &path, Some(write.ts), None)
+            .await
+        else {
+            return;
+        };
+        let seen = match answer.status {
+            StatusCode::OK => Some(answer.body),
+            StatusCode::NOT_FOUND => None,
+            _ => return,
+        };
+        self.history
+            .lock()
+            .expect("history lock")
+            .reads
+            .push(ReadObservation {
+                api: self.urls[api].clone(),
+                write,
+                seen,
+            });
+    }
+
+    async fn transfer(&self) {
+        let (from, to, amount) = {
+            let mut rng = rand::rng();
+            let from = rng.random_range(0..self.spec.accounts);
+            let to = (from + rng.random_range(1..self.spec.accounts.max(2))) % self.spec.accounts;
+            (from, to, rng.random_range(1..=100i64))
+        };
+        let body = json!({"mutations": [
+            {"op": "increment", "collection": BANK, "id": self.account(from), "path": "balance", "delta": -amount},
+            {"op": "increment", "collection": BANK, "id": self.account(to), "path": "balance", "delta": amount},
+        ]});
+        let api = self.api();
+        self.send(
+            Kind::Transfer,
+            api,
+            Method::POST,
+            "/v1/transactions",
+            None,
+            Some(&body),
+        )
+        .await;
+    }
+
+    async fn bank_read(&self) {
+        let keys: Vec<Value> = (0..self.spec.accounts)
+            .map(|i| json!({"collection": BANK, "id": self.account(i)}))
+            .collect();
+        let body = json!({ "keys": keys });
+        let api = self.api();
+        let Some(answer) = self
+            .send(
+                Kind::BankRead,
+                api,
+                Method::POST,
+                "/v1/documents:get",
+                Some(self.bank_ts),
+                Some(&body),
+            )
+            .await
+        else {
+            return;
+        };
+        if !answer.status.is_success() {
+            return;
+        }
+        let read_timestamp = answer.body["read_timestamp"]
+            .as_str()
+            .unwrap_or("?")
+            .to_owned();
+        let documents = answer.body["documents"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let found: Vec<i64> = documents
+            .iter()
+            .filter(|d| d["found"] == Value::Bool(true))
+            .filter_map(|d| d["document"]["balance"].as_i64())
+            .collect();
+        let missing = (self.spec.accounts as usize).saturating_sub(found.len());
+        self.history
+            .lock()
+            .expect("history lock")
+            .bank_reads
+            .push(BankRead {
+                api: self.urls[api].clone(),
+                read_timestamp,
+                total: found.iter().sum(),
+                missing,
+            });
+    }
+
+    /// Records a 2xx answer that lacked what it must carry as a failed request of `kind`.
+    fn malformed(&self, kind: Kind, api: usize, what: &str) {
+        self.record(
+            kind,
+            self.urls[api].clone(),
+            Outcome::Malformed,
+            Duration::ZERO,
+            self.started.elapsed(),
+            what.to_owned(),
+        );
+    }
+
+    /// One causal session until stopped: a write of `{"seq": n}` to its own document every third
+    /// step and reads of it otherwise, each step through the next api-server, with the session's
+    /// token (the highest ts it has written or read at) as `Causeway-After`.
+    async fn session(self: Arc<Self>, session: usize, mut stopped: watch::Receiver<bool>) {
+        let id = format!("{}-s-{session}", self.run);
+        let path = format!("/v1/collections/{SESSIONS}/documents/{id}");
+        let mut ticks =
+            tokio::time::interval(Duration::from_secs(1) / self.spec.session_steps_per_s);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut token = 0u64;
+        let mut seq = 0u64;
+        let mut written = false;
+        for step in 0usize.. {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                _ = stopped.wait_for(|s| *s) => break,
+            }
+            let api = (step + session) % self.urls.len();
+            let event = if step % 3 == 0 || !written {
+                seq += 1;
+                let body = json!({ "seq": seq });
+                let answer = self
+                    .send(
+                        Kind::SessionWrite,
+                        api,
+                        Method::PUT,
+                        &path,
+                        None,
+                        Some(&body),
+                    )
+                    .await;
+                let ts = match answer {
+                    Some(a) if a.status.is_success() => {
+                        let ts = commit_ts(&a.body);
+                        if ts.is_none() {
+                            self.malformed(Kind::SessionWrite, api, "a write answered no ts");
+                        }
+                        ts
+                    }
+                    _ => None,
+                };
+                if let Some(ts) = ts {
+                    token = token.max(ts);
+                    written = true;
+                }
+                SessionEvent::Write { seq, ts }
+            } else {
+                let Some(answer) = self
+                    .send(
+                        Kind::SessionRead,
+                        api,
+                        Method::GET,
+                        &path,
+                        Some(token),
+                        None,
+                    )
+                    .await
+                else {
+                    continue;
+                };
+                let seen = match answer.status {
+                    StatusCode::OK => answer.body["seq"].as_u64(),
+                    StatusCode::NOT_FOUND => None,
+                    _ => continue,
+                };
+                let read_ts = answer
+                    .headers
+                    .get("causeway-read-timestamp")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.rsplit('.').next())
+                    .and_then(|ts| ts.parse::<u64>().ok());
+                let Some(ts) = read_ts else {
+                    self.malformed(
+                        Kind::SessionRead,
+                        api,
+                        "a read answered no Causeway-Read-Timestamp",
+                    );
+                    continue;
+                };
+                let event = SessionEvent::Read {
+                    api: self.urls[api].clone(),
+                    after: token,
+                    ts,
+                    seq: seen,
+                };
+                token = token.max(ts);
+                event
+            };
+            self.history.lock().expect("history lock").sessions[session].push(event);
+        }
+    }
+}
+
+/// The `ts` of a write's answer.
+fn commit_ts(body: &Value) -> Option<u64> {
+    body["ts"].as_u64()
+}
+
+impl Report {
+    /// Reads back every acknowledged write of a new document through each api-server, in
+    /// multi-gets at `Causeway-After` the highest acknowledged ts, and checks each is found with
+    /// the content written. The number of documents checked, or every mismatch. (The accounts and
+    /// the sessions' documents are rewritten all along; their own checkers judge them.)
+    pub async fn verify_acknowledged(&self, urls: &[String]) -> Result<usize> {
+        self.verify_acknowledged_with(urls, crate::API_TOKEN).await
+    }
+
+    /// [`Report::verify_acknowledged`] with another token.
+    pub async fn verify_acknowledged_with(&self, urls: &[String], token: &str) -> Result<usize> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        let after = self.acknowledged.iter().map(|a| a.ts).max().unwrap_or(0);
+        let mut mismatches = Vec::new();
+        let mut checked = 0;
+        for url in urls {
+            for batch in self.acknowledged.chunks(VERIFY_BATCH) {
+                let keys: Vec<Value> = batch
+                    .iter()
+                    .map(|a| json!({"collection": a.collection, "id": a.id}))
+                    .collect();
+                let response = http
+                    .post(format!("{url}/v1/documents:get"))
+                    .bearer_auth(token)
+                    .header("Causeway-After", after.to_string())
+                    .json(&json!({ "keys": keys }))
+                    .send()
+                    .await
+                    .with_context(|| format!("reading acknowledged writes back via {url}"))?;
+                let status = response.status();
+                let body: Value = response.json().await.unwrap_or(Value::Null);
+                if !status.is_success() {
+                    bail!("reading acknowledged writes back via {url}: {status}: {body}");
+                }
+                let documents = body["documents"].as_array().cloned().unwrap_or_default();
+                if documents.len() != batch.len() {
+                    bail!(
+                        "via {url}: {} documents answered for {} keys",
+                        documents.len(),
+                        batch.len()
+                    );
+                }
+                for (a, d) in batch.iter().zip(&documents) {
+                    checked += 1;
+                    if d["found"] != Value::Bool(true) {
+                        mismatches.push(format!(
+                            "{}/{} (ts {}) not found via {url}",
+                            a.collection, a.id, a.ts
+                        ));
+                    } else if d["document"] != a.document {
+                        mismatches.push(format!(
+                            "{}/{} (ts {}) is {} via {url}, written as {}",
+                            a.collection, a.id, a.ts, d["document"], a.document
+                        ));
+                    }
+                }
+            }
+        }
+        if !mismatches.is_empty() {
+            let n = mismatches.len();
+            mismatches.truncate(20);
+            bail!(
+                "{n} acknowledged writes not read back:\n  {}",
+                mismatches.join("\n  ")
+            );
+        }
+        Ok(checked)
+    }
+}
