@@ -135,13 +135,7 @@ impl LocalCluster {
         let log = TxLog::open(log_options.clone()).await?;
 
         let cm_addr = free_addr()?;
-        let mut command = Command::new(binary("causeway-config-manager")?);
-        command
-            .arg("--listen")
-            .arg(cm_addr.to_string())
-            .arg("--data-dir")
-            .arg(root.join("config-manager"));
-        let cm = Proc::spawn(command, root.join("config-manager.log"))?;
+        let cm = spawn_config_manager(&root, cm_addr)?;
 
         let mut cluster = LocalCluster {
             root,
@@ -452,6 +446,22 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// kill -9 of the config manager.
+    pub fn kill_config_manager(&mut self) -> Result<()> {
+        self.cm.signal("KILL")?;
+        self.cm.kill();
+        Ok(())
+    }
+
+    /// Starts the config manager again on its directory and address.
+    pub fn restart_config_manager(&mut self) -> Result<()> {
+        if self.cm.is_running() {
+            bail!("the config manager is running");
+        }
+        self.cm = spawn_config_manager(&self.root, self.cm_addr)?;
+        Ok(())
+    }
+
     /// Starts a killed node again on the same directory and ports.
     pub fn restart(&mut self, node: NodeId) -> Result<()> {
         let n = self
@@ -500,6 +510,16 @@ impl LocalCluster {
         out.push_str(&self.broker.log_tail(2048));
         out
     }
+}
+
+fn spawn_config_manager(root: &Path, addr: SocketAddr) -> Result<Proc> {
+    let mut command = Command::new(binary("causeway-config-manager")?);
+    command
+        .arg("--listen")
+        .arg(addr.to_string())
+        .arg("--data-dir")
+        .arg(root.join("config-manager"));
+    Proc::spawn(command, root.join("config-manager.log"))
 }
 
 fn spawn_node(config: &Path, root: &Path, id: NodeId) -> Result<Proc> {
