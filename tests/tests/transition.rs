@@ -393,3 +393,53 @@ async fn a_killed_source_is_replaced_by_another_owner() {
     }
     cluster.verify_replicas_agree(TRANSITION).await.unwrap();
 }
+
+/// The config manager is killed in the middle of a transition. Meanwhile the nodes go on: a node
+/// killed and restarted serves reads from its saved configurations, and the backfill finishes.
+/// Once the config manager is back, the transition installs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_config_manager_restarts_mid_transition() {
+    const DOCS: usize = 1_600;
+    let mut cluster = slow_cluster(DOCS).await;
+    let cm = cluster.config_manager().await.unwrap();
+    let next = cm.propose_shape(1, 2).await.unwrap().next.unwrap();
+    let receiver = NodeId(1);
+    until("the backfill to be under way", TRANSITION, || {
+        let cluster = &cluster;
+        async move {
+            let b = backfill(cluster, receiver).await?;
+            (b.records_done >= 100 && !b.backfilled).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    cluster.kill_config_manager().unwrap();
+    let restarted = NodeId(3);
+    cluster.kill(restarted).unwrap();
+    cluster.restart(restarted).unwrap();
+    let cluster_ref = &cluster;
+    until(
+        &format!("{restarted} to coordinate without the config manager"),
+        TRANSITION,
+        || async move {
+            let s = cluster_ref.status(restarted).await.ok()?;
+            (s.can_coordinate && s.next_epoch == Some(next.epoch.get())).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    assert_seed_readable(&cluster, restarted, DOCS).await;
+    until("the backfill to finish", TRANSITION, || async move {
+        backfill(cluster_ref, receiver)
+            .await?
+            .backfilled
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    cluster.restart_config_manager().unwrap();
+    installed(&cluster, next.epoch).await.unwrap();
+    cluster.wait_stable(TRANSITION).await.unwrap();
+    assert_seed_readable(&cluster, receiver, DOCS).await;
+    cluster.verify_replicas_agree(TRANSITION).await.unwrap();
+}
