@@ -563,7 +563,7 @@ fn storing(shared: &Shared) -> bool {
         next.contains(node)
             && crate::state::lock(&shared.plan)
                 .as_ref()
-                .is_some_and(|p| p.epoch == next.epoch)
+                .is_some_and(|p| p.epoch == next.epoch && !p.vetoed)
     })
 }
 
