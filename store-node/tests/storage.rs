@@ -21,6 +21,20 @@ fn gc_all(store: &Store, gc_ts: Timestamp) {
     panic!("gc did not finish a pass");
 }
 
+/// Replays `interval`'s pending mutations, `step` at a time, until none are left; answers how
+/// many there were.
+fn replay_all(store: &Store, interval: &Interval, step: usize) -> usize {
+    let mut replayed = 0;
+    for _ in 0..10_000 {
+        let n = store.replay_pending(interval, step).unwrap();
+        if n == 0 {
+            return replayed;
+        }
+        replayed += n;
+    }
+    panic!("pending mutations never ran out");
+}
+
 fn open(dir: &tempfile::TempDir, options: StoreOptions) -> Store {
     Store::open(dir.path(), options).unwrap()
 }
@@ -670,15 +684,7 @@ fn backfill_moves_an_interval_to_a_new_replica_with_pending_mutations() {
         target.digest(&interval, Timestamp(150)).unwrap(),
         source.digest(&interval, Timestamp(150)).unwrap()
     );
-    let mut replayed = 0;
-    for _ in 0..1000 {
-        let n = target.replay_pending(&interval, 4).unwrap();
-        if n == 0 {
-            break;
-        }
-        replayed += n;
-    }
-    assert_eq!(replayed, outcome.pending_written);
+    assert_eq!(replay_all(&target, &interval, 4), outcome.pending_written);
     source.apply(&later, &full()).unwrap();
     assert_eq!(
         target.digest(&interval, Timestamp(230)).unwrap(),
@@ -863,15 +869,7 @@ fn dropping_documents_keeps_the_pending_mutations_and_skip_moves_only_forward() 
     store.drop_documents(&[half]).unwrap();
     assert!(store.raw_versions(&half).unwrap().is_empty());
     // The pending mutations are still there to replay.
-    let mut replayed = 0;
-    for _ in 0..100 {
-        let n = store.replay_pending(&half, 1000).unwrap();
-        if n == 0 {
-            break;
-        }
-        replayed += n;
-    }
-    assert_eq!(replayed, outcome.pending_written);
+    assert_eq!(replay_all(&store, &half, 1000), outcome.pending_written);
 
     assert_eq!(store.applied(), Timestamp(40));
     store.skip_to(Timestamp(30)).unwrap();

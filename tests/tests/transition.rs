@@ -252,19 +252,7 @@ async fn slow_cluster(docs: usize) -> LocalCluster {
     spec.tuning.backfill_chunk_bytes = 16 << 10;
     spec.tuning.backfill_bytes_per_second = 80_000;
     let cluster = LocalCluster::start(spec).await.unwrap();
-    let seed: Vec<_> = (0..docs)
-        .map(|i| {
-            tx::replace(&[(
-                "seed",
-                &format!("s{i}"),
-                json!({"i": i, "pad": "x".repeat(200)}),
-            )])
-        })
-        .collect();
-    let mut last = Timestamp::ZERO;
-    for batch in seed.chunks(500) {
-        last = *cluster.append(batch).await.unwrap().last().unwrap();
-    }
+    let last = seed(&cluster, docs).await;
     for node in cluster.node_ids() {
         cluster.wait_ust(node, last, TRANSITION).await.unwrap();
     }
