@@ -228,6 +228,7 @@ pub async fn transition_loop(
             match snapshot.transition().cloned() {
                 Some(next) if next.contains(shared.node) || current.contains(shared.node) => {
                     settled = None;
+                    shared.drained.store(false, Ordering::Relaxed);
                     make_plan(&shared, &log, &current, &next).await?;
                     retry = !backfill_all(&shared, &current, &next, &stop).await?;
                 }
@@ -652,7 +653,12 @@ async fn settle(shared: &Arc<Shared>, current: &ClusterConfig) -> Result<(), Err
             .await
             .expect("drop task")?;
     }
-    let drained = !current.contains(shared.node);
+    // Drained: it was in an earlier configuration and is not in this one (a spare that never
+    // joined is not drained, only idle).
+    let was_member = shared.store.configs()?.iter().any(|(_, json)| {
+        serde_json::from_slice::<ClusterConfig>(json).is_ok_and(|c| c.contains(shared.node))
+    });
+    let drained = !current.contains(shared.node) && was_member;
     shared.drained.store(drained, Ordering::Relaxed);
     if drained {
         info!(epoch = %current.epoch, "this node left the configuration: its data is dropped and it serves nothing");
