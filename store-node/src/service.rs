@@ -47,9 +47,6 @@ pub enum Error {
     Apply(String),
 }
 
-/// The meta record of the last (current, next) pair seen.
-const CONFIGS: &str = "configs";
-
 /// A store node, bound and ready to run.
 #[derive(Debug)]
 pub struct Service {
@@ -128,9 +125,7 @@ impl Service {
             backfill_holds: Mutex::new(Vec::new()),
             drained: AtomicBool::new(false),
         });
-        if let Some(bytes) = shared.store.meta(CONFIGS)? {
-            let configs = Configs::decode(&bytes)
-                .map_err(|e| Error::Apply(format!("the saved configurations do not parse: {e}")))?;
+        if let Some(configs) = Configs::saved(&shared.store).map_err(Error::Apply)? {
             info!(
                 revision = configs.revision,
                 "serving from the saved configurations until the config manager answers"
@@ -392,21 +387,10 @@ async fn membership(
                                 continue;
                             }
                             let store = Arc::clone(&shared.store);
-                            let saved = configs.encode();
-                            let current = configs.current.as_ref().map(|c| {
-                                (
-                                    c.epoch,
-                                    serde_json::to_vec(&**c).expect("config serializes"),
-                                )
-                            });
-                            tokio::task::spawn_blocking(move || {
-                                if let Some((epoch, json)) = current {
-                                    store.put_config(epoch, &json)?;
-                                }
-                                store.put_meta(CONFIGS, Some(&saved))
-                            })
-                            .await
-                            .expect("save configs task")?;
+                            let saved = configs.clone();
+                            tokio::task::spawn_blocking(move || saved.save(&store))
+                                .await
+                                .expect("save configs task")?;
                             info!(revision = configs.revision,
                                 current = ?configs.current.as_ref().map(|c| c.epoch),
                                 next = ?configs.next.as_ref().map(|c| c.epoch), "configuration");

@@ -51,26 +51,41 @@ impl Configs {
             .any(|c| c.contains(node))
     }
 
-    /// The pair as the node saves it, to serve from after a restart while the config manager
-    /// is down.
-    pub fn encode(&self) -> Vec<u8> {
+    /// Saves the pair (and the current configuration in the history), to serve from after a
+    /// restart while the config manager is down.
+    pub fn save(&self, store: &Store) -> Result<(), crate::storage::Error> {
+        if let Some(c) = &self.current {
+            store.put_config(
+                c.epoch,
+                &serde_json::to_vec(&**c).expect("config serializes"),
+            )?;
+        }
         let saved = SavedConfigs {
             revision: self.revision,
             current: self.current.as_deref().cloned(),
             next: self.next.as_deref().cloned(),
         };
-        serde_json::to_vec(&saved).expect("configurations serialize")
+        let bytes = serde_json::to_vec(&saved).expect("configurations serialize");
+        store.put_meta(SAVED_CONFIGS, Some(&bytes))
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Configs, serde_json::Error> {
-        let saved: SavedConfigs = serde_json::from_slice(bytes)?;
-        Ok(Configs {
+    /// The pair last saved, if any.
+    pub fn saved(store: &Store) -> Result<Option<Configs>, String> {
+        let Some(bytes) = store.meta(SAVED_CONFIGS).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        let saved: SavedConfigs = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("the saved configurations do not parse: {e}"))?;
+        Ok(Some(Configs {
             revision: saved.revision,
             current: saved.current.map(Arc::new),
             next: saved.next.map(Arc::new),
-        })
+        }))
     }
 }
+
+/// The meta record of the last (current, next) pair seen.
+const SAVED_CONFIGS: &str = "configs";
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SavedConfigs {
