@@ -452,13 +452,13 @@ fn apply_version(output: &mut DocOutput, version: &Version<'_>, options: &super:
     let (segment, automerge) = if history_changes > options.max_history_changes {
         live_doc = document::rebase(&live_doc, ts, wall_clock_ms);
         history_changes = 1;
-        (Segment::Snapshot, live_doc.save())
+        (Segment::Snapshot, document::snapshot(&live_doc))
     } else {
         match heads_before {
             Some(heads) if !fresh && deltas_before + 1 < options.snapshot_every_versions => {
                 (Segment::Delta, live_doc.save_after(&heads))
             }
-            _ => (Segment::Snapshot, live_doc.save()),
+            _ => (Segment::Snapshot, document::snapshot(&live_doc)),
         }
     };
     let deltas = match segment {

@@ -43,6 +43,14 @@ pub fn commit_options(wall_clock_ms: u64) -> CommitOptions {
     CommitOptions::default().with_time(i64::try_from(wall_clock_ms).unwrap_or(i64::MAX))
 }
 
+/// The bytes of a snapshot version: the whole document, not deflated. RocksDB compresses its
+/// blocks anyway, and automerge's deflate allocates some 300 KB of compressor state per call,
+/// which the allocator could not give back while the cached documents around it lived: a node
+/// writing 1 KB documents grew by that much per document.
+pub fn snapshot(doc: &Automerge) -> Vec<u8> {
+    doc.save_nocompress()
+}
+
 /// An empty document whose actor is set (automerge picks a random one otherwise).
 pub fn empty_doc(ts: Timestamp, index: u32) -> Automerge {
     let mut doc = Automerge::new();

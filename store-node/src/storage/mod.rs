@@ -313,7 +313,9 @@ impl Cached {
     fn weight(&self) -> usize {
         match self {
             Cached::Absent { .. } => 64,
-            Cached::Live(live) => 512 + live.json_bytes * 6,
+            // Measured: a decoded automerge document costs some 20 KB with small values, plus
+            // about three times its JSON.
+            Cached::Live(live) => (16 << 10) + live.json_bytes * 4,
         }
     }
 }
@@ -764,7 +766,7 @@ impl Store {
                     history_changes,
                     deltas: 0,
                     json,
-                    automerge: &doc.save(),
+                    automerge: &document::snapshot(&doc),
                 }
                 .encode();
                 batch.put_cf(self.cf(CF_DOCS), keep_key, value);
