@@ -9,6 +9,12 @@ use causeway_core::NodeId;
 use causeway_store_node::{Options, Service};
 use clap::Parser;
 
+/// mimalloc rather than the system allocator: a node makes many large short-lived allocations
+/// (decoded records, automerge saves) between long-lived small ones (cached documents), which
+/// fragment glibc's heap into memory it cannot return.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "causeway-store-node", about = "A Causeway store node")]
 struct Args {
