@@ -1,26 +1,25 @@
 //! `causeway admin status`: the configuration from the config manager (`GetConfig`,
-//! `ListNodes`) and each replica's own view from its `Status` RPC, as a table or as JSON.
+//! `ListNodes`) and each node's own view from its `Status` RPC, as a table or as JSON.
 //!
 //! The UST and GC timestamp are views: each node computes them from gossip, so they differ by a
 //! gossip round between nodes. The summary shows the highest view (frontiers only move forward,
-//! so it is the most recent); `--json` has every node's.
+//! so it is the most recent); `--json` has every node's. While a transition runs, the status is
+//! sampled twice (`--sample-ms` apart) and the rate of backfill between the samples gives the
+//! estimate of the time left.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use causeway_config_manager as cm;
 use causeway_core::{ClusterConfig, NodeId, KEYSPACE};
-use causeway_proto::v1::store_node_client::StoreNodeClient;
-use causeway_proto::v1::{NodeStatus as ProtoNodeStatus, StatusRequest};
+use causeway_proto::v1::{BackfillStatus, NodeStatus as ProtoNodeStatus};
 use serde::Serialize;
 
+use super::progress::{self, Totals};
+use super::{bounded, connect, node_status};
 use crate::dev::Manifest;
-
-/// Every RPC of the command is bounded by this.
-const RPC_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Flags of `causeway admin status`.
 #[derive(Debug, clap::Args)]
@@ -39,6 +38,10 @@ pub struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// While a transition runs: how far apart the two samples of the backfill are, for the
+    /// estimate of the time left (0: one sample, no estimate).
+    #[arg(long, default_value_t = 1000)]
+    sample_ms: u64,
 }
 
 /// The whole answer.
@@ -62,8 +65,23 @@ pub struct Status {
     pub partitions: Vec<PartitionStatus>,
     /// Partitions of the next configuration, while a transition runs.
     pub next_partitions: Vec<PartitionStatus>,
-    /// Registered nodes in no configuration.
+    /// The backfill for the next configuration, over its nodes, while a transition runs.
+    pub backfill: Option<BackfillSummary>,
+    /// Registered nodes in no configuration that still hold no data and serve (candidates for
+    /// a new shape or a replacement).
     pub spares: Vec<u64>,
+    /// Registered nodes in no configuration that report they left it and dropped their data.
+    pub drained: Vec<u64>,
+}
+
+/// The backfill of a transition, summed over the nodes of next.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackfillSummary {
+    pub epoch: u64,
+    #[serde(flatten)]
+    pub totals: Totals,
+    /// From the rate between two samples; absent while nothing moved (or with one sample).
+    pub seconds_left: Option<f64>,
 }
 
 /// One partition of a configuration.
@@ -90,64 +108,168 @@ pub struct ReplicaStatus {
     pub gc: Option<u64>,
     pub routing_epoch: Option<u64>,
     pub phase: Option<String>,
+    /// Its backfill for the next configuration, while a transition runs.
+    pub backfill: Option<NodeBackfill>,
     pub error: Option<String>,
 }
 
-async fn bounded<T, E: std::error::Error + Send + Sync + 'static>(
-    what: &str,
-    fut: impl Future<Output = Result<T, E>>,
-) -> Result<T> {
-    tokio::time::timeout(RPC_TIMEOUT, fut)
-        .await
-        .with_context(|| format!("{what}: no answer within {RPC_TIMEOUT:?}"))?
-        .with_context(|| what.to_string())
+/// One node's backfill, as its `Status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeBackfill {
+    pub epoch: u64,
+    pub intervals_done: u32,
+    pub intervals_total: u32,
+    pub bytes_done: u64,
+    pub bytes_estimated: u64,
+    pub backfilled: bool,
+    pub vetoed: bool,
+    pub restarts: u32,
 }
 
-/// A node's `Status`.
-async fn node_status(addr: &str) -> Result<ProtoNodeStatus> {
-    let url = if addr.starts_with("http") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let endpoint = tonic::transport::Endpoint::from_shared(url)?
-        .connect_timeout(RPC_TIMEOUT)
-        .timeout(RPC_TIMEOUT);
-    let channel = bounded("connecting", endpoint.connect()).await?;
-    let mut client = StoreNodeClient::new(channel);
-    let answer = bounded("Status", client.status(StatusRequest {})).await?;
-    Ok(answer.into_inner())
-}
-
-/// Gathers the status of the cluster behind `config_manager`.
-pub async fn gather(config_manager: &str) -> Result<Status> {
-    let client = bounded("connecting to the config manager", async {
-        cm::Client::connect(config_manager).await
-    })
-    .await
-    .with_context(|| format!("config manager at {config_manager}"))?;
-    let pair = bounded("GetConfig", client.get_config()).await?;
-    let registered = bounded("ListNodes", client.list_nodes()).await?;
-    let live: BTreeMap<NodeId, bool> = registered.iter().map(|n| (n.info.id, n.live)).collect();
-
-    let mut in_config: BTreeMap<NodeId, String> = BTreeMap::new();
-    for config in pair.current.iter().chain(&pair.next) {
-        for (id, info) in &config.nodes {
-            in_config.insert(*id, info.addr.clone());
+impl From<&BackfillStatus> for NodeBackfill {
+    fn from(b: &BackfillStatus) -> Self {
+        NodeBackfill {
+            epoch: b.epoch,
+            intervals_done: b.intervals_done,
+            intervals_total: b.intervals_total,
+            bytes_done: b.bytes_done,
+            bytes_estimated: b.bytes_estimated,
+            backfilled: b.backfilled,
+            vetoed: b.vetoed,
+            restarts: b.restarts,
         }
     }
-    let mut statuses: BTreeMap<NodeId, Result<ProtoNodeStatus>> = BTreeMap::new();
-    let queries: Vec<_> = in_config
-        .iter()
-        .map(|(id, addr)| {
-            let addr = addr.clone();
-            let id = *id;
-            tokio::spawn(async move { (id, node_status(&addr).await) })
+}
+
+impl NodeBackfill {
+    /// `2/4 int, 1.0 MiB/3.0 MiB` and what the node declared.
+    fn cell(&self) -> String {
+        let bytes = if self.bytes_estimated > 0 {
+            format!(
+                "{}/{}",
+                progress::bytes(self.bytes_done),
+                progress::bytes(self.bytes_estimated)
+            )
+        } else {
+            progress::bytes(self.bytes_done)
+        };
+        let flag = if self.vetoed {
+            " vetoed"
+        } else if self.backfilled {
+            " done"
+        } else {
+            ""
+        };
+        format!(
+            "{}/{} int, {bytes}{flag}",
+            self.intervals_done, self.intervals_total
+        )
+    }
+}
+
+/// One look at the cluster: the pair, the registered nodes and each node's `Status`.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub pair: cm::ConfigPair,
+    pub registered: Vec<cm::NodeStatus>,
+    /// Every node of current ∪ next and every other registered node.
+    pub statuses: BTreeMap<NodeId, Result<ProtoNodeStatus>>,
+}
+
+impl Snapshot {
+    /// Takes one.
+    pub async fn take(client: &cm::Client) -> Result<Snapshot> {
+        let pair = bounded("GetConfig", client.get_config()).await?;
+        let registered = bounded("ListNodes", client.list_nodes()).await?;
+        let mut addrs: BTreeMap<NodeId, String> = registered
+            .iter()
+            .map(|n| (n.info.id, n.info.addr.clone()))
+            .collect();
+        for config in pair.current.iter().chain(&pair.next) {
+            for (id, info) in &config.nodes {
+                addrs.insert(*id, info.addr.clone());
+            }
+        }
+        let queries: Vec<_> = addrs
+            .into_iter()
+            .map(|(id, addr)| tokio::spawn(async move { (id, node_status(&addr).await) }))
+            .collect();
+        let mut statuses = BTreeMap::new();
+        for q in queries {
+            let (id, status) = q.await?;
+            statuses.insert(id, status);
+        }
+        Ok(Snapshot {
+            pair,
+            registered,
+            statuses,
         })
-        .collect();
-    for q in queries {
-        let (id, status) = q.await?;
-        statuses.insert(id, status);
+    }
+
+    /// The backfill totals for the next configuration, over its nodes (`None`: no transition).
+    pub fn backfill_totals(&self) -> Option<Totals> {
+        let next = self.pair.next.as_ref()?;
+        let reports = next
+            .nodes
+            .keys()
+            .filter_map(|id| self.statuses.get(id)?.as_ref().ok()?.backfill.as_ref());
+        Some(Totals::of(next.epoch.0, reports))
+    }
+
+    /// The phases the reachable nodes of current ∪ next report, each once.
+    pub fn phases(&self) -> Vec<String> {
+        let in_config = |id: &NodeId| {
+            self.pair
+                .current
+                .iter()
+                .chain(&self.pair.next)
+                .any(|c| c.contains(*id))
+        };
+        let phases: BTreeSet<String> = self
+            .statuses
+            .iter()
+            .filter(|(id, _)| in_config(id))
+            .filter_map(|(_, s)| s.as_ref().ok())
+            .map(|s| s.phase.clone())
+            .collect();
+        phases.into_iter().collect()
+    }
+}
+
+/// Gathers the status of the cluster behind `config_manager`; while a transition runs, a second
+/// sample `sample` later gives the time left.
+pub async fn gather(config_manager: &str, sample: Duration) -> Result<Status> {
+    let client = connect(config_manager).await?;
+    let first = Snapshot::take(&client).await?;
+    let taken = Instant::now();
+    let mut seconds_left = None;
+    let snapshot = match first.backfill_totals() {
+        Some(before) if !sample.is_zero() => {
+            tokio::time::sleep(sample).await;
+            let second = Snapshot::take(&client).await?;
+            let same_epoch = second.pair.next_epoch() == first.pair.next_epoch();
+            if let (true, Some(after)) = (same_epoch, second.backfill_totals()) {
+                seconds_left =
+                    progress::time_left(&before, &after, taken.elapsed()).map(|d| d.as_secs_f64());
+            }
+            second
+        }
+        _ => first,
+    };
+    Ok(summarize(config_manager, &snapshot, seconds_left))
+}
+
+/// The status a snapshot shows.
+pub fn summarize(config_manager: &str, snapshot: &Snapshot, seconds_left: Option<f64>) -> Status {
+    let Snapshot {
+        pair,
+        registered,
+        statuses,
+    } = snapshot;
+    let live: BTreeMap<NodeId, bool> = registered.iter().map(|n| (n.info.id, n.live)).collect();
+    let mut in_config: BTreeSet<NodeId> = BTreeSet::new();
+    for config in pair.current.iter().chain(&pair.next) {
+        in_config.extend(config.nodes.keys().copied());
     }
 
     let replica = |config: &ClusterConfig, id: NodeId| -> ReplicaStatus {
@@ -177,6 +299,7 @@ pub async fn gather(config_manager: &str) -> Result<Status> {
             gc: ok.map(|s| s.gc),
             routing_epoch: ok.map(|s| s.routing_epoch),
             phase: ok.map(|s| s.phase.clone()),
+            backfill: ok.and_then(|s| s.backfill.as_ref()).map(NodeBackfill::from),
             error: match status {
                 Some(Err(e)) => Some(format!("{e:#}")),
                 _ => None,
@@ -196,15 +319,23 @@ pub async fn gather(config_manager: &str) -> Result<Status> {
             .collect()
     };
 
-    let reachable: Vec<&ProtoNodeStatus> =
-        statuses.values().filter_map(|s| s.as_ref().ok()).collect();
-    let phases: BTreeSet<String> = reachable.iter().map(|s| s.phase.clone()).collect();
-    Ok(Status {
+    let reachable: Vec<&ProtoNodeStatus> = statuses
+        .iter()
+        .filter(|(id, _)| in_config.contains(id))
+        .filter_map(|(_, s)| s.as_ref().ok())
+        .collect();
+    let outside: Vec<NodeId> = registered
+        .iter()
+        .map(|n| n.info.id)
+        .filter(|id| !in_config.contains(id))
+        .collect();
+    let drained = |id: &NodeId| matches!(statuses.get(id), Some(Ok(s)) if s.drained);
+    Status {
         config_manager: config_manager.to_string(),
         revision: pair.revision,
         epoch: pair.current_epoch().0,
         next_epoch: pair.next.as_ref().map(|c| c.epoch.0),
-        phases: phases.into_iter().collect(),
+        phases: snapshot.phases(),
         ust: reachable.iter().map(|s| s.ust).max(),
         gc: reachable.iter().map(|s| s.gc).max(),
         log_next: reachable.iter().map(|s| s.log_next).max(),
@@ -214,13 +345,24 @@ pub async fn gather(config_manager: &str) -> Result<Status> {
             .map(&partitions_of)
             .unwrap_or_default(),
         next_partitions: pair.next.as_ref().map(&partitions_of).unwrap_or_default(),
-        spares: registered
+        backfill: pair.next.as_ref().and_then(|next| {
+            Some(BackfillSummary {
+                epoch: next.epoch.0,
+                totals: snapshot.backfill_totals()?,
+                seconds_left,
+            })
+        }),
+        spares: outside
             .iter()
-            .map(|n| n.info.id)
-            .filter(|id| !in_config.contains_key(id))
+            .filter(|id| !drained(id))
             .map(|id| id.0)
             .collect(),
-    })
+        drained: outside
+            .iter()
+            .filter(|id| drained(id))
+            .map(|id| id.0)
+            .collect(),
+    }
 }
 
 fn opt(v: Option<u64>) -> String {
@@ -233,11 +375,7 @@ pub fn render(s: &Status) -> String {
     let next = s
         .next_epoch
         .map_or_else(String::new, |e| format!(" → {e} (transition)"));
-    let phase = if s.phases.is_empty() {
-        "-".into()
-    } else {
-        s.phases.join(", ")
-    };
+    let phase = progress::phases(&s.phases);
     out.push_str(&format!(
         "config manager {}   revision {}\nepoch {}{}   phase {}\nUST {}   GC ts {}   log end {}\n",
         s.config_manager,
@@ -257,8 +395,17 @@ pub fn render(s: &Status) -> String {
             return;
         }
         out.push_str(&format!(
-            "\n{title}\n{:<10} {:>7}  {:<6} {:<22} {:>10} {:>6} {:>10}  {}\n",
-            "partition", "share", "node", "addr", "committed", "lag", "UST", "health"
+            "\n{title}\n{:<10} {:>7}  {:<6} {:<22} {:>10} {:>6} {:>10}  {:<12} {:<12} {}\n",
+            "partition",
+            "share",
+            "node",
+            "addr",
+            "committed",
+            "lag",
+            "UST",
+            "health",
+            "phase",
+            "backfill"
         ));
         for p in partitions {
             for (i, r) in p.replicas.iter().enumerate() {
@@ -270,8 +417,12 @@ pub fn render(s: &Status) -> String {
                 } else {
                     (String::new(), String::new())
                 };
-                out.push_str(&format!(
-                    "{:<10} {:>7}  {:<6} {:<22} {:>10} {:>6} {:>10}  {}\n",
+                let backfill = r
+                    .backfill
+                    .as_ref()
+                    .map_or_else(|| "-".into(), NodeBackfill::cell);
+                let line = format!(
+                    "{:<10} {:>7}  {:<6} {:<22} {:>10} {:>6} {:>10}  {:<12} {:<12} {}",
                     name,
                     share,
                     format!("n{}", r.node),
@@ -280,15 +431,37 @@ pub fn render(s: &Status) -> String {
                     opt(r.lag),
                     opt(r.ust),
                     r.health,
-                ));
+                    r.phase.as_deref().unwrap_or("-"),
+                    backfill,
+                );
+                out.push_str(line.trim_end());
+                out.push('\n');
             }
         }
     };
     table("current configuration", &s.partitions);
     table("next configuration", &s.next_partitions);
+    if let Some(b) = &s.backfill {
+        let left = b.seconds_left.map(Duration::from_secs_f64);
+        out.push_str(&format!(
+            "\nbackfill: {}\n",
+            progress::progress_line(b.epoch, &phase, &b.totals, left)
+        ));
+    }
+    let names = |ids: &[u64]| {
+        ids.iter()
+            .map(|n| format!("n{n}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     if !s.spares.is_empty() {
-        let spares: Vec<String> = s.spares.iter().map(|n| format!("n{n}")).collect();
-        out.push_str(&format!("\nspare nodes: {}\n", spares.join(" ")));
+        out.push_str(&format!("\nspare nodes: {}\n", names(&s.spares)));
+    }
+    if !s.drained.is_empty() {
+        out.push_str(&format!(
+            "\ndrained nodes (left the configuration, may be stopped): {}\n",
+            names(&s.drained)
+        ));
     }
     for p in s.partitions.iter().chain(&s.next_partitions) {
         for r in &p.replicas {
@@ -300,81 +473,6 @@ pub fn render(s: &Status) -> String {
     out
 }
 
-/// Flags of `causeway admin bootstrap`.
-#[derive(Debug, clap::Args)]
-pub struct BootstrapArgs {
-    /// The config manager (`host:port`).
-    #[arg(
-        long,
-        env = "CAUSEWAY_CONFIG_MANAGER",
-        default_value = "127.0.0.1:7400"
-    )]
-    config_manager: String,
-    #[arg(long)]
-    partitions: u32,
-    #[arg(long)]
-    replicas: u32,
-    /// How long to wait for partitions × replicas live registered nodes, in seconds.
-    #[arg(long, default_value_t = 60)]
-    wait: u64,
-}
-
-/// Runs `causeway admin bootstrap`: waits until enough store nodes are registered and live, then
-/// installs the first configuration. A cluster already bootstrapped with this shape is left as
-/// it is (so scripts may run it on every start); another shape is an error.
-pub async fn bootstrap(args: BootstrapArgs) -> Result<()> {
-    let client = bounded("connecting to the config manager", async {
-        cm::Client::connect(&args.config_manager).await
-    })
-    .await
-    .with_context(|| format!("config manager at {}", args.config_manager))?;
-    let needed = u64::from(args.partitions) * u64::from(args.replicas);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.wait);
-    loop {
-        let pair = bounded("GetConfig", client.get_config()).await?;
-        if let Some(current) = &pair.current {
-            let shape = (
-                current.replicas.len(),
-                current.replicas.values().map(Vec::len).max().unwrap_or(0),
-            );
-            anyhow::ensure!(
-                shape == (args.partitions as usize, args.replicas as usize),
-                "the cluster is already bootstrapped as {}×{}",
-                shape.0,
-                shape.1
-            );
-            println!("already bootstrapped: epoch {}", current.epoch);
-            return Ok(());
-        }
-        let live = bounded("ListNodes", client.list_nodes())
-            .await?
-            .iter()
-            .filter(|n| n.live)
-            .count() as u64;
-        if live >= needed {
-            break;
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "only {live} of {needed} store nodes registered within {} s",
-            args.wait
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let pair = bounded(
-        "Bootstrap",
-        client.bootstrap(args.partitions, args.replicas),
-    )
-    .await?;
-    println!(
-        "bootstrapped {}×{}: epoch {}",
-        args.partitions,
-        args.replicas,
-        pair.current_epoch()
-    );
-    Ok(())
-}
-
 /// Runs `causeway admin status`.
 pub async fn status(args: Args) -> Result<()> {
     let addr = match &args.data_dir {
@@ -384,7 +482,7 @@ pub async fn status(args: Args) -> Result<()> {
             .to_string(),
         None => args.config_manager.clone(),
     };
-    let status = gather(&addr).await?;
+    let status = gather(&addr, Duration::from_millis(args.sample_ms)).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
@@ -409,6 +507,7 @@ mod tests {
             gc: Some(30),
             routing_epoch: Some(1),
             phase: Some("stable".into()),
+            backfill: None,
             error: None,
         };
         let status = Status {
@@ -433,7 +532,9 @@ mod tests {
                 },
             ],
             next_partitions: vec![],
+            backfill: None,
             spares: vec![5],
+            drained: vec![],
         };
         let text = render(&status);
         assert!(text.contains("epoch 1   phase stable"), "{text}");
@@ -441,6 +542,98 @@ mod tests {
         assert!(text.contains("50.0%"), "{text}");
         assert!(text.contains("unreachable"), "{text}");
         assert!(text.contains("spare nodes: n5"), "{text}");
+        assert!(!text.contains("drained"), "{text}");
+        assert!(!text.contains("backfill:"), "{text}");
         assert_eq!(text.matches("127.0.0.1:400").count(), 4, "{text}");
+    }
+
+    #[test]
+    fn a_transition_shows_each_nodes_phase_and_backfill_and_the_time_left() {
+        let r = |node, phase: &str, backfill: Option<NodeBackfill>| ReplicaStatus {
+            node,
+            addr: format!("127.0.0.1:{}", 4000 + node),
+            health: "ok".into(),
+            committed: Some(41),
+            lag: Some(0),
+            ust: Some(40),
+            gc: Some(30),
+            routing_epoch: Some(1),
+            phase: Some(phase.into()),
+            backfill,
+            error: None,
+        };
+        let b = |done, total, bytes_done, est, backfilled| NodeBackfill {
+            epoch: 2,
+            intervals_done: done,
+            intervals_total: total,
+            bytes_done,
+            bytes_estimated: est,
+            backfilled,
+            vetoed: false,
+            restarts: 0,
+        };
+        let status = Status {
+            config_manager: "cm:1".into(),
+            revision: 3,
+            epoch: 1,
+            next_epoch: Some(2),
+            phases: vec!["backfilling".into()],
+            ust: Some(40),
+            gc: Some(30),
+            log_next: Some(42),
+            partitions: vec![PartitionStatus {
+                partition: 0,
+                share: 1.0,
+                replicas: vec![r(1, "backfilling", None)],
+            }],
+            next_partitions: vec![
+                PartitionStatus {
+                    partition: 0,
+                    share: 0.5,
+                    replicas: vec![r(1, "backfilling", Some(b(0, 0, 0, 0, true)))],
+                },
+                PartitionStatus {
+                    partition: 1,
+                    share: 0.5,
+                    replicas: vec![r(2, "backfilling", Some(b(1, 3, 1 << 20, 3 << 20, false)))],
+                },
+            ],
+            backfill: Some(BackfillSummary {
+                epoch: 2,
+                totals: Totals {
+                    nodes: 2,
+                    nodes_backfilled: 1,
+                    intervals_done: 1,
+                    intervals_total: 3,
+                    bytes_done: 1 << 20,
+                    bytes_estimated: 3 << 20,
+                },
+                seconds_left: Some(125.0),
+            }),
+            spares: vec![],
+            drained: vec![7, 8],
+        };
+        let text = render(&status);
+        assert!(
+            text.contains("epoch 1 → 2 (transition)   phase backfilling"),
+            "{text}"
+        );
+        assert!(
+            text.contains("backfilling  1/3 int, 1.0 MiB/3.0 MiB\n"),
+            "{text}"
+        );
+        assert!(text.contains("backfilling  0/0 int, 0 B done\n"), "{text}");
+        assert!(
+            text.contains(
+                "backfill: epoch 2: backfilling, 1/3 intervals, 1.0 MiB of 3.0 MiB, \
+                 1/2 nodes backfilled, about 2m 05s left"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("drained nodes (left the configuration, may be stopped): n7 n8"),
+            "{text}"
+        );
+        assert!(!text.contains("spare nodes"), "{text}");
     }
 }
