@@ -6,7 +6,7 @@
 //! The data dir holds one subdirectory per component and two files of its own:
 //!
 //! ```text
-//! <data-dir>/dev.json          the manifest: the shape and the store nodes' addresses
+//! <data-dir>/dev.json          the manifest: the installed shape and every store node's address
 //! <data-dir>/tokens.json       the generated admin token (0600), kept across restarts
 //! <data-dir>/log/              the embedded transaction log (not with --kafka)
 //! <data-dir>/config-manager/   the config manager's state file
@@ -18,6 +18,12 @@
 //! and the manifest keeps them for every restart. The config manager may move: the nodes and the
 //! api-server are told where it is at each start.
 //!
+//! `causeway admin scale|replace` work against a dev cluster: when a proposal needs more spare
+//! nodes than are registered, the config manager asks this process ([`DevSpares`], its
+//! spare-node provider) to start them; they get the next free ids and their own data dirs, join
+//! the manifest (so every restart starts them again), and register. The manifest's shape follows
+//! the configuration the config manager installs.
+//!
 //! Start-up order: config manager, log, store nodes (they register), bootstrap on the first start
 //! only, tokens, api-server, then a probe read until the API answers. Shutdown runs in the
 //! reverse order, so no component loses a peer while it still serves: the api-server drains its
@@ -27,12 +33,13 @@ use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use causeway_api_server as api;
 use causeway_config_manager as cm;
-use causeway_core::NodeId;
+use causeway_core::{ClusterConfig, NodeId};
 use causeway_store_node as store_node;
 use causeway_txlog::{KafkaOptions, LogOptions, TxLog};
 use serde::{Deserialize, Serialize};
@@ -42,6 +49,8 @@ use tokio::task::JoinHandle;
 /// How long start-up may take before `causeway dev` gives up (RocksDB opening, registration,
 /// bootstrap, the first read).
 const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
+/// The most store nodes one dev process runs, spare nodes included.
+const MAX_NODES: usize = 64;
 /// How long each tier may take to stop after being told to.
 const STOP_DEADLINE: Duration = Duration::from_secs(30);
 /// The collection of the start-up probe read (a document that is never written).
@@ -100,7 +109,8 @@ pub struct Manifest {
     pub config_manager: SocketAddr,
     /// The API address of the latest run.
     pub api: SocketAddr,
-    /// Every store node, with the address it must keep.
+    /// Every store node, with the address it must keep: those of the shape first bootstrapped,
+    /// then the spare nodes started for proposals, in id order.
     pub nodes: Vec<ManifestNode>,
     /// The log (data dirs from before there was a choice ran on the embedded log).
     #[serde(default)]
@@ -129,7 +139,7 @@ impl Manifest {
                     .with_context(|| format!("{} is not a valid manifest", path.display()))?;
                 ensure!(
                     manifest.nodes.len() as u64
-                        == u64::from(manifest.partitions) * u64::from(manifest.replicas),
+                        >= u64::from(manifest.partitions) * u64::from(manifest.replicas),
                     "{} lists {} nodes for a {}×{} cluster",
                     path.display(),
                     manifest.nodes.len(),
@@ -217,8 +227,8 @@ fn resolve_shape(args: &Args, existing: Option<&Manifest>) -> Result<(u32, u32)>
                 "--partitions and --replicas must be at least 1"
             );
             ensure!(
-                u64::from(shape.0) * u64::from(shape.1) <= 64,
-                "causeway dev runs at most 64 store nodes in one process"
+                u64::from(shape.0) * u64::from(shape.1) <= MAX_NODES as u64,
+                "causeway dev runs at most {MAX_NODES} store nodes in one process"
             );
             Ok(shape)
         }
@@ -349,18 +359,38 @@ async fn stop_all(tier: Vec<Running>) -> Vec<anyhow::Error> {
 }
 
 /// Everything that runs, by tier (the order of shutdown is api, nodes, config manager, log).
-#[derive(Default)]
+/// The store nodes are shared with [`DevSpares`], which adds the ones it starts.
 struct Cluster {
     api: Vec<Running>,
-    nodes: Vec<Running>,
+    nodes: StoreNodes,
     config_manager: Vec<Running>,
     log: Option<TxLog>,
+}
+
+/// The running store nodes; `None` once shutdown has taken them, so no node starts after it.
+type StoreNodes = Arc<Mutex<Option<Vec<Running>>>>;
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster {
+            api: Vec::new(),
+            nodes: Arc::new(Mutex::new(Some(Vec::new()))),
+            config_manager: Vec::new(),
+            log: None,
+        }
+    }
 }
 
 impl Cluster {
     async fn shutdown(self) -> Result<()> {
         let mut errors = stop_all(self.api).await;
-        errors.extend(stop_all(self.nodes).await);
+        let nodes = self
+            .nodes
+            .lock()
+            .expect("not poisoned")
+            .take()
+            .unwrap_or_default();
+        errors.extend(stop_all(nodes).await);
         errors.extend(stop_all(self.config_manager).await);
         if let Some(log) = self.log {
             if let Err(e) = log.close().await {
@@ -452,7 +482,10 @@ async fn start(
     exited: &mpsc::Sender<String>,
     cluster: &mut Cluster,
 ) -> Result<String> {
-    let cm_service = bind_config_manager(data_dir, existing).await?;
+    let spares = DevSpares::default();
+    let cm_service = bind_config_manager(data_dir, existing)
+        .await?
+        .with_spare_nodes(Arc::new(spares.clone()));
     let cm_addr = cm_service.local_addr();
     let cm_handle = cm_service.handle();
     cluster
@@ -468,50 +501,44 @@ async fn start(
         .with_context(|| format!("opening {}", describe_log(&manifest_log)))?;
     cluster.log = Some(log.clone());
 
-    // The store nodes, at the addresses of the manifest (free ports on the first start).
+    // The store nodes, at the addresses of the manifest (free ports on the first start), the
+    // spare nodes started for earlier proposals included.
     let count = partitions * replicas;
+    let planned: Vec<ManifestNode> = match existing {
+        Some(m) => m.nodes.clone(),
+        None => (1..=u64::from(count))
+            .map(|id| ManifestNode {
+                id,
+                listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            })
+            .collect(),
+    };
+    let context = NodeContext {
+        data_dir: data_dir.to_path_buf(),
+        config_manager: cm_addr.to_string(),
+        log_options: log_options.clone(),
+        log: log.clone(),
+        exited: exited.clone(),
+        nodes: Arc::clone(&cluster.nodes),
+    };
     let mut nodes = Vec::new();
-    for i in 0..count {
-        let id = u64::from(i) + 1;
-        let listen = match existing {
-            Some(m) => m.nodes[i as usize].listen,
-            None => SocketAddr::from(([127, 0, 0, 1], 0)),
-        };
-        let options = store_node::Options {
-            node_id: NodeId(id),
-            listen,
-            advertise: None,
-            admin_listen: None,
-            data_dir: data_dir.join(format!("node-{id}")),
-            config_manager: cm_addr.to_string(),
-            log: log_options.clone(),
-            store: Default::default(),
-            tuning: Default::default(),
-        };
-        let service = store_node::Service::bind_with_log(options, log.clone())
-            .await
-            .with_context(|| format!("starting store node {id} on {listen}"))?;
-        nodes.push(ManifestNode {
-            id,
-            listen: service.local_addr(),
-        });
-        cluster
-            .nodes
-            .push(spawn(format!("store node {id}"), exited, |stopped| {
-                service.run(stopped)
-            }));
+    for node in planned {
+        nodes.push(context.start(node.id, node.listen).await?);
     }
-    let mut manifest = Manifest {
+    let manifest = Arc::new(Mutex::new(Manifest {
         partitions,
         replicas,
         config_manager: cm_addr,
         api: args.listen,
         nodes,
         log: manifest_log.clone(),
-    };
-    manifest.store(data_dir)?;
+    }));
+    manifest.lock().expect("not poisoned").store(data_dir)?;
+    spares.ready(context, Arc::clone(&manifest));
 
-    // Bootstrap on the first start; later starts find the configuration in the config manager.
+    // Bootstrap on the first start; later starts find the configuration in the config manager,
+    // the authority on the shape: a manifest that missed an install (a stop just after it) is
+    // brought up to date.
     let pair = cm_handle.pair();
     match &pair.current {
         None => {
@@ -522,17 +549,22 @@ async fn start(
                 .context("bootstrapping the cluster")?;
             tracing::info!(partitions, replicas, "cluster bootstrapped");
         }
-        Some(config) => {
-            let found_partitions = config.replicas.len();
-            let found_replicas = config.replicas.values().map(Vec::len).max().unwrap_or(0);
-            ensure!(
-                found_partitions == partitions as usize && found_replicas == replicas as usize,
-                "the config manager in {} runs a {found_partitions}×{found_replicas} cluster but \
-                 dev.json says {partitions}×{replicas}: the data dir is inconsistent",
-                data_dir.display()
-            );
-        }
+        Some(config) => record_shape(&manifest, data_dir, config)?,
     }
+    let (partitions, replicas) = {
+        let m = manifest.lock().expect("not poisoned");
+        (m.partitions, m.replicas)
+    };
+    cluster
+        .config_manager
+        .push(spawn("the manifest keeper".into(), exited, |stopped| {
+            keep_shape(
+                cm_handle.subscribe(),
+                Arc::clone(&manifest),
+                data_dir.to_path_buf(),
+                stopped,
+            )
+        }));
 
     // The api-server, with the data dir's admin token.
     let tokens_file = data_dir.join("tokens.json");
@@ -555,8 +587,11 @@ async fn start(
         .push(spawn("the api-server".into(), exited, |stopped| {
             api_service.run(stopped)
         }));
-    manifest.api = api_addr;
-    manifest.store(data_dir)?;
+    {
+        let mut m = manifest.lock().expect("not poisoned");
+        m.api = api_addr;
+        m.store(data_dir)?;
+    }
 
     let url = format!("http://{api_addr}");
     wait_serving(&url, &token).await?;
@@ -602,6 +637,169 @@ async fn bind_config_manager(data_dir: &Path, existing: Option<&Manifest>) -> Re
         }
     }
     bail!("no free port for the config manager outside the store nodes' ports")
+}
+
+/// What starting a store node takes; shared by the start-up and [`DevSpares`].
+#[derive(Clone)]
+struct NodeContext {
+    data_dir: PathBuf,
+    config_manager: String,
+    log_options: LogOptions,
+    log: TxLog,
+    exited: mpsc::Sender<String>,
+    nodes: StoreNodes,
+}
+
+impl NodeContext {
+    /// Binds store node `id` on `listen` (port 0: a free port) with its data dir under the dev
+    /// data dir, and runs it; answers its manifest entry.
+    async fn start(&self, id: u64, listen: SocketAddr) -> Result<ManifestNode> {
+        let options = store_node::Options {
+            node_id: NodeId(id),
+            listen,
+            advertise: None,
+            admin_listen: None,
+            data_dir: self.data_dir.join(format!("node-{id}")),
+            config_manager: self.config_manager.clone(),
+            log: self.log_options.clone(),
+            store: Default::default(),
+            tuning: Default::default(),
+        };
+        let service = store_node::Service::bind_with_log(options, self.log.clone())
+            .await
+            .with_context(|| format!("starting store node {id} on {listen}"))?;
+        let entry = ManifestNode {
+            id,
+            listen: service.local_addr(),
+        };
+        let running = spawn(format!("store node {id}"), &self.exited, |stopped| {
+            service.run(stopped)
+        });
+        let mut nodes = self.nodes.lock().expect("not poisoned");
+        match nodes.as_mut() {
+            Some(nodes) => nodes.push(running),
+            None => {
+                // Shutdown has begun: this node is not left running behind it.
+                let _ = running.stop.send(true);
+                bail!("causeway dev is shutting down");
+            }
+        }
+        Ok(entry)
+    }
+}
+
+/// The spare-node provider of a dev cluster: starts the store nodes a proposal is short of, in
+/// this process, and records them in the manifest before they register.
+#[derive(Debug, Clone, Default)]
+pub struct DevSpares {
+    inner: Arc<OnceLock<SparesReady>>,
+}
+
+/// What [`DevSpares`] needs, known once the store nodes of the manifest run.
+struct SparesReady {
+    context: NodeContext,
+    manifest: Arc<Mutex<Manifest>>,
+    /// One start at a time, so ids are never handed out twice.
+    starting: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for SparesReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SparesReady")
+            .field("data_dir", &self.context.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DevSpares {
+    fn ready(&self, context: NodeContext, manifest: Arc<Mutex<Manifest>>) {
+        let _ = self.inner.set(SparesReady {
+            context,
+            manifest,
+            starting: tokio::sync::Mutex::new(()),
+        });
+    }
+}
+
+impl cm::SpareNodes for DevSpares {
+    fn start(
+        &self,
+        count: usize,
+    ) -> futures::future::BoxFuture<'static, Result<(), cm::SpareNodesError>> {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move {
+            let ready = inner
+                .get()
+                .ok_or("causeway dev is still starting its store nodes")?;
+            let _one_at_a_time = ready.starting.lock().await;
+            for _ in 0..count {
+                let (id, data_dir) = {
+                    let m = ready.manifest.lock().expect("not poisoned");
+                    if m.nodes.len() >= MAX_NODES {
+                        return Err(format!(
+                            "causeway dev runs at most {MAX_NODES} store nodes in one process"
+                        )
+                        .into());
+                    }
+                    let id = m.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
+                    (id, ready.context.data_dir.clone())
+                };
+                let entry = ready
+                    .context
+                    .start(id, SocketAddr::from(([127, 0, 0, 1], 0)))
+                    .await
+                    .map_err(|e| format!("{e:#}"))?;
+                tracing::info!(node = id, addr = %entry.listen, "spare store node started");
+                let mut m = ready.manifest.lock().expect("not poisoned");
+                m.nodes.push(entry);
+                m.store(&data_dir).map_err(|e| format!("{e:#}"))?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Records the shape of `config` in the manifest, if it differs.
+fn record_shape(manifest: &Mutex<Manifest>, data_dir: &Path, config: &ClusterConfig) -> Result<()> {
+    let partitions = u32::try_from(config.replicas.len()).unwrap_or(u32::MAX);
+    let replicas = config.replicas.values().map(Vec::len).max().unwrap_or(0);
+    let replicas = u32::try_from(replicas).unwrap_or(u32::MAX);
+    let mut m = manifest.lock().expect("not poisoned");
+    if (m.partitions, m.replicas) != (partitions, replicas) {
+        tracing::info!(partitions, replicas, epoch = %config.epoch, "the installed shape goes into the manifest");
+        m.partitions = partitions;
+        m.replicas = replicas;
+        m.store(data_dir)?;
+    }
+    Ok(())
+}
+
+/// Keeps the manifest's shape to the configuration installed, until `stopped`.
+async fn keep_shape(
+    mut pairs: watch::Receiver<cm::ConfigPair>,
+    manifest: Arc<Mutex<Manifest>>,
+    data_dir: PathBuf,
+    stopped: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
+) -> Result<(), std::io::Error> {
+    tokio::pin!(stopped);
+    loop {
+        tokio::select! {
+            () = &mut stopped => return Ok(()),
+            changed = pairs.changed() => {
+                if changed.is_err() {
+                    // The config manager stopped: shutdown is under way.
+                    stopped.await;
+                    return Ok(());
+                }
+            }
+        }
+        let current = pairs.borrow_and_update().current.clone();
+        if let Some(config) = current {
+            if let Err(e) = record_shape(&manifest, &data_dir, &config) {
+                return Err(std::io::Error::other(format!("{e:#}")));
+            }
+        }
+    }
 }
 
 /// Waits until the `count` store nodes of this run are registered and live.

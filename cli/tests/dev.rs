@@ -2,7 +2,8 @@
 //! port serves documents; after SIGINT it stops cleanly; restarted on the same data dir it serves
 //! the same documents with the same token; `causeway admin status` describes it; a different
 //! shape on that data dir is refused; `--kafka` runs it on a topic of the test broker and keeps the
-//! data dir to that log. Every wait has a deadline; set `CAUSEWAY_KEEP_TEST_DIR=1`
+//! data dir to that log; `causeway admin scale` against it has dev start the spare node it needs,
+//! which a restart starts again; bad `admin` input is refused and changes nothing. Every wait has a deadline; set `CAUSEWAY_KEEP_TEST_DIR=1`
 //! to keep the data dir for inspection.
 
 use std::net::TcpListener;
@@ -305,6 +306,142 @@ async fn dev_serves_documents_and_keeps_them_across_a_restart() -> Result<()> {
     let doc = get_note(&http, &base, &token, "n-0", ts).await?;
     assert_eq!(doc, json!({"i": 0, "text": "edited"}));
 
+    let exit = dev.interrupt()?;
+    assert!(exit.success(), "causeway dev exited with {exit}");
+    if std::env::var_os("CAUSEWAY_KEEP_TEST_DIR").is_some() {
+        eprintln!("kept {}", dir.keep().display());
+    }
+    Ok(())
+}
+
+/// `causeway admin ARGS…`: (success, stdout, stderr).
+fn admin(args: &[&str]) -> Result<(bool, String, String)> {
+    let out = Command::new(BIN).arg("admin").args(args).output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+fn manifest(data_dir: &Path) -> Result<Value> {
+    Ok(serde_json::from_slice(&std::fs::read(
+        data_dir.join("dev.json"),
+    )?)?)
+}
+
+/// `admin status --json` of the dev cluster in `data_dir`.
+fn status_json(data_dir: &Path) -> Result<Value> {
+    let data_dir = data_dir.to_str().context("utf-8 path")?;
+    let (ok, out, err) = admin(&[
+        "status",
+        "--json",
+        "--sample-ms",
+        "0",
+        "--data-dir",
+        data_dir,
+    ])?;
+    ensure!(ok, "admin status: {err}");
+    Ok(serde_json::from_str(&out)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_scale_against_dev_starts_the_spare_node_it_needs() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data_dir = dir.path().join("data");
+    let port = free_port()?;
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()?;
+    let dev = Dev::start(&data_dir, port, &[], dir.path().join("dev-1.log"))?;
+    wait_serving(&http, &base, &dev, &data_dir).await?;
+    let cm = manifest(&data_dir)?["config_manager"]
+        .as_str()
+        .context("config_manager")?
+        .to_string();
+
+    // Bad input is refused and changes nothing.
+    let (ok, _, err) = admin(&["scale", "--partitions", "0", "--config-manager", &cm])?;
+    assert!(!ok && err.contains("--partitions"), "{err}");
+    let (ok, _, err) = admin(&["scale", "--config-manager", &cm])?;
+    assert!(!ok && err.contains("nothing to scale"), "{err}");
+    let (ok, _, err) = admin(&["scale", "--partitions", "1", "--config-manager", &cm])?;
+    assert!(
+        !ok && err.contains("already has 1 partition(s) × 1 replica(s)"),
+        "{err}"
+    );
+    let (ok, _, err) = admin(&["replace", "n9", "--config-manager", &cm])?;
+    assert!(
+        !ok && err.contains("n9 is not in the current configuration"),
+        "{err}"
+    );
+    let (ok, _, err) = admin(&["abort", "--config-manager", &cm])?;
+    assert!(!ok && err.contains("no transition is running"), "{err}");
+    let status = status_json(&data_dir)?;
+    assert_eq!(status["next_epoch"], Value::Null, "{status}");
+    assert_eq!(
+        manifest(&data_dir)?["nodes"].as_array().map(Vec::len),
+        Some(1)
+    );
+
+    // 1 × 1 → 2 × 1: dev starts node 2, which registers, and the proposal is made.
+    let (ok, out, err) = admin(&["scale", "--partitions", "2", "--config-manager", &cm])?;
+    ensure!(ok, "admin scale: {err}\n{}", dev.output());
+    assert!(
+        out.contains("proposed epoch 2: 2 partition(s) × 1 replica(s)"),
+        "{out}"
+    );
+    let m = manifest(&data_dir)?;
+    let ids: Vec<u64> = m["nodes"]
+        .as_array()
+        .context("nodes")?
+        .iter()
+        .filter_map(|n| n["id"].as_u64())
+        .collect();
+    assert_eq!(ids, [1, 2], "{m}");
+    assert!(data_dir.join("node-2").is_dir());
+    let status = status_json(&data_dir)?;
+    assert_eq!(status["next_epoch"], 2, "{status}");
+    let next_nodes: Vec<u64> = status["next_partitions"]
+        .as_array()
+        .context("next_partitions")?
+        .iter()
+        .filter_map(|p| p["replicas"][0]["node"].as_u64())
+        .collect();
+    assert_eq!(next_nodes, [1, 2], "{status}");
+
+    // A transition runs: another proposal is refused before it reaches the config manager.
+    let (ok, _, err) = admin(&["scale", "--partitions", "3", "--config-manager", &cm])?;
+    assert!(
+        !ok && err.contains("a transition to epoch 2 is running"),
+        "{err}"
+    );
+
+    // A restart starts the spare node again, at its address.
+    let exit = dev.interrupt()?;
+    assert!(exit.success(), "causeway dev exited with {exit}");
+    let dev = Dev::start(&data_dir, port, &[], dir.path().join("dev-2.log"))?;
+    wait_serving(&http, &base, &dev, &data_dir).await?;
+    let deadline = Instant::now() + START_DEADLINE;
+    loop {
+        let status = status_json(&data_dir)?;
+        let n2 = status["next_partitions"][1]["replicas"][0].clone();
+        if n2["node"] == 2 && n2["health"] == "ok" {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "node 2 is not back after the restart: {status}\n{}",
+            dev.output()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        manifest(&data_dir)?["nodes"],
+        m["nodes"],
+        "the same nodes, the same addresses"
+    );
     let exit = dev.interrupt()?;
     assert!(exit.success(), "causeway dev exited with {exit}");
     if std::env::var_os("CAUSEWAY_KEEP_TEST_DIR").is_some() {

@@ -164,7 +164,37 @@ impl Client {
             .replace_node(pb::ReplaceNodeRequest {
                 failed_node_id: failed.0,
                 with_node_id: with.0,
+                any_free_node: false,
             })
+            .await?
+            .into_inner();
+        pair_from_proto(r)
+    }
+
+    /// Admin: proposes the next configuration with `failed` replaced by the lowest-id registered
+    /// live node in no configuration (the config manager picks it).
+    pub async fn replace_node_with_free(&self, failed: NodeId) -> Result<ConfigPair, Error> {
+        let r = self
+            .inner
+            .clone()
+            .replace_node(pb::ReplaceNodeRequest {
+                failed_node_id: failed.0,
+                with_node_id: 0,
+                any_free_node: true,
+            })
+            .await?
+            .into_inner();
+        pair_from_proto(r)
+    }
+
+    /// Admin: abandons the transition to `epoch` ([`Epoch::ZERO`]: whatever next is) once a
+    /// node of next has vetoed its backfill. `FailedPrecondition` when no transition runs or no
+    /// node vetoed; `Aborted` when next has another epoch.
+    pub async fn abort_transition(&self, epoch: Epoch) -> Result<ConfigPair, Error> {
+        let r = self
+            .inner
+            .clone()
+            .abort_transition(pb::AbortTransitionRequest { epoch: epoch.0 })
             .await?
             .into_inner();
         pair_from_proto(r)

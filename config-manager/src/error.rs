@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use causeway_core::{ConfigError, Epoch, NodeId};
 
+use crate::peers::{SpareNodesError, VetoAnswer};
+
 /// Errors of the config manager, its [`crate::Handle`] and its [`crate::Client`].
 ///
 /// The gRPC server turns each into a `tonic::Status` (see [`Error::code`]); the client turns a
@@ -79,6 +81,30 @@ pub enum Error {
         current: Epoch,
         next: Option<Epoch>,
     },
+    #[error("no transition is running (current epoch {current}): there is nothing to abort")]
+    NoTransition { current: Epoch },
+    #[error("cannot abort the transition to epoch {requested}: the transition running is to epoch {next}")]
+    AbortMismatch { requested: Epoch, next: Epoch },
+    #[error("the transition to epoch {0} was proposed anew while its nodes were asked; nothing was aborted")]
+    TransitionChanged(Epoch),
+    /// No node of next vetoed the abort; `answers` says what each node asked answered.
+    #[error("{}", no_veto_message(.epoch, .answers))]
+    NoVeto {
+        epoch: Epoch,
+        answers: Vec<(NodeId, VetoAnswer)>,
+    },
+    #[error("no registered live node is free to replace node {0}: start another store node")]
+    NoFreeNode(NodeId),
+    #[error("cannot start spare store nodes")]
+    SpareNodes(#[source] SpareNodesError),
+    #[error(
+        "{wanted} spare nodes are needed but only {registered} registered within {waited_ms} ms"
+    )]
+    SpareNodesTimeout {
+        wanted: usize,
+        registered: usize,
+        waited_ms: u64,
+    },
     /// A configuration cannot be computed (too few nodes, an empty shape, an unknown node...).
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -127,13 +153,19 @@ impl Error {
             | Error::TransitionRunning(_)
             | Error::NodeNotLive(_)
             | Error::StaleIncarnation { .. }
-            | Error::AddressConflict { .. } => Code::FailedPrecondition,
+            | Error::AddressConflict { .. }
+            | Error::NoTransition { .. }
+            | Error::NoVeto { .. }
+            | Error::NoFreeNode(_)
+            | Error::SpareNodesTimeout { .. } => Code::FailedPrecondition,
             Error::UnknownNode(_) => Code::NotFound,
             Error::InvalidAddr(_) | Error::ShapeTooLarge { .. } | Error::InvalidEndpoint(_) => {
                 Code::InvalidArgument
             }
             Error::TooManyNodes(_) | Error::TooManyWatchers(_) => Code::ResourceExhausted,
-            Error::EpochMismatch { .. } => Code::Aborted,
+            Error::EpochMismatch { .. }
+            | Error::AbortMismatch { .. }
+            | Error::TransitionChanged(_) => Code::Aborted,
             Error::Config(e) => match e {
                 ConfigError::EmptyShape { .. } => Code::InvalidArgument,
                 ConfigError::NotEnoughNodes { .. } | ConfigError::NodeInUse(_) => {
@@ -142,7 +174,7 @@ impl Error {
                 ConfigError::UnknownNode(_) => Code::NotFound,
                 _ => Code::Internal,
             },
-            Error::Stopped | Error::Connect { .. } => Code::Unavailable,
+            Error::Stopped | Error::Connect { .. } | Error::SpareNodes(_) => Code::Unavailable,
             Error::InvalidOptions(_)
             | Error::Io { .. }
             | Error::Corrupt { .. }
@@ -163,6 +195,22 @@ impl Error {
         }
         out
     }
+}
+
+/// Why an abort found no veto: every node asked has backfilled (or none gains anything, so every
+/// node of next counts as backfilled), or some could not be heard.
+fn no_veto_message(epoch: &Epoch, answers: &[(NodeId, VetoAnswer)]) -> String {
+    if answers.iter().all(|(_, a)| *a == VetoAnswer::Backfilled) {
+        return "every node of the next configuration has backfilled: routing may have switched; \
+                the transition cannot be aborted"
+            .to_string();
+    }
+    let each: Vec<String> = answers.iter().map(|(n, a)| format!("{n} {a}")).collect();
+    format!(
+        "no node of the next configuration (epoch {epoch}) vetoed its backfill, so the transition \
+         cannot be aborted safely (retry once the nodes answer): {}",
+        each.join("; ")
+    )
 }
 
 impl From<tonic::Status> for Error {

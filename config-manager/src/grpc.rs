@@ -152,10 +152,14 @@ impl ConfigManager for GrpcService {
         request: Request<pb::ReplaceNodeRequest>,
     ) -> Result<Response<pb::ConfigState>, Status> {
         let r = request.into_inner();
-        let pair = self
-            .handle
-            .replace_node(NodeId(r.failed_node_id), NodeId(r.with_node_id))
-            .await?;
+        let failed = NodeId(r.failed_node_id);
+        let pair = if r.any_free_node {
+            self.handle.replace_node_with_free(failed).await?
+        } else {
+            self.handle
+                .replace_node(failed, NodeId(r.with_node_id))
+                .await?
+        };
         Ok(Response::new(pair_to_proto(&pair)))
     }
 
@@ -173,9 +177,11 @@ impl ConfigManager for GrpcService {
 
     async fn abort_transition(
         &self,
-        _request: Request<pb::AbortTransitionRequest>,
+        request: Request<pb::AbortTransitionRequest>,
     ) -> Result<Response<pb::ConfigState>, Status> {
-        Err(Status::unimplemented("abort is not built yet"))
+        let r = request.into_inner();
+        let pair = self.handle.abort_transition(Epoch(r.epoch)).await?;
+        Ok(Response::new(pair_to_proto(&pair)))
     }
 
     async fn list_nodes(

@@ -14,6 +14,8 @@
 //! - [`disk`]: loading, validating and atomically writing the state file.
 //! - [`registry`]: registered nodes, incarnations and heartbeat liveness.
 //! - [`service`]: [`Service`] (bind, run) and its event loop, and the clonable [`Handle`].
+//! - [`peers`]: what the config manager asks of others: store nodes' backfill vetoes (for an
+//!   abort) and an optional provider of spare store nodes.
 //! - [`grpc`]: the tonic `ConfigManager` server, a thin adapter over [`Handle`].
 //! - [`client`]: [`Client`], the typed gRPC client for store nodes and the CLI.
 
@@ -22,6 +24,7 @@ pub mod disk;
 pub mod error;
 pub mod grpc;
 pub mod options;
+pub mod peers;
 pub mod registry;
 pub mod service;
 pub mod state;
@@ -29,6 +32,7 @@ pub mod state;
 pub use client::{Client, ConfigWatch};
 pub use error::{Corruption, Error};
 pub use options::Options;
+pub use peers::{GrpcVeto, SpareNodes, SpareNodesError, Veto, VetoAnswer};
 pub use registry::{NodeStatus, Registration};
 pub use service::{Handle, Service};
 pub use state::{Change, Completion, ConfigPair, HistoryEntry};

@@ -39,6 +39,11 @@ pub struct Options {
     pub http2_keepalive_interval_ms: u64,
     /// Concurrent requests served per connection. Default 256.
     pub max_concurrent_requests_per_connection: usize,
+    /// How long `AbortTransition` waits for each node's `VetoBackfill` answer. Default 2000 ms.
+    pub veto_timeout_ms: u64,
+    /// How long a proposal waits for the store nodes a spare-node provider starts to register.
+    /// Default 30000 ms.
+    pub spare_nodes_wait_ms: u64,
 }
 
 impl Default for Options {
@@ -56,6 +61,8 @@ impl Default for Options {
             max_addr_len: 255,
             http2_keepalive_interval_ms: 10_000,
             max_concurrent_requests_per_connection: 256,
+            veto_timeout_ms: 2000,
+            spare_nodes_wait_ms: 30_000,
         }
     }
 }
@@ -84,6 +91,9 @@ impl Options {
         }
         if self.http2_keepalive_interval_ms == 0 {
             return bad("http2_keepalive_interval_ms must be positive");
+        }
+        if self.veto_timeout_ms == 0 || self.spare_nodes_wait_ms == 0 {
+            return bad("veto_timeout_ms and spare_nodes_wait_ms must be positive");
         }
         Ok(())
     }

@@ -5,6 +5,13 @@
 //! written to disk (on the blocking pool) before it is acknowledged or published; the published
 //! (current, next) pair sits in a `tokio::sync::watch` channel, so a watcher always sees the
 //! latest pair and a slow one skips intermediate pairs instead of queueing them.
+//!
+//! Two calls also reach outside the process, and they do it in the [`Handle`], outside the event
+//! loop, so heartbeats and registrations are served meanwhile:
+//! - `abort_transition` asks the nodes of next that gain intervals for a veto (the loop answers
+//!   whom to ask), then commits the abort with a compare-and-set on the proposal's revision;
+//! - with a [`SpareNodes`] provider, a proposal short of spare nodes has it start the missing
+//!   ones, waits until they register, and is made again.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -12,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use causeway_core::{Epoch, NodeId, NodeInfo};
+use causeway_core::{ConfigError, Epoch, NodeId, NodeInfo};
 use causeway_proto::v1::config_manager_server::ConfigManagerServer;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -22,6 +29,7 @@ use crate::disk;
 use crate::error::Error;
 use crate::grpc::GrpcService;
 use crate::options::Options;
+use crate::peers::{GrpcVeto, SpareNodes, Veto, VetoAnswer};
 use crate::registry::{NodeStatus, Registration, Registry};
 use crate::state::{Completion, ConfigPair, HistoryEntry, State};
 
@@ -45,6 +53,27 @@ pub struct Service {
 pub struct Handle {
     commands: mpsc::Sender<Command>,
     published: watch::Receiver<ConfigPair>,
+    peers: Arc<Peers>,
+}
+
+/// Who the handle asks outside the process.
+#[derive(Debug, Clone)]
+struct Peers {
+    veto: Arc<dyn Veto>,
+    spares: Option<Arc<dyn SpareNodes>>,
+    spare_nodes_wait: Duration,
+}
+
+/// Whom to ask for a veto to abort one proposal.
+#[derive(Debug, Clone)]
+struct AbortPlan {
+    epoch: Epoch,
+    /// Names the proposal (see [`State::proposal_revision`]).
+    proposal: u64,
+    /// Live, not failed nodes of next that gain intervals, in node-id order.
+    ask: Vec<NodeInfo>,
+    /// Nodes that gain intervals but cannot be asked (not live), with why.
+    unasked: Vec<(NodeId, VetoAnswer)>,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, Error>>;
@@ -56,8 +85,13 @@ enum Command {
     Bootstrap(u32, u32, Reply<ConfigPair>),
     ProposeShape(u32, u32, Reply<ConfigPair>),
     MarkFailed(NodeId, Reply<ConfigPair>),
-    ReplaceNode(NodeId, NodeId, Reply<ConfigPair>),
+    /// `None`: the lowest-id free live node.
+    ReplaceNode(NodeId, Option<NodeId>, Reply<ConfigPair>),
     CompleteTransition(Epoch, Reply<Completion>),
+    PrepareAbort(Epoch, Reply<AbortPlan>),
+    CommitAbort(AbortPlan, Reply<ConfigPair>),
+    /// How many registered live nodes are in no configuration.
+    FreeNodes(Reply<usize>),
     ListNodes(Reply<Vec<NodeStatus>>),
     History(Reply<Vec<HistoryEntry>>),
 }
@@ -90,6 +124,13 @@ impl Service {
             next_epoch = ?state.pair().next_epoch(),
             "config manager bound"
         );
+        let peers = Arc::new(Peers {
+            veto: Arc::new(GrpcVeto {
+                timeout: Duration::from_millis(options.veto_timeout_ms),
+            }),
+            spares: None,
+            spare_nodes_wait: Duration::from_millis(options.spare_nodes_wait_ms),
+        });
         Ok(Service {
             options,
             listener,
@@ -100,8 +141,27 @@ impl Service {
             handle: Handle {
                 commands: commands_tx,
                 published: published_rx,
+                peers,
             },
         })
+    }
+
+    /// Lets proposals short of spare nodes have `provider` start them. Handles taken before
+    /// this call do not use it: set it up before taking any.
+    pub fn with_spare_nodes(mut self, provider: Arc<dyn SpareNodes>) -> Service {
+        let mut peers = (*self.handle.peers).clone();
+        peers.spares = Some(provider);
+        self.handle.peers = Arc::new(peers);
+        self
+    }
+
+    /// Asks store nodes for vetoes with `veto` instead of over gRPC (for tests). Handles taken
+    /// before this call do not use it.
+    pub fn with_veto(mut self, veto: Arc<dyn Veto>) -> Service {
+        let mut peers = (*self.handle.peers).clone();
+        peers.veto = veto;
+        self.handle.peers = Arc::new(peers);
+        self
     }
 
     /// The address the gRPC server listens on (the real port when bound to port 0).
@@ -200,10 +260,24 @@ impl Handle {
             .await
     }
 
-    /// Proposes the next configuration for a new shape, with registered live spare nodes.
+    /// Proposes the next configuration for a new shape, with registered live spare nodes. With
+    /// a spare-node provider, missing spare nodes are started first.
     pub async fn propose_shape(&self, partitions: u32, replicas: u32) -> Result<ConfigPair, Error> {
-        self.call(|r| Command::ProposeShape(partitions, replicas, r))
-            .await
+        let first = self
+            .call(|r| Command::ProposeShape(partitions, replicas, r))
+            .await;
+        let Some(spares) = &self.peers.spares else {
+            return first;
+        };
+        match first {
+            Err(Error::Config(ConfigError::NotEnoughNodes { needed, available })) => {
+                self.start_free_nodes(spares.as_ref(), available, needed)
+                    .await?;
+                self.call(|r| Command::ProposeShape(partitions, replicas, r))
+                    .await
+            }
+            other => other,
+        }
     }
 
     /// Marks `node` failed in the current (and next) configuration.
@@ -213,7 +287,47 @@ impl Handle {
 
     /// Proposes the next configuration with `failed` replaced by the registered live node `with`.
     pub async fn replace_node(&self, failed: NodeId, with: NodeId) -> Result<ConfigPair, Error> {
-        self.call(|r| Command::ReplaceNode(failed, with, r)).await
+        self.call(|r| Command::ReplaceNode(failed, Some(with), r))
+            .await
+    }
+
+    /// Proposes the next configuration with `failed` replaced by the lowest-id registered live
+    /// node in no configuration. With a spare-node provider, one is started when none is free.
+    pub async fn replace_node_with_free(&self, failed: NodeId) -> Result<ConfigPair, Error> {
+        let first = self.call(|r| Command::ReplaceNode(failed, None, r)).await;
+        let Some(spares) = &self.peers.spares else {
+            return first;
+        };
+        match first {
+            Err(Error::NoFreeNode(_)) => {
+                self.start_free_nodes(spares.as_ref(), 0, 1).await?;
+                self.call(|r| Command::ReplaceNode(failed, None, r)).await
+            }
+            other => other,
+        }
+    }
+
+    /// Abandons the transition to `epoch` ([`Epoch::ZERO`]: whatever next is): asks the live,
+    /// not failed nodes of next that gain intervals, in node-id order, to veto their backfill,
+    /// and once one has, drops next. Without a veto nothing changes ([`Error::NoVeto`]): every
+    /// node may have backfilled, so routing may have switched to next.
+    pub async fn abort_transition(&self, epoch: Epoch) -> Result<ConfigPair, Error> {
+        let plan = self.call(|r| Command::PrepareAbort(epoch, r)).await?;
+        let mut answers = plan.unasked.clone();
+        for node in &plan.ask {
+            let answer = self.peers.veto.veto(node, plan.epoch).await;
+            tracing::info!(node = %node.id, epoch = %plan.epoch, answer = %answer, "veto asked");
+            if answer == VetoAnswer::Vetoed {
+                let plan = plan.clone();
+                return self.call(|r| Command::CommitAbort(plan, r)).await;
+            }
+            answers.push((node.id, answer));
+        }
+        answers.sort_by_key(|(n, _)| *n);
+        Err(Error::NoVeto {
+            epoch: plan.epoch,
+            answers,
+        })
     }
 
     /// Installs next as current iff its epoch is `epoch` (idempotent for an installed epoch).
@@ -229,6 +343,35 @@ impl Handle {
     /// Every configuration ever bootstrapped, proposed, amended or installed, in order.
     pub async fn history(&self) -> Result<Vec<HistoryEntry>, Error> {
         self.call(Command::History).await
+    }
+
+    /// Has `spares` start the nodes missing for `needed` free nodes (`available` now), and waits
+    /// until that many are registered and live.
+    async fn start_free_nodes(
+        &self,
+        spares: &dyn SpareNodes,
+        available: usize,
+        needed: usize,
+    ) -> Result<(), Error> {
+        let missing = needed.saturating_sub(available).max(1);
+        tracing::info!(missing, "starting spare store nodes");
+        spares.start(missing).await.map_err(Error::SpareNodes)?;
+        let wait = self.peers.spare_nodes_wait;
+        let deadline = Instant::now() + wait;
+        loop {
+            let free = self.call(Command::FreeNodes).await?;
+            if free >= needed {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::SpareNodesTimeout {
+                    wanted: needed,
+                    registered: free,
+                    waited_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn call<T>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Result<T, Error> {
@@ -307,11 +450,31 @@ impl EventLoop {
                 let _ = reply.send(self.apply("mark failed", result).await);
             }
             Command::ReplaceNode(failed, with, reply) => {
-                let result = match self.live_node(with, now) {
+                let result = match self.replacement(failed, with, now) {
                     Ok(info) => self.state.replace_node(failed, info).map(Some),
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(self.apply("replace node", result).await);
+            }
+            Command::PrepareAbort(epoch, reply) => {
+                let _ = reply.send(self.abort_plan(epoch, now));
+            }
+            Command::CommitAbort(plan, reply) => {
+                let result = if self.state.next_epoch_is(plan.epoch)
+                    && self.state.proposal_revision() == Some(plan.proposal)
+                {
+                    self.state.abort(plan.epoch).map(Some)
+                } else if self.state.next.is_none() {
+                    Err(Error::NoTransition {
+                        current: self.state.pair().current_epoch(),
+                    })
+                } else {
+                    Err(Error::TransitionChanged(plan.epoch))
+                };
+                let _ = reply.send(self.apply("abort transition", result).await);
+            }
+            Command::FreeNodes(reply) => {
+                let _ = reply.send(Ok(self.free(now).len()));
             }
             Command::CompleteTransition(epoch, reply) => {
                 let result = match self.state.complete_transition(epoch) {
@@ -388,6 +551,76 @@ impl EventLoop {
             .into_iter()
             .filter(|n| current.is_none_or(|c| !c.contains(n.id)))
             .collect()
+    }
+
+    /// Registered live nodes in neither the current nor the next configuration, in node-id order.
+    fn free(&self, now: Instant) -> Vec<NodeInfo> {
+        self.registry
+            .live(now)
+            .into_iter()
+            .filter(|n| {
+                !self
+                    .state
+                    .current
+                    .iter()
+                    .chain(&self.state.next)
+                    .any(|c| c.contains(n.id))
+            })
+            .collect()
+    }
+
+    /// The node to replace `failed` with: `with`, or the lowest-id free node.
+    fn replacement(
+        &self,
+        failed: NodeId,
+        with: Option<NodeId>,
+        now: Instant,
+    ) -> Result<NodeInfo, Error> {
+        if let Some(with) = with {
+            return self.live_node(with, now);
+        }
+        // The refusals a replacement would meet, before saying that no node is free.
+        let current = self.state.idle_current()?;
+        if !current.contains(failed) {
+            return Err(ConfigError::UnknownNode(failed).into());
+        }
+        self.free(now)
+            .into_iter()
+            .next()
+            .ok_or(Error::NoFreeNode(failed))
+    }
+
+    /// Whom to ask for a veto to abort the transition to `epoch`.
+    fn abort_plan(&self, epoch: Epoch, now: Instant) -> Result<AbortPlan, Error> {
+        // The pure change says whether an abort can be made at all; it is made on commit.
+        self.state.abort(epoch)?;
+        let (Some(current), Some(next)) = (&self.state.current, &self.state.next) else {
+            unreachable!("an abort succeeds only with a current and a next configuration");
+        };
+        let mut ask = Vec::new();
+        let mut unasked = Vec::new();
+        for (id, info) in &next.nodes {
+            if next.failed.contains(id) || current.gains(next, *id).is_empty() {
+                continue;
+            }
+            if self.registry.is_live(*id, now) {
+                ask.push(info.clone());
+            } else {
+                unasked.push((
+                    *id,
+                    VetoAnswer::Failed("not live: no heartbeat within the timeout".into()),
+                ));
+            }
+        }
+        Ok(AbortPlan {
+            epoch: next.epoch,
+            proposal: self
+                .state
+                .proposal_revision()
+                .expect("a next configuration was proposed"),
+            ask,
+            unasked,
+        })
     }
 
     fn live_node(&self, node: NodeId, now: Instant) -> Result<NodeInfo, Error> {

@@ -58,6 +58,9 @@ pub enum Change {
     Installed,
     /// A node marked failed in a configuration (same epoch).
     MarkedFailed,
+    /// A proposed next configuration abandoned by `AbortTransition` before routing could switch
+    /// to it; the current configuration stays. Its epoch is free for the next proposal.
+    Aborted,
 }
 
 /// One configuration of the history.
@@ -215,6 +218,43 @@ impl State {
         }
     }
 
+    /// Abandons the transition to `epoch` ([`Epoch::ZERO`]: whatever next is): next is dropped
+    /// and the current configuration stays. Pure: the caller has made sure, before calling this,
+    /// that a node of next vetoed it, so no node can switch routing to it.
+    pub fn abort(&self, epoch: Epoch) -> Result<State, Error> {
+        let next = self.next.as_ref().ok_or(Error::NoTransition {
+            current: self.pair().current_epoch(),
+        })?;
+        if epoch != Epoch::ZERO && epoch != next.epoch {
+            return Err(Error::AbortMismatch {
+                requested: epoch,
+                next: next.epoch,
+            });
+        }
+        let aborted = next.clone();
+        let mut s = self.clone();
+        s.next = None;
+        s.record(Change::Aborted, aborted);
+        Ok(s)
+    }
+
+    /// Whether a transition to `epoch` runs.
+    pub fn next_epoch_is(&self, epoch: Epoch) -> bool {
+        self.next.as_ref().is_some_and(|n| n.epoch == epoch)
+    }
+
+    /// The revision at which the next configuration was proposed (`None` when no transition
+    /// runs): it names one proposal, where the epoch alone does not (an aborted epoch is
+    /// proposed again).
+    pub fn proposal_revision(&self) -> Option<u64> {
+        let next = self.next.as_ref()?;
+        self.history
+            .iter()
+            .rev()
+            .find(|e| e.change == Change::Proposed && e.config.epoch == next.epoch)
+            .map(|e| e.revision)
+    }
+
     /// Checks the state as a whole; called before every write and after every read.
     pub fn check(&self) -> Result<(), Corruption> {
         if self.format_version != FORMAT_VERSION {
@@ -253,13 +293,23 @@ impl State {
             .as_ref()
             .or(self.current.as_ref())
             .map_or(Epoch::ZERO, |c| c.epoch);
-        if let Some(e) = self.history.iter().find(|e| e.config.epoch > top) {
-            return Err(Corruption::HistoryMismatch(e.config.epoch));
+        // Beyond the pair, only aborted proposals: the latest entry of such an epoch says so.
+        for e in self.history.iter().filter(|e| e.config.epoch > top) {
+            let latest = self
+                .history
+                .iter()
+                .rev()
+                .find(|l| l.config.epoch == e.config.epoch)
+                .expect("e itself is one");
+            if latest.change != Change::Aborted {
+                return Err(Corruption::HistoryMismatch(e.config.epoch));
+            }
         }
         Ok(())
     }
 
-    fn idle_current(&self) -> Result<&ClusterConfig, Error> {
+    /// The current configuration, when no transition runs.
+    pub fn idle_current(&self) -> Result<&ClusterConfig, Error> {
         let current = self.current.as_ref().ok_or(Error::NotBootstrapped)?;
         if let Some(next) = &self.next {
             return Err(Error::TransitionRunning(next.epoch));
@@ -338,6 +388,79 @@ mod tests {
                 Change::Installed
             ]
         );
+    }
+
+    #[test]
+    fn an_abort_drops_next_and_keeps_current() {
+        let s = State::default().bootstrap(1, 2, &nodes(1..3)).unwrap();
+        assert!(matches!(
+            s.abort(Epoch::ZERO),
+            Err(Error::NoTransition { current: Epoch(1) })
+        ));
+        assert_eq!(s.proposal_revision(), None);
+        let proposed = s.propose_shape(2, 2, &nodes(3..5)).unwrap();
+        assert_eq!(proposed.proposal_revision(), Some(2));
+        assert!(matches!(
+            proposed.abort(Epoch(3)),
+            Err(Error::AbortMismatch {
+                requested: Epoch(3),
+                next: Epoch(2)
+            })
+        ));
+        assert!(matches!(
+            proposed.abort(Epoch(1)),
+            Err(Error::AbortMismatch { .. })
+        ));
+
+        for epoch in [Epoch::ZERO, Epoch(2)] {
+            let aborted = proposed.abort(epoch).unwrap();
+            aborted.check().unwrap();
+            assert_eq!(aborted.next, None);
+            assert_eq!(aborted.current, s.current);
+            assert_eq!(aborted.revision, proposed.revision + 1);
+            let last = aborted.history.last().unwrap();
+            assert_eq!(last.change, Change::Aborted);
+            assert_eq!(Some(&last.config), proposed.next.as_ref());
+            assert_eq!(last.revision, aborted.revision);
+            assert!(matches!(
+                aborted.abort(Epoch::ZERO),
+                Err(Error::NoTransition { .. })
+            ));
+            assert!(matches!(
+                aborted.complete_transition(Epoch(2)),
+                Err(Error::EpochMismatch { .. })
+            ));
+        }
+
+        // The epoch is proposed again, and the new proposal is told apart from the aborted one.
+        let again = proposed
+            .abort(Epoch::ZERO)
+            .unwrap()
+            .propose_shape(3, 1, &nodes(3..5))
+            .unwrap();
+        again.check().unwrap();
+        assert_eq!(again.next.as_ref().unwrap().epoch, Epoch(2));
+        assert_eq!(again.proposal_revision(), Some(4));
+        let installed = again.complete_transition(Epoch(2)).unwrap().unwrap();
+        installed.check().unwrap();
+        assert_eq!(installed.current.as_ref().unwrap().replicas.len(), 3);
+    }
+
+    #[test]
+    fn check_refuses_a_proposal_beyond_the_pair_unless_it_was_aborted() {
+        let proposed = State::default()
+            .bootstrap(1, 1, &nodes(1..2))
+            .unwrap()
+            .propose_shape(2, 1, &nodes(2..3))
+            .unwrap();
+        let aborted = proposed.abort(Epoch::ZERO).unwrap();
+        aborted.check().unwrap();
+        let mut dropped = proposed.clone();
+        dropped.next = None;
+        assert!(matches!(
+            dropped.check(),
+            Err(Corruption::HistoryMismatch(Epoch(2)))
+        ));
     }
 
     #[test]
