@@ -21,6 +21,10 @@ mod dev;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc, as in `causeway-store-node`: `causeway dev` runs store nodes in this process.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "causeway",

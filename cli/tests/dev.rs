@@ -385,11 +385,36 @@ async fn admin_scale_against_dev_starts_the_spare_node_it_needs() -> Result<()> 
         Some(1)
     );
 
-    // 1 × 1 → 2 × 1: dev starts node 2, which registers, and the proposal is made.
-    let (ok, out, err) = admin(&["scale", "--partitions", "2", "--config-manager", &cm])?;
-    ensure!(ok, "admin scale: {err}\n{}", dev.output());
+    // Documents to move.
+    let token = read_token(&data_dir)?;
+    let mut last_ts = 0u64;
+    for i in 0..40 {
+        let r = http
+            .put(format!("{base}/v1/collections/notes/documents/n-{i}"))
+            .bearer_auth(&token)
+            .json(&json!({"i": i}))
+            .send()
+            .await?;
+        ensure!(r.status() == 200, "PUT n-{i}: {}", r.status());
+        last_ts = last_ts.max(r.json::<Value>().await?["ts"].as_u64().context("no ts")?);
+    }
+
+    // 1 × 1 → 2 × 1: dev starts node 2, which registers; the proposal is made and --wait
+    // follows it until it is installed.
+    let (ok, out, err) = admin(&[
+        "scale",
+        "--partitions",
+        "2",
+        "--wait",
+        "--timeout",
+        "60s",
+        "--config-manager",
+        &cm,
+    ])?;
+    ensure!(ok, "admin scale --wait: {err}\n{}", dev.output());
     assert!(
-        out.contains("proposed epoch 2: 2 partition(s) × 1 replica(s)"),
+        out.contains("proposed epoch 2: 2 partition(s) × 1 replica(s)")
+            && out.contains("installed in"),
         "{out}"
     );
     let m = manifest(&data_dir)?;
@@ -402,21 +427,33 @@ async fn admin_scale_against_dev_starts_the_spare_node_it_needs() -> Result<()> 
     assert_eq!(ids, [1, 2], "{m}");
     assert!(data_dir.join("node-2").is_dir());
     let status = status_json(&data_dir)?;
-    assert_eq!(status["next_epoch"], 2, "{status}");
-    let next_nodes: Vec<u64> = status["next_partitions"]
+    assert_eq!(
+        (status["epoch"].as_u64(), &status["next_epoch"]),
+        (Some(2), &Value::Null),
+        "{status}"
+    );
+    let nodes: Vec<u64> = status["partitions"]
         .as_array()
-        .context("next_partitions")?
+        .context("partitions")?
         .iter()
         .filter_map(|p| p["replicas"][0]["node"].as_u64())
         .collect();
-    assert_eq!(next_nodes, [1, 2], "{status}");
-
-    // A transition runs: another proposal is refused before it reaches the config manager.
-    let (ok, _, err) = admin(&["scale", "--partitions", "3", "--config-manager", &cm])?;
-    assert!(
-        !ok && err.contains("a transition to epoch 2 is running"),
-        "{err}"
-    );
+    assert_eq!(nodes, [1, 2], "{status}");
+    // Every document reads back, whichever partition it moved to.
+    for i in 0..40 {
+        let r = http
+            .get(format!("{base}/v1/collections/notes/documents/n-{i}"))
+            .bearer_auth(&token)
+            .header("causeway-after", last_ts.to_string())
+            .send()
+            .await?;
+        ensure!(
+            r.status() == 200,
+            "GET n-{i} after the scale: {}",
+            r.status()
+        );
+        assert_eq!(r.json::<Value>().await?["i"], json!(i));
+    }
 
     // A restart starts the spare node again, at its address.
     let exit = dev.interrupt()?;
@@ -426,7 +463,7 @@ async fn admin_scale_against_dev_starts_the_spare_node_it_needs() -> Result<()> 
     let deadline = Instant::now() + START_DEADLINE;
     loop {
         let status = status_json(&data_dir)?;
-        let n2 = status["next_partitions"][1]["replicas"][0].clone();
+        let n2 = status["partitions"][1]["replicas"][0].clone();
         if n2["node"] == 2 && n2["health"] == "ok" {
             break;
         }

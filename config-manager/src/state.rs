@@ -59,7 +59,7 @@ pub enum Change {
     /// A node marked failed in a configuration (same epoch).
     MarkedFailed,
     /// A proposed next configuration abandoned by `AbortTransition` before routing could switch
-    /// to it; the current configuration stays. Its epoch is free for the next proposal.
+    /// to it; the current configuration stays. Its epoch is never proposed again.
     Aborted,
 }
 
@@ -244,8 +244,7 @@ impl State {
     }
 
     /// The revision at which the next configuration was proposed (`None` when no transition
-    /// runs): it names one proposal, where the epoch alone does not (an aborted epoch is
-    /// proposed again).
+    /// runs): it names one proposal, whatever happened to the pair since.
     pub fn proposal_revision(&self) -> Option<u64> {
         let next = self.next.as_ref()?;
         self.history
@@ -317,7 +316,17 @@ impl State {
         Ok(current)
     }
 
-    fn proposing(&self, next: ClusterConfig) -> State {
+    /// Makes `next` the proposal, under an epoch above every epoch ever proposed: the epoch of
+    /// an aborted proposal is never used again (a node of it may hold a veto for it).
+    fn proposing(&self, mut next: ClusterConfig) -> State {
+        let highest = self
+            .history
+            .iter()
+            .map(|e| e.config.epoch)
+            .chain(self.current.as_ref().map(|c| c.epoch))
+            .max()
+            .unwrap_or(Epoch::ZERO);
+        next.epoch = next.epoch.max(highest.next());
         let mut s = self.clone();
         s.next = Some(next.clone());
         s.record(Change::Proposed, next);
@@ -432,16 +441,20 @@ mod tests {
             ));
         }
 
-        // The epoch is proposed again, and the new proposal is told apart from the aborted one.
+        // The next proposal gets a new epoch: the aborted one is never used again.
         let again = proposed
             .abort(Epoch::ZERO)
             .unwrap()
             .propose_shape(3, 1, &nodes(3..5))
             .unwrap();
         again.check().unwrap();
-        assert_eq!(again.next.as_ref().unwrap().epoch, Epoch(2));
+        assert_eq!(again.next.as_ref().unwrap().epoch, Epoch(3));
         assert_eq!(again.proposal_revision(), Some(4));
-        let installed = again.complete_transition(Epoch(2)).unwrap().unwrap();
+        assert!(matches!(
+            again.complete_transition(Epoch(2)),
+            Err(Error::EpochMismatch { .. })
+        ));
+        let installed = again.complete_transition(Epoch(3)).unwrap().unwrap();
         installed.check().unwrap();
         assert_eq!(installed.current.as_ref().unwrap().replicas.len(), 3);
     }

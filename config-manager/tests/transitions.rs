@@ -221,15 +221,17 @@ async fn an_abort_asks_the_gaining_nodes_in_id_order_until_one_vetoes() {
         "an aborted epoch cannot be installed"
     );
 
-    // The epoch is free again; the first veto ends the asking.
-    cm.client.propose_shape(2, 2).await.expect("propose again");
+    // Proposed again, under a new epoch (the aborted one is never used again); the first veto
+    // ends the asking.
+    let again = cm.client.propose_shape(2, 2).await.expect("propose again");
+    assert_eq!(again.next_epoch(), Some(Epoch(3)));
     veto.script(&[(3, VetoAnswer::Vetoed), (4, VetoAnswer::Vetoed)]);
     let aborted = cm
         .client
         .abort_transition(Epoch::ZERO)
         .await
         .expect("abort");
-    assert_eq!(veto.asked(), [(3, 2)]);
+    assert_eq!(veto.asked(), [(3, 3)]);
     assert_eq!(aborted.next, None);
     cm.stop().await;
 }

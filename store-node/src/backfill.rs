@@ -484,7 +484,9 @@ async fn stream_from(
             Ok(Ok(Some(chunk))) => chunk,
         };
         let upto = Timestamp(chunk.upto);
-        let Some(entry) = plan_entry(shared, epoch, k) else {
+        let Some(entry) =
+            plan_entry(shared, epoch, k).filter(|_| still_next(shared) == Some(epoch))
+        else {
             return Ok(Err(Failure::Gone));
         };
         match entry.upto {
@@ -641,10 +643,6 @@ async fn finish(
 async fn settle(shared: &Arc<Shared>, current: &ClusterConfig) -> Result<(), Error> {
     let _writer = shared.plan_writer.lock().await;
     let _gate = shared.apply_gate.lock().await;
-    if lock(&shared.plan).is_some() {
-        save(shared, None).await?;
-    }
-    lock(&shared.backfill_holds).clear();
     let owned = current.owned_intervals(shared.node);
     let dropped = complement(&owned);
     let store = Arc::clone(&shared.store);
@@ -653,6 +651,11 @@ async fn settle(shared: &Arc<Shared>, current: &ClusterConfig) -> Result<(), Err
             .await
             .expect("drop task")?;
     }
+    // The plan goes last: a node without one has dropped what it does not own.
+    if lock(&shared.plan).is_some() {
+        save(shared, None).await?;
+    }
+    lock(&shared.backfill_holds).clear();
     // Drained: it was in an earlier configuration and is not in this one (a spare that never
     // joined is not drained, only idle).
     let was_member = shared.store.configs()?.iter().any(|(_, json)| {

@@ -84,6 +84,18 @@ async fn assert_dropped(cluster: &LocalCluster, before: &ClusterConfig, config: 
     let empty = empty_digest();
     for node in before.node_ids().union(&config.node_ids()) {
         let node = *node;
+        // A node drops what it no longer owns before it drops its plan.
+        until(&format!("{node} to settle"), TRANSITION, || async move {
+            cluster
+                .status(node)
+                .await
+                .ok()?
+                .backfill
+                .is_none()
+                .then_some(())
+        })
+        .await
+        .unwrap();
         let not_owned: Vec<Interval> = match config.partition_of_node(node) {
             Some(mine) => config
                 .slicing
@@ -430,4 +442,41 @@ async fn the_config_manager_restarts_mid_transition() {
     cluster.wait_stable(TRANSITION).await.unwrap();
     assert_seed_readable(&cluster, receiver, DOCS).await;
     cluster.verify_replicas_agree(TRANSITION).await.unwrap();
+}
+
+/// `abort` in the middle of a backfill: a receiver vetoes, next is dropped, the nodes return to
+/// the current configuration and drop what they had taken in; the same shape proposed again
+/// (under a new epoch) then installs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_transition_leaves_the_current_configuration() {
+    const DOCS: usize = 1_600;
+    let cluster = slow_cluster(DOCS).await;
+    let cm = cluster.config_manager().await.unwrap();
+    let before = cluster.current_config().await.unwrap();
+    let next = cm.propose_shape(1, 2).await.unwrap().next.unwrap();
+    let receiver = NodeId(1);
+    until("the backfill to be under way", TRANSITION, || {
+        let cluster = &cluster;
+        async move {
+            let b = backfill(cluster, receiver).await?;
+            (b.records_done >= 100 && !b.backfilled).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    let pair = cm.abort_transition(Epoch::ZERO).await.unwrap();
+    assert_eq!((pair.current_epoch(), pair.next), (before.epoch, None));
+    let after = cluster.wait_stable(TRANSITION).await.unwrap();
+    assert_eq!(after, before);
+    assert_dropped(&cluster, &before, &after).await;
+    for node in before.node_ids() {
+        assert_seed_readable(&cluster, node, DOCS).await;
+    }
+    cluster.verify_replicas_agree(TRANSITION).await.unwrap();
+    // Proposed again: a new epoch, which the veto of the aborted one does not touch.
+    let again = cm.propose_shape(1, 2).await.unwrap().next.unwrap();
+    assert!(again.epoch > next.epoch);
+    installed(&cluster, again.epoch).await.unwrap();
+    cluster.wait_stable(TRANSITION).await.unwrap();
+    assert_seed_readable(&cluster, receiver, DOCS).await;
 }
