@@ -239,9 +239,10 @@ impl Candidates {
                 }
             }
         }
-        c.preferred.dedup();
-        c.others.retain(|a| !c.preferred.contains(a));
-        c.others.dedup();
+        // One entry per address, in first-seen order.
+        let mut seen = std::collections::HashSet::new();
+        c.preferred.retain(|a| seen.insert(a.clone()));
+        c.others.retain(|a| seen.insert(a.clone()));
         c
     }
 

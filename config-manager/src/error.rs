@@ -85,7 +85,7 @@ pub enum Error {
     NoTransition { current: Epoch },
     #[error("cannot abort the transition to epoch {requested}: the transition running is to epoch {next}")]
     AbortMismatch { requested: Epoch, next: Epoch },
-    #[error("the transition to epoch {0} was proposed anew while its nodes were asked; nothing was aborted")]
+    #[error("the transition to epoch {0} changed while its nodes were asked (a node marked failed, or a new proposal); nothing was aborted: run the abort again")]
     TransitionChanged(Epoch),
     /// No node of next vetoed the abort; `answers` says what each node asked answered.
     #[error("{}", no_veto_message(.epoch, .answers))]

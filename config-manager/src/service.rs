@@ -68,8 +68,9 @@ struct Peers {
 #[derive(Debug, Clone)]
 struct AbortPlan {
     epoch: Epoch,
-    /// Names the proposal (see [`State::proposal_revision`]).
-    proposal: u64,
+    /// The revision of the pair when the nodes were chosen: the abort is made only if nothing
+    /// changed since (a node marked failed meanwhile could let the others switch routing).
+    revision: u64,
     /// Live, not failed nodes of next that gain intervals, in node-id order.
     ask: Vec<NodeInfo>,
     /// Nodes that gain intervals but cannot be asked (not live), with why.
@@ -461,7 +462,7 @@ impl EventLoop {
             }
             Command::CommitAbort(plan, reply) => {
                 let result = if self.state.next_epoch_is(plan.epoch)
-                    && self.state.proposal_revision() == Some(plan.proposal)
+                    && self.state.revision == plan.revision
                 {
                     self.state.abort(plan.epoch).map(Some)
                 } else if self.state.next.is_none() {
@@ -614,10 +615,7 @@ impl EventLoop {
         }
         Ok(AbortPlan {
             epoch: next.epoch,
-            proposal: self
-                .state
-                .proposal_revision()
-                .expect("a next configuration was proposed"),
+            revision: self.state.revision,
             ask,
             unasked,
         })

@@ -243,17 +243,6 @@ impl State {
         self.next.as_ref().is_some_and(|n| n.epoch == epoch)
     }
 
-    /// The revision at which the next configuration was proposed (`None` when no transition
-    /// runs): it names one proposal, whatever happened to the pair since.
-    pub fn proposal_revision(&self) -> Option<u64> {
-        let next = self.next.as_ref()?;
-        self.history
-            .iter()
-            .rev()
-            .find(|e| e.change == Change::Proposed && e.config.epoch == next.epoch)
-            .map(|e| e.revision)
-    }
-
     /// Checks the state as a whole; called before every write and after every read.
     pub fn check(&self) -> Result<(), Corruption> {
         if self.format_version != FORMAT_VERSION {
@@ -406,9 +395,7 @@ mod tests {
             s.abort(Epoch::ZERO),
             Err(Error::NoTransition { current: Epoch(1) })
         ));
-        assert_eq!(s.proposal_revision(), None);
         let proposed = s.propose_shape(2, 2, &nodes(3..5)).unwrap();
-        assert_eq!(proposed.proposal_revision(), Some(2));
         assert!(matches!(
             proposed.abort(Epoch(3)),
             Err(Error::AbortMismatch {
@@ -449,7 +436,6 @@ mod tests {
             .unwrap();
         again.check().unwrap();
         assert_eq!(again.next.as_ref().unwrap().epoch, Epoch(3));
-        assert_eq!(again.proposal_revision(), Some(4));
         assert!(matches!(
             again.complete_transition(Epoch(2)),
             Err(Error::EpochMismatch { .. })

@@ -9,9 +9,11 @@
 //! **One interval.** The receiver asks a live current owner for the interval as of a snapshot
 //! `upto ≥ start - 1` (the source picks it the first time, then it is fixed), holds its own read
 //! at `upto` (so the GC timestamp of every node stays at or below it until the interval is done),
-//! ingests the chunks, and records the resume key after each. The last chunk carries the source's
-//! digest at `upto`; the receiver's own digest must equal it. Then the pending mutations are
-//! replayed (the last of them with the apply loop held off) and the interval is owned outright.
+//! ingests the chunks, and records the resume key after each. Each chunk carries the source's
+//! digest at `upto` of the documents it covers; the receiver's own digest of them must equal
+//! it (the chunks cover the interval, and each check is bounded work). Then the pending
+//! mutations above `upto` are replayed (the last of them with the apply loop held off) and the
+//! interval is owned outright.
 //! A source that fails mid-stream is replaced by another owner, resuming from the last chunk; a
 //! snapshot pruned at the source or a digest mismatch starts the interval over.
 //!
@@ -66,6 +68,10 @@ pub struct IntervalPlan {
     pub upto: Option<Timestamp>,
     /// Where the next chunk starts; `None` = the interval's start.
     pub next_key: Option<Vec<u8>>,
+    /// Every chunk is in and the digest matched: from here on the interval is only replayed,
+    /// never started over (the replay has consumed pending mutations).
+    #[serde(default)]
+    pub verified: bool,
     /// Backfilled, verified and replayed: the node owns the interval outright.
     pub done: bool,
     pub source: Option<NodeId>,
@@ -93,6 +99,7 @@ impl Plan {
                 start,
                 upto: None,
                 next_key: None,
+                verified: false,
                 done: false,
                 source: None,
                 records: 0,
@@ -276,9 +283,20 @@ async fn make_plan(
     {
         return Ok(()); // a veto came first
     }
+    if lock(&shared.plan).is_some() {
+        // The plan of a transition that is gone (aborted, and the pair without next was never
+        // seen): what it took in must not outlive it.
+        drop_not_owned(shared, current).await?;
+    }
     if !current.contains(shared.node) {
         // Nothing of the current configuration is stored here: start at the log's end.
-        let end = log.bounds().await?.next.get().saturating_sub(1);
+        let end = match log.bounds().await {
+            Ok(bounds) => bounds.next.get().saturating_sub(1),
+            Err(e) => {
+                warn!(error = %e, "cannot read the log's end; the plan is made later");
+                return Ok(());
+            }
+        };
         let store = Arc::clone(&shared.store);
         tokio::task::spawn_blocking(move || store.skip_to(Timestamp(end)))
             .await
@@ -307,7 +325,8 @@ async fn backfill_all(
             .filter(|(_, i)| !i.done)
             .map(|(k, _)| k)
             .collect(),
-        _ => return Ok(true),
+        Some(p) if p.epoch == next.epoch => return Ok(true), // vetoed: nothing to do
+        _ => return Ok(false),                               // no plan yet: later
     };
     let mut complete = true;
     for k in todo {
@@ -343,6 +362,11 @@ async fn backfill_interval(
     let Some(entry) = plan_entry(shared, epoch, k) else {
         return Ok(false);
     };
+    if entry.verified {
+        // Stopped during its replay (a restart): finish it.
+        finish(shared, current, epoch, k).await?;
+        return Ok(true);
+    }
     for source in sources(shared, current, &entry) {
         let Some(info) = current.nodes.get(&source) else {
             continue;
@@ -535,6 +559,11 @@ async fn stream_from(
         m.backfill_bytes_received_total
             .fetch_add(bytes, Ordering::Relaxed);
         let next_key = (!chunk.next_key.is_empty()).then_some(chunk.next_key);
+        match verify(shared, &entry, upto, next_key.as_deref(), &chunk.digest).await? {
+            Verified::Yes => {}
+            Verified::Mismatch(why) => return Ok(Err(Failure::Restart(why))),
+            Verified::NotYet(why) => return Ok(Err(Failure::Retry(why))),
+        }
         let kept = update(shared, epoch, |p| {
             let i = &mut p.intervals[k];
             i.upto = Some(upto);
@@ -552,8 +581,8 @@ async fn stream_from(
             return Ok(Err(Failure::Gone));
         }
         if chunk.done {
-            if let Err(why) = verify(shared, &entry.interval, upto, &chunk.digest).await? {
-                return Ok(Err(Failure::Restart(why)));
+            if !update(shared, epoch, |p| p.intervals[k].verified = true).await? {
+                return Ok(Err(Failure::Gone));
             }
             finish(shared, current, epoch, k).await?;
             return Ok(Ok(()));
@@ -561,32 +590,49 @@ async fn stream_from(
     }
 }
 
-/// The receiver's digest of `interval` at `upto` must equal the source's.
+/// What the receiver's digest of an interval says against the source's.
+enum Verified {
+    Yes,
+    /// The data differs: start the interval over.
+    Mismatch(String),
+    /// This node has not applied up to the snapshot yet: try again (from the last chunk).
+    NotYet(String),
+}
+
+/// The receiver's digest of a chunk (from `entry.next_key` to `next`) at `upto` must equal the
+/// source's: the chunks cover the interval, so the whole interval is checked, each part as it
+/// comes.
 async fn verify(
     shared: &Arc<Shared>,
-    interval: &Interval,
+    entry: &IntervalPlan,
     upto: Timestamp,
+    next: Option<&[u8]>,
     theirs: &str,
-) -> Result<Result<(), String>, Error> {
+) -> Result<Verified, Error> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while shared.store.applied() < upto {
         if Instant::now() >= deadline {
-            return Ok(Err(format!("this node did not apply up to {upto} in time")));
+            return Ok(Verified::NotYet(format!(
+                "this node did not apply up to {upto} in time"
+            )));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let store = Arc::clone(&shared.store);
-    let interval = *interval;
-    let ours = tokio::task::spawn_blocking(move || store.digest(&interval, upto))
-        .await
-        .expect("digest task");
-    match ours {
-        Ok(d) if format!("{d:032x}") == theirs => Ok(Ok(())),
-        Ok(d) => Ok(Err(format!(
+    let (interval, from) = (entry.interval, entry.next_key.clone());
+    let next = next.map(<[u8]>::to_vec);
+    let ours = tokio::task::spawn_blocking(move || {
+        chunk_digest(&store, &interval, from.as_deref(), next.as_deref(), upto)
+    })
+    .await
+    .expect("digest task");
+    Ok(match ours {
+        Ok(d) if format!("{d:032x}") == theirs => Verified::Yes,
+        Ok(d) => Verified::Mismatch(format!(
             "digest mismatch at {upto}: ours {d:032x}, the source's {theirs}"
-        ))),
-        Err(e) => Ok(Err(format!("no digest at {upto}: {e}"))),
-    }
+        )),
+        Err(e) => Verified::Mismatch(format!("no digest at {upto}: {e}")),
+    })
 }
 
 /// Replays the interval's pending mutations (the last ones with the apply loop held off) and
@@ -601,11 +647,12 @@ async fn finish(
         return Ok(());
     };
     let step = 2_000;
+    let upto = entry.upto.expect("a verified interval has its snapshot");
     let replay = |limit| {
         let store = Arc::clone(&shared.store);
         let interval = entry.interval;
         async move {
-            tokio::task::spawn_blocking(move || store.replay_pending(&interval, limit))
+            tokio::task::spawn_blocking(move || store.replay_pending(&interval, upto, limit))
                 .await
                 .expect("replay task")
         }
@@ -643,14 +690,7 @@ async fn finish(
 async fn settle(shared: &Arc<Shared>, current: &ClusterConfig) -> Result<(), Error> {
     let _writer = shared.plan_writer.lock().await;
     let _gate = shared.apply_gate.lock().await;
-    let owned = current.owned_intervals(shared.node);
-    let dropped = complement(&owned);
-    let store = Arc::clone(&shared.store);
-    if !dropped.is_empty() {
-        tokio::task::spawn_blocking(move || store.drop_intervals(&dropped))
-            .await
-            .expect("drop task")?;
-    }
+    drop_not_owned(shared, current).await?;
     // The plan goes last: a node without one has dropped what it does not own.
     if lock(&shared.plan).is_some() {
         save(shared, None).await?;
@@ -666,6 +706,20 @@ async fn settle(shared: &Arc<Shared>, current: &ClusterConfig) -> Result<(), Err
     if drained {
         info!(epoch = %current.epoch, "this node left the configuration: its data is dropped and it serves nothing");
     }
+    Ok(())
+}
+
+/// Drops every document and pending mutation outside what the node owns in `current`. Call
+/// under the apply gate.
+async fn drop_not_owned(shared: &Arc<Shared>, current: &ClusterConfig) -> Result<(), Error> {
+    let dropped = complement(&current.owned_intervals(shared.node));
+    if dropped.is_empty() {
+        return Ok(());
+    }
+    let store = Arc::clone(&shared.store);
+    tokio::task::spawn_blocking(move || store.drop_intervals(&dropped))
+        .await
+        .expect("drop task")?;
     Ok(())
 }
 
@@ -718,10 +772,23 @@ pub async fn serve(
             shared.node, current.epoch
         )));
     }
+    if !req.from_key.is_empty() && !crate::storage::key_in(&interval, &req.from_key) {
+        return Err(Status::invalid_argument(
+            "from_key is not a key of the interval",
+        ));
+    }
     let upto = match req.upto {
         0 => Timestamp(req.min_upto).max(shared.decided().decisions.ust),
         u => Timestamp(u),
     };
+    let permit = Arc::clone(&shared.backfill_streams)
+        .try_acquire_owned()
+        .map_err(|_| {
+            Status::resource_exhausted(format!(
+                "{} already serves {} backfill streams",
+                shared.node, shared.tuning.backfill_max_streams
+            ))
+        })?;
     let held = shared.reads.register(ReadTimestamp {
         epoch: current.epoch,
         ts: upto,
@@ -750,25 +817,35 @@ pub async fn serve(
     }
     let limit = (req.max_records.clamp(1, 100_000)) as usize;
     let max_bytes = (req.max_bytes.clamp(1 << 10, 64 << 20)) as usize;
-    let state = Source {
+    let mut source = Source {
         shared: Arc::clone(shared),
         interval,
         upto,
         from: (!req.from_key.is_empty()).then_some(req.from_key),
         first: true,
-        done: false,
         _held: held,
+        _permit: permit,
     };
-    let stream = futures::stream::unfold(state, move |mut s| async move {
-        if s.done {
-            return None;
+    // One chunk is made ahead; a receiver that takes none for `STREAM_IDLE` loses the stream
+    // (and with it the hold on the GC timestamp). It resumes from its last chunk.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        loop {
+            let chunk = source.next_chunk(limit, max_bytes).await;
+            let last = chunk.as_ref().map_or(true, |c| c.done);
+            if tx.send_timeout(chunk, STREAM_IDLE).await.is_err() || last {
+                return;
+            }
         }
-        let chunk = s.next_chunk(limit, max_bytes).await;
-        s.done = chunk.as_ref().map_or(true, |c| c.done);
-        Some((chunk, s))
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
     });
     Ok(Response::new(Box::pin(stream)))
 }
+
+/// How long an outgoing stream waits for its receiver to take the next chunk.
+const STREAM_IDLE: Duration = Duration::from_secs(60);
 
 /// The state of one outgoing backfill stream; the read it holds ends with it.
 struct Source {
@@ -777,8 +854,8 @@ struct Source {
     upto: Timestamp,
     from: Option<Vec<u8>>,
     first: bool,
-    done: bool,
     _held: ReadGuard,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Source {
@@ -794,10 +871,14 @@ impl Source {
             let gc = store.gc_watermark().min(upto);
             let batch =
                 store.backfill_batch(&interval, gc, upto, from.as_deref(), limit, max_bytes)?;
-            let digest = match batch.next {
-                None => format!("{:032x}", store.digest(&interval, upto)?),
-                Some(_) => String::new(),
-            };
+            let digest = chunk_digest(
+                &store,
+                &interval,
+                from.as_deref(),
+                batch.next.as_deref(),
+                upto,
+            )?;
+            let digest = format!("{digest:032x}");
             let estimated = if first {
                 store.estimate_bytes(&interval)
             } else {
@@ -833,6 +914,19 @@ impl Source {
     }
 }
 
+/// The digest, at `upto`, of the documents of one chunk: those of `interval` from `from` (its
+/// start when `None`) to `next` (its end when `None`). Source and receiver compute it alike.
+fn chunk_digest(
+    store: &crate::storage::Store,
+    interval: &Interval,
+    from: Option<&[u8]>,
+    next: Option<&[u8]>,
+    upto: Timestamp,
+) -> Result<u128, crate::storage::Error> {
+    let (start, end) = crate::storage::interval_range(interval);
+    store.digest_range(from.unwrap_or(&start), next.unwrap_or(&end), upto)
+}
+
 /// `VetoBackfill`: promises never to report backfilled for `epoch`, unless already done.
 pub async fn veto(
     shared: &Arc<Shared>,
@@ -844,6 +938,16 @@ pub async fn veto(
         .filter(|n| n.epoch == epoch)
         .ok_or_else(|| Status::failed_precondition(format!("no transition to epoch {epoch} here")))?
         .clone();
+    let current = configs
+        .current
+        .clone()
+        .ok_or_else(|| Status::failed_precondition("no current configuration here"))?;
+    if current.gains(&next, shared.node).is_empty() {
+        return Err(Status::failed_precondition(format!(
+            "{} gains nothing in epoch {epoch}: it has no backfill to veto",
+            shared.node
+        )));
+    }
     let _writer = shared.plan_writer.lock().await;
     let plan = lock(&shared.plan).clone().filter(|p| p.epoch == epoch);
     if plan.as_ref().is_some_and(Plan::backfilled) {
@@ -863,6 +967,8 @@ pub async fn veto(
     save(shared, Some(plan))
         .await
         .map_err(|e| Status::internal(format!("cannot save the veto: {e}")))?;
+    // A vetoed backfill holds no snapshot: the GC timestamp may move on.
+    lock(&shared.backfill_holds).clear();
     let answer = pb::VetoBackfillResponse {
         vetoed: true,
         backfilled: false,

@@ -215,7 +215,7 @@ impl Server {
         at: ReadTimestamp,
     ) -> Result<BTreeMap<PartitionId, Vec<NodeId>>, Status> {
         let tuning = &self.shared.tuning;
-        let patience = Duration::from_millis((tuning.gossip_interval_ms * 20).clamp(50, 1_000));
+        let patience = Duration::from_millis((tuning.gossip_interval_ms * 10).clamp(20, 250));
         let until = Instant::now() + patience;
         let mut readable = loop {
             match self.shared.readable(config, at) {

@@ -75,6 +75,8 @@ pub struct Tuning {
     /// Bound on the bytes per second a node ingests by backfill, so that moving data does not
     /// starve the foreground (default 64 MiB/s; 0 = no bound).
     pub backfill_bytes_per_second: u64,
+    /// Backfill streams a node serves at once; more are refused, to be asked again (default 8).
+    pub backfill_max_streams: usize,
 }
 
 impl Default for Tuning {
@@ -96,6 +98,7 @@ impl Default for Tuning {
             backfill_chunk_bytes: 4 << 20,
             backfill_wait_ms: 10_000,
             backfill_bytes_per_second: 64 << 20,
+            backfill_max_streams: 8,
         }
     }
 }

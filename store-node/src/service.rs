@@ -124,6 +124,9 @@ impl Service {
             apply_gate: tokio::sync::Mutex::new(()),
             backfill_holds: Mutex::new(Vec::new()),
             drained: AtomicBool::new(false),
+            backfill_streams: Arc::new(tokio::sync::Semaphore::new(
+                options.tuning.backfill_max_streams.max(1),
+            )),
         });
         if let Some(configs) = Configs::saved(&shared.store).map_err(Error::Apply)? {
             info!(

@@ -194,6 +194,8 @@ pub struct Shared {
     pub backfill_holds: Mutex<Vec<(Interval, ReadGuard)>>,
     /// The node is in neither configuration and has dropped its data.
     pub drained: AtomicBool,
+    /// Outgoing backfill streams at most (`Tuning::backfill_max_streams`).
+    pub backfill_streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {

@@ -23,10 +23,10 @@ fn gc_all(store: &Store, gc_ts: Timestamp) {
 
 /// Replays `interval`'s pending mutations, `step` at a time, until none are left; answers how
 /// many there were.
-fn replay_all(store: &Store, interval: &Interval, step: usize) -> usize {
+fn replay_all(store: &Store, interval: &Interval, upto: Timestamp, step: usize) -> usize {
     let mut replayed = 0;
     for _ in 0..10_000 {
-        let n = store.replay_pending(interval, step).unwrap();
+        let n = store.replay_pending(interval, upto, step).unwrap();
         if n == 0 {
             return replayed;
         }
@@ -684,7 +684,10 @@ fn backfill_moves_an_interval_to_a_new_replica_with_pending_mutations() {
         target.digest(&interval, Timestamp(150)).unwrap(),
         source.digest(&interval, Timestamp(150)).unwrap()
     );
-    assert_eq!(replay_all(&target, &interval, 4), outcome.pending_written);
+    assert_eq!(
+        replay_all(&target, &interval, Timestamp(200), 4),
+        outcome.pending_written
+    );
     source.apply(&later, &full()).unwrap();
     assert_eq!(
         target.digest(&interval, Timestamp(230)).unwrap(),
@@ -869,7 +872,13 @@ fn dropping_documents_keeps_the_pending_mutations_and_skip_moves_only_forward() 
     store.drop_documents(&[half]).unwrap();
     assert!(store.raw_versions(&half).unwrap().is_empty());
     // The pending mutations are still there to replay.
-    assert_eq!(replay_all(&store, &half, 1000), outcome.pending_written);
+    assert_eq!(
+        replay_all(&store, &half, Timestamp(40), 1000),
+        outcome.pending_written
+    );
+    // They were all at or below the snapshot: none is applied, so none brings back a document
+    // the snapshot does not hold (say, one deleted and pruned at the source).
+    assert!(store.raw_versions(&half).unwrap().is_empty());
 
     assert_eq!(store.applied(), Timestamp(40));
     store.skip_to(Timestamp(30)).unwrap();

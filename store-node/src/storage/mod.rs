@@ -75,7 +75,9 @@ use serde_json::{Map, Value as Json};
 
 use cache::Lru;
 use document::Op;
-pub use keys::{collection_key, collection_key_parts, parse_version_key, VersionKey};
+pub use keys::{
+    collection_key, collection_key_parts, interval_range, parse_version_key, VersionKey,
+};
 use record::{Record, Segment};
 
 const CF_DOCS: &str = "docs";
@@ -843,14 +845,20 @@ impl Store {
     /// JSON) of each live document, in key order. Equal on replicas holding the same documents,
     /// whatever their GC state or snapshot/delta layout.
     pub fn digest(&self, interval: &Interval, ts: Timestamp) -> Result<u128, Error> {
-        let snapshot = self.snapshot_at(ts)?;
         let (start, end) = keys::interval_range(interval);
+        self.digest_range(&start, &end, ts)
+    }
+
+    /// [`Store::digest`] of the documents whose `docs` keys lie in `[start, end)` (document
+    /// boundaries, as backfill chunks have them).
+    pub fn digest_range(&self, start: &[u8], end: &[u8], ts: Timestamp) -> Result<u128, Error> {
+        let snapshot = self.snapshot_at(ts)?;
         let mut it = snapshot.raw_iterator_cf(self.cf(CF_DOCS));
-        it.seek(&start);
+        it.seek(start);
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
         let mut current: Option<Vec<u8>> = None;
         while let (Some(key), Some(value)) = (it.key(), it.value()) {
-            if key >= end.as_slice() {
+            if key >= end {
                 break;
             }
             let parts = keys::version_key_parts(key);
@@ -979,10 +987,15 @@ impl Store {
 
     /// Applies the pending mutations of `interval` (up to about `limit` of them, whole
     /// transactions per document) to the backfilled documents and deletes them, in one fsynced
-    /// batch. A mutation at or below its document's newest version is already in the backfilled
-    /// data and is dropped. Returns how many pending mutations were consumed; 0 when none are
-    /// left.
-    pub fn replay_pending(&self, interval: &Interval, limit: usize) -> Result<usize, Error> {
+    /// batch. A mutation at or below `upto` (the backfilled snapshot) or at or below its
+    /// document's newest version is already in the backfilled data and is dropped. Returns how
+    /// many pending mutations were consumed; 0 when none are left.
+    pub fn replay_pending(
+        &self,
+        interval: &Interval,
+        upto: Timestamp,
+        limit: usize,
+    ) -> Result<usize, Error> {
         let mut writer = self.lock();
         let (start, end) = keys::interval_range(interval);
         let mut it = self.db.raw_iterator_cf(self.cf(CF_PENDING));
@@ -1019,8 +1032,11 @@ impl Store {
         let mut outcome = ApplyOutcome::default();
         let mut shares = apply::Shares::default();
         for (prefix, ts, wall, mutations) in &groups {
-            let latest = self.latest_if_any(prefix);
-            if latest.is_some_and(|latest| latest >= *ts) {
+            if *ts <= upto
+                || self
+                    .latest_if_any(prefix)
+                    .is_some_and(|latest| latest >= *ts)
+            {
                 continue;
             }
             // Validated when it was logged: the whole transaction passed `parse_transaction`.
@@ -1149,6 +1165,13 @@ impl Store {
     pub fn cached_documents(&self) -> usize {
         self.lock().cache.len()
     }
+}
+
+/// Whether `key` (a `docs` key) lies in `interval`'s key range.
+pub fn key_in(interval: &Interval, key: &[u8]) -> bool {
+    // (`interval_range` gives the interval's first and past-the-end keys.)
+    let (start, end) = keys::interval_range(interval);
+    start.as_slice() <= key && key < end.as_slice()
 }
 
 /// One document's pending mutations of one transaction: (document prefix, ts, wall clock,
