@@ -273,6 +273,21 @@ async fn slow_cluster(docs: usize) -> LocalCluster {
 
 const CHUNK: u32 = 25;
 
+/// Waits until `node` is backfilling and has taken in at least `records` records; answers how
+/// many it has.
+async fn mid_backfill(cluster: &LocalCluster, node: NodeId, records: u64) -> u64 {
+    until(
+        &format!("{node} to be in the middle of its backfill"),
+        TRANSITION,
+        || async move {
+            let b = backfill(cluster, node).await?;
+            (b.records_done >= records && !b.backfilled).then_some(b.records_done)
+        },
+    )
+    .await
+    .unwrap()
+}
+
 /// A node's backfill progress, once it has one.
 async fn backfill(cluster: &LocalCluster, node: NodeId) -> Option<pb::BackfillStatus> {
     cluster.status(node).await.ok()?.backfill
@@ -317,15 +332,7 @@ async fn a_killed_receiver_resumes_its_backfill() {
     let cm = cluster.config_manager().await.unwrap();
     let next = cm.propose_shape(1, 2).await.unwrap().next.unwrap();
     let (steady, victim) = (NodeId(1), NodeId(2));
-    let before = until("the victim to be halfway", TRANSITION, || {
-        let cluster = &cluster;
-        async move {
-            let b = backfill(cluster, victim).await?;
-            (b.records_done >= 400 && !b.backfilled).then_some(b.records_done)
-        }
-    })
-    .await
-    .unwrap();
+    let before = mid_backfill(&cluster, victim, 400).await;
     cluster.kill(victim).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     cluster.restart(victim).unwrap();
@@ -357,16 +364,7 @@ async fn a_killed_source_is_replaced_by_another_owner() {
     let config = cluster.current_config().await.unwrap();
     let sources = config.replicas_of(causeway_core::PartitionId(1)).to_vec();
     let receivers = config.replicas_of(causeway_core::PartitionId(0)).to_vec();
-    let watched = receivers[0];
-    until("a receiver to be in the middle", TRANSITION, || {
-        let cluster = &cluster;
-        async move {
-            let b = backfill(cluster, watched).await?;
-            (b.records_done >= 200 && !b.backfilled).then_some(())
-        }
-    })
-    .await
-    .unwrap();
+    mid_backfill(&cluster, receivers[0], 200).await;
     // Both receivers start with the first owner.
     let (first, other) = (sources[0], sources[1]);
     let sent_before = counter(&cluster, other, "backfill_records_sent_total").await;
@@ -404,15 +402,7 @@ async fn the_config_manager_restarts_mid_transition() {
     let cm = cluster.config_manager().await.unwrap();
     let next = cm.propose_shape(1, 2).await.unwrap().next.unwrap();
     let receiver = NodeId(1);
-    until("the backfill to be under way", TRANSITION, || {
-        let cluster = &cluster;
-        async move {
-            let b = backfill(cluster, receiver).await?;
-            (b.records_done >= 100 && !b.backfilled).then_some(())
-        }
-    })
-    .await
-    .unwrap();
+    mid_backfill(&cluster, receiver, 100).await;
     cluster.kill_config_manager().unwrap();
     let restarted = NodeId(3);
     cluster.kill(restarted).unwrap();
@@ -455,15 +445,7 @@ async fn an_aborted_transition_leaves_the_current_configuration() {
     let before = cluster.current_config().await.unwrap();
     let next = cm.propose_shape(1, 2).await.unwrap().next.unwrap();
     let receiver = NodeId(1);
-    until("the backfill to be under way", TRANSITION, || {
-        let cluster = &cluster;
-        async move {
-            let b = backfill(cluster, receiver).await?;
-            (b.records_done >= 100 && !b.backfilled).then_some(())
-        }
-    })
-    .await
-    .unwrap();
+    mid_backfill(&cluster, receiver, 100).await;
     let pair = cm.abort_transition(Epoch::ZERO).await.unwrap();
     assert_eq!((pair.current_epoch(), pair.next), (before.epoch, None));
     let after = cluster.wait_stable(TRANSITION).await.unwrap();
