@@ -152,7 +152,15 @@ impl State {
     pub fn replace_node(&self, failed: NodeId, with: NodeInfo) -> Result<State, Error> {
         let current = self.idle_current()?;
         let next = current.next_replacing(failed, with)?;
-        Ok(self.proposing(next))
+        // The replaced node counts as failed from now on: the UST, the GC timestamp and the
+        // install no longer wait for it, and its partition's other replicas are the sources.
+        let mut s = self.clone();
+        if !current.failed.contains(&failed) {
+            let marked = current.with_failed(failed)?;
+            s.current = Some(marked.clone());
+            s.record(Change::MarkedFailed, marked);
+        }
+        Ok(s.proposing(next))
     }
 
     /// Marks `node` failed in the current configuration and in the next one, where it is.

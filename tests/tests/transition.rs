@@ -235,8 +235,10 @@ async fn a_killed_node_is_replaced_under_load() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     load.mark("replace");
     let cm = cluster.config_manager().await.unwrap();
-    cm.mark_failed(victim).await.unwrap();
-    let next = cm.replace_node(victim, spare).await.unwrap().next.unwrap();
+    // Replacing marks the victim failed, so nothing waits for it.
+    let replaced = cm.replace_node(victim, spare).await.unwrap();
+    assert!(replaced.current.unwrap().failed.contains(&victim));
+    let next = replaced.next.unwrap();
     assert!(next.contains(spare) && !next.contains(victim));
     let after = cluster.wait_stable(TRANSITION).await.unwrap();
     assert_eq!(after.epoch, next.epoch);
