@@ -97,7 +97,21 @@ pub(crate) fn binary(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// A free loopback port (bound and released: the process that takes it binds it again).
+/// A free loopback port (bound and released: the process that takes it binds it again),
+/// below the kernel's ephemeral range (32768 and up on Linux): a port from that range may be
+/// taken by any outgoing connection while its process is down, and a restarted process must
+/// bind its own port again.
 pub(crate) fn free_addr() -> Result<SocketAddr> {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    // Spread over the range by the process id, so that test binaries running at once rarely
+    // probe the same ports.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 1_000) as u16 * 12;
+    for _ in 0..12_000 {
+        let port = 20_000 + (base - 20_000 + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            return Ok(listener.local_addr()?);
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
