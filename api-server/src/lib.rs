@@ -25,6 +25,7 @@ pub mod headers;
 pub mod metrics;
 pub mod openapi;
 pub mod options;
+pub mod outcome;
 pub mod problem;
 pub mod routes;
 pub mod service;

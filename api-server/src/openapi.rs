@@ -13,9 +13,9 @@ use crate::options::Limits;
 
 use crate::problem::ProblemBody;
 use crate::routes::{
-    CollectionGetRequest, DocumentResult, KeyRequest, MultiGetRequest, MultiGetResponse,
-    MutationRequest, OrderRequest, QueryRequestBody, QueryResponseBody, TransactionRequest,
-    WriteResponse,
+    CollectionGetRequest, ConditionRequest, DocumentResult, KeyRequest, MultiGetRequest,
+    MultiGetResponse, MutationRequest, OrderRequest, QueryRequestBody, QueryResponseBody,
+    TransactionOutcome, TransactionRequest, WriteResponse,
 };
 
 #[derive(Debug, OpenApi)]
@@ -36,6 +36,7 @@ use crate::routes::{
         crate::routes::get_collection_documents,
         crate::routes::query,
         crate::routes::transaction,
+        crate::routes::get_transaction,
         crate::routes::openapi,
         crate::routes::healthz,
         crate::routes::readyz,
@@ -44,7 +45,8 @@ use crate::routes::{
     components(schemas(
         ProblemBody, WriteResponse, DocumentResult, KeyRequest, MultiGetRequest,
         CollectionGetRequest, MultiGetResponse, OrderRequest, QueryRequestBody, QueryResponseBody,
-        MutationRequest, TransactionRequest
+        MutationRequest, TransactionRequest, ConditionRequest, TransactionOutcome,
+        crate::problem::FailureBody
     )),
     modifiers(&BearerAuth),
     tags(
@@ -106,12 +108,15 @@ fn constrain(doc: &mut Value, limits: &Limits) {
                     let schema = match param["name"].as_str() {
                         Some("collection") => collection.clone(),
                         Some("id") => id.clone(),
-                        Some("wait") => json!({"type": "string", "enum": ["visible"]}),
+                        Some("wait") => json!({"type": "string", "enum": ["outcome", "visible"]}),
                         Some("Causeway-After") => {
                             json!({"type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?$"})
                         }
-                        Some("Causeway-Request-Id") => json!({"type": "string",
-                            "maxLength": limits.max_request_id_bytes, "pattern": "^[!-~]*$"}),
+                        Some("Idempotency-Key") => json!({"type": "string", "minLength": 1,
+                            "maxLength": limits.max_idempotency_key_bytes, "pattern": "^[!-~]+$"}),
+                        Some("If-Match") => json!({"type": "string",
+                            "pattern": "^(\\*|\"[0-9]+\")$"}),
+                        Some("If-None-Match") => json!({"type": "string", "enum": ["*"]}),
                         _ => continue,
                     };
                     param["schema"] = schema;
@@ -209,7 +214,7 @@ mod tests {
             .iter()
             .find(|p| p["name"] == "wait")
             .unwrap();
-        assert_eq!(wait["schema"]["enum"], json!(["visible"]));
+        assert_eq!(wait["schema"]["enum"], json!(["outcome", "visible"]));
         let schemas = &doc["components"]["schemas"];
         assert_eq!(
             schemas["TransactionRequest"]["properties"]["mutations"]["maxItems"],

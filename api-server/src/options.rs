@@ -82,8 +82,15 @@ pub struct Limits {
     pub max_query_scanned: u32,
     /// The size of query filters.
     pub query: QueryLimits,
-    /// Longest `Causeway-Request-Id` header, in bytes. Default 128.
-    pub max_request_id_bytes: usize,
+    /// Longest `Idempotency-Key` header, in bytes. Default 128.
+    #[serde(alias = "max_request_id_bytes")]
+    pub max_idempotency_key_bytes: usize,
+    /// Most conditions in one transaction. Default 256.
+    pub max_conditions_per_transaction: usize,
+    /// How long, in the records' wall clock, a committed `Idempotency-Key` makes a retry a
+    /// duplicate (written into every record, so every store node applies the same). Default
+    /// 24 h. Keys are also forgotten 10,000,000 log records after their transaction.
+    pub idempotency_window_ms: u64,
 }
 
 impl Default for Limits {
@@ -99,7 +106,9 @@ impl Default for Limits {
             max_query_limit: 1000,
             max_query_scanned: 10_000,
             query: QueryLimits::default(),
-            max_request_id_bytes: 128,
+            max_idempotency_key_bytes: 128,
+            max_conditions_per_transaction: 256,
+            idempotency_window_ms: 24 * 3600 * 1000,
         }
     }
 }
@@ -161,6 +170,19 @@ impl Options {
         }
         if l.keys.max_id_bytes == 0 || l.keys.max_collection_bytes == 0 {
             return bad("key limits must be positive");
+        }
+        // The store nodes apply keys, ids and collections within the record format's limits.
+        let format = causeway_core::KeyLimits::default();
+        if l.keys.max_id_bytes > format.max_id_bytes
+            || l.keys.max_collection_bytes > format.max_collection_bytes
+        {
+            return bad("key limits cannot exceed the record format's (the defaults)");
+        }
+        if l.max_idempotency_key_bytes == 0 || l.max_idempotency_key_bytes > 256 {
+            return bad("max_idempotency_key_bytes must be between 1 and 256");
+        }
+        if l.idempotency_window_ms == 0 {
+            return bad("idempotency_window_ms must be positive");
         }
         if self.timeouts.store_tries == 0 {
             return bad("store_tries must be positive");

@@ -62,6 +62,18 @@ pub enum Kind {
     Unavailable,
     /// 503: the UST did not reach the `Causeway-After` token in time.
     CausalWaitTimeout,
+    /// 412: a condition of the transaction (`If-Match`, `If-None-Match`, `conditions`) was
+    /// false; the transaction aborted and changed nothing.
+    ConditionFailed,
+    /// 413: the transaction would have left a document over the size limit; it aborted and
+    /// changed nothing.
+    ResultTooLarge,
+    /// 422: raw automerge changes that the document cannot take; the transaction aborted.
+    ChangesRefused,
+    /// 404: no retained transaction at this ts.
+    NoSuchTransaction,
+    /// 503: the transaction is in the log but its outcome was not known in time.
+    OutcomeUnknown,
 }
 
 impl Kind {
@@ -92,6 +104,11 @@ impl Kind {
             Kind::Overloaded => "overloaded",
             Kind::Unavailable => "unavailable",
             Kind::CausalWaitTimeout => "causal_wait_timeout",
+            Kind::ConditionFailed => "condition_failed",
+            Kind::ResultTooLarge => "result_too_large",
+            Kind::ChangesRefused => "changes_refused",
+            Kind::NoSuchTransaction => "no_such_transaction",
+            Kind::OutcomeUnknown => "outcome_unknown",
         }
     }
 
@@ -117,9 +134,14 @@ impl Kind {
             Kind::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Kind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Kind::StoreError => StatusCode::BAD_GATEWAY,
-            Kind::Overloaded | Kind::Unavailable | Kind::CausalWaitTimeout => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Kind::Overloaded
+            | Kind::Unavailable
+            | Kind::CausalWaitTimeout
+            | Kind::OutcomeUnknown => StatusCode::SERVICE_UNAVAILABLE,
+            Kind::ConditionFailed => StatusCode::PRECONDITION_FAILED,
+            Kind::ResultTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Kind::ChangesRefused => StatusCode::UNPROCESSABLE_ENTITY,
+            Kind::NoSuchTransaction => StatusCode::NOT_FOUND,
         }
     }
 
@@ -149,6 +171,13 @@ impl Kind {
             Kind::Overloaded => "too many requests in flight",
             Kind::Unavailable => "temporarily unavailable",
             Kind::CausalWaitTimeout => "the causal token was not reached in time",
+            Kind::ConditionFailed => "a condition of the transaction is false; it aborted",
+            Kind::ResultTooLarge => "the transaction would make a document too large; it aborted",
+            Kind::ChangesRefused => {
+                "the document cannot take these changes; the transaction aborted"
+            }
+            Kind::NoSuchTransaction => "no retained transaction at this ts",
+            Kind::OutcomeUnknown => "the outcome of the transaction is not known yet",
         }
     }
 }
@@ -162,6 +191,34 @@ pub struct Problem {
     pub retry_after_s: Option<u32>,
     /// The read timestamp, for a 404 of a read.
     pub read_ts: Option<ReadTimestamp>,
+    /// The transaction's ts, for an answer about a transaction in the log.
+    pub ts: Option<u64>,
+    /// Why the transaction aborted.
+    pub failures: Vec<FailureBody>,
+    /// The answer is the original transaction's, to a retry with its idempotency key.
+    pub replayed: bool,
+}
+
+/// One reason a transaction aborted.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct FailureBody {
+    pub collection: String,
+    pub id: String,
+    /// The index of the false condition in the transaction's `conditions` (the header
+    /// conditions of a single-document write are condition 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub condition: Option<u32>,
+    /// The version ts of the document found (0: it did not exist).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub found_version_ts: Option<u64>,
+    /// For the size limit: the bytes the document would have had, and the limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    /// For raw changes: why the document cannot take them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// The body of an error answer (RFC 9457).
@@ -173,6 +230,12 @@ pub struct ProblemBody {
     pub title: String,
     pub status: u16,
     pub detail: String,
+    /// The transaction's ts, when the answer is about a transaction in the log.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ts: Option<u64>,
+    /// Why the transaction aborted (412, 413, 422).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<FailureBody>,
 }
 
 impl Problem {
@@ -182,7 +245,16 @@ impl Problem {
             detail: detail.into(),
             retry_after_s: None,
             read_ts: None,
+            ts: None,
+            failures: Vec::new(),
+            replayed: false,
         }
+    }
+
+    /// The answer is about the transaction at `ts` (also in `Causeway-Timestamp`).
+    pub fn at_ts(mut self, ts: u64) -> Problem {
+        self.ts = Some(ts);
+        self
     }
 
     pub fn retry_after(mut self, seconds: u32) -> Problem {
@@ -196,6 +268,8 @@ impl Problem {
             title: self.kind.title().into(),
             status: self.kind.status().as_u16(),
             detail: self.detail.clone(),
+            ts: self.ts,
+            failures: self.failures.clone(),
         }
     }
 }
@@ -216,6 +290,15 @@ impl IntoResponse for Problem {
             headers.insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"causeway\""),
+            );
+        }
+        if let Some(ts) = self.ts {
+            headers.insert(crate::headers::COMMIT_TIMESTAMP, HeaderValue::from(ts));
+        }
+        if self.replayed {
+            headers.insert(
+                crate::headers::IDEMPOTENT_REPLAYED,
+                HeaderValue::from_static("true"),
             );
         }
         if let Some(ts) = self.read_ts {

@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use causeway_core::query::Query;
-use causeway_core::{DocKey, Epoch, ReadTimestamp, Timestamp};
+use causeway_core::{DocKey, Epoch, KeyHash, ReadTimestamp, Timestamp};
 use causeway_proto::v1 as pb;
 use causeway_proto::v1::mutation::Op;
 use causeway_txlog::codec;
@@ -28,9 +28,10 @@ use serde_json::Value;
 use tonic::Code;
 use utoipa::ToSchema;
 
-use crate::auth::Access;
+use crate::auth::{Access, Principal};
 use crate::body::{self, JSON, MERGE_PATCH};
 use crate::headers::{self, COMMIT_TIMESTAMP, READ_TIMESTAMP};
+use crate::outcome;
 use crate::problem::{Kind, Problem, ProblemBody};
 use crate::service::Shared;
 use crate::store::StoreError;
@@ -59,6 +60,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/documents:get", post(get_documents))
         .route("/v1/collections/{collection}/query", post(query))
         .route("/v1/transactions", post(transaction))
+        .route("/v1/transactions/{ts}", get(get_transaction))
         .route("/v1/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -78,7 +80,11 @@ pub struct WriteResponse {
     /// The commit ts of the transaction (also in the `Causeway-Timestamp` header). Send it as
     /// `Causeway-After` to read your writes through any api-server.
     pub ts: u64,
-    /// With `?wait=visible`: whether the UST reached `ts` within the wait.
+    /// `"committed"`, when the write waited for its outcome (a conditional write, an
+    /// `Idempotency-Key`, `?wait=outcome` or `?wait=visible`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    /// With `?wait=visible`: whether a read coordinated by any store node sees the write.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub visible: Option<bool>,
 }
@@ -199,6 +205,30 @@ pub enum MutationRequest {
 #[serde(deny_unknown_fields)]
 pub struct TransactionRequest {
     pub mutations: Vec<MutationRequest>,
+    /// Evaluated on the documents as they are just before the transaction; one false condition
+    /// aborts it whole (412, naming each false condition). A transaction with conditions
+    /// answers once its outcome is known.
+    #[serde(default)]
+    pub conditions: Vec<ConditionRequest>,
+}
+
+/// A condition of `POST /v1/transactions` on one document: every field given must hold.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConditionRequest {
+    pub collection: String,
+    pub id: String,
+    /// The document exists (true) or does not (false).
+    #[serde(default)]
+    pub exists: Option<bool>,
+    /// The document's version ts (the ETag a read answers) is this; 0: it does not exist.
+    #[serde(default)]
+    pub version_ts: Option<u64>,
+    /// A query filter (the language of queries) the document matches; an absent document
+    /// matches no filter.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub filter: Option<Value>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -287,12 +317,11 @@ async fn put_document(
     let principal = s.tokens.authenticate(&headers)?;
     let key = s.key_from_path(path)?;
     principal.require(Access::Write, key.collection())?;
-    let wait = wait_visible(query.as_deref())?;
-    let request_id = headers::request_id(&headers, s.options.limits.max_request_id_bytes)?;
+    let write = s.write_request(&headers, query.as_deref(), Some(&key))?;
     let (_, value) = body::json(&headers, body, &s.options.limits, &[JSON]).await?;
     let json = s.document_bytes(value, "document")?;
     let mutation = mutation(&key, Op::Replace(pb::Replace { json }));
-    s.commit(vec![mutation], request_id, wait).await
+    s.commit(vec![mutation], write, &principal).await
 }
 
 #[utoipa::path(
@@ -330,8 +359,7 @@ async fn patch_document(
     let principal = s.tokens.authenticate(&headers)?;
     let key = s.key_from_path(path)?;
     principal.require(Access::Write, key.collection())?;
-    let wait = wait_visible(query.as_deref())?;
-    let request_id = headers::request_id(&headers, s.options.limits.max_request_id_bytes)?;
+    let write = s.write_request(&headers, query.as_deref(), Some(&key))?;
     let (_, value) = body::json(&headers, body, &s.options.limits, &[MERGE_PATCH, JSON]).await?;
     let Value::Object(mut patch) = value else {
         return Err(Problem::new(
@@ -377,7 +405,7 @@ async fn patch_document(
     for (path, delta) in increments {
         mutations.push(mutation(&key, Op::Increment(pb::Increment { path, delta })));
     }
-    s.commit(mutations, request_id, wait).await
+    s.commit(mutations, write, &principal).await
 }
 
 #[utoipa::path(
@@ -409,10 +437,9 @@ async fn delete_document(
     let principal = s.tokens.authenticate(&headers)?;
     let key = s.key_from_path(path)?;
     principal.require(Access::Write, key.collection())?;
-    let wait = wait_visible(query.as_deref())?;
-    let request_id = headers::request_id(&headers, s.options.limits.max_request_id_bytes)?;
+    let write = s.write_request(&headers, query.as_deref(), Some(&key))?;
     let mutation = mutation(&key, Op::Delete(pb::Delete {}));
-    s.commit(vec![mutation], request_id, wait).await
+    s.commit(vec![mutation], write, &principal).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -628,22 +655,22 @@ async fn transaction(
     body: Body,
 ) -> Result<Response, Problem> {
     let principal = s.tokens.authenticate(&headers)?;
-    let wait = wait_visible(query.as_deref())?;
-    let request_id = headers::request_id(&headers, s.options.limits.max_request_id_bytes)?;
+    let mut write = s.write_request(&headers, query.as_deref(), None)?;
     let (_, value) = body::json(&headers, body, &s.options.limits, &[JSON]).await?;
     // Count before the shape is parsed: a huge array is refused without building every item.
-    if let Some(n) = value
-        .get("mutations")
-        .and_then(Value::as_array)
-        .map(Vec::len)
-    {
-        if n > s.options.limits.max_mutations_per_transaction {
+    let limits = &s.options.limits;
+    for (field, max) in [
+        ("mutations", limits.max_mutations_per_transaction),
+        ("conditions", limits.max_conditions_per_transaction),
+    ] {
+        if value
+            .get(field)
+            .and_then(Value::as_array)
+            .is_some_and(|items| items.len() > max)
+        {
             return Err(Problem::new(
                 Kind::TooManyItems,
-                format!(
-                    "at most {} mutations per transaction",
-                    s.options.limits.max_mutations_per_transaction
-                ),
+                format!("at most {max} {field} per transaction"),
             ));
         }
     }
@@ -687,7 +714,105 @@ async fn transaction(
         };
         mutations.push(mutation(&key, op));
     }
-    s.commit(mutations, request_id, wait).await
+    for c in request.conditions {
+        let key = s.key(&c.collection, &c.id)?;
+        principal.require(Access::Read, key.collection())?;
+        write
+            .conditions
+            .push(s.condition(&key, c.exists, c.version_ts, c.filter)?);
+    }
+    s.commit(mutations, write, &principal).await
+}
+
+/// The answer of `GET /v1/transactions/{ts}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TransactionOutcome {
+    pub ts: u64,
+    /// `committed`, `aborted`, `duplicate` (a retry that changed nothing; see `duplicate_of`)
+    /// or `pending` (in the log, not yet decided by the nodes asked).
+    pub outcome: String,
+    /// Why it aborted.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<crate::problem::FailureBody>,
+    /// For a duplicate: the ts of the transaction it repeats.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duplicate_of: Option<u64>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/transactions/{ts}",
+    tag = "transactions",
+    params(("ts" = u64, Path, description = "The transaction's ts (the `ts` of its write answer)")),
+    responses(
+        (status = 200, description = "The outcome", body = TransactionOutcome),
+        (status = 202, description = "In the log, not decided yet", body = TransactionOutcome),
+        (status = 400, description = "Invalid ts", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 404, description = "No retained transaction at this ts", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 503, description = "The store nodes cannot be reached", body = ProblemBody, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+async fn get_transaction(
+    State(s): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let principal = s.tokens.authenticate(&headers)?;
+    let Path(text) = path.map_err(|e| Problem::new(Kind::InvalidPath, e.body_text()))?;
+    let ts = text
+        .parse::<u64>()
+        .ok()
+        .filter(|ts| *ts > 0)
+        .ok_or_else(|| Problem::new(Kind::InvalidPath, "a transaction ts is a positive integer"))?;
+    if !s.store.has_nodes() {
+        return Err(
+            Problem::new(Kind::Unavailable, "no store node is known yet")
+                .retry_after(s.options.timeouts.retry_after_s),
+        );
+    }
+    let (status, outcome) = match outcome::lookup(&s.store, Timestamp(ts)).await {
+        outcome::Lookup::Decided(o) => (StatusCode::OK, o),
+        outcome::Lookup::Pending => {
+            let body = TransactionOutcome {
+                ts,
+                outcome: "pending".into(),
+                failures: Vec::new(),
+                duplicate_of: None,
+            };
+            return Ok(json_response(StatusCode::ACCEPTED, &body, None));
+        }
+        outcome::Lookup::Unknown { pruned } => {
+            return Err(Problem::new(
+                Kind::NoSuchTransaction,
+                if pruned {
+                    format!("the outcome of ts {ts} is no longer retained")
+                } else {
+                    format!("no transaction that wrote documents is retained at ts {ts}")
+                },
+            ))
+        }
+    };
+    // The reasons name documents: only those of collections the token may read.
+    let failures = outcome::failures(&outcome)
+        .into_iter()
+        .filter(|f| principal.allows(Access::Read, &f.collection))
+        .collect();
+    let body = TransactionOutcome {
+        ts,
+        outcome: if outcome.duplicate_of != 0 {
+            "duplicate"
+        } else if outcome.committed {
+            "committed"
+        } else {
+            "aborted"
+        }
+        .into(),
+        failures,
+        duplicate_of: (outcome.duplicate_of != 0).then_some(outcome.duplicate_of),
+    };
+    Ok(json_response(status, &body, None))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -951,22 +1076,109 @@ impl Shared {
         Ok(segments)
     }
 
-    /// Appends one transaction of `mutations` to the log and answers its commit ts, waiting for
-    /// visibility when asked.
+    /// What a write asks besides its mutations: `?wait=`, `Idempotency-Key`, and for a
+    /// single-document write (`key`) the conditions of `If-Match` / `If-None-Match`.
+    fn write_request(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        key: Option<&DocKey>,
+    ) -> Result<Write, Problem> {
+        let wait = wait_mode(query)?;
+        let idempotency_key =
+            headers::idempotency_key(headers, self.options.limits.max_idempotency_key_bytes)?;
+        let mut conditions = Vec::new();
+        match (key, headers::preconditions(headers)?) {
+            (_, (None, None)) => {}
+            (Some(key), (exists, version_ts)) => {
+                conditions.push(self.condition(key, exists, version_ts, None)?);
+            }
+            (None, _) => {
+                return Err(Problem::new(
+                    Kind::InvalidParameter,
+                    "If-Match and If-None-Match apply to single-document writes; a transaction \
+                     states its conditions in its body",
+                ))
+            }
+        }
+        Ok(Write {
+            conditions,
+            idempotency_key,
+            wait,
+        })
+    }
+
+    /// A condition on `key`, its filter checked as queries check theirs.
+    fn condition(
+        &self,
+        key: &DocKey,
+        exists: Option<bool>,
+        version_ts: Option<u64>,
+        filter: Option<Value>,
+    ) -> Result<pb::Condition, Problem> {
+        let filter = match filter {
+            None => Vec::new(),
+            Some(filter) => {
+                // Apply parses filters within the default limits: refuse here what it would.
+                causeway_core::query::Filter::parse(
+                    &filter,
+                    &causeway_core::query::QueryLimits::default(),
+                )
+                .map_err(|e| Problem::new(Kind::InvalidQuery, format!("condition filter: {e}")))?;
+                serde_json::to_vec(&filter).map_err(|e| {
+                    Problem::new(Kind::Internal, format!("cannot encode a filter: {e}"))
+                })?
+            }
+        };
+        if exists.is_none() && version_ts.is_none() && filter.is_empty() {
+            return Err(Problem::new(
+                Kind::InvalidJson,
+                "a condition needs exists, version_ts or filter",
+            ));
+        }
+        Ok(pb::Condition {
+            collection: key.collection().to_owned(),
+            id: key.id().to_owned(),
+            exists,
+            version_ts,
+            filter,
+        })
+    }
+
+    /// Appends one transaction of `mutations` to the log and answers: at once with its ts, or,
+    /// when the write must know (conditions, an idempotency key, `?wait=`), with its outcome.
     async fn commit(
         &self,
         mutations: Vec<pb::Mutation>,
-        request_id: String,
-        wait: bool,
+        write: Write,
+        principal: &Principal,
     ) -> Result<Response, Problem> {
         let wall_clock_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let written = mutations
+            .first()
+            .map(|m| KeyHash::of(&m.collection, &m.id))
+            .ok_or_else(|| Problem::new(Kind::Internal, "a write without mutations"))?;
+        let must_know = write.wait != Wait::Append
+            || !write.conditions.is_empty()
+            || !write.idempotency_key.is_empty();
         let tx = pb::Transaction {
             format_version: pb::TRANSACTION_FORMAT_VERSION,
             wall_clock_ms,
-            request_id,
+            idempotency_scope: if write.idempotency_key.is_empty() {
+                String::new()
+            } else {
+                principal.name.clone()
+            },
+            idempotency_key: write.idempotency_key,
             mutations,
+            conditions: write.conditions,
+            limits: Some(pb::ApplyLimits {
+                max_document_bytes: self.options.limits.max_document_bytes as u64,
+                max_history_changes: 0,
+                idempotency_window_ms: self.options.limits.idempotency_window_ms,
+            }),
         };
         let record = codec::encode(&tx);
         let max = self.log.max_record_bytes();
@@ -1008,27 +1220,44 @@ impl Shared {
                 return Err(Problem::new(
                     Kind::Unavailable,
                     "the log did not confirm the append in time; the outcome is unknown \
-                     (retry with the same Causeway-Request-Id)",
+                     (retry with the same Idempotency-Key: a transaction whose key was \
+                     committed applies once)",
                 )
                 .retry_after(retry));
             }
         };
         self.metrics.log_append(true);
         self.log_next.fetch_max(ts.get() + 1, Ordering::Relaxed);
-        let visible = if wait {
+        let ts = Timestamp(ts.get());
+        if !must_know {
+            return Ok(write_response(ts, None, None, false));
+        }
+        let timeout =
+            std::time::Duration::from_millis(u64::from(self.options.timeouts.visible_wait_ms));
+        let Some(outcome) = outcome::wait(&self.store, ts, written, timeout).await else {
+            return Err(Problem::new(
+                Kind::OutcomeUnknown,
+                format!(
+                    "the transaction is in the log at ts {ts}, but its outcome was not known in \
+                     time: ask GET /v1/transactions/{ts}"
+                ),
+            )
+            .at_ts(ts.0)
+            .retry_after(retry));
+        };
+        // A retry of a committed transaction changed nothing and answers the original (only a
+        // committed transaction's key is remembered).
+        let (ts, replayed) = match outcome.duplicate_of {
+            0 if !outcome.committed => return Err(outcome::aborted(ts, &outcome)),
+            0 => (ts, false),
+            original => (Timestamp(original), true),
+        };
+        let visible = if write.wait == Wait::Visible {
             Some(self.wait_visible(ts).await)
         } else {
             None
         };
-        let body = WriteResponse {
-            ts: ts.get(),
-            visible,
-        };
-        let mut response = json_response(StatusCode::OK, &body, None);
-        response
-            .headers_mut()
-            .insert(COMMIT_TIMESTAMP, HeaderValue::from(ts.get()));
-        Ok(response)
+        Ok(write_response(ts, Some("committed"), visible, replayed))
     }
 
     /// Waits (bounded) until the UST reaches `ts`; false when it did not in time or no node
@@ -1187,23 +1416,69 @@ fn mutation(key: &DocKey, op: Op) -> pb::Mutation {
     }
 }
 
-/// Whether the query string asks `wait=visible`; other `wait` values are refused, other
-/// parameters ignored.
-fn wait_visible(query: Option<&str>) -> Result<bool, Problem> {
-    let mut wait = false;
+/// What a write waits for before it answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// The append (unless the write must know its outcome: conditions, an idempotency key).
+    Append,
+    /// `?wait=outcome`: the outcome.
+    Outcome,
+    /// `?wait=visible`: the outcome, then visibility to every coordinator.
+    Visible,
+}
+
+/// A write's options besides its mutations.
+#[derive(Debug)]
+struct Write {
+    conditions: Vec<pb::Condition>,
+    idempotency_key: String,
+    wait: Wait,
+}
+
+/// The `wait` of the query string; values other than `outcome` and `visible` are refused,
+/// other parameters ignored.
+fn wait_mode(query: Option<&str>) -> Result<Wait, Problem> {
+    let mut wait = Wait::Append;
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         if name == "wait" {
-            if value != "visible" {
-                return Err(Problem::new(
-                    Kind::InvalidParameter,
-                    "the only value of wait is \"visible\"",
-                ));
-            }
-            wait = true;
+            wait = match value {
+                "outcome" => Wait::Outcome,
+                "visible" => Wait::Visible,
+                _ => {
+                    return Err(Problem::new(
+                        Kind::InvalidParameter,
+                        "wait is \"outcome\" or \"visible\"",
+                    ))
+                }
+            };
         }
     }
     Ok(wait)
+}
+
+/// The answer of a write that committed (or was appended, when `outcome` is `None`).
+fn write_response(
+    ts: Timestamp,
+    outcome: Option<&str>,
+    visible: Option<bool>,
+    replayed: bool,
+) -> Response {
+    let body = WriteResponse {
+        ts: ts.0,
+        outcome: outcome.map(str::to_owned),
+        visible,
+    };
+    let mut response = json_response(StatusCode::OK, &body, None);
+    let h = response.headers_mut();
+    h.insert(COMMIT_TIMESTAMP, HeaderValue::from(ts.0));
+    if replayed {
+        h.insert(
+            headers::IDEMPOTENT_REPLAYED,
+            HeaderValue::from_static("true"),
+        );
+    }
+    response
 }
 
 /// Deserialises a parsed body into its request type, 400 on a wrong shape.
@@ -1271,12 +1546,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn wait_parameter_is_visible_or_refused() {
-        assert!(!wait_visible(None).unwrap());
-        assert!(!wait_visible(Some("x=1")).unwrap());
-        assert!(wait_visible(Some("wait=visible")).unwrap());
-        assert!(wait_visible(Some("a=b&wait=visible")).unwrap());
-        assert!(wait_visible(Some("wait=now")).is_err());
-        assert!(wait_visible(Some("wait")).is_err());
+    fn wait_parameter_is_outcome_visible_or_refused() {
+        assert_eq!(wait_mode(None).unwrap(), Wait::Append);
+        assert_eq!(wait_mode(Some("x=1")).unwrap(), Wait::Append);
+        assert_eq!(wait_mode(Some("wait=visible")).unwrap(), Wait::Visible);
+        assert_eq!(wait_mode(Some("a=b&wait=visible")).unwrap(), Wait::Visible);
+        assert_eq!(wait_mode(Some("wait=outcome")).unwrap(), Wait::Outcome);
+        assert!(wait_mode(Some("wait=now")).is_err());
+        assert!(wait_mode(Some("wait")).is_err());
     }
 }

@@ -113,6 +113,33 @@ impl Store {
         order
     }
 
+    /// The addresses of the live nodes that may hold `hash` (the replicas of its partition in
+    /// the current and the next configuration), or of every live node when `hash` is `None`.
+    pub fn holders(&self, hash: Option<causeway_core::KeyHash>) -> Vec<String> {
+        let pair = self.pair.read().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for config in pair.iter().flat_map(|p| [&p.current, &p.next]).flatten() {
+            let live = config.live_node_ids();
+            let nodes: Vec<_> = match hash {
+                Some(hash) => config.replicas_of(config.partition_of(hash)).to_vec(),
+                None => live.iter().copied().collect(),
+            };
+            for node in nodes.into_iter().filter(|n| live.contains(n)) {
+                if let Some(info) = config.nodes.get(&node) {
+                    if !out.contains(&info.addr) {
+                        out.push(info.addr.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// A client of the node at `addr`.
+    pub fn client(&self, addr: &str) -> Result<StoreNodeClient<Channel>, Status> {
+        self.channel(addr).map(StoreNodeClient::new)
+    }
+
     fn penalize(&self, addr: &str) {
         self.penalized
             .lock()

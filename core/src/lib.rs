@@ -17,6 +17,7 @@
 //!   views that drive a transition from backfill to install.
 //! - [`query`]: the query language of collection queries: `Filter` (JSON form, limits, matching),
 //!   the total order of JSON values, `Order` and `Query`.
+//! - [`vote`]: the decision on a transaction from its documents' votes (`Ballot`, `Decision`).
 
 pub mod config;
 pub mod frontier;
@@ -26,6 +27,7 @@ pub mod node;
 pub mod query;
 pub mod slicing;
 pub mod time;
+pub mod vote;
 
 pub use config::{ClusterConfig, ConfigError, Gain, NodeInfo};
 pub use frontier::{Decisions, Frontiers, Phase, View};
@@ -34,3 +36,4 @@ pub use key::{DocKey, KeyError, KeyHash, KeyLimits};
 pub use node::{NodeId, PartitionId};
 pub use slicing::{Interval, Movement, Slicing, SlicingError, KEYSPACE};
 pub use time::{Epoch, ReadTimestamp, Timestamp};
+pub use vote::{Ballot, Decision, Vote};

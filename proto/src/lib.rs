@@ -11,8 +11,14 @@
 pub mod v1 {
     tonic::include_proto!("causeway.v1");
 
-    /// The transaction record format this build writes and reads.
-    pub const TRANSACTION_FORMAT_VERSION: u32 = 1;
+    /// The transaction record format this build writes.
+    pub const TRANSACTION_FORMAT_VERSION: u32 = 2;
+
+    /// Whether this build applies records of format `version`. Format 1 records (without
+    /// conditions, limits or idempotency keys) read as format 2 ones.
+    pub fn transaction_format_supported(version: u32) -> bool {
+        matches!(version, 1 | 2)
+    }
 }
 
 /// The connections `listener` accepts, with Nagle's algorithm off, for tonic's

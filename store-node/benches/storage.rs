@@ -101,7 +101,7 @@ fn tx(id: u64, body: &Map<String, Json>, ts: u64) -> Transaction {
     Transaction {
         format_version: TRANSACTION_FORMAT_VERSION,
         wall_clock_ms: 1_700_000_000_000 + ts,
-        request_id: String::new(),
+        idempotency_key: String::new(),
         mutations: vec![Mutation {
             collection: "bench".into(),
             id: format!("doc{id}"),
@@ -109,6 +109,7 @@ fn tx(id: u64, body: &Map<String, Json>, ts: u64) -> Transaction {
                 json: serde_json::to_vec(body).unwrap(),
             })),
         }],
+        ..Transaction::default()
     }
 }
 

@@ -949,6 +949,16 @@ impl pb::store_node_server::StoreNode for Server {
         Ok(Response::new(pb::DigestResponse { digests }))
     }
 
+    async fn outcome(
+        &self,
+        request: Request<pb::OutcomeRequest>,
+    ) -> Result<Response<pb::OutcomeResponse>, Status> {
+        crate::votes::answer(&self.shared, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(storage_status)
+    }
+
     async fn wait_for_ust(
         &self,
         request: Request<pb::WaitForUstRequest>,

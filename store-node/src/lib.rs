@@ -24,6 +24,7 @@ pub mod options;
 pub mod service;
 pub mod state;
 pub mod storage;
+pub mod votes;
 
 pub use options::{Options, Tuning};
 pub use service::{Error as ServiceError, Handle, Service};

@@ -60,6 +60,8 @@ impl Histogram {
 pub struct Metrics {
     pub applied_records_total: AtomicU64,
     pub skipped_mutations_total: AtomicU64,
+    pub aborted_transactions_total: AtomicU64,
+    pub vote_waits_total: AtomicU64,
     pub apply_batches_total: AtomicU64,
     pub gc_pruned_versions_total: AtomicU64,
     pub gossip_sent_total: AtomicU64,
@@ -160,7 +162,17 @@ impl Metrics {
             (
                 "skipped_mutations_total",
                 &self.skipped_mutations_total,
-                "mutations or transactions skipped as invalid",
+                "transactions skipped whole as invalid",
+            ),
+            (
+                "aborted_transactions_total",
+                &self.aborted_transactions_total,
+                "transactions aborted by a condition or the size limit, decided on this node",
+            ),
+            (
+                "vote_waits_total",
+                &self.vote_waits_total,
+                "times apply stopped at a transaction to obtain other partitions' votes",
             ),
             (
                 "apply_batches_total",

@@ -77,6 +77,9 @@ pub struct Tuning {
     pub backfill_bytes_per_second: u64,
     /// Backfill streams a node serves at once; more are refused, to be asked again (default 8).
     pub backfill_max_streams: usize,
+    /// Transaction outcomes kept, in log positions behind the applied position, for lagging
+    /// nodes and `GET /v1/transactions/{ts}` (default 10 000 000).
+    pub outcome_retention: u64,
 }
 
 impl Default for Tuning {
@@ -99,6 +102,7 @@ impl Default for Tuning {
             backfill_wait_ms: 10_000,
             backfill_bytes_per_second: 64 << 20,
             backfill_max_streams: 8,
+            outcome_retention: 10_000_000,
         }
     }
 }

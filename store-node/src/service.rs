@@ -25,7 +25,8 @@ use tracing::{debug, error, info, instrument, warn};
 use crate::metrics::{Gauges, Metrics};
 use crate::options::Options;
 use crate::state::{ActiveReads, Configs, Decided, Protocol, Shared};
-use crate::storage::Store;
+use crate::storage::{RemoteVotes, Store};
+use crate::votes::{self, VoteState};
 
 /// Why the node could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +128,7 @@ impl Service {
             backfill_streams: Arc::new(tokio::sync::Semaphore::new(
                 options.tuning.backfill_max_streams.max(1),
             )),
+            votes: watch::Sender::new(crate::votes::VoteState::default()),
         });
         if let Some(configs) = Configs::saved(&shared.store).map_err(Error::Apply)? {
             info!(
@@ -430,6 +432,10 @@ async fn apply_loop(
 ) -> Result<(), Error> {
     let tuning = shared.tuning.clone();
     let mut backoff = Duration::from_millis(20);
+    let mut askers = votes::Askers::default();
+    // Votes and outcomes obtained from peers, kept across groups: one ask brings those of the
+    // ts after the one asked for too.
+    let mut remote = RemoteVotes::new();
     loop {
         // Only a node with something to store applies: one of the current configuration, or
         // one of next once its plan is made (it starts at the log's end).
@@ -486,33 +492,65 @@ async fn apply_loop(
                 shared.log_next.fetch_max(last.get() + 1, Ordering::Relaxed);
             }
             if !batch.is_empty() {
-                let _gate = shared.apply_gate.lock().await;
-                let ownership = shared.ownership();
-                let store = Arc::clone(&shared.store);
-                let started = Instant::now();
+                let batch = Arc::new(batch);
                 let count = batch.len() as u64;
-                let outcome = tokio::task::spawn_blocking(move || store.apply(&batch, &ownership))
-                    .await
-                    .expect("apply task");
-                match outcome {
-                    Ok(outcome) => {
-                        let m = &shared.metrics;
-                        m.apply_batch_seconds.observe(started.elapsed());
-                        m.apply_batches_total.fetch_add(1, Ordering::Relaxed);
-                        m.applied_records_total.fetch_add(count, Ordering::Relaxed);
-                        m.skipped_mutations_total
-                            .fetch_add(outcome.skipped.len() as u64, Ordering::Relaxed);
-                        backoff = Duration::from_millis(20);
+                loop {
+                    let outcome = {
+                        let _gate = shared.apply_gate.lock().await;
+                        let ownership = shared.ownership();
+                        let store = Arc::clone(&shared.store);
+                        let (records, votes) = (Arc::clone(&batch), remote.clone());
+                        let started = Instant::now();
+                        let outcome = tokio::task::spawn_blocking(move || {
+                            store.apply_with_votes(&records, &ownership, &votes)
+                        })
+                        .await
+                        .expect("apply task");
+                        shared
+                            .metrics
+                            .apply_batch_seconds
+                            .observe(started.elapsed());
+                        outcome
+                    };
+                    let outcome = match outcome {
+                        Ok(outcome) => outcome,
+                        Err(crate::storage::Error::UnsupportedFormat(v)) => {
+                            error!(
+                                format = v,
+                                "the log holds a record format this build cannot apply"
+                            );
+                            return Err(Error::Apply(format!(
+                                "unsupported transaction format {v}"
+                            )));
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
+                    let m = &shared.metrics;
+                    m.apply_batches_total.fetch_add(1, Ordering::Relaxed);
+                    m.skipped_mutations_total
+                        .fetch_add(outcome.skipped.len() as u64, Ordering::Relaxed);
+                    m.aborted_transactions_total
+                        .fetch_add(outcome.aborted as u64, Ordering::Relaxed);
+                    let applied = shared.store.applied();
+                    remote.retain(|ts, _| *ts > applied);
+                    shared.votes.send_replace(VoteState {
+                        applied,
+                        blocked: outcome.blocked.clone(),
+                    });
+                    let Some(blocked) = outcome.blocked else {
+                        break;
+                    };
+                    m.vote_waits_total.fetch_add(1, Ordering::Relaxed);
+                    tokio::select! {
+                        _ = votes::gather(&shared, &mut askers, &blocked, &mut remote) => {}
+                        _ = stop.wait_for(|s| *s) => return Ok(()),
                     }
-                    Err(crate::storage::Error::UnsupportedFormat(v)) => {
-                        error!(
-                            format = v,
-                            "the log holds a record format this build cannot apply"
-                        );
-                        return Err(Error::Apply(format!("unsupported transaction format {v}")));
-                    }
-                    Err(e) => return Err(e.into()),
                 }
+                shared
+                    .metrics
+                    .applied_records_total
+                    .fetch_add(count, Ordering::Relaxed);
+                backoff = Duration::from_millis(20);
             }
             if !storing(&shared) {
                 info!("this node stores nothing any more: it stops applying the log");
@@ -673,9 +711,13 @@ async fn gc_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> Result
         let budget = shared.tuning.gc_step_budget;
         // Passes go on at the same target until complete; the watermark never goes back.
         let target = gc.max(store.gc_watermark());
-        let progress = tokio::task::spawn_blocking(move || store.gc(target, budget))
-            .await
-            .expect("gc task")?;
+        let below = Timestamp((store.applied().0).saturating_sub(shared.tuning.outcome_retention));
+        let progress = tokio::task::spawn_blocking(move || {
+            store.prune_outcomes(below)?;
+            store.gc(target, budget)
+        })
+        .await
+        .expect("gc task")?;
         shared
             .metrics
             .gc_pruned_versions_total

@@ -196,6 +196,8 @@ pub struct Shared {
     pub drained: AtomicBool,
     /// Outgoing backfill streams at most (`Tuning::backfill_max_streams`).
     pub backfill_streams: Arc<tokio::sync::Semaphore>,
+    /// Where apply is, and the transaction it waits at for votes (`votes`).
+    pub votes: watch::Sender<crate::votes::VoteState>,
 }
 
 impl Shared {

@@ -327,15 +327,9 @@ fn only_owned_mutations_are_stored_but_every_record_advances() {
 }
 
 #[test]
-fn bad_mutations_are_skipped_deterministically() {
+fn records_invalid_on_their_own_are_skipped_whole() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(
-        &dir,
-        StoreOptions {
-            max_document_bytes: 200,
-            ..small_options()
-        },
-    );
+    let store = open(&dir, small_options());
     let good = || replace("c", "good", &json!({"v": 1}));
     let records = vec![
         (
@@ -353,49 +347,25 @@ fn bad_mutations_are_skipped_deterministically() {
         ),
         (
             Timestamp(5),
-            tx(vec![replace("c", "x", &json!({"n": 5, "s": "a"}))], 5),
+            tx_limited(
+                vec![good(), replace("c", "x", &json!({"big": "y".repeat(300)}))],
+                5,
+                200,
+                0,
+            ),
         ),
-        // Stateful: only that mutation goes, the rest of the transaction applies.
+        // A record of format 1 reads as format 2.
         (
             Timestamp(6),
-            tx(
-                vec![
-                    increment("c", "x", &["n"], 1),
-                    patch("c", "x", &json!({"t": 1})),
-                ],
-                6,
-            ),
-        ),
-        (
-            Timestamp(7),
-            tx(vec![increment("c", "x", &["s", "deep"], 1)], 7),
-        ),
-        // The patch is under the limit, the document it makes is not.
-        (
-            Timestamp(8),
-            tx(vec![patch("c", "x", &json!({"big": "y".repeat(180)}))], 8),
-        ),
-        (
-            Timestamp(9),
-            tx(
-                vec![
-                    increment("c", "x", &["ctr"], i64::MAX),
-                    increment("c", "x", &["ctr"], 1),
-                ],
-                9,
-            ),
-        ),
-        (
-            Timestamp(10),
             Transaction {
                 format_version: 1,
-                ..tx(vec![], 10)
+                ..tx(vec![replace("c", "x", &json!({"n": 5}))], 6)
             },
         ),
     ];
     use causeway_proto::v1::Transaction;
     let outcome = store.apply(&records, &full()).unwrap();
-    assert_eq!(outcome.applied, Timestamp(10));
+    assert_eq!(outcome.applied, Timestamp(6));
     let reasons: Vec<_> = outcome
         .skipped
         .iter()
@@ -408,53 +378,185 @@ fn bad_mutations_are_skipped_deterministically() {
             (2, None, Rejection::NotAnObject),
             (3, None, Rejection::EmptyPath),
             (4, None, Rejection::UndecodableChange),
-            (6, Some(0), Rejection::NotACounter),
-            (7, Some(0), Rejection::PathNotAnObject),
             (
-                8,
-                Some(0),
+                5,
+                None,
                 Rejection::DocumentTooLarge {
-                    bytes: 210,
+                    bytes: 310,
                     max: 200
                 }
             ),
-            (9, Some(1), Rejection::CounterOverflow),
         ]
     );
     assert_eq!(
-        store.get("c", "good", Timestamp(10)).unwrap(),
+        store.get("c", "good", Timestamp(6)).unwrap(),
         None,
-        "whole tx skipped"
+        "whole transactions skipped"
     );
-    let huge = tx(
-        vec![good(), patch("c", "x", &json!({"big": "y".repeat(300)}))],
-        1,
-    );
+    let x = store.get("c", "x", Timestamp(6)).unwrap().unwrap();
+    assert_eq!(serde_json::Value::Object(x.json), json!({"n": 5}));
+    // An unknown format stops the group before anything is written.
+    let future = Transaction {
+        format_version: 99,
+        ..tx(vec![good()], 7)
+    };
+    assert!(matches!(
+        store.apply(&[(Timestamp(7), future)], &full()),
+        Err(Error::UnsupportedFormat(99))
+    ));
+    assert_eq!(store.applied(), Timestamp(6));
+    assert!(causeway_store_node::storage::validate(&records[0].1).is_err());
     assert_eq!(
-        causeway_store_node::storage::validate(&huge, store.options()),
+        causeway_store_node::storage::validate(&records[4].1),
         Err(Rejection::DocumentTooLarge {
             bytes: 310,
             max: 200
         })
     );
-    let x = store.get("c", "x", Timestamp(10)).unwrap().unwrap();
+    assert!(causeway_store_node::storage::validate(&records[5].1).is_ok());
+}
+
+/// The outcome this store recorded for `ts`.
+fn outcome(store: &Store, ts: u64) -> causeway_proto::v1::TxOutcome {
+    match store.outcome(Timestamp(ts)).unwrap() {
+        Some(causeway_proto::v1::outcome_response::Known::Decided(o)) => o,
+        other => panic!("no outcome at {ts}: {other:?}"),
+    }
+}
+
+#[test]
+fn a_transaction_that_would_pass_the_size_limit_aborts_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, small_options());
+    let base = json!({"n": 1, "pad": "p".repeat(40)});
+    store
+        .apply(
+            &[(Timestamp(1), tx(vec![replace("c", "x", &base)], 1))],
+            &full(),
+        )
+        .unwrap();
+    // The patch is under the limit, the document it makes is not; the increment of another
+    // document in the same transaction goes with it.
+    let big = tx_limited(
+        vec![
+            increment("c", "other", &["n"], 1),
+            patch("c", "x", &json!({"big": "y".repeat(150)})),
+        ],
+        2,
+        200,
+        0,
+    );
+    let applied = store.apply(&[(Timestamp(2), big)], &full()).unwrap();
+    assert_eq!(
+        applied.aborted, 0,
+        "a multi-document transaction decides by ballot"
+    );
+    let o = outcome(&store, 2);
+    assert!(!o.committed);
+    assert_eq!(o.failures.len(), 1);
+    let f = &o.failures[0];
+    assert_eq!((f.id.as_str(), f.max_bytes), ("x", 200));
+    assert!(f.bytes > 200, "{f:?}");
+    assert_eq!(store.get("c", "other", Timestamp(2)).unwrap(), None);
+    let x = store.get("c", "x", Timestamp(2)).unwrap().unwrap();
+    assert_eq!(
+        (x.version, serde_json::Value::Object(x.json)),
+        (Timestamp(1), base)
+    );
+    // Alone on its document, decided in its share: the same.
+    let alone = tx_limited(
+        vec![patch("c", "x", &json!({"big": "y".repeat(150)}))],
+        3,
+        200,
+        0,
+    );
+    let applied = store.apply(&[(Timestamp(3), alone)], &full()).unwrap();
+    assert_eq!(applied.aborted, 1);
+    assert!(!outcome(&store, 3).committed);
+    assert_eq!(
+        store.get("c", "x", Timestamp(3)).unwrap().unwrap().version,
+        Timestamp(1)
+    );
+    // Under the limit, both commit.
+    let small = tx(
+        vec![
+            patch("c", "x", &json!({"t": 1})),
+            increment("c", "other", &["n"], 1),
+        ],
+        4,
+    );
+    store.apply(&[(Timestamp(4), small)], &full()).unwrap();
+    assert!(outcome(&store, 4).committed);
+    assert_eq!(
+        store.get("c", "other", Timestamp(4)).unwrap().unwrap().json["n"],
+        json!(1)
+    );
+}
+
+#[test]
+fn counters_are_total() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, small_options());
+    let records = vec![
+        (
+            Timestamp(1),
+            tx(vec![replace("c", "x", &json!({"n": 5, "s": "a"}))], 1),
+        ),
+        // A plain integer becomes a counter; the patch in the same transaction applies too.
+        (
+            Timestamp(2),
+            tx(
+                vec![
+                    increment("c", "x", &["n"], 1),
+                    patch("c", "x", &json!({"t": 1})),
+                ],
+                2,
+            ),
+        ),
+        // A path through a string replaces it with an object.
+        (
+            Timestamp(3),
+            tx(vec![increment("c", "x", &["s", "deep"], 1)], 3),
+        ),
+        // Counters saturate.
+        (
+            Timestamp(4),
+            tx(
+                vec![
+                    increment("c", "x", &["ctr"], i64::MAX),
+                    increment("c", "x", &["ctr"], 1),
+                ],
+                4,
+            ),
+        ),
+        (Timestamp(5), tx(vec![increment("c", "x", &["n"], 10)], 5)),
+    ];
+    let outcome_ = store.apply(&records, &full()).unwrap();
+    assert!(outcome_.skipped.is_empty());
+    assert_eq!(outcome_.aborted, 0);
+    let x = store.get("c", "x", Timestamp(5)).unwrap().unwrap();
     assert_eq!(
         serde_json::Value::Object(x.json),
-        json!({"n": 5, "s": "a", "t": 1, "ctr": i64::MAX})
+        json!({"n": 16, "s": {"deep": 1}, "t": 1, "ctr": i64::MAX})
     );
-    assert_eq!(x.version, Timestamp(9));
-    // An unknown format stops the group before anything is written.
-    let future = Transaction {
-        format_version: 99,
-        ..tx(vec![good()], 11)
-    };
-    assert!(matches!(
-        store.apply(&[(Timestamp(11), future)], &full()),
-        Err(Error::UnsupportedFormat(99))
-    ));
-    assert_eq!(store.applied(), Timestamp(10));
-    assert!(causeway_store_node::storage::validate(&records[0].1, store.options()).is_err());
-    assert!(causeway_store_node::storage::validate(&records[4].1, store.options()).is_ok());
+    // A read-modify-write PUT of what a read answered keeps the counters counting.
+    let read = store.get("c", "x", Timestamp(5)).unwrap().unwrap().json;
+    store
+        .apply(
+            &[
+                (
+                    Timestamp(6),
+                    tx(vec![replace("c", "x", &serde_json::Value::Object(read))], 6),
+                ),
+                (Timestamp(7), tx(vec![increment("c", "x", &["n"], 1)], 7)),
+                (Timestamp(8), tx(vec![increment("c", "x", &["ctr"], -1)], 8)),
+            ],
+            &full(),
+        )
+        .unwrap();
+    let x = store.get("c", "x", Timestamp(8)).unwrap().unwrap();
+    assert_eq!(x.json["n"], json!(17));
+    assert_eq!(x.json["ctr"], json!(i64::MAX - 1));
 }
 
 fn client_change(
@@ -557,7 +659,12 @@ fn raw_automerge_changes_apply_as_a_batch_and_merge_with_json_writes() {
             &full(),
         )
         .unwrap();
-    assert_eq!(outcome.skipped[0].reason, Rejection::MissingDependencies);
+    assert_eq!(outcome.aborted, 1, "the transaction aborts");
+    let refused = self::outcome(&store, 4);
+    assert_eq!(
+        refused.failures[0].detail,
+        Rejection::MissingDependencies.to_string()
+    );
     assert_eq!(
         store
             .get("notes", "n1", Timestamp(4))
@@ -581,10 +688,10 @@ fn split_after(client: &Automerge, server: &Automerge) -> Vec<Vec<u8>> {
 fn history_is_rebased_past_the_bound_and_counters_survive() {
     let dir = tempfile::tempdir().unwrap();
     let options = StoreOptions {
-        max_history_changes: 20,
         snapshot_every_versions: 8,
         ..StoreOptions::default()
     };
+    let tx = |m, ts| tx_limited(m, ts, 0, 20);
     let store = open(&dir, options.clone());
     let mut ts = 0;
     for i in 0..100 {
@@ -651,7 +758,9 @@ fn backfill_moves_an_interval_to_a_new_replica_with_pending_mutations() {
     let first: Vec<_> = (1..=200).map(|t| stream_record(5, t, 30)).collect();
     target.apply(&first, &Ownership::default()).unwrap();
     let later: Vec<_> = (201..=230).map(|t| stream_record(5, t, 30)).collect();
-    let outcome = target.apply(&later, &pending_only).unwrap();
+    let outcome = target
+        .apply_with_votes(&later, &pending_only, &all_committed(&later))
+        .unwrap();
     assert!(outcome.pending_written > 0 && outcome.versions_written == 0);
     // Backfill the versions readable in [150, 200], in small batches.
     let mut from: Option<Vec<u8>> = None;
@@ -851,7 +960,9 @@ fn dropping_documents_keeps_the_pending_mutations_and_skip_moves_only_forward() 
         pending: vec![half],
     };
     let records: Vec<_> = (1..=40).map(|t| stream_record(3, t, 20)).collect();
-    let outcome = store.apply(&records, &pending).unwrap();
+    let outcome = store
+        .apply_with_votes(&records, &pending, &all_committed(&records))
+        .unwrap();
     assert!(outcome.pending_written > 0);
     let ingested: Vec<_> = (1..=40).map(|t| stream_record(3, t, 20)).collect();
     let other = tempfile::tempdir().unwrap();
@@ -891,4 +1002,150 @@ fn dropping_documents_keeps_the_pending_mutations_and_skip_moves_only_forward() 
     drop(store);
     let store = open(&dir, small_options());
     assert_eq!(store.applied(), Timestamp(1_000), "durable");
+}
+
+/// A record with an idempotency key of scope "tester".
+fn keyed(
+    mutations: Vec<causeway_proto::v1::Mutation>,
+    wall_clock_ms: u64,
+    key: &str,
+) -> causeway_proto::v1::Transaction {
+    causeway_proto::v1::Transaction {
+        idempotency_key: key.into(),
+        idempotency_scope: "tester".into(),
+        ..tx_limited(mutations, wall_clock_ms, 0, 0)
+    }
+}
+
+#[test]
+fn a_committed_idempotency_key_makes_a_retry_a_duplicate_within_its_window() {
+    use causeway_store_node::storage::{DEFAULT_IDEMPOTENCY_WINDOW_MS, IDEMPOTENCY_MAX_DISTANCE};
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, small_options());
+    let inc = || {
+        vec![
+            increment("c", "x", &["n"], 1),
+            increment("c", "y", &["n"], 1),
+        ]
+    };
+    let alone = || vec![increment("c", "x", &["n"], 10)];
+    let hour = 3_600_000;
+    let far = 5 + IDEMPOTENCY_MAX_DISTANCE + 1;
+    let records = vec![
+        (Timestamp(1), keyed(inc(), hour, "k")),
+        // The same key: a duplicate, in the same group and in a later one.
+        (Timestamp(2), keyed(inc(), hour + 5, "k")),
+        // Another scope, another key: new transactions.
+        (
+            Timestamp(3),
+            causeway_proto::v1::Transaction {
+                idempotency_scope: "other".into(),
+                ..keyed(inc(), hour, "k")
+            },
+        ),
+        (Timestamp(4), keyed(inc(), hour, "k2")),
+        // A single-document transaction is decided in its share: the same rule.
+        (Timestamp(5), keyed(alone(), hour, "solo")),
+        (Timestamp(6), keyed(alone(), hour, "solo")),
+    ];
+    store.apply(&records, &full()).unwrap();
+    store
+        .apply(&[(Timestamp(7), keyed(inc(), hour + 10, "k"))], &full())
+        .unwrap();
+    let duplicate = |ts: u64| outcome(&store, ts).duplicate_of;
+    assert_eq!([duplicate(2), duplicate(6), duplicate(7)], [1, 5, 1]);
+    assert_eq!(
+        [duplicate(1), duplicate(3), duplicate(4), duplicate(5)],
+        [0; 4]
+    );
+    let n =
+        |id: &str, ts: u64| store.get("c", id, Timestamp(ts)).unwrap().unwrap().json["n"].clone();
+    assert_eq!(
+        (n("x", 7), n("y", 7)),
+        (json!(13), json!(3)),
+        "each key once"
+    );
+    // Past the window of wall clock, or the bound on log positions, the key is forgotten.
+    let late = hour + DEFAULT_IDEMPOTENCY_WINDOW_MS + 1;
+    store
+        .apply(&[(Timestamp(8), keyed(inc(), late, "k2"))], &full())
+        .unwrap();
+    assert_eq!(duplicate(8), 0);
+    store
+        .apply(&[(Timestamp(far), keyed(alone(), hour, "solo"))], &full())
+        .unwrap();
+    assert_eq!(duplicate(far), 0);
+    // An aborted transaction's key is not remembered: its retry runs again.
+    let refused = causeway_proto::v1::Transaction {
+        conditions: vec![causeway_proto::v1::Condition {
+            collection: "c".into(),
+            id: "x".into(),
+            exists: Some(false),
+            ..Default::default()
+        }],
+        ..keyed(alone(), hour, "fail")
+    };
+    store
+        .apply(&[(Timestamp(far + 1), refused.clone())], &full())
+        .unwrap();
+    assert!(!outcome(&store, far + 1).committed);
+    store
+        .apply(&[(Timestamp(far + 2), refused)], &full())
+        .unwrap();
+    assert_eq!(outcome(&store, far + 2).duplicate_of, 0);
+}
+
+#[test]
+fn idempotency_rows_move_with_their_document_and_go_after_the_bound() {
+    use causeway_store_node::storage::IDEMPOTENCY_MAX_DISTANCE;
+    let (ds, dt) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let source = open(&ds, small_options());
+    let target = open(&dt, small_options());
+    let write = || vec![increment("c", "x", &["n"], 1)];
+    source
+        .apply(&[(Timestamp(1), keyed(write(), 1, "k"))], &full())
+        .unwrap();
+    // The target logs ts 2 while the interval is pending: the row goes to pending with it.
+    let second = vec![(
+        Timestamp(2),
+        keyed(vec![increment("c", "x", &["n"], 1)], 2, "k2"),
+    )];
+    source.apply(&second, &full()).unwrap();
+    let pending = Ownership {
+        owned: vec![],
+        pending: vec![Interval::FULL],
+    };
+    target.skip_to(Timestamp(1)).unwrap();
+    target
+        .apply_with_votes(&second, &pending, &all_committed(&second))
+        .unwrap();
+    let batch = source
+        .backfill_batch(
+            &Interval::FULL,
+            Timestamp::ZERO,
+            Timestamp(1),
+            None,
+            usize::MAX,
+            usize::MAX,
+        )
+        .unwrap();
+    target.ingest(&batch.records).unwrap();
+    replay_all(&target, &Interval::FULL, Timestamp(1), 100);
+    assert_eq!(
+        target.digest(&Interval::FULL, Timestamp(2)).unwrap(),
+        source.digest(&Interval::FULL, Timestamp(2)).unwrap()
+    );
+    // Both keys moved: retries on the target are duplicates.
+    for (ts, key) in [(3, "k"), (4, "k2")] {
+        let retry = vec![(Timestamp(ts), keyed(write(), 3, key))];
+        target.apply(&retry, &full()).unwrap();
+        assert_eq!(outcome(&target, ts).duplicate_of, ts - 2, "{key}");
+    }
+    // GC drops a row no later transaction can see; the digests never counted it.
+    let far = Timestamp(2 + IDEMPOTENCY_MAX_DISTANCE + 10);
+    target.skip_to(far).unwrap();
+    let before = target.raw_versions(&Interval::FULL).unwrap().len();
+    gc_all(&target, far);
+    let after = target.raw_versions(&Interval::FULL).unwrap().len();
+    assert!(after < before, "rows dropped: {before} → {after}");
 }

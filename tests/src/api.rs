@@ -76,6 +76,16 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// kill -9 of api-server `i` (in start order).
+    pub fn kill_api_server(&mut self, i: usize) -> Result<()> {
+        let api = self
+            .api_servers
+            .get_mut(i)
+            .ok_or_else(|| anyhow!("no api-server {i}"))?;
+        api.proc.kill();
+        Ok(())
+    }
+
     /// The base URLs (`http://127.0.0.1:port`) of the api-servers, in start order.
     pub fn api_urls(&self) -> Vec<String> {
         self.api_servers

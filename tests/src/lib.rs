@@ -347,7 +347,8 @@ impl LocalCluster {
 
     /// Checks that the running replicas of every partition of the current configuration hold
     /// the same documents: their digests of the partition's intervals at one ts (the UST of
-    /// the first replica, which every replica is first waited to reach) are equal. Answers the ts.
+    /// the first replica, which every replica is first waited to commit) are equal. Answers the
+    /// ts.
     /// Run it while no writes arrive, so that the GC timestamp cannot pass the ts meanwhile.
     pub async fn verify_replicas_agree(&self, deadline: Duration) -> Result<Timestamp> {
         let config = self.current_config().await?;
@@ -363,7 +364,7 @@ impl LocalCluster {
             let intervals = config.slicing.intervals_of(*partition);
             let mut digests: Vec<(NodeId, Vec<String>)> = Vec::new();
             for &node in replicas.iter().filter(|n| running(n)) {
-                self.wait_ust(node, ts, deadline).await?;
+                self.wait_committed(node, ts, deadline).await?;
                 digests.push((node, self.digests(node, ts, &intervals).await?));
             }
             if let Some((_, reference)) = digests.first() {
@@ -422,6 +423,25 @@ impl LocalCluster {
             || async move {
                 let s = self.status(node).await.ok()?;
                 (s.ust >= ts.get()).then_some(())
+            },
+        )
+        .await
+    }
+
+    /// Waits until `node` has itself committed `ts` (its UST may be past it: a partition's UST
+    /// follows its most advanced replica).
+    pub async fn wait_committed(
+        &self,
+        node: NodeId,
+        ts: Timestamp,
+        deadline: Duration,
+    ) -> Result<()> {
+        until(
+            &format!("{node} to commit {ts}"),
+            deadline,
+            || async move {
+                let s = self.status(node).await.ok()?;
+                (s.committed >= ts.get()).then_some(())
             },
         )
         .await
@@ -536,8 +556,9 @@ pub mod tx {
         Transaction {
             format_version: causeway_proto::v1::TRANSACTION_FORMAT_VERSION,
             wall_clock_ms: 1_700_000_000_000,
-            request_id: String::new(),
+            idempotency_key: String::new(),
             mutations,
+            ..Transaction::default()
         }
     }
 

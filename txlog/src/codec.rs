@@ -26,7 +26,7 @@ pub fn encode(tx: &Transaction) -> Bytes {
 /// Decodes a log record payload into a transaction, refusing unknown format versions.
 pub fn decode(payload: &[u8]) -> Result<Transaction> {
     let tx = Transaction::decode(payload).map_err(Error::Decode)?;
-    if tx.format_version != TRANSACTION_FORMAT_VERSION {
+    if !causeway_proto::v1::transaction_format_supported(tx.format_version) {
         return Err(Error::UnknownFormatVersion {
             found: tx.format_version,
             supported: TRANSACTION_FORMAT_VERSION,
@@ -44,7 +44,7 @@ mod tests {
         Transaction {
             format_version: TRANSACTION_FORMAT_VERSION,
             wall_clock_ms: 1_700_000_000_000,
-            request_id: "req-1".into(),
+            idempotency_key: "req-1".into(),
             mutations: vec![Mutation {
                 collection: "accounts".into(),
                 id: "a".into(),
@@ -53,6 +53,19 @@ mod tests {
                     delta: -5,
                 })),
             }],
+            conditions: vec![causeway_proto::v1::Condition {
+                collection: "accounts".into(),
+                id: "a".into(),
+                exists: Some(true),
+                version_ts: None,
+                filter: br#"{"balance": {"$gte": 5}}"#.to_vec(),
+            }],
+            idempotency_scope: "tester".into(),
+            limits: Some(causeway_proto::v1::ApplyLimits {
+                max_document_bytes: 1000,
+                max_history_changes: 0,
+                idempotency_window_ms: 60_000,
+            }),
         }
     }
 

@@ -2,30 +2,55 @@
 //! share (its mutations in ts order); documents are independent, so their shares are applied in
 //! parallel, each on its own decoded automerge document, and the results are written as one
 //! WriteBatch. Every replica computes the same versions whatever the thread count: a document's
-//! versions depend only on its own mutations, in log order.
+//! versions depend only on its own mutations, in log order, and on the transactions' outcomes.
+//!
+//! # Outcomes
+//! Each transaction commits or aborts as a whole (ARCHITECTURE.md, "Transaction outcomes"):
+//! - one that cannot abort (no conditions; only replaces and deletes) commits;
+//! - one that names a single document is decided inside that document's share, on its state
+//!   just before the transaction;
+//! - any other stops the parallel run: the shares so far are applied, then each document this
+//!   node holds votes on its state ([`txn::vote`]) into a [`Ballot`], completed by the votes
+//!   other nodes sent ([`RemoteVotes`]). Without every vote, apply stops before the transaction
+//!   and says which are missing ([`Blocked`]); the caller obtains them and calls again.
+//!
+//! The outcome of every transaction this node decided is written with its versions (meta
+//! `outcome/‖ts`), so that other nodes and clients can learn it after the fact.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use causeway_core::{KeyHash, Timestamp};
-use causeway_proto::v1::{Transaction, TRANSACTION_FORMAT_VERSION};
+use causeway_core::{Ballot, Decision, Timestamp};
+use causeway_proto::v1::{self as pb, outcome_response::Known};
+use causeway_proto::v1::{transaction_format_supported, Transaction};
 use prost::Message;
 use rocksdb::WriteBatch;
 
 use super::document::{self, Op};
 use super::record::{Record, Segment};
+use super::txn::{self, Blocked, DocMutations, KeyRow, Limits, Parsed, RemoteVotes};
 use super::{
-    check_size, is_version_of, keys, parse_json, parse_transaction, ApplyOutcome, Cached,
-    DocMutations, Error, Live, Ownership, Skipped, Store, Writer, CF_BY_COLLECTION, CF_DOCS,
-    CF_META, CF_PENDING, META_APPLIED,
+    is_version_of, keys, parse_json, ApplyOutcome, Cached, Error, Live, Ownership, Skipped, Store,
+    Writer, CF_BY_COLLECTION, CF_DOCS, CF_META, CF_PENDING, META_APPLIED,
 };
+
+/// How a version's transaction is decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Decided {
+    /// Here, on this document alone: the transaction names no other.
+    Local,
+    /// Already: it commits.
+    Committed,
+}
 
 /// One transaction's mutations of one document, and when it was logged.
 pub(super) struct Version<'a> {
     pub ts: Timestamp,
     pub wall_clock_ms: u64,
     pub mutations: DocMutations<'a>,
+    pub limits: Limits,
+    pub decided: Decided,
 }
 
 /// One document's share of a group: its versions in ts order.
@@ -56,6 +81,10 @@ impl<'a> Shares<'a> {
             }
         }
     }
+
+    fn is_empty(&self) -> bool {
+        self.work.is_empty()
+    }
 }
 
 /// What applying one document's share produced, for the group's batch.
@@ -64,32 +93,130 @@ struct DocOutput {
     state: Cached,
     /// (column family, key, value)
     puts: Vec<(&'static str, Vec<u8>, Vec<u8>)>,
-    skipped: Vec<Skipped>,
+    /// The outcomes of the transactions decided here ([`Decided::Local`]).
+    outcomes: Vec<(Timestamp, pb::TxOutcome)>,
+    /// The idempotency rows this share wrote.
+    rows: Vec<(Vec<u8>, KeyRow)>,
     versions_written: usize,
+}
+
+/// Reads idempotency rows as of the group so far: the group's own, then the disk's.
+struct Rows<'s> {
+    store: &'s Store,
+    group: &'s HashMap<Vec<u8>, KeyRow>,
+}
+
+impl Rows<'_> {
+    /// The newest version of the row at `prefix`; `share` holds rows written by the share
+    /// being applied (newest last).
+    fn get(&self, prefix: &[u8], share: &[(Vec<u8>, KeyRow)]) -> Result<Option<KeyRow>, Error> {
+        if let Some((_, row)) = share.iter().rev().find(|(p, _)| p == prefix) {
+            return Ok(Some(*row));
+        }
+        if let Some(row) = self.group.get(prefix) {
+            return Ok(Some(*row));
+        }
+        let mut it = self.store.db.raw_iterator_cf(self.store.cf(CF_DOCS));
+        it.seek(prefix);
+        match (it.key(), it.value()) {
+            (Some(key), Some(value)) if is_version_of(key, prefix) => Ok(Some(txn::key_row_of(
+                keys::version_key_parts(key).ts,
+                value,
+            ))),
+            _ => {
+                it.status()?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// The earlier commit `version` repeats, if its document holds the transaction's key.
+    fn duplicate_of(
+        &self,
+        version: &Version<'_>,
+        share: &[(Vec<u8>, KeyRow)],
+    ) -> Result<Option<Timestamp>, Error> {
+        let Some(prefix) = &version.mutations.key_row else {
+            return Ok(None);
+        };
+        let row = self.get(prefix, share)?;
+        Ok(txn::duplicate_of(
+            row,
+            version.ts,
+            version.wall_clock_ms,
+            &version.limits,
+        ))
+    }
+}
+
+/// A group being applied: the batch so far, the shares not yet applied, the states of the
+/// documents the group touched (ahead of disk until the batch is written, so kept out of the
+/// cache, which could evict one and reload an older version), the counters.
+pub(super) struct Run<'a> {
+    pub batch: WriteBatch,
+    pub shares: Shares<'a>,
+    states: HashMap<Vec<u8>, Cached>,
+    /// The idempotency rows written by the group so far, by prefix.
+    rows: HashMap<Vec<u8>, KeyRow>,
+    pub outcome: ApplyOutcome,
+}
+
+impl Run<'_> {
+    pub fn new(outcome: ApplyOutcome) -> Self {
+        Run {
+            batch: WriteBatch::default(),
+            shares: Shares::default(),
+            states: HashMap::new(),
+            rows: HashMap::new(),
+            outcome,
+        }
+    }
+
+    /// Once the batch is written: the group's states join the cache.
+    pub fn cache_states(&mut self, writer: &mut Writer) {
+        for (prefix, state) in self.states.drain() {
+            let weight = state.weight();
+            writer.cache.insert(prefix, state, weight);
+        }
+    }
 }
 
 /// Below this many documents per thread a group is applied on the calling thread: a thread
 /// costs more than a document or two.
 const MIN_DOCUMENTS_PER_THREAD: usize = 2;
 
+/// The meta key of the outcome of the transaction at `ts`.
+pub(super) fn outcome_key(ts: Timestamp) -> Vec<u8> {
+    [super::META_OUTCOME, &ts.0.to_be_bytes()].concat()
+}
+
 impl Store {
-    /// Applies a group of log records, in strictly increasing ts order, as one WriteBatch.
-    ///
-    /// Records at or below the applied position are ignored (counted in `repeated`), so a
-    /// stream may be resumed from any earlier position. An unknown record format stops the
-    /// group before anything is written ([`Error::UnsupportedFormat`]): this build cannot apply
-    /// it and must not skip it. On a RocksDB error nothing of the group is applied.
+    /// Applies a group of log records, in strictly increasing ts order, as one WriteBatch, with
+    /// no votes from other nodes: enough for a node that holds every document it applies.
     pub fn apply(
         &self,
         records: &[(Timestamp, Transaction)],
         ownership: &Ownership,
     ) -> Result<ApplyOutcome, Error> {
+        self.apply_with_votes(records, ownership, &RemoteVotes::new())
+    }
+
+    /// Applies a group of log records, in strictly increasing ts order, as one WriteBatch.
+    ///
+    /// Records at or below the applied position are ignored (counted in `repeated`), so a
+    /// stream may be resumed from any earlier position. A transaction that needs votes neither
+    /// held here nor in `remote` stops the group before it ([`ApplyOutcome::blocked`]). An
+    /// unknown record format stops the group before anything is written
+    /// ([`Error::UnsupportedFormat`]): this build cannot apply it and must not skip it. On an
+    /// error nothing of the group is applied.
+    pub fn apply_with_votes(
+        &self,
+        records: &[(Timestamp, Transaction)],
+        ownership: &Ownership,
+        remote: &RemoteVotes,
+    ) -> Result<ApplyOutcome, Error> {
         let mut writer = self.lock();
         let start = self.applied();
-        let mut outcome = ApplyOutcome {
-            applied: start,
-            ..ApplyOutcome::default()
-        };
         let mut previous = None;
         for (ts, tx) in records {
             assert!(
@@ -97,138 +224,325 @@ impl Store {
                 "records out of order: {ts} after {previous:?}"
             );
             previous = Some(*ts);
-            if tx.format_version != TRANSACTION_FORMAT_VERSION && *ts > start {
+            if !transaction_format_supported(tx.format_version) && *ts > start {
                 return Err(Error::UnsupportedFormat(tx.format_version));
             }
         }
-        let mut batch = WriteBatch::default();
-        let mut shares = Shares::default();
-        for (ts, tx) in records {
-            if *ts <= start {
-                outcome.repeated += 1;
-                continue;
-            }
-            self.route(&mut batch, &mut shares, *ts, tx, ownership, &mut outcome);
-            outcome.applied = *ts;
-        }
+        let mut run = Run::new(ApplyOutcome {
+            applied: start,
+            ..ApplyOutcome::default()
+        });
+        self.route_group(&mut writer, &mut run, records, ownership, remote, start)?;
+        self.flush(&mut writer, &mut run)?;
+        let mut outcome = std::mem::take(&mut run.outcome);
         if outcome.applied == start {
+            // Nothing changed: the states loaded for votes are those on disk.
+            run.cache_states(&mut writer);
             return Ok(outcome);
         }
+        let mut batch = std::mem::take(&mut run.batch);
         batch.put_cf(
             self.cf(CF_META),
             META_APPLIED,
             outcome.applied.0.to_be_bytes(),
         );
-        self.apply_documents(
-            &mut writer,
-            batch,
-            shares,
-            &mut outcome,
-            self.options.sync_writes,
-        )?;
+        self.write(batch, self.options.sync_writes)?;
+        run.cache_states(&mut writer);
         self.applied.store(outcome.applied.0, Ordering::SeqCst);
         if self.options.sync_writes {
             self.committed.store(outcome.applied.0, Ordering::SeqCst);
         }
+        outcome.skipped.sort_by_key(|s| (s.ts, s.mutation));
         for skipped in &outcome.skipped {
-            tracing::warn!(ts = skipped.ts.0, mutation = ?skipped.mutation, reason = %skipped.reason, "mutation skipped");
+            tracing::warn!(ts = skipped.ts.0, mutation = ?skipped.mutation, reason = %skipped.reason, "transaction skipped");
         }
         Ok(outcome)
     }
 
-    /// Sends one record's mutations where they go: owned documents' into their share of the
-    /// group, those of intervals being backfilled into `pending`, the rest nowhere.
+    fn route_group<'a>(
+        &self,
+        writer: &mut Writer,
+        run: &mut Run<'a>,
+        records: &'a [(Timestamp, Transaction)],
+        ownership: &Ownership,
+        remote: &RemoteVotes,
+        start: Timestamp,
+    ) -> Result<(), Error> {
+        for (ts, tx) in records {
+            if *ts <= start {
+                run.outcome.repeated += 1;
+                continue;
+            }
+            if let Some(blocked) = self.route(writer, run, *ts, tx, ownership, remote)? {
+                run.outcome.blocked = Some(blocked);
+                return Ok(());
+            }
+            run.outcome.applied = *ts;
+        }
+        Ok(())
+    }
+
+    /// Sends one record's mutations where they go once its outcome is known: owned documents'
+    /// into their share of the group, those of intervals being backfilled into `pending`, the
+    /// rest nowhere. `Some` when the outcome needs votes this node does not have.
     fn route<'a>(
         &self,
-        batch: &mut WriteBatch,
-        shares: &mut Shares<'a>,
+        writer: &mut Writer,
+        run: &mut Run<'a>,
         ts: Timestamp,
         tx: &'a Transaction,
         ownership: &Ownership,
-        outcome: &mut ApplyOutcome,
-    ) {
-        let docs = match parse_transaction(tx, &self.options) {
-            Ok(docs) => docs,
+        remote: &RemoteVotes,
+    ) -> Result<Option<Blocked>, Error> {
+        let parsed = match txn::parse_transaction(tx) {
+            Ok(parsed) => parsed,
             Err((culprit, reason)) => {
                 tracing::debug!(ts = ts.0, ?culprit, %reason, "whole transaction skipped");
-                outcome.skipped.push(Skipped {
+                run.outcome.skipped.push(Skipped {
                     ts,
                     mutation: None,
                     reason,
                 });
-                return;
+                return Ok(None);
             }
         };
-        for doc in docs {
-            let hash = KeyHash::of(doc.collection, doc.id);
+        let owned: Vec<bool> = parsed
+            .docs
+            .iter()
+            .map(|d| ownership.owns(d.hash()))
+            .collect();
+        let held = |i: usize| owned[i] || ownership.pends(parsed.docs[i].hash());
+        if !(0..parsed.docs.len()).any(held) {
+            return Ok(None);
+        }
+        if !parsed.decides() {
+            self.put_outcome(&mut run.batch, ts, &txn::outcome_of(&Decision::Committed));
+            self.route_committed(run, ts, tx, parsed, ownership, Decided::Committed);
+            return Ok(None);
+        }
+        if parsed.docs.len() == 1 && owned[0] {
+            self.route_committed(run, ts, tx, parsed, ownership, Decided::Local);
+            return Ok(None);
+        }
+        // The documents' votes depend on every earlier version: apply the shares so far.
+        self.flush(writer, run)?;
+        let mut ballot = Ballot::new(
+            parsed
+                .docs
+                .iter()
+                .filter(|d| d.decides())
+                .map(DocMutations::key),
+        );
+        let mut own = Vec::new();
+        for (doc, &owned) in parsed.docs.iter().zip(&owned) {
+            if owned && doc.decides() {
+                let prefix = keys::doc_prefix(doc.collection, doc.id);
+                let state = self.state(writer, run, &prefix)?;
+                let rows = Rows {
+                    store: self,
+                    group: &run.rows,
+                };
+                let row = match &doc.key_row {
+                    Some(row) => rows.get(row, &[])?,
+                    None => None,
+                };
+                let duplicate = txn::duplicate_of(row, ts, tx.wall_clock_ms, &parsed.limits);
+                let vote = txn::vote(&state, doc, &parsed.limits, duplicate);
+                run.states.insert(prefix, state);
+                ballot
+                    .record(&doc.key(), vote.clone())
+                    .map_err(diverged(ts))?;
+                own.push(txn::doc_vote(&doc.key(), &vote));
+            }
+        }
+        let mut decision = ballot.decision();
+        for known in remote.get(&ts).into_iter().flatten() {
+            if decision.is_some() {
+                break;
+            }
+            match known {
+                Known::Decided(outcome) => {
+                    let theirs = txn::decision_of(outcome);
+                    if !ballot.agrees_with(&theirs) {
+                        return Err(diverged(ts)(causeway_core::vote::Conflict {
+                            document: "(a decision)".into(),
+                        }));
+                    }
+                    decision = Some(theirs);
+                }
+                Known::Votes(votes) => {
+                    for vote in &votes.votes {
+                        let (key, vote) = txn::from_doc_vote(vote);
+                        ballot.record(&key, vote).map_err(diverged(ts))?;
+                    }
+                    decision = ballot.decision();
+                }
+            }
+        }
+        match decision {
+            Some(decision) => {
+                self.put_outcome(&mut run.batch, ts, &txn::outcome_of(&decision));
+                if decision.applies() {
+                    self.route_committed(run, ts, tx, parsed, ownership, Decided::Committed);
+                }
+                Ok(None)
+            }
+            None if !(0..parsed.docs.len()).any(|i| held(i) && parsed.docs[i].writes()) => {
+                // This node writes nothing of the transaction: its votes are all it owes.
+                let known = Known::Votes(pb::TxVotes { votes: own });
+                self.put_known(&mut run.batch, ts, known);
+                Ok(None)
+            }
+            None => {
+                let missing = ballot.missing().cloned().collect::<Vec<_>>();
+                let missing = missing
+                    .into_iter()
+                    .map(|key| {
+                        let hash = causeway_core::KeyHash::of(&key.0, &key.1);
+                        (key, hash)
+                    })
+                    .collect();
+                Ok(Some(Blocked {
+                    ts,
+                    votes: own,
+                    missing,
+                }))
+            }
+        }
+    }
+
+    /// Routes a transaction that commits (or is decided in its document's share).
+    fn route_committed<'a>(
+        &self,
+        run: &mut Run<'a>,
+        ts: Timestamp,
+        tx: &'a Transaction,
+        parsed: Parsed<'a>,
+        ownership: &Ownership,
+        decided: Decided,
+    ) {
+        let limits = parsed.limits;
+        for doc in parsed.docs {
+            if !doc.writes() {
+                continue;
+            }
+            let hash = doc.hash();
             if ownership.owns(hash) {
                 let prefix = keys::doc_prefix(doc.collection, doc.id);
                 let version = Version {
                     ts,
                     wall_clock_ms: tx.wall_clock_ms,
                     mutations: doc,
+                    limits,
+                    decided,
                 };
-                shares.push(prefix, version);
+                run.shares.push(prefix, version);
             } else if ownership.pends(hash) {
                 let prefix = keys::doc_prefix(doc.collection, doc.id);
+                if let Some(row) = &doc.key_row {
+                    // The key's row, replayed with the document's mutations.
+                    let mut value = tx.wall_clock_ms.to_be_bytes().to_vec();
+                    value.extend_from_slice(&encode_limits(&limits));
+                    run.batch
+                        .put_cf(self.cf(CF_PENDING), keys::pending_key(row, ts, 0), value);
+                    run.outcome.pending_written += 1;
+                }
                 for (index, _) in &doc.ops {
                     let mutation = &tx.mutations[*index as usize];
                     let mut value = tx.wall_clock_ms.to_be_bytes().to_vec();
+                    value.extend_from_slice(&encode_limits(&limits));
                     mutation.encode(&mut value).expect("a Vec grows");
-                    batch.put_cf(
+                    run.batch.put_cf(
                         self.cf(CF_PENDING),
                         keys::pending_key(&prefix, ts, *index),
                         value,
                     );
-                    outcome.pending_written += 1;
+                    run.outcome.pending_written += 1;
                 }
             }
         }
     }
 
-    /// Applies every document's share (in parallel over documents), adds the versions to
-    /// `batch` and writes it. The decoded documents join the cache only once the batch is
-    /// written; on an error they are dropped, and the cache never holds state ahead of disk.
-    pub(super) fn apply_documents(
+    fn put_outcome(&self, batch: &mut WriteBatch, ts: Timestamp, outcome: &pb::TxOutcome) {
+        self.put_known(batch, ts, Known::Decided(outcome.clone()));
+    }
+
+    fn put_known(&self, batch: &mut WriteBatch, ts: Timestamp, known: Known) {
+        let record = pb::OutcomeResponse {
+            known: Some(known),
+            ..pb::OutcomeResponse::default()
+        };
+        batch.put_cf(self.cf(CF_META), outcome_key(ts), record.encode_to_vec());
+    }
+
+    /// A document's state as of the group so far: the group's, else the cache's, else its
+    /// newest version on disk. The caller puts it back in `run.states`.
+    fn state(
         &self,
         writer: &mut Writer,
-        mut batch: WriteBatch,
-        shares: Shares<'_>,
-        outcome: &mut ApplyOutcome,
-        sync: bool,
-    ) -> Result<(), Error> {
+        run: &mut Run<'_>,
+        prefix: &[u8],
+    ) -> Result<Cached, Error> {
+        match run
+            .states
+            .remove(prefix)
+            .or_else(|| writer.cache.take(prefix))
+        {
+            Some(state) => Ok(state),
+            None => self.load_newest(prefix),
+        }
+    }
+
+    /// Applies the shares routed so far (in parallel over documents): their versions and
+    /// outcomes join the run's batch, their states the run's.
+    pub(super) fn flush(&self, writer: &mut Writer, run: &mut Run<'_>) -> Result<(), Error> {
+        if run.shares.is_empty() {
+            return Ok(());
+        }
+        let shares = std::mem::take(&mut run.shares);
         let jobs: Vec<_> = shares
             .work
             .into_iter()
             .map(|share| {
-                let cached = writer.cache.take(&share.prefix);
+                let cached = run
+                    .states
+                    .remove(&share.prefix)
+                    .or_else(|| writer.cache.take(&share.prefix));
                 (share, cached)
             })
             .collect();
+        let rows = Rows {
+            store: self,
+            group: &run.rows,
+        };
         let results = parallel_map(jobs, self.apply_threads, |(share, cached)| {
-            self.apply_share(share, cached)
+            self.apply_share(share, cached, &rows)
         });
-        let mut states = Vec::with_capacity(results.len());
         for result in results {
             let output = result?;
             for (cf, key, value) in output.puts {
-                batch.put_cf(self.cf(cf), key, value);
+                run.batch.put_cf(self.cf(cf), key, value);
             }
-            outcome.skipped.extend(output.skipped);
-            outcome.versions_written += output.versions_written;
-            states.push((output.prefix, output.state));
-        }
-        outcome.skipped.sort_by_key(|s| (s.ts, s.mutation));
-        self.write(batch, sync)?;
-        for (prefix, state) in states {
-            let weight = state.weight();
-            writer.cache.insert(prefix, state, weight);
+            for (ts, outcome) in &output.outcomes {
+                self.put_outcome(&mut run.batch, *ts, outcome);
+                if !outcome.committed {
+                    run.outcome.aborted += 1;
+                }
+            }
+            run.outcome.versions_written += output.versions_written;
+            run.states.insert(output.prefix, output.state);
+            run.rows.extend(output.rows);
         }
         Ok(())
     }
 
     /// Applies one document's share, starting from its cached state or its newest version.
-    fn apply_share(&self, share: DocWork<'_>, cached: Option<Cached>) -> Result<DocOutput, Error> {
+    fn apply_share(
+        &self,
+        share: DocWork<'_>,
+        cached: Option<Cached>,
+        rows: &Rows<'_>,
+    ) -> Result<DocOutput, Error> {
         let state = match cached {
             Some(state) => state,
             None => self.load_newest(&share.prefix)?,
@@ -237,17 +551,22 @@ impl Store {
             prefix: share.prefix,
             state,
             puts: Vec::new(),
-            skipped: Vec::new(),
+            outcomes: Vec::new(),
+            rows: Vec::new(),
             versions_written: 0,
         };
         for version in &share.versions {
-            apply_version(&mut output, version, &self.options);
+            let duplicate = match version.decided {
+                Decided::Local => rows.duplicate_of(version, &output.rows)?,
+                Decided::Committed => None,
+            };
+            apply_version(&mut output, version, duplicate, &self.options);
         }
         Ok(output)
     }
 
     /// Decodes a document from its newest version (a snapshot and the deltas after it).
-    fn load_newest(&self, prefix: &[u8]) -> Result<Cached, Error> {
+    pub(super) fn load_newest(&self, prefix: &[u8]) -> Result<Cached, Error> {
         let mut it = self.db.raw_iterator_cf(self.cf(CF_DOCS));
         it.seek(prefix);
         let mut chain: Vec<Vec<u8>> = Vec::new();
@@ -297,136 +616,152 @@ impl Store {
     }
 }
 
+/// The error of votes that disagree: replicas diverged, and applying on would spread it.
+fn diverged(ts: Timestamp) -> impl Fn(causeway_core::vote::Conflict) -> Error {
+    move |conflict| Error::Diverged {
+        ts,
+        detail: conflict.to_string(),
+    }
+}
+
+/// The bytes of the limits a pending mutation carries (they are part of its record).
+pub(super) const LIMITS_BYTES: usize = 8 + 4 + 8;
+
+pub(super) fn encode_limits(limits: &Limits) -> [u8; LIMITS_BYTES] {
+    let mut out = [0u8; LIMITS_BYTES];
+    out[..8].copy_from_slice(&(limits.max_document_bytes as u64).to_be_bytes());
+    out[8..12].copy_from_slice(&limits.max_history_changes.to_be_bytes());
+    out[12..].copy_from_slice(&limits.idempotency_window_ms.to_be_bytes());
+    out
+}
+
+pub(super) fn decode_limits(bytes: &[u8]) -> Limits {
+    let u64_at = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    Limits {
+        max_document_bytes: usize::try_from(u64_at(0)).unwrap_or(usize::MAX),
+        max_history_changes: u32::from_be_bytes(bytes[8..12].try_into().expect("4 bytes")),
+        idempotency_window_ms: u64_at(12),
+    }
+}
+
 /// Applies one transaction's mutations of the document in `output.state`: at most one new
 /// version (a delta, a snapshot or a tombstone) goes to `output.puts`, and the state moves on.
-fn apply_version(output: &mut DocOutput, version: &Version<'_>, options: &super::StoreOptions) {
+/// A transaction decided here ([`Decided::Local`]) first votes on the state (`duplicate_of`:
+/// the earlier commit of its idempotency key); one that votes no leaves it as it was.
+fn apply_version(
+    output: &mut DocOutput,
+    version: &Version<'_>,
+    duplicate_of: Option<Timestamp>,
+    options: &super::StoreOptions,
+) {
     let Version {
         ts,
         wall_clock_ms,
         mutations,
+        limits,
+        decided,
     } = version;
     let (ts, wall_clock_ms) = (*ts, *wall_clock_ms);
-    let state = std::mem::replace(&mut output.state, Cached::Absent { latest: None });
-    let latest_before = state.latest();
-    if let Some(latest) = latest_before {
+    if let Some(latest) = output.state.latest() {
         assert!(
             latest < ts,
             "version {latest} is not older than applied ts {ts}"
         );
     }
-    // `model` is the document as JSON: `Some` exactly when `doc` is.
-    let (mut doc, mut model, mut history_changes, deltas_before, heads_before, json_bytes_before) =
-        match state {
-            Cached::Live(live) => {
-                let heads = live.doc.get_heads();
-                (
-                    Some(live.doc),
-                    Some(live.json),
-                    live.history_changes,
-                    live.deltas,
-                    Some(heads),
-                    live.json_bytes,
-                )
-            }
-            Cached::Absent { .. } => (None, None, 0, 0, None, 0),
+    let result = txn::result_json(&output.state, mutations);
+    let result_bytes = match &result {
+        Ok(Some(json)) => Some(document::to_bytes(json)),
+        _ => None,
+    };
+    if let Some(original) = duplicate_of {
+        output
+            .outcomes
+            .push((ts, txn::outcome_of(&Decision::Duplicate(original))));
+        return;
+    }
+    if *decided == Decided::Local {
+        let mut failures = txn::failed_conditions(&output.state, mutations);
+        if let Some(bytes) = &result_bytes {
+            failures.extend(txn::size_failure(mutations, bytes.len(), limits));
+        }
+        if let Err(reason) = &result {
+            failures.push(txn::rejected(mutations, reason));
+        }
+        let decision = if failures.is_empty() {
+            Decision::Committed
+        } else {
+            Decision::Aborted(failures)
         };
+        output.outcomes.push((ts, txn::outcome_of(&decision)));
+        if !decision.applies() {
+            return;
+        }
+    }
+    let result = match result {
+        Ok(result) => result,
+        // Decided elsewhere to commit: every voter found the changes applicable.
+        Err(reason) => panic!("committed mutations of ts {ts} cannot apply: {reason}"),
+    };
+    if let Some(row) = &mutations.key_row {
+        output.puts.push((
+            CF_DOCS,
+            keys::version_key(row, ts),
+            txn::key_row_value(wall_clock_ms),
+        ));
+        output
+            .rows
+            .push((row.clone(), KeyRow { ts, wall_clock_ms }));
+    }
+    let state = std::mem::replace(&mut output.state, Cached::Absent { latest: None });
+    let latest_before = state.latest();
+    let (mut doc, mut history_changes, deltas_before, heads_before) = match state {
+        Cached::Live(live) => {
+            let heads = live.doc.get_heads();
+            (
+                Some(live.doc),
+                live.history_changes,
+                live.deltas,
+                Some(heads),
+            )
+        }
+        Cached::Absent { .. } => (None, 0, 0, None),
+    };
     let existed = doc.is_some();
     // A document created (or re-created after a delete) within this transaction gets a
     // snapshot: it has no previous version to be a delta of.
     let mut fresh = false;
-    // The JSON bytes of the last mutation that applied.
-    let mut json: Option<Vec<u8>> = None;
-    let mut changed = false;
-    let max = options.max_document_bytes;
     for (index, op) in &mutations.ops {
-        let result = match op {
+        let created = doc.is_none();
+        match op {
             Op::Delete => {
                 doc = None;
-                model = None;
-                json = None;
                 history_changes = 0;
-                Ok(())
+                continue;
             }
             Op::Changes(changes) => {
-                let created = doc.is_none();
-                let mut next = doc
-                    .clone()
-                    .unwrap_or_else(|| document::empty_doc(ts, *index));
-                document::apply_changes(&mut next, changes).and_then(|added| {
-                    let map = document::materialize(&next);
-                    let bytes = check_size(&map, max)?;
-                    fresh |= created;
-                    history_changes =
-                        history_changes.saturating_add(u32::try_from(added).unwrap_or(u32::MAX));
-                    doc = Some(next);
-                    model = Some(map);
-                    json = Some(bytes);
-                    Ok(())
-                })
+                let target = doc.get_or_insert_with(|| document::empty_doc(ts, *index));
+                let added = document::apply_changes(target, changes)
+                    .unwrap_or_else(|e| panic!("changes of ts {ts} voted applicable: {e}"));
+                history_changes =
+                    history_changes.saturating_add(u32::try_from(added).unwrap_or(u32::MAX));
             }
             local => {
-                let created = doc.is_none();
-                let mut target = doc
-                    .take()
-                    .unwrap_or_else(|| document::empty_doc(ts, *index));
+                let target = doc.get_or_insert_with(|| document::empty_doc(ts, *index));
                 target.set_actor(document::actor(ts, *index));
                 let mut tx = target.transaction();
-                let mut map = model.clone().unwrap_or_default();
-                let result = document::apply_local(&mut tx, local).and_then(|()| {
-                    document::apply_json(&mut map, local);
-                    check_size(&map, max)
-                });
-                let result = match result {
-                    Ok(bytes) => {
-                        let (hash, _) = tx.commit_with(document::commit_options(wall_clock_ms));
-                        if hash.is_some() {
-                            history_changes = history_changes.saturating_add(1);
-                        }
-                        fresh |= created;
-                        model = Some(map);
-                        json = Some(bytes);
-                        Ok(())
-                    }
-                    Err(e) => {
-                        tx.rollback();
-                        Err(e)
-                    }
-                };
-                // A document made for a mutation that failed holds nothing: drop it.
-                if result.is_ok() || !created {
-                    doc = Some(target);
+                if let Err(e) = document::apply_local(&mut tx, local) {
+                    panic!("mutation {index} of ts {ts} failed on a total operation: {e}");
                 }
-                result
+                let (hash, _) = tx.commit_with(document::commit_options(wall_clock_ms));
+                if hash.is_some() {
+                    history_changes = history_changes.saturating_add(1);
+                }
             }
-        };
-        match result {
-            Ok(()) => changed = true,
-            Err(reason) => output.skipped.push(Skipped {
-                ts,
-                mutation: Some(*index),
-                reason,
-            }),
         }
-    }
-    if !changed {
-        // Every mutation was skipped and rolled back: the document is as it was.
-        output.state = match doc {
-            Some(doc) => Cached::Live(Box::new(Live {
-                doc,
-                latest: latest_before.expect("a live document has a version"),
-                history_changes,
-                deltas: deltas_before,
-                json: model.expect("a live document has its JSON"),
-                json_bytes: json_bytes_before,
-            })),
-            None => Cached::Absent {
-                latest: latest_before,
-            },
-        };
-        return;
+        fresh |= created;
     }
     let key = keys::version_key(&output.prefix, ts);
-    let Some(mut live_doc) = doc else {
+    let (Some(mut live_doc), Some(model)) = (doc, result) else {
         // Deleted. A document that was already absent needs no tombstone.
         if existed {
             output.puts.push((CF_DOCS, key, Record::Tombstone.encode()));
@@ -442,14 +777,13 @@ fn apply_version(output: &mut DocOutput, version: &Version<'_>, options: &super:
         keys::collection_key(mutations.collection, hash, mutations.id),
         Vec::new(),
     ));
-    let model = model.expect("a live document has its JSON");
     debug_assert_eq!(
         model,
         document::materialize(&live_doc),
         "the JSON model drifted"
     );
-    let json_bytes = json.unwrap_or_else(|| document::to_bytes(&model));
-    let (segment, automerge) = if history_changes > options.max_history_changes {
+    let json_bytes = result_bytes.expect("a live result has its bytes");
+    let (segment, automerge) = if history_changes > limits.max_history_changes {
         live_doc = document::rebase(&live_doc, ts, wall_clock_ms);
         history_changes = 1;
         (Segment::Snapshot, document::snapshot(&live_doc))

@@ -6,6 +6,18 @@
 //! Back to JSON: counters and timestamps → integers, text objects → strings, bytes → arrays of
 //! integers, NaN and unknown scalars → null. Writes only touch the fields that change (a field
 //! whose value is already equal is left alone), which keeps the history small.
+//!
+//! The local mutations are total: none fails against the document it finds.
+//! - An increment adds to the integer a field holds (a counter, a plain integer, a timestamp:
+//!   whatever reads as an integer that fits i64) and leaves a counter; a field holding anything
+//!   else, or nothing, starts a counter at the delta (Firestore's rule). A parent on the path that
+//!   is not a map is replaced by one.
+//! - Counters saturate at the i64 bounds instead of overflowing.
+//! - A PUT or merge patch writing an integer that fits i64 into a counter keeps it a counter,
+//!   moved to the new value; writing anything else into it replaces it.
+//!
+//! The JSON each rule leaves depends only on the JSON the document reads as, never on the
+//! automerge types behind it, so [`apply_json`], which sees only JSON, mirrors them exactly.
 
 use automerge::transaction::{CommitOptions, Transactable, Transaction};
 use automerge::{
@@ -148,13 +160,7 @@ fn write_value(
     let kind = match value {
         Json::Object(_) => ObjType::Map,
         Json::Array(_) => ObjType::List,
-        leaf => {
-            let scalar = json_to_scalar(leaf).expect("a leaf");
-            return match slot {
-                Slot::Key(key) => tx.put(obj, key, scalar),
-                Slot::Insert(index) => tx.insert(obj, index, scalar),
-            };
-        }
+        leaf => return put_scalar(tx, obj, slot, json_to_scalar(leaf).expect("a leaf")),
     };
     let child = match slot {
         Slot::Key(key) => tx.put_object(obj, key, kind)?,
@@ -176,6 +182,19 @@ fn write_value(
     Ok(())
 }
 
+/// Writes `scalar` at `slot` of `obj`.
+fn put_scalar(
+    tx: &mut Transaction<'_>,
+    obj: &ObjId,
+    slot: Slot<'_>,
+    scalar: ScalarValue,
+) -> Result<(), AutomergeError> {
+    match slot {
+        Slot::Key(key) => tx.put(obj, key, scalar),
+        Slot::Insert(index) => tx.insert(obj, index, scalar),
+    }
+}
+
 /// Sets `key` of map `obj` to `value`, leaving it alone when it is already equal and syncing
 /// nested objects field by field.
 fn sync_field(
@@ -184,21 +203,41 @@ fn sync_field(
     key: &str,
     value: &Json,
 ) -> Result<(), AutomergeError> {
-    let existing = tx.get(obj, key)?.map(|(v, id)| (v.to_owned(), id));
-    match (existing, value) {
+    match (get_owned(tx, obj, key)?, value) {
         (Some((Value::Object(ObjType::Map), child)), Json::Object(map)) => {
             sync_map(tx, &child, map)
         }
-        (Some((Value::Scalar(scalar), _)), leaf)
-            if json_to_scalar(leaf).as_ref() == Some(&*scalar) =>
-        {
-            Ok(())
-        }
+        (Some((Value::Scalar(scalar), _)), leaf) => sync_scalar(tx, obj, key, &scalar, leaf),
         (Some((Value::Object(kind), child)), Json::Array(_) | Json::String(_))
             if kind != ObjType::Map && object_to_json(tx, &child, kind) == *value =>
         {
             Ok(())
         }
+        _ => write_value(tx, obj, Slot::Key(key), value),
+    }
+}
+
+/// Sets `key` of map `obj`, which holds `scalar`, to `value`. A counter written with an integer
+/// that fits i64 stays a counter, moved to that value by increments (so a read-modify-write PUT
+/// keeps the document's counters counters); an equal value is left alone; anything else is
+/// written fresh.
+///
+/// An integer above `i64::MAX` (JSON holds u64 up to `u64::MAX`) does not fit a counter and
+/// replaces it with a plain `Uint`, as it would any other value. It does not saturate the counter
+/// at `i64::MAX`: the JSON model cannot tell a counter from a plain number, so [`apply_json`]
+/// could not mirror a result other than the value written.
+fn sync_scalar(
+    tx: &mut Transaction<'_>,
+    obj: &ObjId,
+    key: &str,
+    scalar: &ScalarValue,
+    value: &Json,
+) -> Result<(), AutomergeError> {
+    match (scalar, value.as_i64()) {
+        (ScalarValue::Counter(counter), Some(target)) => {
+            move_counter(tx, obj, key, i64::from(counter), target)
+        }
+        _ if json_to_scalar(value).as_ref() == Some(scalar) => Ok(()),
         _ => write_value(tx, obj, Slot::Key(key), value),
     }
 }
@@ -233,15 +272,112 @@ fn merge_map(
                 }
             }
             Json::Object(inner) => {
-                let existing = tx.get(obj, key.as_str())?.map(|(v, id)| (v.to_owned(), id));
-                let child = match existing {
-                    Some((Value::Object(ObjType::Map), child)) => child,
-                    _ => tx.put_object(obj, key.as_str(), ObjType::Map)?,
-                };
+                let child = map_at(tx, obj, key)?;
                 merge_map(tx, &child, inner)?;
             }
             leaf => sync_field(tx, obj, key, leaf)?,
         }
+    }
+    Ok(())
+}
+
+/// `key` of map `obj`, owned (so `tx` can be written while it is held).
+fn get_owned(
+    tx: &Transaction<'_>,
+    obj: &ObjId,
+    key: &str,
+) -> Result<Option<(Value<'static>, ObjId)>, AutomergeError> {
+    Ok(tx.get(obj, key)?.map(|(value, id)| (value.to_owned(), id)))
+}
+
+/// The map at `key` of map `obj`. Whatever else is there (or nothing) is replaced by an empty
+/// map, as a merge patch does; [`json_map_at`] on JSON. That includes a table: automerge 0.12
+/// cannot write into one, and it reads as an empty object, so the JSON still agrees.
+fn map_at(tx: &mut Transaction<'_>, obj: &ObjId, key: &str) -> Result<ObjId, AutomergeError> {
+    match get_owned(tx, obj, key)? {
+        Some((Value::Object(ObjType::Map), child)) => Ok(child),
+        _ => tx.put_object(obj, key, ObjType::Map),
+    }
+}
+
+/// The integer a scalar reads as in JSON, if it reads as one that fits i64: a counter, an `Int`,
+/// a `Uint` up to `i64::MAX`, a timestamp. [`Json::as_i64`] of [`scalar_to_json`], which is
+/// what [`apply_json`] sees.
+fn scalar_integer(scalar: &ScalarValue) -> Option<i64> {
+    match scalar {
+        ScalarValue::Int(i) | ScalarValue::Timestamp(i) => Some(*i),
+        ScalarValue::Counter(counter) => Some(i64::from(counter)),
+        ScalarValue::Uint(u) => i64::try_from(*u).ok(),
+        _ => None,
+    }
+}
+
+/// The value of a counter after an increment by `delta` of a field whose integer is `current`
+/// (see [`scalar_integer`]): the sum, saturated at the i64 bounds; a field that holds no integer
+/// (absent, a string, a float, an object, ...) starts over at `delta`.
+fn incremented(current: Option<i64>, delta: i64) -> i64 {
+    current.unwrap_or(0).saturating_add(delta)
+}
+
+/// Increments `key` of map `obj` by `delta` (see [`incremented`]). A counter is moved by
+/// increments, so concurrent increments from CRDT clients still add up; anything else is
+/// replaced by a new counter (see [`put_counter`]).
+fn increment(
+    tx: &mut Transaction<'_>,
+    obj: &ObjId,
+    key: &str,
+    delta: i64,
+) -> Result<(), AutomergeError> {
+    let scalar = match get_owned(tx, obj, key)? {
+        Some((Value::Scalar(scalar), _)) => Some(scalar.into_owned()),
+        Some((Value::Object(_), _)) | None => None,
+    };
+    match scalar {
+        Some(ScalarValue::Counter(counter)) => {
+            let current = i64::from(&counter);
+            move_counter(tx, obj, key, current, incremented(Some(current), delta))
+        }
+        other => {
+            let target = incremented(other.as_ref().and_then(scalar_integer), delta);
+            put_counter(tx, obj, Slot::Key(key), target)
+        }
+    }
+}
+
+/// Writes a new counter holding `value` at `slot` of `obj`: a counter at 0, then incremented to
+/// `value`. Automerge reads a counter as its start plus the sum of its increments, and adds that
+/// sum up in i64 (panicking on overflow when overflow checks are on): from a start of 0 the sum
+/// is always a value the counter held, so it never overflows, however the counter moves later.
+fn put_counter(
+    tx: &mut Transaction<'_>,
+    obj: &ObjId,
+    slot: Slot<'_>,
+    value: i64,
+) -> Result<(), AutomergeError> {
+    put_scalar(tx, obj, slot, ScalarValue::counter(0))?;
+    match slot {
+        _ if value == 0 => Ok(()),
+        Slot::Key(key) => tx.increment(obj, key, value),
+        Slot::Insert(index) => tx.increment(obj, index, value),
+    }
+}
+
+/// Moves counter `key` of map `obj` from `current` to `target` by increments; none when they are
+/// equal. Automerge takes an i64 per increment and the distance between two i64 can exceed one,
+/// hence up to three steps, each toward `target`, so no value in between overflows (nor, for a
+/// counter made by [`put_counter`], the sum of its increments).
+fn move_counter(
+    tx: &mut Transaction<'_>,
+    obj: &ObjId,
+    key: &str,
+    current: i64,
+    target: i64,
+) -> Result<(), AutomergeError> {
+    let mut remaining = i128::from(target) - i128::from(current);
+    while remaining != 0 {
+        let step = remaining.clamp(i128::from(i64::MIN), i128::from(i64::MAX));
+        tx.increment(obj, key, i64::try_from(step).expect("clamped to i64"))?;
+        remaining -= step;
     }
     Ok(())
 }
@@ -256,8 +392,9 @@ pub enum Op {
     Changes(Vec<Change>),
 }
 
-/// Performs one JSON mutation (not `Delete` or `Changes`) inside `tx`. On `Err` the caller
-/// rolls the transaction back.
+/// Performs one JSON mutation (not `Delete` or `Changes`) inside `tx`. It fails only on an
+/// empty counter path (which validation refuses first) or an automerge error, never because of
+/// the document it finds (see the module doc). On `Err` the caller rolls the transaction back.
 pub fn apply_local(tx: &mut Transaction<'_>, op: &Op) -> Result<(), Rejection> {
     let automerge = |e: AutomergeError| Rejection::Automerge(e.to_string());
     match op {
@@ -267,34 +404,9 @@ pub fn apply_local(tx: &mut Transaction<'_>, op: &Op) -> Result<(), Rejection> {
             let (last, parents) = path.split_last().ok_or(Rejection::EmptyPath)?;
             let mut obj = ROOT;
             for key in parents {
-                let existing = tx
-                    .get(&obj, key.as_str())
-                    .map_err(automerge)?
-                    .map(|(v, id)| (v.to_owned(), id));
-                obj = match existing {
-                    Some((Value::Object(ObjType::Map), child)) => child,
-                    Some(_) => return Err(Rejection::PathNotAnObject),
-                    None => tx
-                        .put_object(&obj, key.as_str(), ObjType::Map)
-                        .map_err(automerge)?,
-                };
+                obj = map_at(tx, &obj, key).map_err(automerge)?;
             }
-            let existing = tx.get(&obj, last.as_str()).map_err(automerge)?;
-            match existing.map(|(v, _)| v.to_owned()) {
-                None => tx
-                    .put(&obj, last.as_str(), ScalarValue::counter(*delta))
-                    .map_err(automerge),
-                Some(Value::Scalar(scalar)) => match &*scalar {
-                    ScalarValue::Counter(counter) => {
-                        i64::from(counter)
-                            .checked_add(*delta)
-                            .ok_or(Rejection::CounterOverflow)?;
-                        tx.increment(&obj, last.as_str(), *delta).map_err(automerge)
-                    }
-                    _ => Err(Rejection::NotACounter),
-                },
-                Some(Value::Object(_)) => Err(Rejection::NotACounter),
-            }
+            increment(tx, &obj, last, *delta).map_err(automerge)
         }
         Op::Delete | Op::Changes(_) => unreachable!("applied by the caller"),
     }
@@ -302,8 +414,9 @@ pub fn apply_local(tx: &mut Transaction<'_>, op: &Op) -> Result<(), Rejection> {
 
 /// What [`materialize`] gives after `op`, a local JSON mutation that [`apply_local`] accepted,
 /// computed from the JSON before it instead of read back from automerge (a read of every field
-/// of the document). Values map to automerge and back unchanged, so the two agree; apply
-/// checks that they do in debug builds.
+/// of the document). Values map to automerge and back unchanged, and the rules of
+/// [`apply_local`] depend only on the JSON (see the module doc), so the two agree; apply checks
+/// that they do in debug builds.
 pub fn apply_json(json: &mut Map<String, Json>, op: &Op) {
     match op {
         Op::Replace(map) => json.clone_from(map),
@@ -314,18 +427,25 @@ pub fn apply_json(json: &mut Map<String, Json>, op: &Op) {
                 .expect("apply_local refuses an empty path");
             let mut obj = json;
             for key in parents {
-                let child = obj
-                    .entry(key.clone())
-                    .or_insert_with(|| Json::Object(Map::new()));
-                obj = match child {
-                    Json::Object(map) => map,
-                    _ => unreachable!("apply_local refuses a path through a non-object"),
-                };
+                obj = json_map_at(obj, key);
             }
-            let current = obj.get(last).and_then(Json::as_i64).unwrap_or(0);
-            obj.insert(last.clone(), Json::from(current + delta));
+            let current = obj.get(last).and_then(Json::as_i64);
+            obj.insert(last.clone(), Json::from(incremented(current, *delta)));
         }
         Op::Delete | Op::Changes(_) => unreachable!("not a local JSON mutation"),
+    }
+}
+
+/// The object at `key` of `json`; whatever else is there (or nothing) is replaced by an empty
+/// object. [`map_at`] on JSON.
+fn json_map_at<'a>(json: &'a mut Map<String, Json>, key: &str) -> &'a mut Map<String, Json> {
+    let slot = json.entry(key).or_insert_with(|| Json::Object(Map::new()));
+    if !slot.is_object() {
+        *slot = Json::Object(Map::new());
+    }
+    match slot {
+        Json::Object(map) => map,
+        _ => unreachable!("made an object above"),
     }
 }
 
@@ -336,17 +456,7 @@ fn merge_json(json: &mut Map<String, Json>, patch: &Map<String, Json>) {
             Json::Null => {
                 json.remove(key);
             }
-            Json::Object(inner) => {
-                let slot = json
-                    .entry(key.clone())
-                    .or_insert_with(|| Json::Object(Map::new()));
-                if !slot.is_object() {
-                    *slot = Json::Object(Map::new());
-                }
-                if let Json::Object(map) = slot {
-                    merge_json(map, inner);
-                }
-            }
+            Json::Object(inner) => merge_json(json_map_at(json, key), inner),
             leaf => {
                 json.insert(key.clone(), leaf.clone());
             }
@@ -404,7 +514,7 @@ fn copy_object(
                         let child = tx.put_object(dst, key.as_str(), kind)?;
                         copy_object(src, &id, kind, tx, &child)?;
                     }
-                    Value::Scalar(scalar) => tx.put(dst, key.as_str(), copy_scalar(&scalar))?,
+                    Value::Scalar(scalar) => copy_scalar(tx, dst, Slot::Key(&key), &scalar)?,
                 }
             }
         }
@@ -419,7 +529,7 @@ fn copy_object(
                         let child = tx.insert_object(dst, at, kind)?;
                         copy_object(src, &id, kind, tx, &child)?;
                     }
-                    Value::Scalar(scalar) => tx.insert(dst, at, copy_scalar(&scalar))?,
+                    Value::Scalar(scalar) => copy_scalar(tx, dst, Slot::Insert(at), &scalar)?,
                 }
             }
         }
@@ -431,11 +541,17 @@ fn copy_object(
     Ok(())
 }
 
-fn copy_scalar(scalar: &ScalarValue) -> ScalarValue {
+/// Writes a copy of `scalar` at `slot` of `dst`. A counter is copied as a new counter holding its
+/// current value (a put of the `Counter` itself would keep its start).
+fn copy_scalar(
+    tx: &mut Transaction<'_>,
+    dst: &ObjId,
+    slot: Slot<'_>,
+    scalar: &ScalarValue,
+) -> Result<(), AutomergeError> {
     match scalar {
-        // A counter is copied at its current value (a put of the `Counter` keeps its start).
-        ScalarValue::Counter(c) => ScalarValue::counter(i64::from(c)),
-        other => other.clone(),
+        ScalarValue::Counter(counter) => put_counter(tx, dst, slot, i64::from(counter)),
+        other => put_scalar(tx, dst, slot, other.clone()),
     }
 }
 
@@ -467,12 +583,17 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// Applies `op` as apply does, and checks that [`apply_json`] on the JSON before gives the
+    /// JSON after.
     fn apply(doc: &mut Automerge, ts: u64, op: &Op) -> Result<(), Rejection> {
+        let mut model = materialize(doc);
         doc.set_actor(actor(Timestamp(ts), 0));
         let mut tx = doc.transaction();
         match apply_local(&mut tx, op) {
             Ok(()) => {
                 tx.commit_with(commit_options(1000 + ts));
+                apply_json(&mut model, op);
+                assert_eq!(model, materialize(doc), "apply_json mirrors {op:?}");
                 Ok(())
             }
             Err(e) => {
@@ -480,6 +601,42 @@ mod tests {
                 Err(e)
             }
         }
+    }
+
+    fn inc(path: &[&str], delta: i64) -> Op {
+        Op::Increment {
+            path: path.iter().map(|key| key.to_string()).collect(),
+            delta,
+        }
+    }
+
+    /// The scalar at `path` of `doc`, if there is one.
+    fn scalar(doc: &Automerge, path: &[&str]) -> Option<ScalarValue> {
+        let (last, parents) = path.split_last()?;
+        let mut obj = ROOT;
+        for key in parents {
+            obj = match doc.get(&obj, *key).unwrap()? {
+                (Value::Object(_), id) => id,
+                (Value::Scalar(_), _) => return None,
+            };
+        }
+        match doc.get(&obj, *last).unwrap()? {
+            (Value::Scalar(scalar), _) => Some(scalar.into_owned()),
+            (Value::Object(_), _) => None,
+        }
+    }
+
+    fn counter(value: i64) -> Option<ScalarValue> {
+        Some(ScalarValue::counter(value))
+    }
+
+    /// A document made by raw automerge writes, as a CRDT client's changes make it.
+    fn raw_doc(write: impl FnOnce(&mut Transaction<'_>)) -> Automerge {
+        let mut doc = empty_doc(Timestamp(1), 7);
+        let mut tx = doc.transaction();
+        write(&mut tx);
+        tx.commit_with(commit_options(1));
+        doc
     }
 
     fn obj(v: Json) -> Map<String, Json> {
@@ -505,35 +662,191 @@ mod tests {
             Json::Object(materialize(&doc)),
             json!({"b": {"c": [1, "x", null, 2.5, true], "d": {"f": 1}}, "u": u64::MAX, "s": "é"})
         );
-        let inc = Op::Increment {
-            path: vec!["n".into(), "k".into()],
-            delta: 5,
-        };
-        apply(&mut doc, 3, &inc).unwrap();
-        apply(&mut doc, 4, &inc).unwrap();
+        let add = inc(&["n", "k"], 5);
+        apply(&mut doc, 3, &add).unwrap();
+        apply(&mut doc, 4, &add).unwrap();
         assert_eq!(materialize(&doc)["n"], json!({"k": 10}));
-        let bad = Op::Increment {
-            path: vec!["u".into()],
-            delta: 1,
-        };
-        assert_eq!(apply(&mut doc, 5, &bad), Err(Rejection::NotACounter));
-        let through = Op::Increment {
-            path: vec!["s".into(), "x".into()],
-            delta: 1,
-        };
+        assert_eq!(scalar(&doc, &["n", "k"]), counter(10));
+        assert_eq!(apply(&mut doc, 5, &inc(&[], 1)), Err(Rejection::EmptyPath));
+    }
+
+    #[test]
+    fn increment_of_an_integer_makes_a_counter_of_the_sum() {
+        let mut doc = raw_doc(|tx| {
+            tx.put(ROOT, "uint", ScalarValue::Uint(7)).unwrap();
+            // A timestamp reads as an integer, so it is one for an increment (see the module doc).
+            tx.put(ROOT, "ts", ScalarValue::Timestamp(1_000)).unwrap();
+        });
+        apply(&mut doc, 2, &Op::MergePatch(obj(json!({"int": -5})))).unwrap();
+        assert_eq!(scalar(&doc, &["int"]), Some(ScalarValue::Int(-5)));
+        for (ts, (key, sum)) in (3..).zip([("int", -2), ("uint", 10), ("ts", 1_003)]) {
+            apply(&mut doc, ts, &inc(&[key], 3)).unwrap();
+            assert_eq!(scalar(&doc, &[key]), counter(sum), "{key}");
+            apply(&mut doc, ts + 10, &inc(&[key], 2)).unwrap();
+            assert_eq!(scalar(&doc, &[key]), counter(sum + 2), "{key} again");
+        }
         assert_eq!(
-            apply(&mut doc, 5, &through),
-            Err(Rejection::PathNotAnObject)
+            Json::Object(materialize(&doc)),
+            json!({"int": 0, "uint": 12, "ts": 1_005})
         );
-        let overflow = Op::Increment {
-            path: vec!["n".into(), "k".into()],
-            delta: i64::MAX,
-        };
+    }
+
+    #[test]
+    fn increment_of_a_non_integer_replaces_it_by_a_counter_at_the_delta() {
+        let mut doc = raw_doc(|tx| {
+            // A merge patch deletes a null field, so the null is written raw too.
+            tx.put(ROOT, "null", ScalarValue::Null).unwrap();
+            tx.put(ROOT, "bytes", ScalarValue::Bytes(vec![1, 2]))
+                .unwrap();
+            let text = tx.put_object(ROOT, "text", ObjType::Text).unwrap();
+            tx.splice_text(&text, 0, 0, "12").unwrap();
+        });
+        let fields = obj(json!({
+            "string": "12", "float": 1.5, "whole_float": 2.0, "bool": true,
+            "object": {"a": 1}, "array": [1], "big": u64::MAX,
+        }));
+        apply(&mut doc, 2, &Op::MergePatch(fields.clone())).unwrap();
+        let keys: Vec<String> = fields.keys().cloned().collect();
+        let keys = keys
+            .iter()
+            .map(String::as_str)
+            .chain(["null", "bytes", "text"]);
+        for (ts, key) in (3..).zip(keys) {
+            apply(&mut doc, ts, &inc(&[key], 4)).unwrap();
+            assert_eq!(scalar(&doc, &[key]), counter(4), "{key}");
+        }
+    }
+
+    #[test]
+    fn increment_through_a_non_map_replaces_the_parent_by_a_map() {
+        let mut doc = raw_doc(|tx| {
+            tx.put_object(ROOT, "table", ObjType::Table).unwrap();
+        });
+        let fields = json!({"s": "x", "l": [1, 2], "n": 5, "m": {"keep": 1, "deep": "x"}});
+        apply(&mut doc, 2, &Op::MergePatch(obj(fields))).unwrap();
+        for (ts, path) in (3..).zip([
+            &["s", "c"][..],
+            &["l", "c"],
+            &["n", "a", "c"],
+            &["m", "deep", "c"],
+            &["table", "c"],
+        ]) {
+            apply(&mut doc, ts, &inc(path, 2)).unwrap();
+            assert_eq!(scalar(&doc, path), counter(2), "{path:?}");
+        }
         assert_eq!(
-            apply(&mut doc, 5, &overflow),
-            Err(Rejection::CounterOverflow)
+            Json::Object(materialize(&doc)),
+            json!({
+                "s": {"c": 2}, "l": {"c": 2}, "n": {"a": {"c": 2}},
+                "m": {"keep": 1, "deep": {"c": 2}}, "table": {"c": 2},
+            })
         );
-        assert_eq!(materialize(&doc)["n"], json!({"k": 10}), "rolled back");
+    }
+
+    #[test]
+    fn counters_saturate_at_the_i64_bounds() {
+        let mut doc = empty_doc(Timestamp(1), 0);
+        apply(&mut doc, 1, &Op::Replace(obj(json!({"int": i64::MAX - 1})))).unwrap();
+        apply(&mut doc, 2, &inc(&["max"], i64::MAX - 1)).unwrap();
+        apply(&mut doc, 3, &inc(&["min"], i64::MIN)).unwrap();
+        for (ts, (key, delta, bound)) in (4..).zip([
+            ("max", 5, i64::MAX),
+            ("int", i64::MAX, i64::MAX),
+            ("min", -1, i64::MIN),
+        ]) {
+            apply(&mut doc, ts, &inc(&[key], delta)).unwrap();
+            assert_eq!(scalar(&doc, &[key]), counter(bound), "{key} saturates");
+            apply(&mut doc, ts + 10, &inc(&[key], delta)).unwrap();
+            assert_eq!(scalar(&doc, &[key]), counter(bound), "{key} stays");
+            apply(&mut doc, ts + 20, &inc(&[key], -delta.signum())).unwrap();
+            assert_eq!(
+                scalar(&doc, &[key]),
+                counter(bound - bound.signum()),
+                "{key} still a counter"
+            );
+        }
+    }
+
+    #[test]
+    fn counters_cross_the_whole_range() {
+        // Automerge adds up a counter's increments in i64: from a start of -5, +i64::MAX then +10
+        // would overflow that sum although the value stays in range.
+        let mut doc = empty_doc(Timestamp(1), 0);
+        for (ts, delta) in (1..).zip([-5, i64::MAX, 10, i64::MIN, i64::MIN, 1]) {
+            apply(&mut doc, ts, &inc(&["n"], delta)).unwrap();
+        }
+        assert_eq!(scalar(&doc, &["n"]), counter(i64::MIN + 1));
+        let fresh = rebase(&doc, Timestamp(10), 99);
+        assert_eq!(scalar(&fresh, &["n"]), counter(i64::MIN + 1));
+        let mut doc = fresh;
+        apply(&mut doc, 11, &Op::Replace(obj(json!({"n": i64::MAX})))).unwrap();
+        assert_eq!(scalar(&doc, &["n"]), counter(i64::MAX));
+    }
+
+    #[test]
+    fn put_of_a_read_document_keeps_its_counters() {
+        let mut doc = empty_doc(Timestamp(1), 0);
+        apply(&mut doc, 1, &Op::Replace(obj(json!({"a": "x"})))).unwrap();
+        apply(&mut doc, 2, &inc(&["n"], 3)).unwrap();
+        apply(&mut doc, 3, &inc(&["m", "k"], 4)).unwrap();
+        let mut read = materialize(&doc);
+        read.insert("a".into(), json!("y"));
+        apply(&mut doc, 4, &Op::Replace(read)).unwrap();
+        assert_eq!(scalar(&doc, &["n"]), counter(3));
+        assert_eq!(scalar(&doc, &["m", "k"]), counter(4));
+        apply(&mut doc, 5, &inc(&["n"], 2)).unwrap();
+        assert_eq!(scalar(&doc, &["n"]), counter(5), "a later increment adds");
+        let put = obj(json!({"a": "y", "n": i64::MIN, "m": {"k": i64::MAX}}));
+        apply(&mut doc, 6, &Op::Replace(put)).unwrap();
+        assert_eq!(scalar(&doc, &["n"]), counter(i64::MIN), "a new value");
+        assert_eq!(scalar(&doc, &["m", "k"]), counter(i64::MAX), "a new value");
+        apply(&mut doc, 7, &Op::MergePatch(obj(json!({"n": i64::MAX})))).unwrap();
+        assert_eq!(
+            scalar(&doc, &["n"]),
+            counter(i64::MAX),
+            "farther than one i64 step"
+        );
+    }
+
+    #[test]
+    fn merge_patch_of_an_integer_moves_the_counter() {
+        let mut doc = empty_doc(Timestamp(1), 0);
+        apply(&mut doc, 1, &inc(&["n"], 3)).unwrap();
+        apply(&mut doc, 2, &Op::MergePatch(obj(json!({"n": 7})))).unwrap();
+        assert_eq!(scalar(&doc, &["n"]), counter(7));
+        apply(&mut doc, 3, &inc(&["n"], 1)).unwrap();
+        assert_eq!(scalar(&doc, &["n"]), counter(8));
+    }
+
+    #[test]
+    fn writing_a_non_integer_into_a_counter_replaces_it() {
+        let mut doc = empty_doc(Timestamp(1), 0);
+        for (ts, key) in (1..).zip(["s", "f", "big"]) {
+            apply(&mut doc, ts, &inc(&[key], 3)).unwrap();
+        }
+        let patch = obj(json!({"s": "x", "f": 2.5, "big": u64::MAX}));
+        apply(&mut doc, 4, &Op::MergePatch(patch)).unwrap();
+        assert_eq!(scalar(&doc, &["s"]), Some(ScalarValue::Str("x".into())));
+        assert_eq!(scalar(&doc, &["f"]), Some(ScalarValue::F64(2.5)));
+        // Above i64::MAX: no counter holds it, so it replaces the counter, as the JSON says.
+        assert_eq!(scalar(&doc, &["big"]), Some(ScalarValue::Uint(u64::MAX)));
+        for (ts, key) in (5..).zip(["s", "f", "big"]) {
+            apply(&mut doc, ts, &inc(&[key], 2)).unwrap();
+            assert_eq!(scalar(&doc, &[key]), counter(2), "{key}: a new counter");
+        }
+    }
+
+    #[test]
+    fn writing_a_counters_value_adds_no_operation() {
+        let mut doc = empty_doc(Timestamp(1), 0);
+        apply(&mut doc, 1, &inc(&["n"], 3)).unwrap();
+        apply(&mut doc, 2, &inc(&["m", "k"], 2)).unwrap();
+        let heads = doc.get_heads();
+        let same = obj(json!({"n": 3, "m": {"k": 2}}));
+        apply(&mut doc, 3, &Op::Replace(same.clone())).unwrap();
+        apply(&mut doc, 4, &Op::MergePatch(same)).unwrap();
+        assert_eq!(doc.get_heads(), heads);
+        assert_eq!(scalar(&doc, &["n"]), counter(3));
     }
 
     #[test]
@@ -559,19 +872,17 @@ mod tests {
             &Op::Replace(obj(json!({"a": [1, {"b": 2}], "t": "x"}))),
         )
         .unwrap();
-        let inc = Op::Increment {
-            path: vec!["c".into()],
-            delta: 3,
-        };
+        let add = inc(&["c"], 3);
         for ts in 2..20 {
-            apply(&mut doc, ts, &inc).unwrap();
+            apply(&mut doc, ts, &add).unwrap();
         }
         let fresh = rebase(&doc, Timestamp(20), 99);
         assert_eq!(materialize(&fresh), materialize(&doc));
         assert_eq!(fresh.get_changes(&[]).len(), 1);
+        assert_eq!(scalar(&fresh, &["c"]), counter(54), "still a counter");
         let mut fresh = fresh;
-        apply(&mut fresh, 21, &inc).unwrap();
-        assert_eq!(materialize(&fresh)["c"], json!(57), "still a counter");
+        apply(&mut fresh, 21, &add).unwrap();
+        assert_eq!(scalar(&fresh, &["c"]), counter(57), "and it increments");
         assert_eq!(
             rebase(&doc, Timestamp(20), 99).save(),
             rebase(&doc, Timestamp(20), 99).save()

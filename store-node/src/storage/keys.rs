@@ -29,6 +29,39 @@ pub fn doc_prefix(collection: &str, id: &str) -> Vec<u8> {
     key
 }
 
+/// The collection name of idempotency rows: a control character, so that no user collection
+/// (which starts with a letter or `_`) can be it.
+pub const IDEMPOTENCY_COLLECTION: &str = "\u{1}";
+
+/// The prefix of the row that remembers idempotency `key` of `scope` beside the document whose
+/// place is `hash`: `hash ‖ 0x01 ‖ 0x00 ‖ hex(scope) ‖ ':' ‖ hex(key) ‖ ';'`. It parses as a
+/// version key of collection [`IDEMPOTENCY_COLLECTION`] (the id has no NUL), lies in the
+/// document's interval (so it moves with the document), and no row's prefix is the start of
+/// another's (a seek to one never lands on the next).
+pub fn idempotency_prefix(hash: u64, scope: &str, key: &str) -> Vec<u8> {
+    let hex = |text: &str, out: &mut String| {
+        for b in text.bytes() {
+            out.push_str(&format!("{b:02x}"));
+        }
+    };
+    let mut id = String::with_capacity(2 * (scope.len() + key.len()) + 2);
+    hex(scope, &mut id);
+    id.push(':');
+    hex(key, &mut id);
+    id.push(';');
+    let mut prefix = Vec::with_capacity(8 + 2 + id.len() + TS_BYTES);
+    prefix.extend_from_slice(&hash.to_be_bytes());
+    prefix.extend_from_slice(IDEMPOTENCY_COLLECTION.as_bytes());
+    prefix.push(0);
+    prefix.extend_from_slice(id.as_bytes());
+    prefix
+}
+
+/// Whether a `docs` key or prefix is an idempotency row's.
+pub fn is_idempotency_row(key: &[u8]) -> bool {
+    key.len() > 9 && key[8..].starts_with(IDEMPOTENCY_COLLECTION.as_bytes()) && key[9] == 0
+}
+
 /// The `docs` key of the version of a document written at `ts`.
 pub fn version_key(prefix: &[u8], ts: Timestamp) -> Vec<u8> {
     let mut key = Vec::with_capacity(prefix.len() + TS_BYTES);
@@ -62,7 +95,8 @@ pub fn parse_version_key(key: &[u8]) -> Option<VersionKey<'_>> {
     if collection.is_empty() || id.is_empty() || id.as_bytes().contains(&0) {
         return None;
     }
-    if KeyHash::of(collection, id).0 != hash {
+    // An idempotency row takes the place of the document it was written beside.
+    if collection != IDEMPOTENCY_COLLECTION && KeyHash::of(collection, id).0 != hash {
         return None;
     }
     let ts = u64::MAX - u64::from_be_bytes(ts.try_into().ok()?);

@@ -37,14 +37,15 @@
 //! and [`Store::committed`] reports only what is synced. Nothing reads the clock or randomness:
 //! actors are derived from `(ts, mutation index)`, change times from `wall_clock_ms`.
 //!
-//! Bad mutations never wedge the log; their outcome is deterministic ([`Skipped`]):
-//! - a transaction that is invalid on its own (unparsable JSON, a non-object, an empty counter
-//!   path, an undecodable change, a missing op, a bad key, a payload over the size limit) is
-//!   skipped WHOLE, on every node, since every node sees the whole record;
-//! - a mutation that is invalid only against the document (a counter on a non-counter, a path
-//!   through a non-object, counter overflow, changes with missing dependencies, a result over the
-//!   size limit) is skipped ALONE by the replicas of that document's partition, which all hold
-//!   the same document; the rest of the transaction applies.
+//! Bad records never wedge the log, and every transaction has one outcome:
+//! - a record that is invalid on its own (unparsable JSON, a non-object, an empty counter path,
+//!   an undecodable change, a missing op, a bad key, a payload over the size limit, a condition
+//!   that checks nothing or whose filter does not parse) is skipped WHOLE ([`Skipped`]), on
+//!   every node, since every node sees the whole record;
+//! - otherwise the transaction commits or aborts as a whole (`apply`, `txn`): mutations are
+//!   total (`document`), so only a false condition, a result over the record's size limit or
+//!   raw changes with missing dependencies abort it, decided from the votes of the documents it
+//!   names, the same on every replica.
 //!
 //! # GC and reads
 //! A read below the GC watermark answers [`Error::SnapshotTooOld`]; a read above the applied
@@ -57,14 +58,14 @@ mod cache;
 mod document;
 mod keys;
 mod record;
+mod txn;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use automerge::{Automerge, Change};
-use causeway_core::key::{validate_collection, validate_id};
-use causeway_core::{Epoch, Interval, KeyHash, KeyLimits, Timestamp};
-use causeway_proto::v1::{mutation, Mutation, Transaction};
+use automerge::Automerge;
+use causeway_core::{Epoch, Interval, KeyHash, Timestamp};
+use causeway_proto::v1::{Mutation, Transaction};
 use prost::Message;
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType,
@@ -74,11 +75,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
 
 use cache::Lru;
-use document::Op;
 pub use keys::{
     collection_key, collection_key_parts, interval_range, parse_version_key, VersionKey,
 };
 use record::{Record, Segment};
+pub use txn::{
+    decision_of, outcome_of, Blocked, DocRef, Limits, RemoteVotes, DEFAULT_IDEMPOTENCY_WINDOW_MS,
+    DEFAULT_MAX_DOCUMENT_BYTES, DEFAULT_MAX_HISTORY_CHANGES, IDEMPOTENCY_MAX_DISTANCE,
+};
 
 const CF_DOCS: &str = "docs";
 const CF_META: &str = "meta";
@@ -89,6 +93,10 @@ const META_APPLIED: &[u8] = b"applied";
 const META_GC: &[u8] = b"gc";
 const META_CONFIG: &[u8] = b"config/";
 const META_NAMED: &[u8] = b"named/";
+/// `outcome/ ‖ ts (u64 BE)` → the outcome (or this node's votes) of the transaction at ts.
+const META_OUTCOME: &[u8] = b"outcome/";
+/// Outcome records below this ts (u64 BE) are pruned.
+const META_OUTCOMES_PRUNED: &[u8] = b"outcomes-pruned";
 
 /// Options of the storage engine. Every limit has a documented default.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,19 +106,12 @@ pub struct StoreOptions {
     pub cache_documents: usize,
     /// Bound on the estimated memory of those documents (default 256 MiB).
     pub cache_bytes: usize,
-    /// Largest document, in bytes of compact JSON (default 1 MiB). Also enforce it at the
-    /// api-server; here a mutation that would pass it is skipped.
-    pub max_document_bytes: usize,
-    /// Re-base a document's automerge history once it holds more changes than this (default 1024).
-    pub max_history_changes: u32,
     /// Write a full snapshot instead of a delta every this many versions (default 64).
     pub snapshot_every_versions: u32,
     /// fsync every applied group (default true). When false, call [`Store::sync`].
     pub sync_writes: bool,
     /// RocksDB block cache (default 128 MiB).
     pub block_cache_bytes: usize,
-    /// Limits on collection names and ids; records breaking them are skipped.
-    pub key_limits: KeyLimits,
     /// Threads that apply a group's documents in parallel (default 0: one per core). The
     /// versions written are the same for any count.
     pub apply_threads: usize,
@@ -121,12 +122,9 @@ impl Default for StoreOptions {
         StoreOptions {
             cache_documents: 65_536,
             cache_bytes: 256 << 20,
-            max_document_bytes: 1 << 20,
-            max_history_changes: 1024,
             snapshot_every_versions: 64,
             sync_writes: true,
             block_cache_bytes: 128 << 20,
-            key_limits: KeyLimits::default(),
             apply_threads: 0,
         }
     }
@@ -152,6 +150,8 @@ pub enum Error {
     InvalidCursor(String),
     #[error("invalid mutation")]
     Rejected(#[from] Rejection),
+    #[error("votes on the transaction at ts {ts} disagree ({detail}): replicas diverged")]
+    Diverged { ts: Timestamp, detail: String },
 }
 
 /// Why a mutation (or a whole transaction) was not applied. Deterministic: every replica that
@@ -172,16 +172,16 @@ pub enum Rejection {
     UndecodableChange,
     #[error("document of {bytes} bytes exceeds the limit of {max}")]
     DocumentTooLarge { bytes: usize, max: usize },
-    #[error("counter path goes through a value that is not an object")]
-    PathNotAnObject,
-    #[error("increment of a value that is not a counter")]
-    NotACounter,
-    #[error("counter overflow")]
-    CounterOverflow,
     #[error("automerge changes depend on changes the document does not have")]
     MissingDependencies,
     #[error("automerge refused the operation: {0}")]
     Automerge(String),
+    #[error("condition filter does not parse")]
+    InvalidFilter,
+    #[error("condition checks nothing (set exists, version_ts or filter)")]
+    EmptyCondition,
+    #[error("idempotency key is not 1 to 256 bytes of printable ASCII")]
+    InvalidIdempotencyKey,
 }
 
 /// A mutation or transaction that apply skipped.
@@ -221,7 +221,7 @@ impl Ownership {
 }
 
 /// What one call to [`Store::apply`] did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ApplyOutcome {
     /// The applied position after the call.
     pub applied: Timestamp,
@@ -229,7 +229,12 @@ pub struct ApplyOutcome {
     pub repeated: usize,
     pub versions_written: usize,
     pub pending_written: usize,
+    /// Transactions that aborted (decided here).
+    pub aborted: usize,
+    /// Records skipped whole (invalid on their own).
     pub skipped: Vec<Skipped>,
+    /// The transaction the group stopped before, for want of other nodes' votes.
+    pub blocked: Option<Blocked>,
 }
 
 /// A document as read at a timestamp.
@@ -341,6 +346,7 @@ pub struct Store {
     applied: AtomicU64,
     committed: AtomicU64,
     gc: AtomicU64,
+    outcomes_pruned: AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -363,13 +369,6 @@ fn read_u64(bytes: Option<Vec<u8>>, what: &str) -> u64 {
                 .unwrap_or_else(|_| panic!("corrupt meta {what}: {b:02x?}")),
         ),
     }
-}
-
-/// One document's mutations within one transaction, in log order.
-struct DocMutations<'a> {
-    collection: &'a str,
-    id: &'a str,
-    ops: Vec<(u32, Op)>,
 }
 
 impl Store {
@@ -397,6 +396,10 @@ impl Store {
         let applied = read_u64(db.get_cf(cf(&db, CF_META), META_APPLIED)?, "applied");
         let gc = read_u64(db.get_cf(cf(&db, CF_META), META_GC)?, "gc");
         assert!(gc <= applied, "gc watermark {gc} above applied {applied}");
+        let outcomes_pruned = read_u64(
+            db.get_cf(cf(&db, CF_META), META_OUTCOMES_PRUNED)?,
+            "outcomes pruned",
+        );
         tracing::info!(applied, gc, "storage opened");
         Ok(Store {
             writer: Mutex::new(Writer {
@@ -412,6 +415,7 @@ impl Store {
             applied: AtomicU64::new(applied),
             committed: AtomicU64::new(applied),
             gc: AtomicU64::new(gc),
+            outcomes_pruned: AtomicU64::new(outcomes_pruned),
         })
     }
 
@@ -719,6 +723,21 @@ impl Store {
         gc_ts: Timestamp,
     ) -> usize {
         let ts_of = |key: &[u8]| keys::version_key_parts(key).ts;
+        if versions
+            .first()
+            .is_some_and(|(key, _)| keys::is_idempotency_row(key))
+        {
+            // A key no transaction after the GC ts can see (`IDEMPOTENCY_MAX_DISTANCE`) goes.
+            let forgotten =
+                |key: &[u8]| ts_of(key).0.saturating_add(txn::IDEMPOTENCY_MAX_DISTANCE) < gc_ts.0;
+            let doomed: Vec<_> = versions.iter().filter(|(k, _)| forgotten(k)).collect();
+            for (key, _) in &doomed {
+                batch.delete_cf(self.cf(CF_DOCS), key);
+            }
+            if !doomed.is_empty() {
+                return doomed.len();
+            }
+        }
         let Some(keep) = versions.iter().position(|(k, _)| ts_of(k) <= gc_ts) else {
             return 0;
         };
@@ -865,7 +884,11 @@ impl Store {
             let seen = current.as_deref() == Some(parts.prefix);
             if !seen && parts.ts <= ts {
                 current = Some(parts.prefix.to_vec());
-                if let Some(json) = Record::decode(value).json() {
+                // An idempotency row that no transaction after `ts` can see is not counted:
+                // GC may have dropped it on one replica and not yet on another.
+                let forgotten = keys::is_idempotency_row(parts.prefix)
+                    && parts.ts.0.saturating_add(txn::IDEMPOTENCY_MAX_DISTANCE) < ts.0;
+                if let Some(json) = Record::decode(value).json().filter(|_| !forgotten) {
                     hasher.update(&(parts.prefix.len() as u64).to_be_bytes());
                     hasher.update(parts.prefix);
                     hasher.update(&parts.ts.0.to_be_bytes());
@@ -971,11 +994,13 @@ impl Store {
                 }
             }
             batch.put_cf(self.cf(CF_DOCS), &record.key, &record.value);
-            batch.put_cf(
-                self.cf(CF_BY_COLLECTION),
-                keys::collection_key(parts.collection, parts.hash, parts.id),
-                [],
-            );
+            if !keys::is_idempotency_row(&record.key) {
+                batch.put_cf(
+                    self.cf(CF_BY_COLLECTION),
+                    keys::collection_key(parts.collection, parts.hash, parts.id),
+                    [],
+                );
+            }
         }
         self.write(batch, true)?;
         for record in records {
@@ -1009,29 +1034,29 @@ impl Store {
             let (prefix, ts, index) = keys::pending_key_parts(key);
             let same_group = groups
                 .last()
-                .is_some_and(|(p, t, _, _)| p.as_slice() == prefix && *t == ts);
+                .is_some_and(|(p, t, ..)| p.as_slice() == prefix && *t == ts);
             if !same_group && consumed.len() >= limit.max(1) {
                 break;
             }
-            assert!(value.len() >= 8, "corrupt pending value");
+            let head = 8 + apply::LIMITS_BYTES;
+            assert!(value.len() >= head, "corrupt pending value");
             let wall = u64::from_be_bytes(value[..8].try_into().expect("8 bytes"));
-            let mutation = Mutation::decode(&value[8..]).expect("corrupt pending mutation");
+            let limits = apply::decode_limits(&value[8..head]);
+            let mutation = Mutation::decode(&value[head..]).expect("corrupt pending mutation");
             if !same_group {
-                groups.push((prefix.to_vec(), ts, wall, Vec::new()));
+                groups.push((prefix.to_vec(), ts, wall, limits, Vec::new()));
             }
-            groups.last_mut().expect("pushed").3.push((index, mutation));
+            groups.last_mut().expect("pushed").4.push((index, mutation));
             consumed.push(key.to_vec());
             it.next();
         }
         it.status()?;
         drop(it);
-        let mut batch = WriteBatch::default();
+        let mut run = apply::Run::new(ApplyOutcome::default());
         for key in &consumed {
-            batch.delete_cf(self.cf(CF_PENDING), key);
+            run.batch.delete_cf(self.cf(CF_PENDING), key);
         }
-        let mut outcome = ApplyOutcome::default();
-        let mut shares = apply::Shares::default();
-        for (prefix, ts, wall, mutations) in &groups {
+        for (prefix, ts, wall, limits, mutations) in &groups {
             if *ts <= upto
                 || self
                     .latest_if_any(prefix)
@@ -1039,32 +1064,121 @@ impl Store {
             {
                 continue;
             }
-            // Validated when it was logged: the whole transaction passed `parse_transaction`.
+            if keys::is_idempotency_row(prefix) {
+                // The row of a committed key: written as it was at the source.
+                run.batch.put_cf(
+                    self.cf(CF_DOCS),
+                    keys::version_key(prefix, *ts),
+                    txn::key_row_value(*wall),
+                );
+                continue;
+            }
+            // Decided (committed) when it was logged; its record passed `parse_transaction`.
             let first = &mutations[0].1;
-            let mut doc = DocMutations {
+            let mut doc = txn::DocMutations {
                 collection: &first.collection,
                 id: &first.id,
                 ops: Vec::new(),
+                conditions: Vec::new(),
+                key_row: None,
             };
             for (index, mutation) in mutations {
-                match parse_op(mutation, &self.options) {
-                    Ok(op) => doc.ops.push((*index, op)),
-                    Err(reason) => outcome.skipped.push(Skipped {
-                        ts: *ts,
-                        mutation: Some(*index),
-                        reason,
-                    }),
-                }
+                let op = txn::parse_op(mutation, limits).unwrap_or_else(|e| {
+                    panic!("a pending mutation of ts {ts} does not parse: {e}")
+                });
+                doc.ops.push((*index, op));
             }
             let version = apply::Version {
                 ts: *ts,
                 wall_clock_ms: *wall,
                 mutations: doc,
+                limits: *limits,
+                decided: apply::Decided::Committed,
             };
-            shares.push(prefix.clone(), version);
+            run.shares.push(prefix.clone(), version);
         }
-        self.apply_documents(&mut writer, batch, shares, &mut outcome, true)?;
+        self.flush(&mut writer, &mut run)?;
+        self.write(std::mem::take(&mut run.batch), true)?;
+        run.cache_states(&mut writer);
         Ok(consumed.len())
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Transaction outcomes
+    // ---------------------------------------------------------------------------------------
+
+    /// What this node recorded of the transaction at `ts`: its outcome, or only this node's
+    /// votes (when it wrote nothing of it); `None` when it held none of its documents, has not
+    /// applied it, or pruned it.
+    pub fn outcome(
+        &self,
+        ts: Timestamp,
+    ) -> Result<Option<causeway_proto::v1::outcome_response::Known>, Error> {
+        let Some(bytes) = self.db.get_cf(self.cf(CF_META), apply::outcome_key(ts))? else {
+            return Ok(None);
+        };
+        let record = causeway_proto::v1::OutcomeResponse::decode(bytes.as_slice())
+            .unwrap_or_else(|e| panic!("corrupt outcome record of ts {ts}: {e}"));
+        Ok(record.known)
+    }
+
+    /// The outcomes (not the votes) recorded for the ts in `(after, upto]`, in ts order.
+    pub fn outcomes_after(
+        &self,
+        after: Timestamp,
+        upto: Timestamp,
+    ) -> Result<Vec<(Timestamp, causeway_proto::v1::TxOutcome)>, Error> {
+        use causeway_proto::v1::outcome_response::Known;
+        let mut out = Vec::new();
+        if upto <= after {
+            return Ok(out);
+        }
+        let end = apply::outcome_key(upto);
+        let mut it = self.db.raw_iterator_cf(self.cf(CF_META));
+        it.seek(apply::outcome_key(Timestamp(after.0 + 1)));
+        while let (Some(key), Some(value)) = (it.key(), it.value()) {
+            if key > end.as_slice() || !key.starts_with(META_OUTCOME) {
+                break;
+            }
+            let ts = Timestamp(u64::from_be_bytes(
+                key[META_OUTCOME.len()..].try_into().expect("an outcome key"),
+            ));
+            let record = causeway_proto::v1::OutcomeResponse::decode(value)
+                .unwrap_or_else(|e| panic!("corrupt outcome record of ts {ts}: {e}"));
+            if let Some(Known::Decided(outcome)) = record.known {
+                out.push((ts, outcome));
+            }
+            it.next();
+        }
+        it.status()?;
+        Ok(out)
+    }
+
+    /// Drops the outcome records below `ts` (one range delete), and remembers that it did.
+    pub fn prune_outcomes(&self, below: Timestamp) -> Result<(), Error> {
+        let _writer = self.lock();
+        if below <= self.outcomes_pruned() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(
+            self.cf(CF_META),
+            apply::outcome_key(Timestamp(0)),
+            apply::outcome_key(below),
+        );
+        batch.put_cf(
+            self.cf(CF_META),
+            META_OUTCOMES_PRUNED,
+            below.0.to_be_bytes(),
+        );
+        self.write(batch, false)?;
+        self.outcomes_pruned.store(below.0, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Outcomes below this ts are no longer kept.
+    pub fn outcomes_pruned(&self) -> Timestamp {
+        Timestamp(self.outcomes_pruned.load(Ordering::SeqCst))
     }
 
     // ---------------------------------------------------------------------------------------
@@ -1175,8 +1289,8 @@ pub fn key_in(interval: &Interval, key: &[u8]) -> bool {
 }
 
 /// One document's pending mutations of one transaction: (document prefix, ts, wall clock,
-/// (mutation index, mutation) in order).
-type PendingGroup = (Vec<u8>, Timestamp, u64, Vec<(u32, Mutation)>);
+/// the record's limits, (mutation index, mutation) in order).
+type PendingGroup = (Vec<u8>, Timestamp, u64, Limits, Vec<(u32, Mutation)>);
 
 fn cf<'a>(db: &'a DB, name: &str) -> &'a ColumnFamily {
     db.cf_handle(name)
@@ -1192,18 +1306,6 @@ fn parse_json(bytes: &[u8]) -> Map<String, Json> {
         Ok(Json::Object(map)) => map,
         _ => panic!("corrupt stored json ({} bytes)", bytes.len()),
     }
-}
-
-/// The document's JSON bytes, if within the size limit.
-fn check_size(map: &Map<String, Json>, max: usize) -> Result<Vec<u8>, Rejection> {
-    let bytes = document::to_bytes(map);
-    if bytes.len() > max {
-        return Err(Rejection::DocumentTooLarge {
-            bytes: bytes.len(),
-            max,
-        });
-    }
-    Ok(bytes)
 }
 
 /// The newest version of `prefix` with ts ≤ `ts`, if any.
@@ -1226,85 +1328,10 @@ fn read_version(
     }
 }
 
-/// Parses one mutation's op (the checks that need no document).
-fn parse_op(mutation: &Mutation, options: &StoreOptions) -> Result<Op, Rejection> {
-    validate_collection(&mutation.collection, &options.key_limits)?;
-    validate_id(&mutation.id, &options.key_limits)?;
-    let object = |bytes: &[u8]| -> Result<Map<String, Json>, Rejection> {
-        if bytes.len() > options.max_document_bytes {
-            return Err(Rejection::DocumentTooLarge {
-                bytes: bytes.len(),
-                max: options.max_document_bytes,
-            });
-        }
-        match serde_json::from_slice(bytes) {
-            Ok(Json::Object(map)) => Ok(map),
-            Ok(_) => Err(Rejection::NotAnObject),
-            Err(_) => Err(Rejection::InvalidJson),
-        }
-    };
-    Ok(match mutation.op.as_ref().ok_or(Rejection::MissingOp)? {
-        mutation::Op::Replace(r) => Op::Replace(object(&r.json)?),
-        mutation::Op::MergePatch(p) => Op::MergePatch(object(&p.json)?),
-        mutation::Op::Increment(i) => {
-            if i.path.is_empty() {
-                return Err(Rejection::EmptyPath);
-            }
-            Op::Increment {
-                path: i.path.clone(),
-                delta: i.delta,
-            }
-        }
-        mutation::Op::Delete(_) => Op::Delete,
-        mutation::Op::Changes(c) => {
-            let bytes: usize = c.changes.iter().map(Vec::len).sum();
-            if bytes > options.max_document_bytes {
-                return Err(Rejection::DocumentTooLarge {
-                    bytes,
-                    max: options.max_document_bytes,
-                });
-            }
-            Op::Changes(
-                c.changes
-                    .iter()
-                    .map(|b| {
-                        Change::from_bytes(b.clone()).map_err(|_| Rejection::UndecodableChange)
-                    })
-                    .collect::<Result<_, _>>()?,
-            )
-        }
-    })
-}
-
-/// Validates a whole transaction and groups its mutations by document (in order of first
-/// appearance). `Err((culprit index, reason))` means the whole transaction is skipped.
-fn parse_transaction<'a>(
-    tx: &'a Transaction,
-    options: &StoreOptions,
-) -> Result<Vec<DocMutations<'a>>, (Option<u32>, Rejection)> {
-    let mut docs: Vec<DocMutations<'a>> = Vec::new();
-    for (index, mutation) in tx.mutations.iter().enumerate() {
-        let index = u32::try_from(index).expect("fewer than 2^32 mutations");
-        let op = parse_op(mutation, options).map_err(|reason| (Some(index), reason))?;
-        match docs
-            .iter_mut()
-            .find(|d| d.collection == mutation.collection && d.id == mutation.id)
-        {
-            Some(doc) => doc.ops.push((index, op)),
-            None => docs.push(DocMutations {
-                collection: &mutation.collection,
-                id: &mutation.id,
-                ops: vec![(index, op)],
-            }),
-        }
-    }
-    Ok(docs)
-}
-
 /// Checks a transaction the way apply will, without a document: the api-server can call this
 /// before appending, so that nothing apply would skip whole reaches the log.
-pub fn validate(tx: &Transaction, options: &StoreOptions) -> Result<(), Rejection> {
-    parse_transaction(tx, options)
+pub fn validate(tx: &Transaction) -> Result<(), Rejection> {
+    txn::parse_transaction(tx)
         .map(|_| ())
         .map_err(|(_, reason)| reason)
 }

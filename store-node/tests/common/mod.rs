@@ -2,17 +2,35 @@
 #![allow(dead_code)]
 
 use causeway_core::Timestamp;
+use causeway_proto::v1::outcome_response::Known;
 use causeway_proto::v1::{mutation, Mutation, Transaction, TRANSACTION_FORMAT_VERSION};
-use causeway_store_node::storage::Ownership;
+use causeway_store_node::storage::{Ownership, RemoteVotes};
 use causeway_store_node::{Store, StoreOptions};
 use serde_json::Value as Json;
 
+/// A record whose documents are re-based past 6 changes of history (small, so that tests
+/// reach it).
 pub fn tx(mutations: Vec<Mutation>, wall_clock_ms: u64) -> Transaction {
+    tx_limited(mutations, wall_clock_ms, 0, 6)
+}
+
+/// A record with its own limits (0: the format's default).
+pub fn tx_limited(
+    mutations: Vec<Mutation>,
+    wall_clock_ms: u64,
+    max_document_bytes: u64,
+    max_history_changes: u32,
+) -> Transaction {
     Transaction {
         format_version: TRANSACTION_FORMAT_VERSION,
         wall_clock_ms,
-        request_id: String::new(),
         mutations,
+        limits: Some(causeway_proto::v1::ApplyLimits {
+            max_document_bytes,
+            max_history_changes,
+            idempotency_window_ms: 0,
+        }),
+        ..Transaction::default()
     }
 }
 
@@ -128,11 +146,23 @@ pub fn stream_record(seed: u64, ts: u64, docs: u64) -> (Timestamp, Transaction) 
 pub fn small_options() -> StoreOptions {
     StoreOptions {
         cache_documents: 4,
-        max_history_changes: 6,
         snapshot_every_versions: 3,
         block_cache_bytes: 1 << 20,
         ..StoreOptions::default()
     }
+}
+
+/// Votes from elsewhere that every one of `records` committed: for a store that holds only some
+/// of their documents, in tests where nothing can abort.
+pub fn all_committed(records: &[(Timestamp, Transaction)]) -> RemoteVotes {
+    let committed = Known::Decided(causeway_proto::v1::TxOutcome {
+        committed: true,
+        ..Default::default()
+    });
+    records
+        .iter()
+        .map(|(ts, _)| (*ts, vec![committed.clone()]))
+        .collect()
 }
 
 pub fn full() -> Ownership {
