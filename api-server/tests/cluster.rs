@@ -493,6 +493,33 @@ async fn multi_document_transactions_are_all_or_nothing_to_readers() -> Result<(
         ensure!(reads < 10_000, "too many reads");
     }
     within("writer", writer).await???;
+    // The transfers moved money: in a ring of 30 transfers of 7, acct-0 paid 8 and got 7,
+    // acct-2 paid 7 and got 8 (balances that stayed put would pass the check above).
+    let last = c
+        .write(
+            0,
+            "POST",
+            "/v1/transactions?wait=visible",
+            "application/json",
+            Some(json!({"mutations": [
+                {"op": "merge_patch", "collection": "marks", "id": "done", "patch": {"ok": true}},
+            ]})),
+        )
+        .await?;
+    let (status, body) = c
+        .post_json(0, "/v1/documents:get", json!({ "keys": keys }), last)
+        .await?;
+    ensure!(status == 200, "{body}");
+    let balances: Vec<i64> = body["documents"]
+        .as_array()
+        .context("documents")?
+        .iter()
+        .map(|d| d["document"]["balance"].as_i64().unwrap_or(-1))
+        .collect();
+    ensure!(
+        balances == [93, 100, 107, 100],
+        "the transfers did not move the money they should: {balances:?}"
+    );
     let Ok(c) = Arc::try_unwrap(c) else {
         bail!("cluster still shared")
     };

@@ -541,9 +541,16 @@ async fn apply_loop(
                         break;
                     };
                     m.vote_waits_total.fetch_add(1, Ordering::Relaxed);
-                    tokio::select! {
-                        _ = votes::gather(&shared, &mut askers, &blocked, &mut remote) => {}
+                    let answered = tokio::select! {
+                        got = votes::gather(&shared, &mut askers, &blocked, &mut remote) => got,
                         _ = stop.wait_for(|s| *s) => return Ok(()),
+                    };
+                    if !answered && shared.store.committed() < shared.store.applied() {
+                        // The votes are slow to come: make what is applied count as committed.
+                        let store = Arc::clone(&shared.store);
+                        tokio::task::spawn_blocking(move || store.sync())
+                            .await
+                            .expect("sync task")?;
                     }
                 }
                 shared

@@ -436,14 +436,10 @@ impl LocalCluster {
         ts: Timestamp,
         deadline: Duration,
     ) -> Result<()> {
-        until(
-            &format!("{node} to commit {ts}"),
-            deadline,
-            || async move {
-                let s = self.status(node).await.ok()?;
-                (s.committed >= ts.get()).then_some(())
-            },
-        )
+        until(&format!("{node} to commit {ts}"), deadline, || async move {
+            let s = self.status(node).await.ok()?;
+            (s.committed >= ts.get()).then_some(())
+        })
         .await
     }
 

@@ -299,13 +299,13 @@ async fn http(args: &Args) -> Result<Report> {
         .with_context(|| format!("{url} does not answer as a Causeway api-server"))?;
 
     let mut loaded = None;
-    if args.workload.reads() && !args.no_load {
+    if args.workload.loads() && !args.no_load {
         let started = Instant::now();
         let last_ts = load(&client, args).await?;
         // Reads without a causal token see the UST: wait until every loaded document is
         // visible, so the measured reads do not count 404s for documents still in flight.
         let probe = workload::Probe {
-            account: false,
+            account: args.workload.accounts(),
             key: 0,
         };
         // A large load may take a while to apply: probe again until the load deadline.
@@ -417,10 +417,26 @@ async fn http(args: &Args) -> Result<Report> {
 
     let invariant = match args.workload {
         Workload::Transfer => Some(match client.bank_total(args.keys).await {
-            Ok((0, accounts)) => format!("ok: {accounts} accounts sum to 0"),
-            Ok((sum, accounts)) => format!("VIOLATED: {accounts} accounts sum to {sum}"),
+            Ok((0, accounts, _)) => format!("ok: {accounts} accounts sum to 0"),
+            Ok((sum, accounts, _)) => format!("VIOLATED: {accounts} accounts sum to {sum}"),
             Err(e) => format!("not checked: {e:#}"),
         }),
+        Workload::TransferIf | Workload::Withdraw => {
+            let opening = workload::OPENING_BALANCE * args.keys as i64;
+            let conserved = args.workload == Workload::TransferIf;
+            Some(match client.bank_total(args.keys).await {
+                Ok((sum, accounts, lowest)) if lowest < 0 => {
+                    format!("VIOLATED: {accounts} accounts, one at {lowest}, sum {sum}")
+                }
+                Ok((sum, accounts, _)) if conserved && sum != opening => {
+                    format!("VIOLATED: {accounts} accounts sum to {sum}, not {opening}")
+                }
+                Ok((sum, accounts, lowest)) => {
+                    format!("ok: {accounts} accounts, none below 0 (lowest {lowest}), sum {sum}")
+                }
+                Err(e) => format!("not checked: {e:#}"),
+            })
+        }
         _ => None,
     };
     let r = recorder.inner.lock().expect("recorder poisoned");
@@ -521,13 +537,7 @@ async fn load(client: &Http, args: &Args) -> Result<u64> {
                     if key >= client.keys() || Instant::now() >= deadline {
                         return;
                     }
-                    let op = match batch {
-                        1 => workload.load_op(key),
-                        _ => Op::PutBatch {
-                            first: key,
-                            count: batch.min(client.keys() - key),
-                        },
-                    };
+                    let op = workload.load_op(key, batch.min(client.keys() - key));
                     match client.send(&op).await {
                         Outcome::Ok { ts } => {
                             last_ts.fetch_max(ts.unwrap_or(0), Ordering::Relaxed);

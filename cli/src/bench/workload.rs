@@ -9,6 +9,8 @@
 //! | `ycsb-b` | 95% read, 5% update |
 //! | `ycsb-c` | 100% read |
 //! | `transfer` | 100% two-account transactions (one decrement, one increment, atomically) |
+//! | `withdraw` | 100% one-account conditional transactions: a decrement if the balance covers it |
+//! | `transfer-if` | 100% transfers conditional on the payer's balance (two accounts: on 2×2 about half of them span both partitions) |
 
 use std::time::Duration;
 
@@ -33,7 +35,13 @@ pub enum Workload {
     YcsbB,
     YcsbC,
     Transfer,
+    Withdraw,
+    TransferIf,
 }
+
+/// The opening balance of the accounts of the conditional workloads: large, so that the
+/// conditions hold and the commit path is what is measured.
+pub const OPENING_BALANCE: i64 = 1_000_000;
 
 /// One request to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,11 +57,20 @@ pub enum Op {
         from: u64,
         to: u64,
         amount: i64,
+        /// Only if the payer's balance covers it.
+        conditional: bool,
     },
-    /// Documents `first..first + count` written in one transaction (the load phase).
+    /// A decrement of one account, only if its balance covers it.
+    Withdraw {
+        account: u64,
+        amount: i64,
+    },
+    /// Accounts (or documents) `first..first + count` written in one transaction (the load
+    /// phase).
     PutBatch {
         first: u64,
         count: u64,
+        accounts: bool,
     },
 }
 
@@ -81,17 +98,35 @@ impl Workload {
             Workload::YcsbB => "ycsb-b",
             Workload::YcsbC => "ycsb-c",
             Workload::Transfer => "transfer",
+            Workload::Withdraw => "withdraw",
+            Workload::TransferIf => "transfer-if",
         }
     }
 
-    /// Whether the workload reads documents (and so loads them first).
-    pub fn reads(self) -> bool {
+    /// Whether the workload needs its documents written first: it reads them, or its
+    /// conditions read the accounts.
+    pub fn loads(self) -> bool {
         !matches!(self, Workload::Write | Workload::Transfer)
     }
 
-    /// The write that loads `key` before the run.
-    pub fn load_op(self, key: u64) -> Op {
-        Op::Put(key)
+    /// Whether the workload's documents are accounts.
+    pub fn accounts(self) -> bool {
+        matches!(
+            self,
+            Workload::Transfer | Workload::Withdraw | Workload::TransferIf
+        )
+    }
+
+    /// The write that loads `count` keys from `first` before the run.
+    pub fn load_op(self, first: u64, count: u64) -> Op {
+        match (count, self.accounts()) {
+            (1, false) => Op::Put(first),
+            (_, accounts) => Op::PutBatch {
+                first,
+                count,
+                accounts,
+            },
+        }
     }
 
     pub fn next_op(self, keys: &KeyChooser, rng: &mut impl Rng) -> Op {
@@ -114,7 +149,7 @@ impl Workload {
                 key,
                 increment: false,
             },
-            Workload::Transfer => {
+            Workload::Transfer | Workload::TransferIf => {
                 let mut to = keys.next(rng);
                 if to == key {
                     to = (key + 1) % keys.key_count();
@@ -123,8 +158,13 @@ impl Workload {
                     from: key,
                     to,
                     amount: rng.random_range(1..=100),
+                    conditional: self == Workload::TransferIf,
                 }
             }
+            Workload::Withdraw => Op::Withdraw {
+                account: key,
+                amount: rng.random_range(1..=100),
+            },
         }
     }
 }
@@ -135,7 +175,11 @@ impl Op {
             Op::Read(_) => "read",
             Op::Put(_) => "put",
             Op::Patch { .. } => "patch",
-            Op::Transfer { .. } => "transfer",
+            Op::Transfer {
+                conditional: false, ..
+            } => "transfer",
+            Op::Transfer { .. } => "transfer_if",
+            Op::Withdraw { .. } => "withdraw",
             Op::PutBatch { .. } => "put_batch",
         }
     }
@@ -155,6 +199,10 @@ impl Op {
             Op::Transfer { to, .. } => Some(Probe {
                 account: true,
                 key: *to,
+            }),
+            Op::Withdraw { account, .. } => Some(Probe {
+                account: true,
+                key: *account,
             }),
         }
     }
@@ -288,20 +336,49 @@ impl Http {
                     .header("content-type", "application/merge-patch+json")
                     .body(patch.to_string())
             }
-            Op::Transfer { from, to, amount } => self
-                .client
-                .post(format!("{}/v1/transactions", self.base))
-                .json(&json!({"mutations": [
+            Op::Transfer {
+                from,
+                to,
+                amount,
+                conditional,
+            } => {
+                let mut body = json!({"mutations": [
                     {"op": "increment", "collection": self.accounts, "id": doc_id(*from),
                      "path": "balance", "delta": -amount},
                     {"op": "increment", "collection": self.accounts, "id": doc_id(*to),
                      "path": "balance", "delta": amount},
-                ]})),
-            Op::PutBatch { first, count } => {
+                ]});
+                if *conditional {
+                    body["conditions"] = self.covers(*from, *amount);
+                }
+                self.client
+                    .post(format!("{}/v1/transactions", self.base))
+                    .json(&body)
+            }
+            Op::Withdraw { account, amount } => self
+                .client
+                .post(format!("{}/v1/transactions", self.base))
+                .json(&json!({
+                    "mutations": [
+                        {"op": "increment", "collection": self.accounts, "id": doc_id(*account),
+                         "path": "balance", "delta": -amount},
+                    ],
+                    "conditions": self.covers(*account, *amount),
+                })),
+            Op::PutBatch {
+                first,
+                count,
+                accounts,
+            } => {
                 let mutations: Vec<Value> = (*first..first + count)
                     .map(|k| {
-                        json!({"op": "replace", "collection": self.collection, "id": doc_id(k),
-                               "document": document(k, self.doc_bytes)})
+                        if *accounts {
+                            json!({"op": "replace", "collection": self.accounts, "id": doc_id(k),
+                                   "document": {"balance": OPENING_BALANCE}})
+                        } else {
+                            json!({"op": "replace", "collection": self.collection, "id": doc_id(k),
+                                   "document": document(k, self.doc_bytes)})
+                        }
                     })
                     .collect();
                 self.client
@@ -325,6 +402,12 @@ impl Http {
             Ok(r) => Outcome::Error(status_kind(r).await),
             Err(e) => Outcome::Error(error_kind(&e)),
         }
+    }
+
+    /// The condition that `account`'s balance covers `amount`.
+    fn covers(&self, account: u64, amount: i64) -> Value {
+        json!([{"collection": self.accounts, "id": doc_id(account),
+                "filter": {"balance": {"$gte": amount}}}])
     }
 
     /// Reads `key` with `Causeway-After: ts` until a read at or above `ts` answers it.
@@ -367,12 +450,13 @@ impl Http {
     }
 
     /// The sum of every account's balance, read page by page at ONE read timestamp (a query's
-    /// cursor keeps its read timestamp), and the number of accounts.
-    pub async fn bank_total(&self, max_accounts: u64) -> Result<(i64, u64)> {
+    /// cursor keeps its read timestamp), the number of accounts, and the lowest balance.
+    pub async fn bank_total(&self, max_accounts: u64) -> Result<(i64, u64, i64)> {
         let url = format!("{}/v1/collections/{}/query", self.base, self.accounts);
         let mut cursor: Option<String> = None;
         let mut sum = 0i64;
         let mut accounts = 0u64;
+        let mut lowest = i64::MAX;
         // Every page returns at least one document or ends; bound the pages anyway.
         for _ in 0..=max_accounts + 1 {
             let mut body = json!({"limit": 1000});
@@ -393,13 +477,15 @@ impl Http {
                     continue;
                 }
                 accounts += 1;
-                sum += d["document"]["balance"]
+                let balance = d["document"]["balance"]
                     .as_i64()
                     .with_context(|| format!("account {} has no integer balance", d["id"]))?;
+                sum += balance;
+                lowest = lowest.min(balance);
             }
             match page["cursor"].as_str() {
                 Some(c) => cursor = Some(c.to_owned()),
-                None => return Ok((sum, accounts)),
+                None => return Ok((sum, accounts, lowest)),
             }
         }
         anyhow::bail!("the query did not end within {max_accounts} pages")
@@ -436,14 +522,26 @@ mod tests {
         assert!((share(Workload::YcsbA, &mut rng) - 0.5).abs() < 0.03);
         assert!((share(Workload::YcsbB, &mut rng) - 0.95).abs() < 0.01);
         assert!((share(Workload::Mixed, &mut rng) - 0.5).abs() < 0.03);
-        for _ in 0..1000 {
-            match Workload::Transfer.next_op(&keys, &mut rng) {
-                Op::Transfer { from, to, amount } => {
-                    assert_ne!(from, to);
-                    assert!(from < 100 && to < 100 && amount > 0);
+        for workload in [Workload::Transfer, Workload::TransferIf] {
+            for _ in 0..1000 {
+                match workload.next_op(&keys, &mut rng) {
+                    Op::Transfer {
+                        from,
+                        to,
+                        amount,
+                        conditional,
+                    } => {
+                        assert_ne!(from, to);
+                        assert!(from < 100 && to < 100 && amount > 0);
+                        assert_eq!(conditional, workload == Workload::TransferIf);
+                    }
+                    other => panic!("{other:?}"),
                 }
-                other => panic!("{other:?}"),
             }
         }
+        assert!(matches!(
+            Workload::Withdraw.next_op(&keys, &mut rng),
+            Op::Withdraw { account, amount } if account < 100 && amount > 0
+        ));
     }
 }

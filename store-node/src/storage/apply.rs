@@ -246,10 +246,15 @@ impl Store {
             META_APPLIED,
             outcome.applied.0.to_be_bytes(),
         );
-        self.write(batch, self.options.sync_writes)?;
+        // A group that stops for votes is written without an fsync: the caller goes on with
+        // the same group once it has them, and the fsync at its end covers both writes. (Its
+        // outcomes may be told meanwhile: they are a function of the log, so a crash that
+        // loses them makes the node decide the same again.)
+        let sync = self.options.sync_writes && outcome.blocked.is_none();
+        self.write(batch, sync)?;
         run.cache_states(&mut writer);
         self.applied.store(outcome.applied.0, Ordering::SeqCst);
-        if self.options.sync_writes {
+        if sync {
             self.committed.store(outcome.applied.0, Ordering::SeqCst);
         }
         outcome.skipped.sort_by_key(|s| (s.ts, s.mutation));

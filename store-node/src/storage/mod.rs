@@ -1141,7 +1141,9 @@ impl Store {
                 break;
             }
             let ts = Timestamp(u64::from_be_bytes(
-                key[META_OUTCOME.len()..].try_into().expect("an outcome key"),
+                key[META_OUTCOME.len()..]
+                    .try_into()
+                    .expect("an outcome key"),
             ));
             let record = causeway_proto::v1::OutcomeResponse::decode(value)
                 .unwrap_or_else(|e| panic!("corrupt outcome record of ts {ts}: {e}"));
