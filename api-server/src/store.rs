@@ -94,6 +94,18 @@ impl Store {
             .is_empty()
     }
 
+    /// Every node of the configurations reads are routed to: the live nodes of current and,
+    /// during a transition, of next (one entry per address). `?wait=visible` asks them all.
+    pub(crate) fn routing_nodes(&self) -> Vec<String> {
+        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner()).clone();
+        nodes
+            .preferred
+            .iter()
+            .chain(&nodes.others)
+            .cloned()
+            .collect()
+    }
+
     /// The nodes to try for one call, best first: each tier rotated by `start` (to spread the
     /// load), recently failed nodes last.
     fn order(&self, start: usize) -> Vec<String> {
@@ -113,14 +125,16 @@ impl Store {
         order
     }
 
-    fn penalize(&self, addr: &str) {
+    /// Puts `addr` last in the order of calls for a while.
+    pub(crate) fn penalize(&self, addr: &str) {
         self.penalized
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(addr.to_owned(), Instant::now() + PENALTY);
     }
 
-    fn channel(&self, addr: &str) -> Result<Channel, Status> {
+    /// The channel to `addr`, made (lazily connected) on first use.
+    pub(crate) fn channel(&self, addr: &str) -> Result<Channel, Status> {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
@@ -251,9 +265,20 @@ impl Candidates {
     }
 }
 
-/// Statuses after which another node may do better.
-fn retryable(code: Code) -> bool {
+/// Statuses after which another node (or another try) may do better.
+pub(crate) fn retryable(code: Code) -> bool {
     matches!(code, Code::Unavailable | Code::Unknown | Code::Cancelled)
+}
+
+#[cfg(test)]
+impl Store {
+    /// Routes to `addrs` as if a configuration listed them.
+    pub(crate) fn set_nodes_for_test(&self, addrs: Vec<String>) {
+        *self.nodes.write().unwrap() = Arc::new(Candidates {
+            preferred: addrs,
+            others: Vec::new(),
+        });
+    }
 }
 
 #[cfg(test)]
