@@ -13,6 +13,7 @@
 //! - [`body`]: reading bodies within the limits: content type, size, UTF-8, depth, then JSON.
 //! - [`headers`]: the `Causeway-*` headers.
 //! - [`store`]: the store nodes: the config watch, one channel per node, failover.
+//! - `visible`: `?wait=visible`: every store node of the routing configurations is asked.
 //! - [`routes`]: the handlers, request and answer bodies, and the metrics/concurrency middleware.
 //! - [`openapi`]: the OpenAPI 3 document served at `/v1/openapi.json`.
 //! - [`metrics`]: the Prometheus metrics (`causeway_api_*`).
@@ -30,6 +31,7 @@ pub mod problem;
 pub mod routes;
 pub mod service;
 pub mod store;
+mod visible;
 
 pub use error::Error;
 pub use options::{Limits, Options, Timeouts};

@@ -91,7 +91,7 @@ pub async fn wait(
         let round = u32::try_from(left.as_millis())
             .unwrap_or(u32::MAX)
             .min(ROUND_MS);
-        let holders = store.holders(Some(hash));
+        let holders = store.holders(hash);
         match ask(store, &holders, ts, round).await {
             Lookup::Decided(outcome) => return Some(outcome),
             Lookup::Pending | Lookup::Unknown { .. } => {}
@@ -106,8 +106,7 @@ pub async fn wait(
 
 /// What the live nodes know of `ts` now (each waits a moment to reach it).
 pub async fn lookup(store: &Store, ts: Timestamp) -> Lookup {
-    let everyone = store.holders(None);
-    ask(store, &everyone, ts, 200).await
+    ask(store, &store.routing_nodes(), ts, 200).await
 }
 
 /// The failures of an outcome as the answer lists them.

@@ -1263,28 +1263,13 @@ impl Shared {
     /// Waits (bounded) until the UST reaches `ts`; false when it did not in time or no node
     /// could say.
     async fn wait_visible(&self, ts: Timestamp) -> bool {
-        let timeout_ms = self.options.timeouts.visible_wait_ms;
-        let deadline = std::time::Duration::from_millis(
-            u64::from(timeout_ms) + self.options.timeouts.store_rpc_ms,
-        );
-        let result = self
-            .store
-            .call(|mut c| {
-                let mut req = tonic::Request::new(pb::WaitForUstRequest {
-                    ts: ts.get(),
-                    timeout_ms,
-                });
-                req.set_timeout(deadline);
-                async move { c.wait_for_ust(req).await.map(tonic::Response::into_inner) }
-            })
-            .await;
-        match result {
-            Ok(r) => r.reached,
-            Err(e) => {
-                tracing::warn!(ts = ts.get(), error = ?e, "waiting for visibility failed");
-                false
-            }
-        }
+        crate::visible::wait_visible(
+            &self.store,
+            ts,
+            self.options.timeouts.visible_wait_ms,
+            self.options.timeouts.store_rpc_ms,
+        )
+        .await
     }
 
     fn read_deadline(&self) -> std::time::Duration {

@@ -94,6 +94,18 @@ impl Store {
             .is_empty()
     }
 
+    /// Every node of the configurations reads are routed to: the live nodes of current and,
+    /// during a transition, of next (one entry per address). `?wait=visible` asks them all.
+    pub fn routing_nodes(&self) -> Vec<String> {
+        let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner()).clone();
+        nodes
+            .preferred
+            .iter()
+            .chain(&nodes.others)
+            .cloned()
+            .collect()
+    }
+
     /// The nodes to try for one call, best first: each tier rotated by `start` (to spread the
     /// load), recently failed nodes last.
     fn order(&self, start: usize) -> Vec<String> {
@@ -113,22 +125,19 @@ impl Store {
         order
     }
 
-    /// The addresses of the live nodes that may hold `hash` (the replicas of its partition in
-    /// the current and the next configuration), or of every live node when `hash` is `None`.
-    pub fn holders(&self, hash: Option<causeway_core::KeyHash>) -> Vec<String> {
+    /// The addresses of the live nodes that may hold `hash`: the replicas of its partition in
+    /// the current and the next configuration.
+    pub fn holders(&self, hash: causeway_core::KeyHash) -> Vec<String> {
         let pair = self.pair.read().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
         for config in pair.iter().flat_map(|p| [&p.current, &p.next]).flatten() {
             let live = config.live_node_ids();
-            let nodes: Vec<_> = match hash {
-                Some(hash) => config.replicas_of(config.partition_of(hash)).to_vec(),
-                None => live.iter().copied().collect(),
-            };
-            for node in nodes.into_iter().filter(|n| live.contains(n)) {
-                if let Some(info) = config.nodes.get(&node) {
-                    if !out.contains(&info.addr) {
-                        out.push(info.addr.clone());
-                    }
+            for node in config.replicas_of(config.partition_of(hash)) {
+                let Some(info) = config.nodes.get(node).filter(|_| live.contains(node)) else {
+                    continue;
+                };
+                if !out.contains(&info.addr) {
+                    out.push(info.addr.clone());
                 }
             }
         }
@@ -140,14 +149,16 @@ impl Store {
         self.channel(addr).map(StoreNodeClient::new)
     }
 
-    fn penalize(&self, addr: &str) {
+    /// Puts `addr` last in the order of calls for a while.
+    pub(crate) fn penalize(&self, addr: &str) {
         self.penalized
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(addr.to_owned(), Instant::now() + PENALTY);
     }
 
-    fn channel(&self, addr: &str) -> Result<Channel, Status> {
+    /// The channel to `addr`, made (lazily connected) on first use.
+    pub(crate) fn channel(&self, addr: &str) -> Result<Channel, Status> {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
@@ -278,9 +289,20 @@ impl Candidates {
     }
 }
 
-/// Statuses after which another node may do better.
-fn retryable(code: Code) -> bool {
+/// Statuses after which another node (or another try) may do better.
+pub(crate) fn retryable(code: Code) -> bool {
     matches!(code, Code::Unavailable | Code::Unknown | Code::Cancelled)
+}
+
+#[cfg(test)]
+impl Store {
+    /// Routes to `addrs` as if a configuration listed them.
+    pub(crate) fn set_nodes_for_test(&self, addrs: Vec<String>) {
+        *self.nodes.write().unwrap() = Arc::new(Candidates {
+            preferred: addrs,
+            others: Vec::new(),
+        });
+    }
 }
 
 #[cfg(test)]

@@ -306,11 +306,11 @@ fn run(seed: u64) {
             .as_ref()
             .map(|(_, b)| b.missing().map(|d| partition(*d)).collect())
             .unwrap_or_default();
-        for o in 0..replicas.len() {
-            if o == r || !missing.contains(&replicas[o].partition) || replicas[o].down {
+        for (o, other) in replicas.iter().enumerate() {
+            if o == r || !missing.contains(&other.partition) || other.down {
                 continue;
             }
-            if let Some(answer) = replicas[o].answer(ts, &log) {
+            if let Some(answer) = other.answer(ts, &log) {
                 for _ in 0..=rng.below(2) {
                     inbox.push((step + 1 + rng.below(20), r, ts, answer.clone()));
                 }
