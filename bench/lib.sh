@@ -41,6 +41,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Installs python3 and curl when missing (the scripts drive the servers with them).
+need_tools() {
+  command -v python3 >/dev/null && command -v curl >/dev/null && return 0
+  log "installing python3 and curl"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 curl
+}
+
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }

@@ -23,10 +23,7 @@ BEFORE=${BEFORE:-30}
 DURING=${DURING:-90}
 OUT=${OUT:-$ROOT/bench/transition-results.md}
 
-command -v python3 >/dev/null && command -v curl >/dev/null || {
-  log "installing python3 and curl"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 curl
-}
+need_tools
 scripts/setup.sh --broker
 build
 

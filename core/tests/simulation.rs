@@ -4,38 +4,20 @@
 //! back, with every invariant checked at every step. A failure prints the seed that replays it:
 //! `CAUSEWAY_SIM_SEED=<seed> cargo test -p causeway-core --test simulation`.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use causeway_core::config::NodeInfo;
 use causeway_core::{
     ClusterConfig, Epoch, Frontiers, Gossip, GossipTable, NodeId, ReadTimestamp, Timestamp, View,
 };
+use common::Rng;
 
 const TICK_MS: u64 = 10;
 const LIVENESS_TIMEOUT_MS: u64 = 150;
 const MAX_TICKS: u64 = 4_000;
 
-/// splitmix64: small, seedable, good enough to drive a simulation.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// True with probability `per_mille / 1000`.
-    fn chance(&mut self, per_mille: u64) -> bool {
-        self.below(1000) < per_mille
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 struct Read {

@@ -8,9 +8,12 @@
 //! transaction, equal to the one a single node holding everything would make, and the replicas
 //! of a partition must end equal. A failure prints the seed: `CAUSEWAY_VOTES_SEED=<seed>`.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use causeway_core::{Ballot, Decision, Vote};
+use common::Rng;
 
 const DOCS: u64 = 8;
 const PARTITIONS: u64 = 3;
@@ -18,26 +21,6 @@ const REPLICAS: usize = 2;
 const TXS: u64 = 60;
 const MAX_STEPS: u64 = 200_000;
 
-/// splitmix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn chance(&mut self, per_mille: u64) -> bool {
-        self.below(1000) < per_mille
-    }
-}
 
 /// A transfer of `amount` from `from` to `to`, conditional on `from` holding at least `amount`
 /// (and, sometimes, on a third document existing).
@@ -112,6 +95,17 @@ struct Replica {
 impl Replica {
     fn holds(&self, doc: u64) -> bool {
         partition(doc) == self.partition
+    }
+
+    /// Applies `tx` at `ts` as decided, durably.
+    fn decide(&mut self, tx: &Tx, ts: u64, decision: Decision<Failure>) {
+        if decision.applies() {
+            let mine = self.partition;
+            apply(tx, ts, &mut self.docs, |doc| partition(doc) == mine);
+        }
+        self.decided.insert(ts, decision);
+        self.applied = ts;
+        self.ballot = None;
     }
 
     /// Its answer to "what do you know of ts": its recorded decision, or its votes while it
@@ -254,16 +248,7 @@ fn run(seed: u64) {
                         ballot.agrees_with(&d),
                         "seed {seed}: a decision against a vote"
                     );
-                    let tx = &log[(ts - 1) as usize];
-                    if d.applies() {
-                        let partition = replica.partition;
-                        apply(tx, ts, &mut replica.docs, |doc| {
-                            doc % PARTITIONS == partition
-                        });
-                    }
-                    replica.decided.insert(ts, d);
-                    replica.applied = ts;
-                    replica.ballot = None;
+                    replica.decide(&log[(ts - 1) as usize], ts, d);
                 }
                 Answer::Votes(votes) => {
                     for (doc, v) in votes {
@@ -289,15 +274,7 @@ fn run(seed: u64) {
         }
         let decision = replica.ballot.as_ref().and_then(|(_, b)| b.decision());
         if let Some(d) = decision {
-            if d.applies() {
-                let partition = replica.partition;
-                apply(tx, ts, &mut replica.docs, |doc| {
-                    doc % PARTITIONS == partition
-                });
-            }
-            replica.decided.insert(ts, d);
-            replica.applied = ts;
-            replica.ballot = None;
+            replica.decide(tx, ts, d);
             continue;
         }
         // Ask every replica of the partitions whose votes are missing.

@@ -8,7 +8,7 @@
 //! participant with no live replica stalls the nodes that wait for its votes (their committed
 //! ts, and so the UST of their partitions, stays below the transaction) and nobody else.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,46 +75,64 @@ fn holders(shared: &Shared, blocked: &Blocked) -> BTreeMap<NodeId, String> {
 }
 
 /// Asks every node that may hold a missing vote of `blocked` what it knows of its ts (each
-/// waits up to a second to get there), and adds the answers to `remote`. Returns whether an
-/// answer came; the caller applies again either way.
+/// waits up to a second to get there), and adds the answers to `remote`, until they decide it:
+/// one decision, or votes for every missing document (the slower replicas are not waited for).
+/// Returns whether an answer came; the caller applies again either way.
 pub async fn gather(
     shared: &Shared,
     askers: &mut Askers,
     blocked: &Blocked,
     remote: &mut RemoteVotes,
 ) -> bool {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    use pb::outcome_response::Known;
     let peers = holders(shared, blocked);
     let ts = blocked.ts;
-    let asks = peers.into_iter().map(|(node, addr)| {
-        let mut client = askers.client(node, &addr);
-        async move {
-            let mut request = tonic::Request::new(pb::OutcomeRequest {
-                ts: ts.0,
-                wait_ms: ASK_WAIT_MS,
-                following: FOLLOWING,
-            });
-            request.set_timeout(Duration::from_millis(u64::from(ASK_WAIT_MS) + 2_000));
-            match client.outcome(request).await {
-                Ok(answer) => Some(answer.into_inner()),
-                Err(status) => {
-                    tracing::debug!(%node, %ts, %status, "asking for votes failed");
-                    None
+    let mut asks: FuturesUnordered<_> = peers
+        .into_iter()
+        .map(|(node, addr)| {
+            let mut client = askers.client(node, &addr);
+            async move {
+                let mut request = tonic::Request::new(pb::OutcomeRequest {
+                    ts: ts.0,
+                    wait_ms: ASK_WAIT_MS,
+                    following: FOLLOWING,
+                });
+                request.set_timeout(Duration::from_millis(u64::from(ASK_WAIT_MS) + 2_000));
+                match client.outcome(request).await {
+                    Ok(answer) => Some(answer.into_inner()),
+                    Err(status) => {
+                        tracing::debug!(%node, %ts, %status, "asking for votes failed");
+                        None
+                    }
                 }
             }
-        }
-    });
+        })
+        .collect();
+    let mut missing: HashSet<_> = blocked.missing.iter().map(|(key, _)| key.clone()).collect();
     let mut got = false;
-    for answer in futures::future::join_all(asks).await.into_iter().flatten() {
-        if let Some(known) = answer.known {
-            got = true;
-            remote.entry(ts).or_default().push(known);
-        }
+    while let Some(answer) = asks.next().await {
+        let Some(answer) = answer else { continue };
         // What a node ahead recorded after ts: a node catching up needs no ask for those.
         for later in answer.later {
             if let Some(outcome) = later.outcome {
-                let known = pb::outcome_response::Known::Decided(outcome);
+                let known = Known::Decided(outcome);
                 remote.entry(Timestamp(later.ts)).or_default().push(known);
             }
+        }
+        let Some(known) = answer.known else { continue };
+        got = true;
+        match &known {
+            Known::Decided(_) => missing.clear(),
+            Known::Votes(votes) => {
+                for vote in &votes.votes {
+                    missing.remove(&(vote.collection.clone(), vote.id.clone()));
+                }
+            }
+        }
+        remote.entry(ts).or_default().push(known);
+        if missing.is_empty() {
+            break;
         }
     }
     if !got {
@@ -134,7 +152,9 @@ pub async fn answer(
     let wait = Duration::from_millis(u64::from(request.wait_ms.min(MAX_SERVE_WAIT_MS)));
     let mut rx = shared.votes.subscribe();
     let reached = |s: &VoteState| s.applied >= ts || s.blocked.as_ref().is_some_and(|b| b.ts == ts);
-    let _ = tokio::time::timeout(wait, rx.wait_for(reached)).await;
+    if shared.store.applied() < ts {
+        let _ = tokio::time::timeout(wait, rx.wait_for(reached)).await;
+    }
     let state = shared.votes.borrow().clone();
     let applied = shared.store.applied();
     let pruned = ts < shared.store.outcomes_pruned();
