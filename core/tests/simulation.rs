@@ -18,7 +18,6 @@ const TICK_MS: u64 = 10;
 const LIVENESS_TIMEOUT_MS: u64 = 150;
 const MAX_TICKS: u64 = 4_000;
 
-
 #[derive(Debug, Clone, Copy)]
 struct Read {
     at: ReadTimestamp,

@@ -21,7 +21,6 @@ const REPLICAS: usize = 2;
 const TXS: u64 = 60;
 const MAX_STEPS: u64 = 200_000;
 
-
 /// A transfer of `amount` from `from` to `to`, conditional on `from` holding at least `amount`
 /// (and, sometimes, on a third document existing).
 #[derive(Debug, Clone)]

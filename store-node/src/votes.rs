@@ -120,6 +120,14 @@ pub async fn gather(
                 remote.entry(Timestamp(later.ts)).or_default().push(known);
             }
         }
+        for later in answer.later_votes {
+            if let Some(votes) = later.votes {
+                remote
+                    .entry(Timestamp(later.ts))
+                    .or_default()
+                    .push(Known::Votes(votes));
+            }
+        }
         let Some(known) = answer.known else { continue };
         got = true;
         match &known {
@@ -151,21 +159,50 @@ pub async fn answer(
     let ts = Timestamp(request.ts);
     let wait = Duration::from_millis(u64::from(request.wait_ms.min(MAX_SERVE_WAIT_MS)));
     let mut rx = shared.votes.subscribe();
-    let reached = |s: &VoteState| s.applied >= ts || s.blocked.as_ref().is_some_and(|b| b.ts == ts);
+    let early = |b: &Blocked| {
+        b.early
+            .iter()
+            .find(|(t, _)| *t == ts)
+            .map(|(_, v)| v.clone())
+    };
+    let reached = |s: &VoteState| {
+        s.applied >= ts
+            || s.blocked
+                .as_ref()
+                .is_some_and(|b| b.ts == ts || early(b).is_some())
+    };
     if shared.store.applied() < ts {
         let _ = tokio::time::timeout(wait, rx.wait_for(reached)).await;
     }
     let state = shared.votes.borrow().clone();
     let applied = shared.store.applied();
     let pruned = ts < shared.store.outcomes_pruned();
+    let blocked = state.blocked.as_ref().filter(|_| applied < ts);
     let known = if applied >= ts {
         shared.store.outcome(ts)?
     } else {
-        state
-            .blocked
-            .filter(|b| b.ts == ts)
-            .map(|b| pb::outcome_response::Known::Votes(pb::TxVotes { votes: b.votes }))
+        blocked.as_ref().and_then(|b| {
+            let votes = if b.ts == ts {
+                Some(b.votes.clone())
+            } else {
+                early(b)
+            };
+            votes.map(|votes| pb::outcome_response::Known::Votes(pb::TxVotes { votes }))
+        })
     };
+    // Votes it can already cast on later ts: the asker will need them next.
+    let later_votes = state
+        .blocked
+        .iter()
+        .flat_map(|b| b.early.iter())
+        .filter(|(t, _)| *t > ts)
+        .map(|(t, votes)| pb::LaterVotes {
+            ts: t.0,
+            votes: Some(pb::TxVotes {
+                votes: votes.clone(),
+            }),
+        })
+        .collect();
     let following = u64::from(request.following.min(FOLLOWING));
     let upto = Timestamp(ts.0.saturating_add(following).min(applied.0));
     let later = shared
@@ -182,5 +219,6 @@ pub async fn answer(
         applied: applied.0,
         pruned,
         later,
+        later_votes,
     })
 }

@@ -137,16 +137,25 @@ fn replica(intervals: Vec<Interval>) -> Replica {
     }
 }
 
-/// What replica `r` would answer to `Outcome(ts)`.
-fn answer(r: &Replica, ts: Timestamp) -> Option<Known> {
+/// What replica `r` would answer to `Outcome(ts)`: what it knows of ts, and the votes it can
+/// already cast on later ts (as `votes::answer` does).
+fn answer(r: &Replica, ts: Timestamp) -> Vec<(Timestamp, Known)> {
+    let mut out = Vec::new();
     if r.store.applied() >= ts {
-        return r.store.outcome(ts).unwrap();
+        out.extend(r.store.outcome(ts).unwrap().map(|k| (ts, k)));
     }
-    r.blocked.as_ref().filter(|b| b.ts == ts).map(|b| {
-        Known::Votes(pb::TxVotes {
-            votes: b.votes.clone(),
-        })
-    })
+    if let Some(b) = r.blocked.as_ref().filter(|_| r.store.applied() < ts) {
+        let votes = |v: &Vec<pb::DocVote>| Known::Votes(pb::TxVotes { votes: v.clone() });
+        if b.ts == ts {
+            out.push((ts, votes(&b.votes)));
+        }
+        for (t, v) in &b.early {
+            if *t >= ts {
+                out.push((*t, votes(v)));
+            }
+        }
+    }
+    out
 }
 
 /// Applies `records` on every replica, each in its own random groups, exchanging votes, until
@@ -176,12 +185,14 @@ fn apply_all(replicas: &mut [Replica], records: &[(Timestamp, Transaction)], gro
             let Some(ts) = replicas[r].blocked.as_ref().map(|b| b.ts) else {
                 continue;
             };
-            let answers: Vec<Known> = (0..replicas.len())
+            let answers: Vec<(Timestamp, Known)> = (0..replicas.len())
                 .filter(|o| *o != r)
-                .filter_map(|o| answer(&replicas[o], ts))
+                .flat_map(|o| answer(&replicas[o], ts))
                 .collect();
             progressed |= !answers.is_empty();
-            replicas[r].remote.entry(ts).or_default().extend(answers);
+            for (t, known) in answers {
+                replicas[r].remote.entry(t).or_default().push(known);
+            }
         }
         if replicas.iter().all(|r| r.store.applied() >= last) {
             return;

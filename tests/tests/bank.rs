@@ -315,6 +315,43 @@ async fn open_accounts(cluster: &LocalCluster) -> Result<Vec<i64>> {
     Ok(vec![OPENING; ACCOUNTS])
 }
 
+/// `result`, with, when it is an error, the outcomes the nodes recorded wherever they differ.
+async fn with_outcomes<T>(cluster: &LocalCluster, result: Result<T>) -> Result<T> {
+    let Err(e) = result else { return result };
+    let mut differ = Vec::new();
+    let end = cluster.log().bounds().await.map_or(0, |b| b.next.get());
+    for ts in 1..end.min(2_000) {
+        let mut seen = Vec::new();
+        for node in cluster.node_ids() {
+            let Ok(mut client) = cluster.client(node) else {
+                continue;
+            };
+            let request = causeway_proto::v1::OutcomeRequest {
+                ts,
+                wait_ms: 0,
+                following: 0,
+            };
+            if let Ok(answer) = client.outcome(request).await {
+                if let Some(causeway_proto::v1::outcome_response::Known::Decided(o)) =
+                    answer.into_inner().known
+                {
+                    seen.push((node, o.committed, o.duplicate_of));
+                }
+            }
+        }
+        if seen
+            .windows(2)
+            .any(|w| (w[0].1, w[0].2) != (w[1].1, w[1].2))
+        {
+            differ.push(format!("ts {ts}: {seen:?}"));
+        }
+    }
+    bail!(
+        "{e:#}\noutcomes that differ between nodes: {differ:?}\n{}",
+        cluster.logs()
+    )
+}
+
 /// One replica of each partition.
 async fn one_replica_each(cluster: &LocalCluster) -> Result<Vec<NodeId>> {
     let config = cluster.current_config().await?;
@@ -332,12 +369,13 @@ async fn conditional_transfers_never_overdraw_and_commit_exactly_what_they_answe
     let apis = cluster.api_urls();
     let opening = open_accounts(&cluster).await?;
 
-    let (transfers, snapshots) = run_bank(&apis, 6, 40, async { Ok(()) }).await?;
+    let steady = run_bank(&apis, 6, 40, async { Ok(()) }).await;
+    let (transfers, snapshots) = with_outcomes(&cluster, steady).await?;
     let balances = reconcile(&apis, &opening, &transfers, snapshots, "steady").await?;
 
     // The same while one replica of each partition is killed and restarted.
     let victims = one_replica_each(&cluster).await?;
-    let (transfers, snapshots) = {
+    let killed = {
         let cluster = &mut cluster;
         let during = async {
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -350,8 +388,9 @@ async fn conditional_transfers_never_overdraw_and_commit_exactly_what_they_answe
             }
             Ok(())
         };
-        run_bank(&apis, 6, 40, during).await?
+        run_bank(&apis, 6, 40, during).await
     };
+    let (transfers, snapshots) = with_outcomes(&cluster, killed).await?;
     reconcile(
         &apis,
         &balances,

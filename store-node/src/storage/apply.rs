@@ -17,7 +17,7 @@
 //! The outcome of every transaction this node decided is written with its versions (meta
 //! `outcome/‖ts`), so that other nodes and clients can learn it after the fact.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -181,6 +181,9 @@ impl Run<'_> {
     }
 }
 
+/// How many records after a blocked transaction are looked at for early votes.
+const EARLY_VOTES: usize = 256;
+
 /// Below this many documents per thread a group is applied on the calling thread: a thread
 /// costs more than a document or two.
 const MIN_DOCUMENTS_PER_THREAD: usize = 2;
@@ -273,12 +276,13 @@ impl Store {
         remote: &RemoteVotes,
         start: Timestamp,
     ) -> Result<(), Error> {
-        for (ts, tx) in records {
+        for (i, (ts, tx)) in records.iter().enumerate() {
             if *ts <= start {
                 run.outcome.repeated += 1;
                 continue;
             }
-            if let Some(blocked) = self.route(writer, run, *ts, tx, ownership, remote)? {
+            if let Some(mut blocked) = self.route(writer, run, *ts, tx, ownership, remote)? {
+                blocked.early = self.early_votes(writer, run, tx, &records[i + 1..], ownership)?;
                 run.outcome.blocked = Some(blocked);
                 return Ok(());
             }
@@ -338,27 +342,10 @@ impl Store {
                 .filter(|d| d.decides())
                 .map(DocMutations::key),
         );
-        let mut own = Vec::new();
-        for (doc, &owned) in parsed.docs.iter().zip(&owned) {
-            if owned && doc.decides() {
-                let prefix = keys::doc_prefix(doc.collection, doc.id);
-                let state = self.state(writer, run, &prefix)?;
-                let rows = Rows {
-                    store: self,
-                    group: &run.rows,
-                };
-                let row = match &doc.key_row {
-                    Some(row) => rows.get(row, &[])?,
-                    None => None,
-                };
-                let duplicate = txn::duplicate_of(row, ts, tx.wall_clock_ms, &parsed.limits);
-                let vote = txn::vote(&state, doc, &parsed.limits, duplicate);
-                run.states.insert(prefix, state);
-                ballot
-                    .record(&doc.key(), vote.clone())
-                    .map_err(diverged(ts))?;
-                own.push(txn::doc_vote(&doc.key(), &vote));
-            }
+        let own = self.own_votes(writer, run, ts, tx, &parsed, &owned)?;
+        for vote in &own {
+            let (key, vote) = txn::from_doc_vote(vote);
+            ballot.record(&key, vote).map_err(diverged(ts))?;
         }
         let mut decision = ballot.decision();
         for known in remote.get(&ts).into_iter().flatten() {
@@ -411,9 +398,95 @@ impl Store {
                     ts,
                     votes: own,
                     missing,
+                    early: Vec::new(),
                 }))
             }
         }
+    }
+
+    /// This node's votes on `tx` at `ts`: those of the documents it owns that can vote no, on
+    /// their states as of the group so far.
+    fn own_votes(
+        &self,
+        writer: &mut Writer,
+        run: &mut Run<'_>,
+        ts: Timestamp,
+        tx: &Transaction,
+        parsed: &Parsed<'_>,
+        owned: &[bool],
+    ) -> Result<Vec<pb::DocVote>, Error> {
+        let mut own = Vec::new();
+        for (doc, &owned) in parsed.docs.iter().zip(owned) {
+            if !(owned && doc.decides()) {
+                continue;
+            }
+            let prefix = keys::doc_prefix(doc.collection, doc.id);
+            let state = self.state(writer, run, &prefix)?;
+            let rows = Rows {
+                store: self,
+                group: &run.rows,
+            };
+            let row = match &doc.key_row {
+                Some(row) => rows.get(row, &[])?,
+                None => None,
+            };
+            let duplicate = txn::duplicate_of(row, ts, tx.wall_clock_ms, &parsed.limits);
+            let vote = txn::vote(&state, doc, &parsed.limits, duplicate);
+            run.states.insert(prefix, state);
+            own.push(txn::doc_vote(&doc.key(), &vote));
+        }
+        Ok(own)
+    }
+
+    /// The votes this node can already cast on the transactions after the one it stopped at:
+    /// those that will need other nodes' votes and whose documents here no transaction from
+    /// the blocked one on writes (so their states are final for them). Sent with the blocked
+    /// one's votes, they let the other partitions decide a run of transactions in one round.
+    fn early_votes(
+        &self,
+        writer: &mut Writer,
+        run: &mut Run<'_>,
+        blocked: &Transaction,
+        after: &[(Timestamp, Transaction)],
+        ownership: &Ownership,
+    ) -> Result<Vec<(Timestamp, Vec<pb::DocVote>)>, Error> {
+        let mut written: HashSet<Vec<u8>> = HashSet::new();
+        let note_writes = |written: &mut HashSet<Vec<u8>>, parsed: &Parsed<'_>| {
+            for doc in parsed.docs.iter().filter(|d| d.writes()) {
+                written.insert(keys::doc_prefix(doc.collection, doc.id));
+            }
+        };
+        if let Ok(parsed) = txn::parse_transaction(blocked) {
+            note_writes(&mut written, &parsed);
+        }
+        let mut early = Vec::new();
+        for (ts, tx) in after.iter().take(EARLY_VOTES) {
+            let Ok(parsed) = txn::parse_transaction(tx) else {
+                continue;
+            };
+            let owned: Vec<bool> = parsed
+                .docs
+                .iter()
+                .map(|d| ownership.owns(d.hash()))
+                .collect();
+            let needs_others = parsed.decides()
+                && parsed
+                    .docs
+                    .iter()
+                    .zip(&owned)
+                    .any(|(d, o)| d.decides() && !o);
+            let untouched = parsed.docs.iter().zip(&owned).all(|(d, o)| {
+                !(*o && d.decides() && written.contains(&keys::doc_prefix(d.collection, d.id)))
+            });
+            if needs_others && untouched {
+                let votes = self.own_votes(writer, run, *ts, tx, &parsed, &owned)?;
+                if !votes.is_empty() {
+                    early.push((*ts, votes));
+                }
+            }
+            note_writes(&mut written, &parsed);
+        }
+        Ok(early)
     }
 
     /// Routes a transaction that commits (or is decided in its document's share).

@@ -445,6 +445,9 @@ pub struct Blocked {
     pub votes: Vec<pb::DocVote>,
     /// The documents whose votes are missing, with their place in the keyspace.
     pub missing: Vec<(DocRef, KeyHash)>,
+    /// This node's votes on later transactions of the group that it can already cast
+    /// (`Store::apply_with_votes` says which), by ts.
+    pub early: Vec<(Timestamp, Vec<pb::DocVote>)>,
 }
 
 /// A document's vote as it goes on the wire.
