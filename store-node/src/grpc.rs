@@ -546,6 +546,67 @@ struct Page {
     scanned: u32,
 }
 
+/// What a coordinated read does after an attempt that failed: a snapshot pruned under it is
+/// tried again at a fresh timestamp, up to `read_attempts`; a partition none of whose readable
+/// replicas answered (one just died, and the others had not committed the read ts yet) is tried
+/// again after a pause, while the deadline allows (the dead one leaves the readable set within
+/// the liveness timeout, a lagging one catches up within milliseconds).
+struct Retries {
+    too_old_left: u32,
+    failures: u32,
+    deadline: Instant,
+}
+
+impl Retries {
+    const PAUSE: Duration = Duration::from_millis(20);
+    const MAX_FAILURES: u32 = 50;
+
+    fn new(attempts: u32, deadline: Instant) -> Retries {
+        Retries {
+            too_old_left: attempts.max(1),
+            failures: 0,
+            deadline,
+        }
+    }
+
+    /// `Ok` to try again (after the pause, if any); `Err` with the answer otherwise.
+    async fn after(
+        &mut self,
+        attempt: Attempt,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<(), Status> {
+        match attempt {
+            Attempt::TooOld => {
+                metrics
+                    .snapshot_too_old_retries_total
+                    .fetch_add(1, Ordering::Relaxed);
+                self.too_old_left -= 1;
+                if self.too_old_left == 0 {
+                    return Err(Status::unavailable(
+                        "the snapshot was pruned on every attempt; retry",
+                    ));
+                }
+                Ok(())
+            }
+            Attempt::Failed(status) => {
+                self.failures += 1;
+                let transient = matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                );
+                if !transient
+                    || self.failures > Self::MAX_FAILURES
+                    || Instant::now() + Self::PAUSE >= self.deadline
+                {
+                    return Err(status);
+                }
+                tokio::time::sleep(Self::PAUSE).await;
+                Ok(())
+            }
+        }
+    }
+}
+
 pub(crate) fn interval_to_proto(i: &Interval) -> pb::KeyInterval {
     pb::KeyInterval {
         start: i.start,
@@ -796,7 +857,8 @@ impl pb::store_node_server::StoreNode for Server {
         validate_keys(&req.keys)?;
         let started = Instant::now();
         let deadline = started + self.timeout(req.timeout_ms);
-        for _ in 0..self.shared.tuning.read_attempts.max(1) {
+        let mut retries = Retries::new(self.shared.tuning.read_attempts, deadline);
+        loop {
             let (at, config) = self.read_timestamp(Timestamp(req.min_ts), deadline).await?;
             let _held = self.shared.reads.register(at);
             match self
@@ -810,18 +872,9 @@ impl pb::store_node_server::StoreNode for Server {
                         documents,
                     }));
                 }
-                Err(Attempt::TooOld) => {
-                    self.shared
-                        .metrics
-                        .snapshot_too_old_retries_total
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                Err(Attempt::Failed(s)) => return Err(s),
+                Err(attempt) => retries.after(attempt, &self.shared.metrics).await?,
             }
         }
-        Err(Status::unavailable(
-            "the snapshot was pruned on every attempt; retry",
-        ))
     }
 
     async fn query(
@@ -856,7 +909,8 @@ impl pb::store_node_server::StoreNode for Server {
         };
         let started = Instant::now();
         let deadline = started + self.timeout(req.timeout_ms);
-        for _ in 0..self.shared.tuning.read_attempts.max(1) {
+        let mut retries = Retries::new(self.shared.tuning.read_attempts, deadline);
+        loop {
             // A cursor binds the read timestamp of the first page.
             let (at, config) = match &cursor {
                 Some(c) => {
@@ -900,18 +954,9 @@ impl pb::store_node_server::StoreNode for Server {
                         "the cursor's snapshot was garbage collected; start the query again",
                     ));
                 }
-                Err(Attempt::TooOld) => {
-                    self.shared
-                        .metrics
-                        .snapshot_too_old_retries_total
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                Err(Attempt::Failed(s)) => return Err(s),
+                Err(attempt) => retries.after(attempt, &self.shared.metrics).await?,
             }
         }
-        Err(Status::unavailable(
-            "the snapshot was pruned on every attempt; retry",
-        ))
     }
 
     async fn digest(

@@ -710,7 +710,8 @@ async fn gc_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> Result
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return Ok(()),
         }
-        let gc = shared.decided().decisions.gc.min(shared.store.applied());
+        // Never above what is durable here: reads and digests at the committed ts stay possible.
+        let gc = shared.decided().decisions.gc.min(shared.store.committed());
         if gc == Timestamp::ZERO {
             continue;
         }
