@@ -117,6 +117,9 @@ fn constrain(doc: &mut Value, limits: &Limits) {
                         Some("If-Match") => json!({"type": "string",
                             "pattern": "^(\\*|\"[0-9]+\")$"}),
                         Some("If-None-Match") => json!({"type": "string", "enum": ["*"]}),
+                        Some("ts") => {
+                            json!({"type": "integer", "minimum": 1, "maximum": i64::MAX})
+                        }
                         _ => continue,
                     };
                     param["schema"] = schema;

@@ -764,8 +764,19 @@ async fn get_transaction(
     let ts = text
         .parse::<u64>()
         .ok()
-        .filter(|ts| *ts > 0)
-        .ok_or_else(|| Problem::new(Kind::InvalidPath, "a transaction ts is a positive integer"))?;
+        .filter(|ts| (1..=i64::MAX as u64).contains(ts))
+        .ok_or_else(|| {
+            Problem::new(
+                Kind::InvalidPath,
+                "a transaction ts is an integer from 1 to 2^63 - 1",
+            )
+        })?;
+    if let Err(next) = s.in_log(Timestamp(ts)).await? {
+        return Err(Problem::new(
+            Kind::NoSuchTransaction,
+            format!("ts {ts} is past the end of the transaction log (next ts {next})"),
+        ));
+    }
     if !s.store.has_nodes() {
         return Err(
             Problem::new(Kind::Unavailable, "no store node is known yet")
@@ -965,17 +976,10 @@ impl Shared {
     /// token past the end this server already knows costs a `bounds()` call.
     async fn causal_token(&self, headers: &HeaderMap) -> Result<Timestamp, Problem> {
         let min_ts = headers::after(headers)?;
-        if min_ts == Timestamp::ZERO || min_ts.get() < self.log_next.load(Ordering::Relaxed) {
+        if min_ts == Timestamp::ZERO {
             return Ok(min_ts);
         }
-        let bounds = self.log.bounds().await.map_err(|e| {
-            tracing::warn!(error = %e, "log bounds failed");
-            Problem::new(Kind::Unavailable, "the transaction log is unavailable")
-                .retry_after(self.options.timeouts.retry_after_s)
-        })?;
-        let next = bounds.next.get();
-        self.log_next.fetch_max(next, Ordering::Relaxed);
-        if min_ts.get() >= next {
+        if let Err(next) = self.in_log(min_ts).await? {
             return Err(Problem::new(
                 Kind::InvalidParameter,
                 format!(
@@ -986,6 +990,21 @@ impl Shared {
             ));
         }
         Ok(min_ts)
+    }
+
+    /// Whether `ts` names a record of the log: `Err(next ts)` when it is past the end.
+    async fn in_log(&self, ts: Timestamp) -> Result<Result<(), u64>, Problem> {
+        if ts.get() < self.log_next.load(Ordering::Relaxed) {
+            return Ok(Ok(()));
+        }
+        let bounds = self.log.bounds().await.map_err(|e| {
+            tracing::warn!(error = %e, "log bounds failed");
+            Problem::new(Kind::Unavailable, "the transaction log is unavailable")
+                .retry_after(self.options.timeouts.retry_after_s)
+        })?;
+        let next = bounds.next.get();
+        self.log_next.fetch_max(next, Ordering::Relaxed);
+        Ok(if ts.get() < next { Ok(()) } else { Err(next) })
     }
 
     fn key(&self, collection: &str, id: &str) -> Result<DocKey, Problem> {
