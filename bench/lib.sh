@@ -118,6 +118,20 @@ node_metric() {
   curl -s "http://$(cat "$WORK/node-$1.admin")/metrics" | sed -n "s/^causeway_store_$2 //p"
 }
 
+# The whole cluster of the single-broker benchmarks: Kafka (one KRaft node), a config manager,
+# $1 store nodes, a $2×$3 bootstrap and one api-server; sets LOG (the LogOptions JSON) and what
+# the pieces set.
+start_cluster() {
+  scripts/setup.sh --broker
+  build
+  start_kafka 1
+  LOG=$(kafka_log causeway-tx)
+  start_config_manager
+  for i in $(seq 1 "$1"); do start_store_node "$i" "$LOG"; done
+  "$BIN/causeway" admin bootstrap --config-manager "$CM_ADDR" --partitions "$2" --replicas "$3" --wait 60
+  start_api_server "$LOG"
+}
+
 # Starts an api-server on the log $1 with an admin token; sets API_URL and API_TOKEN.
 start_api_server() {
   API_TOKEN="bench-$(python3 -c 'import secrets; print(secrets.token_hex(16))')"

@@ -24,15 +24,7 @@ ACCOUNTS=${ACCOUNTS:-10000}
 OUT=${OUT:-$ROOT/bench/transactions-results.md}
 
 need_tools
-scripts/setup.sh --broker
-build
-
-start_kafka 1
-LOG=$(kafka_log causeway-tx)
-start_config_manager
-for i in 1 2 3 4; do start_store_node "$i" "$LOG"; done
-"$BIN/causeway" admin bootstrap --config-manager "$CM_ADDR" --partitions 2 --replicas 2 --wait 60
-start_api_server "$LOG"
+start_cluster 4 2 2
 
 run() { # name, workload, then causeway bench flags
   local name=$1 workload=$2; shift 2

@@ -24,15 +24,7 @@ DURING=${DURING:-90}
 OUT=${OUT:-$ROOT/bench/transition-results.md}
 
 need_tools
-scripts/setup.sh --broker
-build
-
-start_kafka 1
-LOG=$(kafka_log causeway-tx)
-start_config_manager
-for i in 1 2 3 4; do start_store_node "$i" "$LOG"; done
-"$BIN/causeway" admin bootstrap --config-manager "$CM_ADDR" --partitions 1 --replicas 2 --wait 60
-start_api_server "$LOG"
+start_cluster 4 1 2
 
 load() { # name, then causeway bench flags
   local name=$1; shift
