@@ -46,9 +46,16 @@ pub fn after(headers: &HeaderMap) -> Result<Timestamp, Problem> {
 /// quotes.
 pub fn idempotency_key(headers: &HeaderMap, max_bytes: usize) -> Result<String, Problem> {
     let key = |name: &HeaderName| -> Result<Option<String>, Problem> {
-        let Some(value) = headers.get(name) else {
+        let mut values = headers.get_all(name).iter();
+        let Some(value) = values.next() else {
             return Ok(None);
         };
+        if values.next().is_some() {
+            return Err(Problem::new(
+                Kind::InvalidParameter,
+                format!("{name} must be given once"),
+            ));
+        }
         let mut bytes = value.as_bytes();
         if bytes.len() >= 2 && bytes[0] == b'"' && bytes[bytes.len() - 1] == b'"' {
             bytes = &bytes[1..bytes.len() - 1];
@@ -162,6 +169,9 @@ mod tests {
         assert!(idempotency_key(&h, 8).is_err(), "a different alias");
         h.remove(IDEMPOTENCY_KEY);
         assert_eq!(idempotency_key(&h, 8).unwrap(), "abc-2", "the alias alone");
+        h.insert(IDEMPOTENCY_KEY, HeaderValue::from_static("one"));
+        h.append(IDEMPOTENCY_KEY, HeaderValue::from_static("two"));
+        assert!(idempotency_key(&h, 8).is_err(), "given twice");
         for bad in ["abcdefghij", "a b", "\"\""] {
             h.insert(IDEMPOTENCY_KEY, HeaderValue::from_static(bad));
             assert!(idempotency_key(&h, 8).is_err(), "{bad}");

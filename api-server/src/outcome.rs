@@ -70,7 +70,8 @@ async fn ask(store: &Store, addrs: &[String], ts: Timestamp, wait_ms: u32) -> Lo
             }
         }
     }
-    if everyone_applied {
+    // Past the retention window of a node that answered, no node may know any more.
+    if everyone_applied || pruned {
         Lookup::Unknown { pruned }
     } else {
         Lookup::Pending

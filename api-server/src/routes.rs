@@ -1267,7 +1267,14 @@ impl Shared {
         // A retry of a committed transaction changed nothing and answers the original (only a
         // committed transaction's key is remembered).
         let (ts, replayed) = match outcome.duplicate_of {
-            0 if !outcome.committed => return Err(outcome::aborted(ts, &outcome)),
+            0 if !outcome.committed => {
+                // The reasons name documents and their versions: only those the token may read.
+                let mut problem = outcome::aborted(ts, &outcome);
+                problem
+                    .failures
+                    .retain(|f| principal.allows(Access::Read, &f.collection));
+                return Err(problem);
+            }
             0 => (ts, false),
             original => (Timestamp(original), true),
         };

@@ -77,7 +77,9 @@ fn holders(shared: &Shared, blocked: &Blocked) -> BTreeMap<NodeId, String> {
 /// Asks every node that may hold a missing vote of `blocked` what it knows of its ts (each
 /// waits up to a second to get there), and adds the answers to `remote`, until they decide it:
 /// one decision, or votes for every missing document (the slower replicas are not waited for).
-/// Returns whether an answer came; the caller applies again either way.
+/// Returns whether an answer brought a missing vote; without one it pauses first, so that a
+/// node whose votes cannot come yet (every holder down) does not spin. The caller applies again
+/// either way.
 pub async fn gather(
     shared: &Shared,
     askers: &mut Askers,
@@ -113,23 +115,23 @@ pub async fn gather(
     let mut got = false;
     while let Some(answer) = asks.next().await {
         let Some(answer) = answer else { continue };
-        // What a node ahead recorded after ts: a node catching up needs no ask for those.
-        for later in answer.later {
-            if let Some(outcome) = later.outcome {
-                let known = Known::Decided(outcome);
-                remote.entry(Timestamp(later.ts)).or_default().push(known);
-            }
-        }
-        for later in answer.later_votes {
-            if let Some(votes) = later.votes {
-                remote
-                    .entry(Timestamp(later.ts))
-                    .or_default()
-                    .push(Known::Votes(votes));
-            }
+        // What a node ahead recorded after ts (a node catching up needs no ask for those), and
+        // the votes it can already cast on later ts.
+        let later = answer
+            .later
+            .into_iter()
+            .filter_map(|l| Some((Timestamp(l.ts), Known::Decided(l.outcome?))));
+        let early = answer
+            .later_votes
+            .into_iter()
+            .filter_map(|l| Some((Timestamp(l.ts), Known::Votes(l.votes?))));
+        for (at, known) in later.chain(early) {
+            remember(remote, at, known);
         }
         let Some(known) = answer.known else { continue };
-        got = true;
+        // Only an answer that brings a missing vote (or the decision) is progress: a node that
+        // holds the documents only as pending answers no votes on them.
+        let before = missing.len();
         match &known {
             Known::Decided(_) => missing.clear(),
             Known::Votes(votes) => {
@@ -138,7 +140,8 @@ pub async fn gather(
                 }
             }
         }
-        remote.entry(ts).or_default().push(known);
+        got |= missing.len() < before;
+        remember(remote, ts, known);
         if missing.is_empty() {
             break;
         }
@@ -148,6 +151,14 @@ pub async fn gather(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     got
+}
+
+/// Adds what a node told of `ts` to `remote`, once.
+fn remember(remote: &mut RemoteVotes, ts: Timestamp, known: pb::outcome_response::Known) {
+    let told = remote.entry(ts).or_default();
+    if !told.contains(&known) {
+        told.push(known);
+    }
 }
 
 /// This node's answer to `Outcome(ts)`: waits (bounded) until it has applied ts or waits at
