@@ -378,6 +378,13 @@ fn violations(history: &History) -> Vec<String> {
     report.violations
 }
 
+/// Asserts that the checker finds exactly one violation in `history`, saying `expected`.
+fn only_violation(history: &History, expected: &str) {
+    let v = violations(history);
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert!(v[0].contains(expected), "{v:?}");
+}
+
 #[test]
 fn a_clean_history_is_clean() {
     let report = Report::check(&clean_history());
@@ -474,12 +481,7 @@ fn a_session_read_older_than_its_last_write_is_a_violation() {
         },
         read(25, 25, Some(1)),
     ]);
-    let v = violations(&h);
-    assert_eq!(v.len(), 1, "{v:?}");
-    assert!(
-        v[0].contains("saw seq 1, its last acknowledged write is seq 2"),
-        "{v:?}"
-    );
+    only_violation(&h, "saw seq 1, its last acknowledged write is seq 2");
 }
 
 #[test]
@@ -493,12 +495,7 @@ fn a_session_read_going_back_is_a_monotonic_reads_violation() {
         read(20, 30, Some(1)),
         read(20, 26, Some(1)),
     ]);
-    let v = violations(&h);
-    assert_eq!(v.len(), 1, "{v:?}");
-    assert!(
-        v[0].contains("monotonic reads: read at ts 26 after a read at ts 30"),
-        "{v:?}"
-    );
+    only_violation(&h, "monotonic reads: read at ts 26 after a read at ts 30");
 
     // A later write of unknown outcome may be seen, and then must stay seen.
     let mut h = clean_history();
@@ -511,12 +508,7 @@ fn a_session_read_going_back_is_a_monotonic_reads_violation() {
         read(20, 30, Some(2)),
         read(30, 31, Some(1)),
     ]);
-    let v = violations(&h);
-    assert_eq!(v.len(), 1, "{v:?}");
-    assert!(
-        v[0].contains("monotonic reads: saw Some(1) after a read saw seq 2"),
-        "{v:?}"
-    );
+    only_violation(&h, "monotonic reads: saw Some(1) after a read saw seq 2");
 }
 
 #[test]
@@ -529,12 +521,7 @@ fn a_session_seeing_a_write_it_never_made_is_a_violation() {
         },
         read(20, 22, Some(3)),
     ]);
-    let v = violations(&h);
-    assert_eq!(v.len(), 1, "{v:?}");
-    assert!(
-        v[0].contains("saw seq 3, which the session never wrote"),
-        "{v:?}"
-    );
+    only_violation(&h, "saw seq 3, which the session never wrote");
 }
 
 #[test]

@@ -758,13 +758,8 @@ fn apply_version(
         return;
     }
     if *decided == Decided::Local {
-        let mut failures = txn::failed_conditions(&output.state, mutations);
-        if let Some(bytes) = &result_bytes {
-            failures.extend(txn::size_failure(mutations, bytes.len(), limits));
-        }
-        if let Err(reason) = &result {
-            failures.push(txn::rejected(mutations, reason));
-        }
+        let bytes = result_bytes.as_ref().map(Vec::len);
+        let failures = txn::failures(&output.state, mutations, limits, &result, bytes);
         let decision = if failures.is_empty() {
             Decision::Committed
         } else {

@@ -270,7 +270,7 @@ fn failure(doc: &DocMutations<'_>) -> pb::TxFailure {
 }
 
 /// The conditions of `doc` that do not hold on `state` (the document at ts − 1).
-pub(super) fn failed_conditions(state: &Cached, doc: &DocMutations<'_>) -> Vec<pb::TxFailure> {
+fn failed_conditions(state: &Cached, doc: &DocMutations<'_>) -> Vec<pb::TxFailure> {
     let (version, json) = match state {
         Cached::Live(live) => (live.latest.0, Some(&live.json)),
         Cached::Absent { .. } => (0, None),
@@ -295,11 +295,7 @@ pub(super) fn failed_conditions(state: &Cached, doc: &DocMutations<'_>) -> Vec<p
 }
 
 /// The failure of a result of `bytes` over the limit, if it is.
-pub(super) fn size_failure(
-    doc: &DocMutations<'_>,
-    bytes: usize,
-    limits: &Limits,
-) -> Option<pb::TxFailure> {
+fn size_failure(doc: &DocMutations<'_>, bytes: usize, limits: &Limits) -> Option<pb::TxFailure> {
     (bytes > limits.max_document_bytes).then(|| pb::TxFailure {
         bytes: bytes as u64,
         max_bytes: limits.max_document_bytes as u64,
@@ -321,24 +317,40 @@ pub(super) fn vote(
             duplicate_of,
         };
     }
-    let mut failures = failed_conditions(state, doc);
-    if doc.writes() {
-        match result_json(state, doc) {
-            Ok(Some(json)) => {
-                failures.extend(size_failure(doc, document::to_bytes(&json).len(), limits));
-            }
-            Ok(None) => {}
-            Err(reason) => failures.push(rejected(doc, &reason)),
-        }
-    }
+    let result = if doc.writes() {
+        result_json(state, doc)
+    } else {
+        Ok(None)
+    };
+    let bytes = match &result {
+        Ok(Some(json)) => Some(document::to_bytes(json).len()),
+        _ => None,
+    };
     Vote {
-        failures,
+        failures: failures(state, doc, limits, &result, bytes),
         duplicate_of: None,
     }
 }
 
+/// `doc`'s reasons to vote no on `state`: its false conditions, a result of its mutations
+/// (`result`, of `bytes` bytes of JSON) over the limit, or mutations that cannot apply.
+pub(super) fn failures(
+    state: &Cached,
+    doc: &DocMutations<'_>,
+    limits: &Limits,
+    result: &Result<Option<Map<String, Json>>, Rejection>,
+    bytes: Option<usize>,
+) -> Vec<pb::TxFailure> {
+    let mut failures = failed_conditions(state, doc);
+    failures.extend(bytes.and_then(|bytes| size_failure(doc, bytes, limits)));
+    if let Err(reason) = result {
+        failures.push(rejected(doc, reason));
+    }
+    failures
+}
+
 /// The failure of mutations that cannot apply to the document.
-pub(super) fn rejected(doc: &DocMutations<'_>, reason: &Rejection) -> pb::TxFailure {
+fn rejected(doc: &DocMutations<'_>, reason: &Rejection) -> pb::TxFailure {
     pb::TxFailure {
         detail: reason.to_string(),
         ..failure(doc)
