@@ -12,9 +12,15 @@
 #      loopback only, synchronous_commit=on) doing jsonb upserts of the same documents at the
 #      same concurrency with pgbench.
 #
+# The write rows also search the sustained rate (`causeway bench --sustained`): the highest
+# open-loop rate at which write p99 stays under 50 ms and visibility lag p99 under 20 ms for a
+# whole step of STEP seconds.
+#
 # Every server listens on 127.0.0.1 only and is stopped at exit. The results go to
-# $OUT (default bench/results.md) and to stdout. Knobs (environment):
-#   DURATION=20 CONCURRENCY=32 DOC_BYTES=256 KEYS=10000 PARTITIONS=1 REPLICAS=3 STEADY_RATE=500
+# $OUT (default bench/results.md) and to stdout, and as JSON to $OUT_JSON (default
+# bench/results.json, what bench/guard.py compares with BENCHMARKS.md). Knobs (environment):
+#   DURATION=20 CONCURRENCY=32 DOC_BYTES=256 KEYS=10000 STEADY_RATE=500 STEP=8 STEPS=6
+#   DEV_PARTITIONS=1 DEV_REPLICAS=1 (causeway dev)  PARTITIONS=2 REPLICAS=2 (the Kafka cluster)
 #   KAFKA_NODES=1
 #   PROFILE=release
 #   KEEP=1 keeps the temp dir (logs, JSON reports; the Kafka brokers' own logs go with them only
@@ -33,12 +39,17 @@ DURATION=${DURATION:-20}
 CONCURRENCY=${CONCURRENCY:-32}
 DOC_BYTES=${DOC_BYTES:-256}
 KEYS=${KEYS:-10000}
-PARTITIONS=${PARTITIONS:-1}
-REPLICAS=${REPLICAS:-3}
+PARTITIONS=${PARTITIONS:-2}
+REPLICAS=${REPLICAS:-2}
+DEV_PARTITIONS=${DEV_PARTITIONS:-1}
+DEV_REPLICAS=${DEV_REPLICAS:-1}
+STEP=${STEP:-8}
+STEPS=${STEPS:-6}
 export STEADY_RATE=${STEADY_RATE:-500}
 KAFKA_NODES=${KAFKA_NODES:-1}
 NODES=$((PARTITIONS * REPLICAS))
 OUT=${OUT:-$ROOT/bench/results.md}
+OUT_JSON=${OUT_JSON:-$ROOT/bench/results.json}
 
 # --- prerequisites -----------------------------------------------------------------------------
 need_apt=()
@@ -59,19 +70,23 @@ scripts/setup.sh --broker
 # a quick look; BENCHMARKS.md records release numbers.
 # BIN_DIR=<dir> skips the build and uses the binaries there (PROFILE then only labels the table).
 build
+# BENCH_BIN=<causeway binary> runs the load with another build's `causeway bench` (to measure an
+# older build's servers with this build's load generator).
+BENCH_BIN=${BENCH_BIN:-$BIN/causeway}
 
+SUSTAINED=(--sustained --step-duration "$STEP" --steps "$STEPS")
 bench() { # name, then causeway bench flags
   local name=$1; shift
   log "bench $name"
-  "$BIN/causeway" bench --json --duration "$DURATION" --concurrency "$CONCURRENCY" \
+  "$BENCH_BIN" bench --json --duration "$DURATION" --concurrency "$CONCURRENCY" \
     --doc-bytes "$DOC_BYTES" "$@" >"$WORK/$name.json"
 }
 
 # --- 1. causeway dev ---------------------------------------------------------------------------
-log "causeway dev ${PARTITIONS}x${REPLICAS}"
+log "causeway dev ${DEV_PARTITIONS}x${DEV_REPLICAS}"
 DEV_PORT=$(free_port)
 "$BIN/causeway" dev --data-dir "$WORK/dev" --listen "127.0.0.1:$DEV_PORT" \
-  --partitions "$PARTITIONS" --replicas "$REPLICAS" >"$WORK/dev.log" 2>&1 &
+  --partitions "$DEV_PARTITIONS" --replicas "$DEV_REPLICAS" >"$WORK/dev.log" 2>&1 &
 DEV_PID=$!
 PIDS+=("$DEV_PID")
 deadline=$((SECONDS + 60))
@@ -82,7 +97,7 @@ done
 DEV_TOKEN=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["tokens"][0]["token"])' "$WORK/dev/tokens.json")
 wait_api "http://127.0.0.1:$DEV_PORT" "$DEV_TOKEN"
 bench dev-write --url "http://127.0.0.1:$DEV_PORT" --token "$DEV_TOKEN" --workload write \
-  --keys "$KEYS" --zipf 0
+  --keys "$KEYS" --zipf 0 "${SUSTAINED[@]}"
 bench dev-ycsb-b --url "http://127.0.0.1:$DEV_PORT" --token "$DEV_TOKEN" --workload ycsb-b \
   --keys "$KEYS" --zipf 0.99
 stop "$DEV_PID"
@@ -101,7 +116,7 @@ for i in $(seq 1 "$NODES"); do start_store_node "$i" "$KAFKA_LOG"; done
   --partitions "$PARTITIONS" --replicas "$REPLICAS" --wait 60
 start_api_server "$KAFKA_LOG"
 bench kafka-write --url "$API_URL" --token "$API_TOKEN" --workload write \
-  --keys "$KEYS" --zipf 0
+  --keys "$KEYS" --zipf 0 "${SUSTAINED[@]}"
 bench kafka-ycsb-b --url "$API_URL" --token "$API_TOKEN" --workload ycsb-b \
   --keys "$KEYS" --zipf 0.99
 bench kafka-read --url "$API_URL" --token "$API_TOKEN" --workload read \
@@ -149,62 +164,5 @@ json.dump({"writes_per_s": tps, "ok": len(lat), "errors": 0,
 ' "$WORK/pgbench.txt" "$WORK/postgres.json"
 
 # --- the table ---------------------------------------------------------------------------------
-python3 - "$WORK" "$OUT" "$DURATION" "$CONCURRENCY" "$DOC_BYTES" "$KEYS" "$PARTITIONS" "$REPLICAS" "$PROFILE" "$KAFKA_NODES" <<'EOF'
-import json, os, platform, subprocess, sys
-work, out, duration, conc, doc, keys, p, r, profile, kn = sys.argv[1:]
-kafka = "Kafka 4.4, %s broker%s%s" % (kn, "" if kn == "1" else "s", ", RF 3" if int(kn) >= 3 else "")
-def load(name):
-    return json.load(open(os.path.join(work, name + ".json")))
-rows = [
-    ("causeway dev (embedded log, %sx%s, one process), PUT" % (p, r), "dev-write"),
-    ("Causeway LocalCluster on %s, %sx%s, PUT" % (kafka, p, r), "kafka-write"),
-    ("raw embedded log append (same payload)", "raw-embedded"),
-    ("raw append to %s (same payload)" % kafka, "raw-kafka"),
-    ("PostgreSQL 15 jsonb upsert, synchronous_commit=on (pgbench)", "postgres"),
-]
-res = {name: load(name) for _, name in rows}
-def fmt(x): return "-" if x is None else ("%.2f" % x)
-lines = []
-lines.append("| setup | writes/s | p50 ms | p99 ms | p999 ms | errors | visibility lag p50 / p99 ms |")
-lines.append("|---|---:|---:|---:|---:|---:|---:|")
-for label, name in rows:
-    j = res[name]
-    lat = j.get("latency") or {}
-    lag = j.get("visibility_lag")
-    lag_s = "%s / %s" % (fmt(lag["p50_ms"]), fmt(lag["p99_ms"])) if lag else "-"
-    lines.append("| %s | %.0f | %s | %s | %s | %d | %s |" % (
-        label, j["writes_per_s"], fmt(lat.get("p50_ms")), fmt(lat.get("p99_ms")),
-        fmt(lat.get("p999_ms")), j["errors"], lag_s))
-pg = res["postgres"]["writes_per_s"]
-ratio = lambda a, b: res[a]["writes_per_s"] / res[b]["writes_per_s"] if res[b]["writes_per_s"] else float("nan")
-lines.append("")
-lines.append("| ratio | value |")
-lines.append("|---|---:|")
-lines.append("| causeway dev writes/s ÷ PostgreSQL upserts/s | %.2f |" % ratio("dev-write", "postgres"))
-lines.append("| Causeway on Kafka writes/s ÷ PostgreSQL upserts/s | %.2f |" % ratio("kafka-write", "postgres"))
-lines.append("| causeway dev writes/s ÷ raw embedded log appends/s | %.2f |" % ratio("dev-write", "raw-embedded"))
-lines.append("| Causeway on Kafka writes/s ÷ raw Kafka appends/s | %.2f |" % ratio("kafka-write", "raw-kafka"))
-lines.append("")
-j = load("kafka-steady")
-lat, lag = j.get("latency") or {}, j.get("visibility_lag") or {}
-lines.append("Steady write load on Kafka (open loop, %s writes/s offered): %.0f writes/s, p50 %s ms, p99 %s ms, "
-             "visibility lag p50 %s ms, p99 %s ms, %d errors." % (
-    os.environ.get("STEADY_RATE", "500"), j["writes_per_s"], fmt(lat.get("p50_ms")), fmt(lat.get("p99_ms")),
-    fmt(lag.get("p50_ms")), fmt(lag.get("p99_ms")), j["errors"]))
-j = load("kafka-read")
-lat = j.get("latency") or {}
-lines.append("Reads (GET, uniform) on Kafka: %.0f reads/s, p50 %s ms, p99 %s ms, p999 %s ms, %d errors." % (
-    j["reads_per_s"], fmt(lat.get("p50_ms")), fmt(lat.get("p99_ms")), fmt(lat.get("p999_ms")), j["errors"]))
-for name, label in (("dev-ycsb-b", "causeway dev"), ("kafka-ycsb-b", "Causeway on Kafka")):
-    j = res.get(name) or load(name)
-    lat = j.get("latency") or {}
-    lines.append("YCSB-B (95%% read, zipf 0.99) on %s: %.0f ops/s (%.0f reads/s), p50 %s ms, p99 %s ms, %d errors." % (
-        label, j["throughput_ops_s"], j["reads_per_s"], fmt(lat.get("p50_ms")), fmt(lat.get("p99_ms")), j["errors"]))
-cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
-lines.append("")
-lines.append("Closed loop, %s clients, %s s per run, %s-byte JSON documents, %s keys (uniform for the write rows). "
-             "Build profile: %s. Machine: %s cores (%s), %s." % (conc, duration, doc, keys, profile, os.cpu_count(), cpu, platform.platform()))
-text = "\n".join(lines) + "\n"
-open(out, "w").write(text)
-print(text)
-EOF
+export DURATION CONCURRENCY DOC_BYTES KEYS PARTITIONS REPLICAS DEV_PARTITIONS DEV_REPLICAS PROFILE KAFKA_NODES
+python3 bench/run_table.py "$WORK" "$OUT" "$OUT_JSON"

@@ -10,6 +10,8 @@ export CARGO_TERM_COLOR=never
 
 scripts/setup.sh --broker
 
+echo "== bench/guard.py"
+python3 -m unittest bench/test_guard.py
 echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"

@@ -12,6 +12,7 @@
 //! - [`auth`]: bearer tokens from a file, per-collection permissions, constant-time comparison.
 //! - [`body`]: reading bodies within the limits: content type, size, UTF-8, depth, then JSON.
 //! - [`headers`]: the `Causeway-*` headers.
+//! - [`admission`]: admission control of writes: the cluster's progress sampled, the gate.
 //! - [`store`]: the store nodes: the config watch, one channel per node, failover.
 //! - `visible`: `?wait=visible`: every store node of the routing configurations is asked.
 //! - [`routes`]: the handlers, request and answer bodies, and the metrics/concurrency middleware.
@@ -19,6 +20,7 @@
 //! - [`metrics`]: the Prometheus metrics (`causeway_api_*`).
 //! - [`service`]: [`Service`] (bind, run) and the clonable [`Handle`].
 
+pub mod admission;
 pub mod auth;
 pub mod body;
 pub mod error;

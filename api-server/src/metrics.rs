@@ -7,6 +7,10 @@
 //! - `causeway_api_log_appends_total` / `causeway_api_log_append_errors_total`: transactions
 //!   appended to the log, and appends that failed.
 //! - `causeway_api_store_failovers_total`: store-node calls retried on another node.
+//! - `causeway_api_writes_throttled_total`: writes refused by admission control (429).
+//! - `causeway_api_visibility_lag_ms`, `causeway_api_visibility_backlog_records`,
+//!   `causeway_api_admitted_writes_per_second`: what admission control last measured, and the
+//!   rate it admits writes at (`+Inf` when it does not limit them).
 //!
 //! `route` is the route's pattern (`/v1/collections/{collection}/documents/{id}`), never the
 //! raw path, so label cardinality stays bounded.
@@ -38,6 +42,11 @@ pub struct Metrics {
     log_appends: AtomicU64,
     log_append_errors: AtomicU64,
     store_failovers: AtomicU64,
+    writes_throttled: AtomicU64,
+    visibility_lag_ms: AtomicU64,
+    visibility_backlog: AtomicU64,
+    /// `None`: no limit.
+    admitted_limit: Mutex<Option<f64>>,
 }
 
 impl Metrics {
@@ -71,6 +80,20 @@ impl Metrics {
         } else {
             self.log_append_errors.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    pub fn throttled(&self) {
+        self.writes_throttled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// What admission control measured last.
+    pub fn set_admission(&self, lag_ms: u64, backlog: u64, limit: Option<f64>) {
+        self.visibility_lag_ms.store(lag_ms, Ordering::Relaxed);
+        self.visibility_backlog.store(backlog, Ordering::Relaxed);
+        *self
+            .admitted_limit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = limit;
     }
 
     pub fn store_failover(&self) {
@@ -151,6 +174,37 @@ impl Metrics {
                 "counter",
                 "Store-node calls retried on another node.",
                 self.store_failovers.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "causeway_api_writes_throttled_total",
+                "counter",
+                "Writes refused by admission control (429).",
+                self.writes_throttled.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "causeway_api_visibility_lag_ms",
+                "gauge",
+                "How long the oldest record not yet visible has been in the log.",
+                self.visibility_lag_ms.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "causeway_api_visibility_backlog_records",
+                "gauge",
+                "Records in the log past the lowest UST view.",
+                self.visibility_backlog.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "causeway_api_admitted_writes_per_second",
+                "gauge",
+                "The rate admission control admits writes at (+Inf: no limit).",
+                match *self
+                    .admitted_limit
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                {
+                    Some(limit) => format!("{limit:.1}"),
+                    None => "+Inf".into(),
+                },
             ),
         ];
         for (name, kind, help, value) in simple {

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use causeway_core::admission::AdmissionOptions;
 use causeway_core::query::QueryLimits;
 use causeway_core::KeyLimits;
 use causeway_txlog::{EmbeddedOptions, LogOptions};
@@ -30,6 +31,10 @@ pub struct Options {
     pub limits: Limits,
     /// Timeouts of reads and waits.
     pub timeouts: Timeouts,
+    /// Admission control of writes (`causeway_core::admission`): past half of `max_lag_ms` of
+    /// visibility lag, writes are admitted at the rate the cluster applies them; the rest wait
+    /// up to `max_queue_ms`, then get 429 `throttled`.
+    pub admission: AdmissionOptions,
 }
 
 impl Default for Options {
@@ -49,6 +54,7 @@ impl Default for Options {
             tokens_file: None,
             limits: Limits::default(),
             timeouts: Timeouts::default(),
+            admission: AdmissionOptions::default(),
         }
     }
 }
@@ -187,9 +193,50 @@ impl Options {
         if self.timeouts.store_tries == 0 {
             return bad("store_tries must be positive");
         }
+        if let Some(why) = self.admission.problem() {
+            return bad(why);
+        }
         if self.config_manager_addr.is_empty() {
             return bad("config_manager_addr must be set");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_valid_and_admission_settings_that_cannot_work_are_refused() {
+        assert!(Options::default().validate().is_ok());
+        for admission in [
+            AdmissionOptions {
+                max_lag_ms: 1,
+                ..AdmissionOptions::default()
+            },
+            AdmissionOptions {
+                rate_window_ms: 0,
+                ..AdmissionOptions::default()
+            },
+            AdmissionOptions {
+                sample_ms: 0,
+                ..AdmissionOptions::default()
+            },
+            AdmissionOptions {
+                sample_ms: 500,
+                max_lag_ms: 500,
+                ..AdmissionOptions::default()
+            },
+        ] {
+            let options = Options {
+                admission,
+                ..Options::default()
+            };
+            assert!(
+                matches!(options.validate(), Err(Error::InvalidOptions(_))),
+                "{admission:?} was accepted"
+            );
+        }
     }
 }

@@ -58,6 +58,9 @@ pub enum Kind {
     StoreError,
     /// 503: too many requests in flight.
     Overloaded,
+    /// 429: the cluster's visibility is behind the log; writes are admitted at the rate it
+    /// applies them, and this one did not get a turn in time.
+    Throttled,
     /// 503: the log or the store nodes cannot be reached now.
     Unavailable,
     /// 503: the UST did not reach the `Causeway-After` token in time.
@@ -102,6 +105,7 @@ impl Kind {
             Kind::Internal => "internal",
             Kind::StoreError => "store_error",
             Kind::Overloaded => "overloaded",
+            Kind::Throttled => "throttled",
             Kind::Unavailable => "unavailable",
             Kind::CausalWaitTimeout => "causal_wait_timeout",
             Kind::ConditionFailed => "condition_failed",
@@ -142,6 +146,7 @@ impl Kind {
             Kind::ResultTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Kind::ChangesRefused => StatusCode::UNPROCESSABLE_ENTITY,
             Kind::NoSuchTransaction => StatusCode::NOT_FOUND,
+            Kind::Throttled => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -169,6 +174,7 @@ impl Kind {
             Kind::Internal => "internal error",
             Kind::StoreError => "store node error",
             Kind::Overloaded => "too many requests in flight",
+            Kind::Throttled => "the cluster is behind; writes are throttled",
             Kind::Unavailable => "temporarily unavailable",
             Kind::CausalWaitTimeout => "the causal token was not reached in time",
             Kind::ConditionFailed => "a condition of the transaction is false; it aborted",
@@ -187,7 +193,7 @@ impl Kind {
 pub struct Problem {
     pub kind: Kind,
     pub detail: String,
-    /// Seconds, for the `Retry-After` header of a 503.
+    /// Seconds, for the `Retry-After` header of a 429 or 503.
     pub retry_after_s: Option<u32>,
     /// The read timestamp, for a 404 of a read.
     pub read_ts: Option<ReadTimestamp>,

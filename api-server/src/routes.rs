@@ -303,6 +303,7 @@ async fn get_document(
         (status = 403, description = "Forbidden", body = ProblemBody, content_type = "application/problem+json"),
         (status = 413, description = "Too large", body = ProblemBody, content_type = "application/problem+json"),
         (status = 415, description = "Not application/json", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "Throttled by admission control: the cluster's visibility is behind the log", body = ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "The log is unavailable", body = ProblemBody, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
@@ -345,6 +346,7 @@ async fn put_document(
         (status = 403, description = "Forbidden", body = ProblemBody, content_type = "application/problem+json"),
         (status = 413, description = "Too large", body = ProblemBody, content_type = "application/problem+json"),
         (status = 415, description = "Unsupported content type", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "Throttled by admission control: the cluster's visibility is behind the log", body = ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "The log is unavailable", body = ProblemBody, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
@@ -424,6 +426,7 @@ async fn patch_document(
         (status = 400, description = "Invalid input", body = ProblemBody, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json"),
         (status = 403, description = "Forbidden", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "Throttled by admission control: the cluster's visibility is behind the log", body = ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "The log is unavailable", body = ProblemBody, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
@@ -644,6 +647,7 @@ async fn query(
         (status = 403, description = "Forbidden", body = ProblemBody, content_type = "application/problem+json"),
         (status = 413, description = "Too large", body = ProblemBody, content_type = "application/problem+json"),
         (status = 415, description = "Not application/json", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 429, description = "Throttled by admission control: the cluster's visibility is behind the log", body = ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "The log is unavailable", body = ProblemBody, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
@@ -1211,6 +1215,10 @@ impl Shared {
             ));
         }
         let retry = self.options.timeouts.retry_after_s;
+        if let Err(throttled) = self.admission.admit().await {
+            self.metrics.throttled();
+            return Err(throttled);
+        }
         let append = tokio::time::timeout(
             std::time::Duration::from_millis(self.options.timeouts.append_ms),
             self.log.append(vec![record]),
@@ -1247,6 +1255,7 @@ impl Shared {
         };
         self.metrics.log_append(true);
         self.log_next.fetch_max(ts.get() + 1, Ordering::Relaxed);
+        self.admission.appended(ts.get());
         let ts = Timestamp(ts.get());
         if !must_know {
             return Ok(write_response(ts, None, None, false));

@@ -13,6 +13,7 @@ use causeway_txlog::TxLog;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
+use crate::admission::Admission;
 use crate::auth::Tokens;
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -34,6 +35,8 @@ pub(crate) struct Shared {
     /// The highest `Bounds::next` of the log this server has seen (from its appends and from
     /// `bounds()`): a causal token below it names a transaction that exists.
     pub(crate) log_next: AtomicU64,
+    /// Admission control of writes.
+    pub(crate) admission: Admission,
 }
 
 /// An api-server, bound and ready to [`Service::run`].
@@ -97,6 +100,7 @@ impl Service {
             in_flight: Arc::new(Semaphore::new(options.limits.max_concurrent_requests)),
             openapi_json: crate::openapi::json(&options.limits),
             log_next: AtomicU64::new(0),
+            admission: Admission::new(options.admission),
             options,
             log,
             tokens,
@@ -139,6 +143,10 @@ impl Service {
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let follower = tokio::spawn(shared.store.clone().follow(config_manager, stop_rx.clone()));
+        let sampler = tokio::spawn(crate::admission::sample_loop(
+            shared.clone(),
+            stop_rx.clone(),
+        ));
         let app = crate::routes::router(shared.clone());
         let mut stopped = stop_rx.clone();
         let mut server = tokio::spawn(
@@ -177,6 +185,7 @@ impl Service {
             }
         };
         let _ = follower.await;
+        let _ = sampler.await;
         if owns_log {
             if let Err(e) = shared.log.close().await {
                 tracing::warn!(error = %e, "closing the log failed");

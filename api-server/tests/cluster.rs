@@ -58,6 +58,18 @@ struct Cluster {
 impl Cluster {
     /// `nodes` store nodes as `partitions × replicas`, and `apis` api-servers.
     async fn start(nodes: u64, partitions: u32, replicas: u32, apis: usize) -> Result<Cluster> {
+        Cluster::start_with(nodes, partitions, replicas, apis, api::Options::default()).await
+    }
+
+    /// As `start`, with the api-servers' other settings (limits, timeouts, admission) taken
+    /// from `base`.
+    async fn start_with(
+        nodes: u64,
+        partitions: u32,
+        replicas: u32,
+        apis: usize,
+        base: api::Options,
+    ) -> Result<Cluster> {
         let dir = tempfile::tempdir()?;
         let broker = tokio::task::block_in_place(Broker::shared).context("starting Kafka")?;
         static CLUSTERS: AtomicUsize = AtomicUsize::new(0);
@@ -123,7 +135,7 @@ impl Cluster {
                 config_manager_addr: cm_addr.clone(),
                 log: log.clone(),
                 tokens_file: Some(tokens.clone()),
-                ..api::Options::default()
+                ..base.clone()
             })
             .await?;
             addrs.push(service.local_addr());
@@ -545,5 +557,160 @@ async fn read_your_writes_across_two_api_servers() -> Result<()> {
         ensure!(read_ts(&at)? >= ts);
         ensure!(body["v"] == json!(i), "read {body} after writing v={i}");
     }
+    c.stop().await
+}
+
+/// Fields of each document the admission test writes (every write changes them all).
+const WIDE_FIELDS: usize = 20;
+
+/// What an open-loop load of writes came to.
+#[derive(Debug, Default)]
+struct Shed {
+    accepted: u64,
+    throttled: u64,
+    /// Visibility lags of sampled accepted writes (ack until a `Causeway-After` read saw them).
+    lags_ms: Vec<u64>,
+}
+
+impl Shed {
+    fn lag_p99(&mut self) -> u64 {
+        self.lags_ms.sort_unstable();
+        let n = self.lags_ms.len();
+        self.lags_ms
+            .get(n.saturating_sub(1) * 99 / 100)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// Writes of a wide document (many fields, each changed by every write: costly to apply), at
+/// `rate` per second for `length`, open loop, at most 256 in flight. Every 25th accepted write
+/// is probed until a read with its causal token answers (each probe bounded by 30 s). A 429
+/// must be a `throttled` problem with a `Retry-After`; anything else but 200 fails.
+async fn open_loop(c: &Arc<Cluster>, rate: u64, length: Duration) -> Result<Shed> {
+    let shed = Arc::new(std::sync::Mutex::new(Shed::default()));
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(256));
+    let mut tasks = tokio::task::JoinSet::new();
+    let start = tokio::time::Instant::now();
+    let every = Duration::from_secs_f64(1.0 / rate as f64);
+    let total = (length.as_secs_f64() * rate as f64) as u64;
+    for n in 0..total {
+        tokio::time::sleep_until(start + every * n as u32).await;
+        let permit = in_flight.clone().acquire_owned().await?;
+        let (c, shed) = (c.clone(), shed.clone());
+        tasks.spawn(async move {
+            let _permit = permit;
+            let doc: serde_json::Map<String, Value> = (0..WIDE_FIELDS)
+                .map(|f| {
+                    (
+                        format!("field{f}"),
+                        json!(format!("{n}-{f}-{}", "v".repeat(24))),
+                    )
+                })
+                .collect();
+            let r = c
+                .http
+                .put(c.url(0, &format!("/v1/collections/wide/documents/d{}", n % 500)))
+                .bearer_auth(TOKEN)
+                .json(&doc)
+                .send()
+                .await?;
+            let status = r.status().as_u16();
+            let retry_after = r.headers().get("retry-after").is_some();
+            let acked = tokio::time::Instant::now();
+            let body: Value = r.json().await?;
+            match status {
+                200 => {}
+                429 => {
+                    ensure!(retry_after, "a 429 without Retry-After: {body}");
+                    ensure!(
+                        body["type"] == "urn:causeway:problem:throttled",
+                        "429 of another type: {body}"
+                    );
+                    shed.lock().unwrap().throttled += 1;
+                    return Ok(());
+                }
+                other => bail!("write {n}: {other} {body}"),
+            }
+            shed.lock().unwrap().accepted += 1;
+            if n % 25 != 0 {
+                return Ok(());
+            }
+            let ts = body["ts"].as_u64().context("no ts")?;
+            let until = acked + Duration::from_secs(30);
+            loop {
+                let (status, _, body) =
+                    c.get(0, "wide", &format!("d{}", n % 500), Some(ts)).await?;
+                if status == 200 {
+                    break;
+                }
+                ensure!(status == 503, "probe of ts {ts}: {status} {body}");
+                ensure!(
+                    tokio::time::Instant::now() < until,
+                    "ts {ts} not visible in 30 s"
+                );
+            }
+            let lag = u64::try_from(acked.elapsed().as_millis()).unwrap_or(u64::MAX);
+            shed.lock().unwrap().lags_ms.push(lag);
+            Ok::<_, anyhow::Error>(())
+        });
+        while let Some(done) = tasks.try_join_next() {
+            done??;
+        }
+    }
+    while let Some(done) = within("the open-loop writes", tasks.join_next()).await? {
+        done??;
+    }
+    let shed = std::mem::take(&mut *shed.lock().unwrap());
+    Ok(shed)
+}
+
+/// Admission control: writes offered far above what the one store node applies are shed with
+/// 429 once the visibility lag passes half the bound, so the lag of the accepted ones stays
+/// near the bound instead of growing with the backlog (without it, this load leaves the node
+/// tens of seconds behind); once the load drops, nothing is refused and the lag is short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admission_sheds_writes_past_the_lag_bound_and_recovers() -> Result<()> {
+    const MAX_LAG_MS: u64 = 400;
+    let base = api::Options {
+        admission: causeway_core::admission::AdmissionOptions {
+            max_lag_ms: MAX_LAG_MS,
+            ..Default::default()
+        },
+        ..api::Options::default()
+    };
+    let c = Arc::new(Cluster::start_with(1, 1, 1, 1, base).await?);
+    let mut overload = open_loop(&c, 1000, Duration::from_secs(8)).await?;
+    let lag = overload.lag_p99();
+    println!(
+        "overload: {} accepted, {} throttled, lag p99 {lag} ms over {} probes",
+        overload.accepted,
+        overload.throttled,
+        overload.lags_ms.len()
+    );
+    ensure!(overload.throttled > 0, "nothing was shed: {overload:?}");
+    ensure!(overload.accepted > 0, "nothing was accepted");
+    // The bound, plus what the samples cannot see past (gossip, sampling, the probe's own
+    // reads) and the controller's overshoot.
+    ensure!(
+        lag <= 3 * MAX_LAG_MS,
+        "visibility lag p99 {lag} ms under admission control (bound {MAX_LAG_MS} ms)"
+    );
+    // Recovery: the backlog drains, then a light load is never refused.
+    tokio::time::sleep(Duration::from_millis(2 * MAX_LAG_MS)).await;
+    let mut light = open_loop(&c, 40, Duration::from_secs(3)).await?;
+    let lag = light.lag_p99();
+    println!(
+        "light load: {} accepted, {} throttled, lag p99 {lag} ms",
+        light.accepted, light.throttled
+    );
+    ensure!(
+        light.throttled == 0,
+        "writes refused after the load dropped"
+    );
+    ensure!(lag <= MAX_LAG_MS, "lag p99 {lag} ms after the load dropped");
+    let Ok(c) = Arc::try_unwrap(c) else {
+        bail!("cluster still shared")
+    };
     c.stop().await
 }

@@ -18,7 +18,10 @@
 //! - [`query`]: the query language of collection queries: `Filter` (JSON form, limits, matching),
 //!   the total order of JSON values, `Order` and `Query`.
 //! - [`vote`]: the decision on a transaction from its documents' votes (`Ballot`, `Decision`).
+//! - [`admission`]: the ratekeeper: visibility lag and apply rate from samples, and which
+//!   writes an api-server admits.
 
+pub mod admission;
 pub mod config;
 pub mod frontier;
 pub mod gossip;

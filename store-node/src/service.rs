@@ -129,6 +129,8 @@ impl Service {
                 options.tuning.backfill_max_streams.max(1),
             )),
             votes: watch::Sender::new(crate::votes::VoteState::default()),
+            committed_moved: tokio::sync::Notify::new(),
+            peers_moved: tokio::sync::Notify::new(),
         });
         if let Some(configs) = Configs::saved(&shared.store).map_err(Error::Apply)? {
             info!(
@@ -531,6 +533,7 @@ async fn apply_loop(
                         .fetch_add(outcome.skipped.len() as u64, Ordering::Relaxed);
                     m.aborted_transactions_total
                         .fetch_add(outcome.aborted as u64, Ordering::Relaxed);
+                    shared.committed_moved.notify_one();
                     let applied = shared.store.applied();
                     remote.retain(|ts, _| *ts > applied);
                     shared.votes.send_replace(VoteState {
@@ -551,6 +554,7 @@ async fn apply_loop(
                         tokio::task::spawn_blocking(move || store.sync())
                             .await
                             .expect("sync task")?;
+                        shared.committed_moved.notify_one();
                     }
                 }
                 shared
@@ -611,8 +615,11 @@ fn decode(payload: &[u8], ts: Timestamp) -> Transaction {
     })
 }
 
-/// Every `gossip_interval_ms`: steps the frontiers, sends this node's gossip to every peer of
-/// current ∪ next, and declares install when the core says so.
+/// The least time between two steps of the frontiers.
+const MIN_STEP: Duration = Duration::from_millis(1);
+
+/// Every `gossip_interval_ms`, and when this node commits: steps the frontiers, sends this
+/// node's gossip to every peer of current ∪ next, and declares install when the core says so.
 async fn gossip_loop(
     shared: Arc<Shared>,
     cm: ConfigClient,
@@ -624,17 +631,32 @@ async fn gossip_loop(
     ));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let installing = Arc::new(AtomicBool::new(false));
+    let mut last_step = Instant::now();
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
+        // Every tick, and whenever this node commits, it steps and sends; a peer's gossip makes
+        // it step only (sending then would echo every message to every peer).
+        let send = tokio::select! {
+            _ = tick.tick() => true,
+            () = shared.committed_moved.notified() => true,
+            () = shared.peers_moved.notified() => false,
             _ = stop.wait_for(|s| *s) => return Ok(()),
+        };
+        // Events closer than MIN_STEP share one step.
+        if let Some(wait) = MIN_STEP.checked_sub(last_step.elapsed()) {
+            tokio::time::sleep(wait).await;
         }
+        last_step = Instant::now();
         let Some((gossip, decided)) = shared.step() else {
             continue;
         };
         let configs = shared.configs();
         let msg = crate::grpc::gossip_to_proto(&gossip);
-        for config in [&configs.current, &configs.next].into_iter().flatten() {
+        let peers_to_tell = if send {
+            [&configs.current, &configs.next]
+        } else {
+            [&None, &None]
+        };
+        for config in peers_to_tell.into_iter().flatten() {
             for (&node, info) in &config.nodes {
                 let peer = peers.get(node, &info.addr);
                 if node == shared.node || peer.in_flight.swap(true, Ordering::AcqRel) {

@@ -198,6 +198,12 @@ pub struct Shared {
     pub backfill_streams: Arc<tokio::sync::Semaphore>,
     /// Where apply is, and the transaction it waits at for votes (`votes`).
     pub votes: watch::Sender<crate::votes::VoteState>,
+    /// The apply loop made a group durable: the gossip loop steps and sends at once rather than
+    /// at its next tick, so the UST follows the commit without waiting out an interval.
+    pub committed_moved: tokio::sync::Notify,
+    /// A peer's gossip arrived: the gossip loop steps (without sending), so this node's UST view
+    /// takes it in at once.
+    pub peers_moved: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -284,6 +290,7 @@ impl Shared {
     pub fn observe(&self, gossip: Gossip) {
         let now_ms = self.now_ms();
         lock(&self.protocol).table.observe(gossip, now_ms);
+        self.peers_moved.notify_one();
     }
 
     /// For each partition of `config`, the replicas that may serve a read at `at` now.

@@ -94,6 +94,51 @@ fn two_replicas_hold_byte_identical_versions_and_equal_digests() {
     }
 }
 
+/// GC keeps the delta chain the kept version rests on (down to its snapshot, every
+/// `snapshot_every_versions` = 3 versions here) and drops every version older than that, without
+/// rewriting any: the bytes of what stays are the bytes apply wrote.
+#[test]
+fn gc_drops_what_is_below_the_kept_versions_snapshot_and_rewrites_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, small_options());
+    // One document, ten versions: snapshots at ts 1, 4, 7, 10, deltas between.
+    for ts in 1..=10u64 {
+        let records = [(
+            Timestamp(ts),
+            tx(vec![replace("items", "d", &json!({"v": ts}))], ts),
+        )];
+        store.apply(&records, &full()).unwrap();
+    }
+    let before = store.raw_versions(&Interval::FULL).unwrap();
+    assert_eq!(before.len(), 10);
+    // The newest version at or below ts 6 is the delta at 6, resting on 5 and the snapshot at 4.
+    gc_all(&store, Timestamp(6));
+    let after = store.raw_versions(&Interval::FULL).unwrap();
+    assert_eq!(after.len(), 7, "the versions of ts 4..=10 stay");
+    assert_eq!(
+        after[..],
+        before[..7],
+        "what stays is byte for byte what apply wrote (versions are newest first)"
+    );
+    for ts in 6..=10u64 {
+        let doc = store.get("items", "d", Timestamp(ts)).unwrap();
+        assert_eq!(
+            doc.map(|d| serde_json::Value::Object(d.json)),
+            Some(json!({ "v": ts }))
+        );
+    }
+    // At ts 7 the kept version is a snapshot: everything older goes.
+    gc_all(&store, Timestamp(7));
+    assert_eq!(store.raw_versions(&Interval::FULL).unwrap().len(), 4);
+    assert!(
+        store
+            .get_automerge("items", "d", Timestamp(10))
+            .unwrap()
+            .is_some(),
+        "the newest version still loads"
+    );
+}
+
 #[test]
 fn gc_keeps_every_version_visible_at_or_above_the_gc_ts() {
     let dir = tempfile::tempdir().unwrap();
@@ -146,7 +191,8 @@ fn gc_keeps_every_version_visible_at_or_above_the_gc_ts() {
             gc: Timestamp(120)
         })
     ));
-    // Every document keeps at most one version at or below the gc ts.
+    // Every document keeps at most the chain of its newest version at or below the gc ts: that
+    // version and the deltas and snapshot under it (`snapshot_every_versions` = 3).
     let raw = store.raw_versions(&Interval::FULL).unwrap();
     let mut old_per_doc = std::collections::HashMap::new();
     for r in &raw {
@@ -155,7 +201,10 @@ fn gc_keeps_every_version_visible_at_or_above_the_gc_ts() {
             *old_per_doc.entry(k.prefix.to_vec()).or_insert(0) += 1;
         }
     }
-    assert!(old_per_doc.values().all(|&n| n == 1), "{old_per_doc:?}");
+    assert!(
+        old_per_doc.values().all(|&n| (1..=3).contains(&n)),
+        "{old_per_doc:?}"
+    );
     // The watermark survives a restart; apply keeps going after gc.
     drop(store);
     let store = open(&dir, small_options());

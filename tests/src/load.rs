@@ -47,6 +47,8 @@ pub use check::{
 const WRITES: &str = "load_writes";
 const BANK: &str = "load_bank";
 const SESSIONS: &str = "load_sessions";
+/// How many times a request refused with 429 is sent again before the 429 counts as a failure.
+const MAX_THROTTLED_RETRIES: u32 = 10;
 /// Keys per multi-get when reading acknowledged writes back.
 const VERIFY_BATCH: usize = 200;
 
@@ -338,62 +340,83 @@ impl Shared {
         body: Option<&Value>,
     ) -> Option<Answer> {
         let url = &self.urls[api];
-        let mut request = self
-            .http
-            .request(method.clone(), format!("{url}{path}"))
-            .bearer_auth(&self.spec.token);
-        if let Some(after) = after {
-            request = request.header("Causeway-After", after.to_string());
-        }
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        let sent_at = self.started.elapsed();
-        let start = Instant::now();
-        let result = async {
-            let response = request.send().await?;
-            let status = response.status();
-            let headers = response.headers().clone();
-            let bytes = response.bytes().await?;
-            Ok::<_, reqwest::Error>((status, headers, bytes))
-        }
-        .await;
-        let latency = start.elapsed();
         let what = format!("{method} {path}");
-        match result {
-            Ok((status, headers, bytes)) => {
-                let outcome = if status.is_success() {
-                    Outcome::Ok
-                } else if status.is_client_error() {
-                    Outcome::ClientError(status.as_u16())
-                } else {
-                    Outcome::ServerError(status.as_u16())
-                };
-                let detail = if outcome.is_ok() {
-                    what
-                } else {
-                    let text = String::from_utf8_lossy(&bytes);
-                    format!("{what}: {}", text.chars().take(300).collect::<String>())
-                };
-                self.record(kind, url.clone(), outcome, latency, sent_at, detail);
-                let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                Some(Answer {
-                    status,
-                    headers,
-                    body,
-                })
+        for attempt in 0.. {
+            let mut request = self
+                .http
+                .request(method.clone(), format!("{url}{path}"))
+                .bearer_auth(&self.spec.token);
+            if let Some(after) = after {
+                request = request.header("Causeway-After", after.to_string());
             }
-            Err(e) => {
-                let outcome = if e.is_timeout() {
-                    Outcome::Timeout
-                } else {
-                    Outcome::Connection
-                };
-                let detail = format!("{what}: {e}");
-                self.record(kind, url.clone(), outcome, latency, sent_at, detail);
-                None
+            if let Some(body) = body {
+                request = request.json(body);
             }
+            let sent_at = self.started.elapsed();
+            let start = Instant::now();
+            let result = async {
+                let response = request.send().await?;
+                let status = response.status();
+                let headers = response.headers().clone();
+                let bytes = response.bytes().await?;
+                Ok::<_, reqwest::Error>((status, headers, bytes))
+            }
+            .await;
+            let latency = start.elapsed();
+            let (status, headers, bytes) = match result {
+                Ok(answer) => answer,
+                Err(e) => {
+                    let outcome = if e.is_timeout() {
+                        Outcome::Timeout
+                    } else {
+                        Outcome::Connection
+                    };
+                    let detail = format!("{what}: {e}");
+                    self.record(kind, url.clone(), outcome, latency, sent_at, detail);
+                    return None;
+                }
+            };
+            if status == StatusCode::TOO_MANY_REQUESTS && attempt < MAX_THROTTLED_RETRIES {
+                // Admission control refused it and it changed nothing: again after the pause
+                // the server asked for (at most a second).
+                let pause = headers
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                    .map_or(Duration::from_secs(1), Duration::from_secs)
+                    .min(Duration::from_secs(1));
+                self.record(
+                    kind,
+                    url.clone(),
+                    Outcome::Throttled,
+                    latency,
+                    sent_at,
+                    what.clone(),
+                );
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+            let outcome = if status.is_success() {
+                Outcome::Ok
+            } else if status.is_client_error() {
+                Outcome::ClientError(status.as_u16())
+            } else {
+                Outcome::ServerError(status.as_u16())
+            };
+            let detail = if outcome.is_ok() {
+                what
+            } else {
+                let text = String::from_utf8_lossy(&bytes);
+                format!("{what}: {}", text.chars().take(300).collect::<String>())
+            };
+            self.record(kind, url.clone(), outcome, latency, sent_at, detail);
+            let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            return Some(Answer {
+                status,
+                headers,
+                body,
+            });
         }
+        unreachable!("the loop returns")
     }
 
     fn account(&self, i: u32) -> String {

@@ -51,7 +51,7 @@ struct Transfer {
 }
 
 /// One conditional transfer through `api`; `None` when it never reached the log (a 503 before
-/// the append, a connection error).
+/// the append, a 429 of admission control, a connection error).
 async fn transfer(
     http: &reqwest::Client,
     api: &str,
@@ -102,7 +102,7 @@ async fn transfer(
             Answer::Aborted
         }
         (503, Some(_)) => Answer::Unknown,
-        (503, None) => return Ok(None),
+        (503 | 429, None) => return Ok(None),
         _ => bail!("transfer answered {status}: {answer}"),
     };
     let ts = ts.context("a ts")?;

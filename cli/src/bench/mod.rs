@@ -35,7 +35,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use tokio::sync::Semaphore;
 
-use report::{Latencies, Report};
+use report::{Latencies, Report, Step, Sustained};
 use workload::{Http, Op, Outcome, Workload};
 use zipf::KeyChooser;
 
@@ -47,6 +47,8 @@ const MAX_CONCURRENCY: usize = 4096;
 const MAX_PROBES: usize = 4;
 /// One write in this many is considered for a visibility probe.
 const PROBE_EVERY: u64 = 16;
+/// How long a closed-loop worker pauses after a 429.
+const THROTTLED_PAUSE: Duration = Duration::from_millis(50);
 /// How long the load phase may take.
 const LOAD_DEADLINE: Duration = Duration::from_secs(1800);
 
@@ -108,6 +110,20 @@ pub struct Args {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// After the run (closed loop), search the sustained rate: the highest open-loop rate at
+    /// which write p99 stays under --max-p99-ms and visibility lag p99 under
+    /// --max-lag-p99-ms, with no error and no 429, over a step of --step-duration seconds.
+    #[arg(long, conflicts_with_all = ["raw_log", "rate"])]
+    pub sustained: bool,
+    #[arg(long, default_value_t = 50.0)]
+    pub max_p99_ms: f64,
+    #[arg(long, default_value_t = 20.0)]
+    pub max_lag_p99_ms: f64,
+    #[arg(long, default_value_t = 10)]
+    pub step_duration: u64,
+    /// Steps of the search at most.
+    #[arg(long, default_value_t = 6)]
+    pub steps: u32,
 }
 
 impl Args {
@@ -127,6 +143,14 @@ impl Args {
         ensure!(
             (1..=256).contains(&self.load_batch),
             "--load-batch must be in 1..=256"
+        );
+        ensure!(
+            (1..=MAX_DURATION_S).contains(&self.step_duration) && (1..=32).contains(&self.steps),
+            "--step-duration must be in 1..={MAX_DURATION_S} and --steps in 1..=32"
+        );
+        ensure!(
+            self.max_p99_ms > 0.0 && self.max_lag_p99_ms > 0.0,
+            "--max-p99-ms and --max-lag-p99-ms must be positive"
         );
         if let Some(rate) = self.rate {
             ensure!(
@@ -170,6 +194,8 @@ struct Recorded {
     lag: Latencies,
     writes: u64,
     reads: u64,
+    /// Writes refused with 429 by admission control (not errors: they changed nothing).
+    throttled: u64,
 }
 
 impl Recorder {
@@ -186,6 +212,7 @@ impl Recorder {
                     r.reads += 1;
                 }
             }
+            Outcome::Throttled => r.throttled += 1,
             Outcome::Error(kind) => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
                 *r.errors.entry(format!("{op}: {kind}")).or_default() += 1;
@@ -322,16 +349,7 @@ async fn http(args: &Args) -> Result<Report> {
         loaded = Some((args.keys, started.elapsed().as_secs_f64()));
     }
 
-    let recorder = Arc::new(Recorder::default());
-    let probes = Arc::new(Semaphore::new(MAX_PROBES));
     let seed = args.seed.unwrap_or_else(rand::random);
-    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
-    let bar = progress(
-        args.workload.name().to_string(),
-        recorder.clone(),
-        Duration::from_secs(args.duration),
-        done_rx,
-    );
     let budget = match args.load_only {
         true => Budget {
             until: Instant::now(),
@@ -339,18 +357,61 @@ async fn http(args: &Args) -> Result<Report> {
         },
         false => Budget::new(args),
     };
+    let ctx = Ctx::new(&client, &keys, args.workload);
+    let mut report = phase(&ctx, args, args.rate, budget, seed).await?;
+    report.loaded_docs = loaded.map(|l| l.0);
+    report.load_s = loaded.map(|l| l.1);
+    if args.sustained && !args.load_only {
+        report.sustained = Some(sustained(&ctx, args, &report, seed).await?);
+    }
+    report.invariant = match args.workload {
+        Workload::Transfer => Some(match client.bank_total(args.keys).await {
+            Ok((0, accounts, _)) => format!("ok: {accounts} accounts sum to 0"),
+            Ok((sum, accounts, _)) => format!("VIOLATED: {accounts} accounts sum to {sum}"),
+            Err(e) => format!("not checked: {e:#}"),
+        }),
+        Workload::TransferIf | Workload::Withdraw => {
+            let opening = workload::OPENING_BALANCE * args.keys as i64;
+            let conserved = args.workload == Workload::TransferIf;
+            Some(match client.bank_total(args.keys).await {
+                Ok((sum, accounts, lowest)) if lowest < 0 => {
+                    format!("VIOLATED: {accounts} accounts, one at {lowest}, sum {sum}")
+                }
+                Ok((sum, accounts, _)) if conserved && sum != opening => {
+                    format!("VIOLATED: {accounts} accounts sum to {sum}, not {opening}")
+                }
+                Ok((sum, accounts, lowest)) => {
+                    format!("ok: {accounts} accounts, none below 0 (lowest {lowest}), sum {sum}")
+                }
+                Err(e) => format!("not checked: {e:#}"),
+            })
+        }
+        _ => None,
+    };
+    Ok(report)
+}
+
+/// One measured run: closed loop (`rate` None) or open loop at `rate`, within `budget`.
+async fn phase(
+    ctx: &Ctx,
+    args: &Args,
+    rate: Option<f64>,
+    budget: Budget,
+    seed: u64,
+) -> Result<Report> {
+    let ctx = ctx.fresh();
+    let recorder = ctx.recorder.clone();
+    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+    let length = budget.until.saturating_duration_since(Instant::now());
+    let label = match rate {
+        Some(rate) => format!("{} at {rate:.0}/s", args.workload.name()),
+        None => args.workload.name().to_string(),
+    };
+    let bar = progress(label, recorder.clone(), length, done_rx);
     let started = Instant::now();
     let sent = Arc::new(AtomicU64::new(0));
     let mut intended = None;
-    let ctx = Ctx {
-        client: client.clone(),
-        keys,
-        workload: args.workload,
-        recorder: recorder.clone(),
-        probes,
-        writes: Arc::new(AtomicU64::new(0)),
-    };
-    match args.rate {
+    match rate {
         None => {
             let workers: Vec<_> = (0..args.concurrency)
                 .map(|i| {
@@ -363,7 +424,11 @@ async fn http(args: &Args) -> Result<Report> {
                         {
                             let op = ctx.workload.next_op(&ctx.keys, &mut rng);
                             let start = Instant::now();
-                            ctx.execute(op, start).await;
+                            if ctx.execute(op, start).await == Outcome::Throttled {
+                                // A refused write comes back at once: a closed-loop client that
+                                // sent again at once would only spin.
+                                tokio::time::sleep(THROTTLED_PAUSE).await;
+                            }
                         }
                     })
                 })
@@ -401,7 +466,7 @@ async fn http(args: &Args) -> Result<Report> {
                 while tasks.try_join_next().is_some() {}
             }
             while tasks.join_next().await.is_some() {}
-            let scheduled = (Duration::from_secs(args.duration).as_secs_f64() * rate) as u64;
+            let scheduled = (length.as_secs_f64() * rate) as u64;
             intended = Some(scheduled.min(budget.requests));
         }
     }
@@ -415,49 +480,21 @@ async fn http(args: &Args) -> Result<Report> {
     let _ = done_tx.send(true);
     let _ = bar.await;
 
-    let invariant = match args.workload {
-        Workload::Transfer => Some(match client.bank_total(args.keys).await {
-            Ok((0, accounts, _)) => format!("ok: {accounts} accounts sum to 0"),
-            Ok((sum, accounts, _)) => format!("VIOLATED: {accounts} accounts sum to {sum}"),
-            Err(e) => format!("not checked: {e:#}"),
-        }),
-        Workload::TransferIf | Workload::Withdraw => {
-            let opening = workload::OPENING_BALANCE * args.keys as i64;
-            let conserved = args.workload == Workload::TransferIf;
-            Some(match client.bank_total(args.keys).await {
-                Ok((sum, accounts, lowest)) if lowest < 0 => {
-                    format!("VIOLATED: {accounts} accounts, one at {lowest}, sum {sum}")
-                }
-                Ok((sum, accounts, _)) if conserved && sum != opening => {
-                    format!("VIOLATED: {accounts} accounts sum to {sum}, not {opening}")
-                }
-                Ok((sum, accounts, lowest)) => {
-                    format!("ok: {accounts} accounts, none below 0 (lowest {lowest}), sum {sum}")
-                }
-                Err(e) => format!("not checked: {e:#}"),
-            })
-        }
-        _ => None,
-    };
     let r = recorder.inner.lock().expect("recorder poisoned");
     let secs = duration.as_secs_f64();
     Ok(Report {
-        target: url,
+        target: ctx.client.base().to_owned(),
         workload: args.workload.name().into(),
-        mode: if args.rate.is_some() {
-            "open"
-        } else {
-            "closed"
-        }
-        .into(),
+        mode: if rate.is_some() { "open" } else { "closed" }.into(),
         concurrency: args.concurrency,
-        rate: args.rate,
+        rate,
         keys: args.keys,
         zipf: args.zipf,
         doc_bytes: args.doc_bytes,
         duration_s: secs,
         ok: recorder.ok.load(Ordering::Relaxed),
         errors: recorder.errors.load(Ordering::Relaxed),
+        throttled: r.throttled,
         throughput_ops_s: recorder.ok.load(Ordering::Relaxed) as f64 / secs,
         writes_per_s: r.writes as f64 / secs,
         reads_per_s: r.reads as f64 / secs,
@@ -470,11 +507,80 @@ async fn http(args: &Args) -> Result<Report> {
         errors_by_kind: r.errors.clone(),
         visibility_lag: r.lag.summary(),
         intended,
-        sent: args.rate.map(|_| sent.load(Ordering::Relaxed)),
-        loaded_docs: loaded.map(|l| l.0),
-        load_s: loaded.map(|l| l.1),
-        invariant,
+        sent: rate.map(|_| sent.load(Ordering::Relaxed)),
+        loaded_docs: None,
+        load_s: None,
+        invariant: None,
+        sustained: None,
     })
+}
+
+/// The sustained rate (module docs): open-loop steps of `--step-duration` seconds, the first at
+/// 80 % of the closed loop's rate, then bisecting between the highest rate that held the bounds
+/// and the lowest that did not. Each step starts once the previous one's writes are visible.
+async fn sustained(ctx: &Ctx, args: &Args, closed: &Report, seed: u64) -> Result<Sustained> {
+    let closed_rate = closed.throughput_ops_s.max(1.0);
+    let (mut good, mut bad) = (0.0f64, closed_rate * 1.25);
+    let mut rate = closed_rate * 0.8;
+    let mut steps = Vec::new();
+    for i in 0..args.steps {
+        settle(ctx).await;
+        let budget = Budget {
+            until: Instant::now() + Duration::from_secs(args.step_duration),
+            requests: u64::MAX,
+        };
+        let report = phase(
+            ctx,
+            args,
+            Some(rate),
+            budget,
+            seed.wrapping_add(u64::from(i) + 1),
+        )
+        .await?;
+        let step = Step::of(&report, rate, args);
+        if step.held {
+            good = good.max(rate);
+        } else {
+            bad = bad.min(rate);
+        }
+        steps.push(step);
+        rate = if good == 0.0 {
+            bad / 2.0
+        } else {
+            (good + bad) / 2.0
+        };
+        if bad - good < closed_rate * 0.05 {
+            break;
+        }
+    }
+    let best = steps
+        .iter()
+        .filter(|s| s.held)
+        .max_by(|a, b| a.rate.total_cmp(&b.rate))
+        .cloned();
+    Ok(Sustained {
+        max_p99_ms: args.max_p99_ms,
+        max_lag_p99_ms: args.max_lag_p99_ms,
+        rate: best.as_ref().map(|s| s.rate),
+        ops_per_s: best.as_ref().map(|s| s.ops_per_s),
+        steps,
+    })
+}
+
+/// Waits (bounded) until a fresh write is visible: the previous run's backlog is applied.
+async fn settle(ctx: &Ctx) {
+    let mut rng = StdRng::seed_from_u64(0);
+    for _ in 0..100 {
+        let op = ctx.workload.next_op(&ctx.keys, &mut rng);
+        let Some(probe) = op.probe_key() else {
+            continue;
+        };
+        if let Outcome::Ok { ts: Some(ts) } = ctx.client.send(&op).await {
+            let until = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < until && ctx.client.probe_visible(&probe, ts).await.is_err() {}
+            return;
+        }
+    }
 }
 
 /// What every request of a run shares.
@@ -490,8 +596,24 @@ struct Ctx {
 }
 
 impl Ctx {
-    /// Sends `op` and records its latency from `intended`.
-    async fn execute(&self, op: Op, intended: Instant) {
+    fn new(client: &Http, keys: &KeyChooser, workload: Workload) -> Ctx {
+        Ctx {
+            client: client.clone(),
+            keys: keys.clone(),
+            workload,
+            recorder: Arc::new(Recorder::default()),
+            probes: Arc::new(Semaphore::new(MAX_PROBES)),
+            writes: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The same, with nothing recorded yet (for the next run).
+    fn fresh(&self) -> Ctx {
+        Ctx::new(&self.client, &self.keys, self.workload)
+    }
+
+    /// Sends `op` and records its latency from `intended`; answers what it came to.
+    async fn execute(&self, op: Op, intended: Instant) -> Outcome {
         let outcome = self.client.send(&op).await;
         let acked = Instant::now();
         self.recorder
@@ -513,6 +635,7 @@ impl Ctx {
                 }
             }
         }
+        outcome
     }
 }
 
@@ -542,7 +665,7 @@ async fn load(client: &Http, args: &Args) -> Result<u64> {
                         Outcome::Ok { ts } => {
                             last_ts.fetch_max(ts.unwrap_or(0), Ordering::Relaxed);
                         }
-                        Outcome::Error(_) => {
+                        Outcome::Throttled | Outcome::Error(_) => {
                             failures.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -634,6 +757,7 @@ async fn raw_log(args: &Args, log_json: &str) -> Result<Report> {
         duration_s: secs,
         ok: recorder.ok.load(Ordering::Relaxed),
         errors: recorder.errors.load(Ordering::Relaxed),
+        throttled: 0,
         throughput_ops_s: recorder.ok.load(Ordering::Relaxed) as f64 / secs,
         writes_per_s: r.writes as f64 / secs,
         reads_per_s: 0.0,
@@ -650,5 +774,6 @@ async fn raw_log(args: &Args, log_json: &str) -> Result<Report> {
         loaded_docs: None,
         load_s: None,
         invariant: None,
+        sustained: None,
     })
 }

@@ -79,6 +79,8 @@ pub struct Report {
     pub ok: u64,
     /// Requests that failed (any kind).
     pub errors: u64,
+    /// Writes refused with 429 by admission control (not counted in `errors`).
+    pub throttled: u64,
     /// Successful requests per second.
     pub throughput_ops_s: f64,
     /// Successful writes (documents or transactions) per second.
@@ -101,6 +103,73 @@ pub struct Report {
     /// `transfer` only: the bank invariant after the run (every balance summed at one read
     /// timestamp must be 0).
     pub invariant: Option<String>,
+    /// `--sustained`: the search for the highest rate that holds the bounds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sustained: Option<Sustained>,
+}
+
+/// The sustained rate: the highest open-loop rate at which the write p99 and the visibility lag
+/// p99 stayed under their bounds for a whole step, with no error and no 429. A closed-loop rate
+/// whose lag grows without bound is not one.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Sustained {
+    pub max_p99_ms: f64,
+    pub max_lag_p99_ms: f64,
+    /// The offered rate of the best step that held, if any did.
+    pub rate: Option<f64>,
+    /// What that step achieved.
+    pub ops_per_s: Option<f64>,
+    pub steps: Vec<Step>,
+}
+
+/// One open-loop step of the search.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Step {
+    pub rate: f64,
+    pub ops_per_s: f64,
+    pub p99_ms: Option<f64>,
+    pub lag_p50_ms: Option<f64>,
+    pub lag_p99_ms: Option<f64>,
+    pub lag_samples: u64,
+    pub errors: u64,
+    pub throttled: u64,
+    /// Requests sent of those the schedule asked for.
+    pub sent_fraction: f64,
+    pub held: bool,
+}
+
+/// Fewest visibility probes a step needs for its lag p99 to count.
+const MIN_LAG_SAMPLES: u64 = 20;
+
+impl Step {
+    /// The step of an open-loop `report` at `rate`, judged against the bounds of `args`.
+    pub fn of(report: &Report, rate: f64, args: &super::Args) -> Step {
+        let p99_ms = report.latency.as_ref().map(|l| l.p99_ms);
+        let lag = report.visibility_lag.as_ref();
+        let lag_samples = lag.map_or(0, |l| l.count);
+        let sent_fraction = match (report.sent, report.intended) {
+            (Some(sent), Some(intended)) if intended > 0 => sent as f64 / intended as f64,
+            _ => 0.0,
+        };
+        let held = report.errors == 0
+            && report.throttled == 0
+            && sent_fraction >= 0.99
+            && p99_ms.is_some_and(|p| p <= args.max_p99_ms)
+            && lag_samples >= MIN_LAG_SAMPLES
+            && lag.is_some_and(|l| l.p99_ms <= args.max_lag_p99_ms);
+        Step {
+            rate,
+            ops_per_s: report.throughput_ops_s,
+            p99_ms,
+            lag_p50_ms: lag.map(|l| l.p50_ms),
+            lag_p99_ms: lag.map(|l| l.p99_ms),
+            lag_samples,
+            errors: report.errors,
+            throttled: report.throttled,
+            sent_fraction,
+            held,
+        }
+    }
 }
 
 fn line(name: &str, s: &Summary) -> String {
@@ -145,6 +214,38 @@ pub fn render(r: &Report) -> String {
     }
     if let Some(lag) = &r.visibility_lag {
         out.push_str(&line("visibility lag", lag));
+    }
+    if r.throttled > 0 {
+        out.push_str(&format!(
+            "\nthrottled   {} writes refused with 429\n",
+            r.throttled
+        ));
+    }
+    if let Some(s) = &r.sustained {
+        out.push_str(&format!(
+            "\nsustained rate (write p99 <= {} ms, visibility lag p99 <= {} ms): {}\n",
+            s.max_p99_ms,
+            s.max_lag_p99_ms,
+            match (s.rate, s.ops_per_s) {
+                (Some(rate), Some(ops)) => format!("{rate:.0} offered, {ops:.0} ops/s"),
+                _ => "none of the rates tried".into(),
+            }
+        ));
+        let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+        for step in &s.steps {
+            out.push_str(&format!(
+                "  {:>8.0}/s: {:>8.0} ops/s  p99 {:>8}  lag p50 {:>8} p99 {:>8} ({} probes)  {} errors  {} throttled  {}\n",
+                step.rate,
+                step.ops_per_s,
+                ms(step.p99_ms),
+                ms(step.lag_p50_ms),
+                ms(step.lag_p99_ms),
+                step.lag_samples,
+                step.errors,
+                step.throttled,
+                if step.held { "held" } else { "not held" }
+            ));
+        }
     }
     if !r.errors_by_kind.is_empty() {
         out.push_str("\nerrors\n");
@@ -210,6 +311,7 @@ mod tests {
             duration_s: 5.0,
             ok: 4990,
             errors: 10,
+            throttled: 0,
             throughput_ops_s: 998.0,
             writes_per_s: 499.0,
             reads_per_s: 499.0,
@@ -222,6 +324,7 @@ mod tests {
             loaded_docs: Some(100),
             load_s: Some(0.5),
             invariant: None,
+            sustained: None,
         };
         let text = render(&report);
         for needle in [

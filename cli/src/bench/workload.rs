@@ -84,7 +84,11 @@ pub struct Probe {
 /// What a request came to: success (with a write's commit ts) or an error kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    Ok { ts: Option<u64> },
+    Ok {
+        ts: Option<u64>,
+    },
+    /// 429: admission control refused the write; it changed nothing.
+    Throttled,
     Error(String),
 }
 
@@ -278,6 +282,11 @@ impl Http {
         })
     }
 
+    /// The api-server's URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     pub fn keys(&self) -> u64 {
         self.keys
     }
@@ -398,6 +407,10 @@ impl Http {
                     Ok(_) => Outcome::Ok { ts },
                     Err(e) => Outcome::Error(error_kind(&e)),
                 }
+            }
+            Ok(r) if r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => {
+                let _ = r.bytes().await;
+                Outcome::Throttled
             }
             Ok(r) => Outcome::Error(status_kind(r).await),
             Err(e) => Outcome::Error(error_kind(&e)),

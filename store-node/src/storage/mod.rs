@@ -655,9 +655,10 @@ impl Store {
     /// a pass resumes where the last step stopped. Each step holds the writer lock only for its
     /// own bounded work, so apply interleaves between steps.
     ///
-    /// Prunes every version older than a document's newest version ≤ `gc_ts`; that version too
-    /// when it is a tombstone (then, if it is the newest, the collection index entry with it).
-    /// A kept delta whose older versions go is rewritten as a snapshot of the same state.
+    /// Prunes every version older than a document's newest version ≤ `gc_ts` and the delta
+    /// chain it rests on (down to the nearest older snapshot, which stays: at most
+    /// `snapshot_every_versions` versions); the version too when it is a tombstone (then, if it
+    /// is the newest, the collection index entry with it). GC never decodes a document.
     pub fn gc(&self, gc_ts: Timestamp, budget: usize) -> Result<GcProgress, Error> {
         let mut writer = self.lock();
         let current = self.gc_watermark();
@@ -741,60 +742,41 @@ impl Store {
         let Some(keep) = versions.iter().position(|(k, _)| ts_of(k) <= gc_ts) else {
             return 0;
         };
-        let mut pruned = 0;
-        for (key, _) in &versions[keep + 1..] {
-            batch.delete_cf(self.cf(CF_DOCS), key);
-            pruned += 1;
-        }
         let (keep_key, keep_value) = &versions[keep];
-        match Record::decode(keep_value) {
-            Record::Tombstone => {
-                batch.delete_cf(self.cf(CF_DOCS), keep_key);
-                pruned += 1;
-                if keep == 0 {
-                    let parts = keys::version_key_parts(keep_key);
-                    batch.delete_cf(
-                        self.cf(CF_BY_COLLECTION),
-                        keys::collection_key(parts.collection, parts.hash, parts.id),
-                    );
-                }
+        if let Record::Tombstone = Record::decode(keep_value) {
+            // Nothing at or after the GC ts can read below a tombstone: it goes with everything
+            // older (and, if it is the newest, the collection index entry with it).
+            for (key, _) in &versions[keep..] {
+                batch.delete_cf(self.cf(CF_DOCS), key);
             }
-            Record::Put {
-                segment: Segment::Delta,
-                history_changes,
-                json,
-                ..
-            } if pruned > 0 => {
-                // The kept version loses its base: rewrite it as a snapshot of the same state.
-                let mut chain: Vec<&[u8]> = Vec::new();
-                for (_, value) in &versions[keep..] {
-                    match Record::decode(value) {
-                        Record::Put {
-                            segment, automerge, ..
-                        } => {
-                            chain.push(automerge);
-                            if segment == Segment::Snapshot {
-                                break;
-                            }
-                        }
-                        Record::Tombstone => panic!("a delta follows a tombstone"),
-                    }
-                }
-                let base = chain.len() - 1;
-                let doc = document::load_chain(chain[base], chain[..base].iter().rev().copied());
-                let value = Record::Put {
-                    segment: Segment::Snapshot,
-                    history_changes,
-                    deltas: 0,
-                    json,
-                    automerge: &document::snapshot(&doc),
-                }
-                .encode();
-                batch.put_cf(self.cf(CF_DOCS), keep_key, value);
+            if keep == 0 {
+                let parts = keys::version_key_parts(keep_key);
+                batch.delete_cf(
+                    self.cf(CF_BY_COLLECTION),
+                    keys::collection_key(parts.collection, parts.hash, parts.id),
+                );
             }
-            Record::Put { .. } => {}
+            return versions.len() - keep;
         }
-        pruned
+        // The kept version rests on its delta chain, down to the nearest older snapshot: that
+        // chain stays (no automerge work here), everything older goes.
+        let base = versions[keep..]
+            .iter()
+            .position(|(_, value)| {
+                matches!(
+                    Record::decode(value),
+                    Record::Put {
+                        segment: Segment::Snapshot,
+                        ..
+                    }
+                )
+            })
+            .map(|i| keep + i)
+            .unwrap_or_else(|| panic!("a delta chain without a snapshot below gc ts {gc_ts}"));
+        for (key, _) in &versions[base + 1..] {
+            batch.delete_cf(self.cf(CF_DOCS), key);
+        }
+        versions.len() - base - 1
     }
 
     /// Drops every document of `intervals` (no longer owned): versions, collection index entries

@@ -64,6 +64,9 @@ pub enum Outcome {
     /// Not sent: the load already had its maximum of requests in flight, so the servers were
     /// too slow for the rate asked.
     Saturated,
+    /// 429: admission control refused a write (it changed nothing); the load sends it again
+    /// after its `Retry-After`, so this is counted, not failed.
+    Throttled,
 }
 
 impl Outcome {
@@ -76,6 +79,7 @@ impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Outcome::Ok => f.write_str("ok"),
+            Outcome::Throttled => f.write_str("429 (throttled, sent again)"),
             Outcome::ClientError(s) => write!(f, "{s} (4xx)"),
             Outcome::ServerError(s) => write!(f, "{s} (5xx)"),
             Outcome::Timeout => f.write_str("timeout"),
@@ -195,6 +199,8 @@ pub struct Report {
     pub per_kind: BTreeMap<Kind, KindStats>,
     /// Requests that did not end in a 2xx answer.
     pub failures: usize,
+    /// Writes refused with 429 by admission control and sent again.
+    pub throttled: usize,
     /// The first failures, with their details.
     pub first_failures: Vec<String>,
     /// How many violations the checkers found.
@@ -275,7 +281,9 @@ impl Report {
                 .unwrap_or(0);
             self.phases[phase].requests += 1;
             let stats = self.per_kind.entry(r.kind).or_default();
-            if r.outcome.is_ok() {
+            if r.outcome == Outcome::Throttled {
+                self.throttled += 1;
+            } else if r.outcome.is_ok() {
                 stats.ok += 1;
             } else {
                 stats.failed += 1;
@@ -325,8 +333,8 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "checked {} requests: {} failures, {} violations",
-            self.requests, self.failures, self.violation_count
+            "checked {} requests: {} failures, {} violations ({} throttled and sent again)",
+            self.requests, self.failures, self.violation_count, self.throttled
         )?;
         writeln!(
             f,
