@@ -36,6 +36,7 @@ CLEANUP_EXTRA=${CLEANUP_EXTRA:-}
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  stop_postgres
   if [ -n "$CLEANUP_EXTRA" ]; then $CLEANUP_EXTRA; fi
   if [ -z "${KEEP:-}" ]; then rm -rf "$WORK"; else echo "kept $WORK" >&2; fi
 }
@@ -144,4 +145,59 @@ start_api_server() {
   PIDS+=($!)
   API_URL=http://127.0.0.1:$port
   wait_api "$API_URL" "$API_TOKEN"
+}
+
+# Starts causeway dev on the data dir $1 with $2 partitions × $3 replicas (default 1 × 1), its
+# output in $1.log; sets DEV_PID, DEV_URL, DEV_TOKEN.
+start_dev() {
+  local dir=$1 port deadline
+  port=$(free_port)
+  "$BIN/causeway" dev --data-dir "$dir" --listen "127.0.0.1:$port" \
+    --partitions "${2:-1}" --replicas "${3:-1}" >>"$dir.log" 2>&1 &
+  DEV_PID=$!
+  PIDS+=("$DEV_PID")
+  deadline=$((SECONDS + 60))
+  until [ -f "$dir/tokens.json" ]; do
+    if [ $SECONDS -ge $deadline ] || ! kill -0 "$DEV_PID" 2>/dev/null; then
+      cat "$dir.log" >&2
+      exit 1
+    fi
+    sleep 0.2
+  done
+  DEV_TOKEN=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["tokens"][0]["token"])' "$dir/tokens.json")
+  DEV_URL=http://127.0.0.1:$port
+  wait_api "$DEV_URL" "$DEV_TOKEN" || { cat "$dir.log" >&2; exit 1; }
+}
+
+# PostgreSQL 15 from Debian's packages, for the side-by-side runs.
+PGBIN=/usr/lib/postgresql/15/bin
+# Installs python3, curl and PostgreSQL when missing (the package's own cluster is stopped:
+# the benchmarks start theirs).
+need_postgres() {
+  local need=()
+  command -v python3 >/dev/null || need+=(python3)
+  command -v curl >/dev/null || need+=(curl)
+  [ -x "$PGBIN/initdb" ] || need+=(postgresql)
+  [ ${#need[@]} -gt 0 ] || return 0
+  log "installing ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+  systemctl stop postgresql 2>/dev/null || service postgresql stop 2>/dev/null || true
+}
+# Starts a throwaway cluster in $WORK/pg, loopback only, synchronous_commit=on, fsync=on, room
+# for $1 clients; sets PG_PORT. Stopped at exit.
+start_postgres() {
+  log "PostgreSQL 15 (synchronous_commit=on)"
+  PG_PORT=$(free_port)
+  mkdir -p "$WORK/pg"
+  chown postgres: "$WORK/pg"
+  runuser -u postgres -- "$PGBIN/initdb" -D "$WORK/pg/data" -A trust -U postgres >/dev/null
+  runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg/data" -l "$WORK/pg/server.log" -w -t 60 \
+    -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $WORK/pg -c synchronous_commit=on -c fsync=on -c max_connections=$(($1 + 20))" \
+    start >/dev/null
+}
+stop_postgres() {
+  if [ -f "$WORK/pg/data/postmaster.pid" ]; then
+    runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg/data" -m fast stop >/dev/null 2>&1 || true
+  fi
 }

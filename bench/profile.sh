@@ -28,21 +28,10 @@ if ! command -v perf >/dev/null; then
 fi
 build
 
-PORT=$(free_port)
-"$BIN/causeway" dev --data-dir "$WORK/dev" --listen "127.0.0.1:$PORT" \
-  --partitions "$PARTITIONS" --replicas "$REPLICAS" >"$WORK/dev.log" 2>&1 &
-DEV_PID=$!
-PIDS+=("$DEV_PID")
-deadline=$((SECONDS + 60))
-until [ -f "$WORK/dev/tokens.json" ]; do
-  [ $SECONDS -lt $deadline ] || { cat "$WORK/dev.log" >&2; exit 1; }
-  sleep 0.2
-done
-TOKEN=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["tokens"][0]["token"])' "$WORK/dev/tokens.json")
-wait_api "http://127.0.0.1:$PORT" "$TOKEN"
+start_dev "$WORK/dev" "$PARTITIONS" "$REPLICAS"
 
 log "bench $WORKLOAD for $DURATION s; perf over $PERF_SECS s of it"
-"$BIN/causeway" bench --url "http://127.0.0.1:$PORT" --token "$TOKEN" --workload "$WORKLOAD" \
+"$BIN/causeway" bench --url "$DEV_URL" --token "$DEV_TOKEN" --workload "$WORKLOAD" \
   --duration "$DURATION" --concurrency "$CONCURRENCY" --doc-bytes "$DOC_BYTES" --keys "$KEYS" \
   --zipf 0 >"$WORK/bench.txt" 2>"$WORK/bench.err" &
 BENCH_PID=$!

@@ -27,13 +27,6 @@
 #   with CAUSEWAY_KEEP_BROKER_DIR=1, which keeps the brokers' temp dir, named in kafka.out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PGBIN=/usr/lib/postgresql/15/bin
-stop_postgres() {
-  if [ -f "$WORK/pg/data/postmaster.pid" ]; then
-    runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg/data" -m fast stop >/dev/null 2>&1 || true
-  fi
-}
-CLEANUP_EXTRA=stop_postgres
 . bench/lib.sh
 DURATION=${DURATION:-20}
 CONCURRENCY=${CONCURRENCY:-32}
@@ -52,17 +45,7 @@ OUT=${OUT:-$ROOT/bench/results.md}
 OUT_JSON=${OUT_JSON:-$ROOT/bench/results.json}
 
 # --- prerequisites -----------------------------------------------------------------------------
-need_apt=()
-command -v python3 >/dev/null || need_apt+=(python3)
-command -v curl >/dev/null || need_apt+=(curl)
-[ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql)
-if [ ${#need_apt[@]} -gt 0 ]; then
-  log "installing ${need_apt[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
-  # The package starts a system cluster: this benchmark uses its own.
-  systemctl stop postgresql 2>/dev/null || service postgresql stop 2>/dev/null || true
-fi
+need_postgres
 # Java, Maven and the Kafka jars (from Maven Central), when missing.
 scripts/setup.sh --broker
 
@@ -84,21 +67,10 @@ bench() { # name, then causeway bench flags
 
 # --- 1. causeway dev ---------------------------------------------------------------------------
 log "causeway dev ${DEV_PARTITIONS}x${DEV_REPLICAS}"
-DEV_PORT=$(free_port)
-"$BIN/causeway" dev --data-dir "$WORK/dev" --listen "127.0.0.1:$DEV_PORT" \
-  --partitions "$DEV_PARTITIONS" --replicas "$DEV_REPLICAS" >"$WORK/dev.log" 2>&1 &
-DEV_PID=$!
-PIDS+=("$DEV_PID")
-deadline=$((SECONDS + 60))
-until [ -f "$WORK/dev/tokens.json" ]; do
-  [ $SECONDS -lt $deadline ] || { cat "$WORK/dev.log" >&2; exit 1; }
-  sleep 0.2
-done
-DEV_TOKEN=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["tokens"][0]["token"])' "$WORK/dev/tokens.json")
-wait_api "http://127.0.0.1:$DEV_PORT" "$DEV_TOKEN"
-bench dev-write --url "http://127.0.0.1:$DEV_PORT" --token "$DEV_TOKEN" --workload write \
+start_dev "$WORK/dev" "$DEV_PARTITIONS" "$DEV_REPLICAS"
+bench dev-write --url "$DEV_URL" --token "$DEV_TOKEN" --workload write \
   --keys "$KEYS" --zipf 0 "${SUSTAINED[@]}"
-bench dev-ycsb-b --url "http://127.0.0.1:$DEV_PORT" --token "$DEV_TOKEN" --workload ycsb-b \
+bench dev-ycsb-b --url "$DEV_URL" --token "$DEV_TOKEN" --workload ycsb-b \
   --keys "$KEYS" --zipf 0.99
 stop "$DEV_PID"
 
@@ -130,14 +102,7 @@ bench kafka-steady --url "$API_URL" --token "$API_TOKEN" --workload write \
 bench raw-kafka --raw-log "$(kafka_log raw-baseline)"
 
 # --- 4. PostgreSQL 15 --------------------------------------------------------------------------
-log "PostgreSQL 15 (synchronous_commit=on)"
-PG_PORT=$(free_port)
-mkdir -p "$WORK/pg"
-chown postgres: "$WORK/pg"
-runuser -u postgres -- "$PGBIN/initdb" -D "$WORK/pg/data" -A trust -U postgres >/dev/null
-runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg/data" -l "$WORK/pg/server.log" -w \
-  -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $WORK/pg -c synchronous_commit=on -c fsync=on -c max_connections=$((CONCURRENCY + 20))" \
-  start >/dev/null
+start_postgres "$CONCURRENCY"
 psql -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -c \
   "CREATE TABLE docs (id text PRIMARY KEY, doc jsonb NOT NULL)"
 # The same document as `causeway bench` writes: {"n":K,"field0":"f"*16,"pad":"x"*PAD}, DOC_BYTES long.

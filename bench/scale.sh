@@ -39,13 +39,6 @@
 #   OUT=bench/scale-results.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PGBIN=/usr/lib/postgresql/15/bin
-stop_postgres() {
-  if [ -f "$WORK/pg/data/postmaster.pid" ]; then
-    runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg/data" -m fast stop >/dev/null 2>&1 || true
-  fi
-}
-CLEANUP_EXTRA=stop_postgres
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
 DURATION=${DURATION:-15}
@@ -68,43 +61,12 @@ done
 STARTED=$SECONDS
 
 # --- prerequisites -----------------------------------------------------------------------------
-need_apt=()
-command -v python3 >/dev/null || need_apt+=(python3)
-command -v curl >/dev/null || need_apt+=(curl)
-[ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql)
-if [ ${#need_apt[@]} -gt 0 ]; then
-  log "installing ${need_apt[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
-  # The package starts a system cluster: this benchmark uses its own.
-  systemctl stop postgresql 2>/dev/null || service postgresql stop 2>/dev/null || true
-fi
+need_postgres
 
 # PROFILE=dev measures the dev profile instead; BIN_DIR=<dir> skips the build.
 build
 
 # --- helpers -----------------------------------------------------------------------------------
-# Starts causeway dev (1×1, embedded log) on the data dir $1; sets DEV_PID, DEV_URL, DEV_TOKEN.
-start_dev() {
-  local dir=$1 port deadline
-  port=$(free_port)
-  "$BIN/causeway" dev --data-dir "$dir" --listen "127.0.0.1:$port" \
-    --partitions 1 --replicas 1 >>"$dir.log" 2>&1 &
-  DEV_PID=$!
-  PIDS+=("$DEV_PID")
-  deadline=$((SECONDS + 60))
-  until [ -f "$dir/tokens.json" ]; do
-    if [ $SECONDS -ge $deadline ] || ! kill -0 "$DEV_PID" 2>/dev/null; then
-      cat "$dir.log" >&2
-      exit 1
-    fi
-    sleep 0.2
-  done
-  DEV_TOKEN=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["tokens"][0]["token"])' "$dir/tokens.json")
-  DEV_URL=http://127.0.0.1:$port
-  wait_api "$DEV_URL" "$DEV_TOKEN" || { cat "$dir.log" >&2; exit 1; }
-}
-
 # `causeway bench` against the running dev: name, then bench flags; the JSON report goes to
 # $WORK/<name>.json. Bounded by its duration plus the load deadline of the bench (1800 s).
 cw_bench() {
@@ -167,14 +129,7 @@ du_b() { # total bytes of the paths given (0 for none)
 }
 
 # --- PostgreSQL 15 -----------------------------------------------------------------------------
-log "PostgreSQL 15 (synchronous_commit=on)"
-PG_PORT=$(free_port)
-mkdir -p "$WORK/pg"
-chown postgres: "$WORK/pg"
-runuser -u postgres -- "$PGBIN/initdb" -D "$WORK/pg/data" -A trust -U postgres >/dev/null
-runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg/data" -l "$WORK/pg/server.log" -w -t 60 \
-  -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $WORK/pg -c synchronous_commit=on -c fsync=on -c max_connections=$((CONCURRENCY + 20))" \
-  start >/dev/null
+start_postgres "$CONCURRENCY"
 PG_VERSION=$(sql "SHOW server_version")
 
 # --- 1. document size --------------------------------------------------------------------------

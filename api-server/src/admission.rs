@@ -2,8 +2,10 @@
 //! sampler that feeds the [`Ratekeeper`], and the gate every write passes before its append.
 //!
 //! Every `admission.sample_ms` the sampler asks each store node of the routing configurations
-//! for its status at once (within `sample_ms` × 10): the lowest UST view of the nodes that
-//! coordinate reads, and the highest log end any of them saw, make one [`Sample`]. Each append
+//! for its status at once (within `sample_ms` × 10): the highest UST view of the nodes that
+//! coordinate reads (views differ by a few gossip steps; the highest is the cluster's apply
+//! progress, and one node cut off from its peers cannot hold every write back), and the
+//! highest log end any of them has read, make one [`Sample`]. Each append
 //! of this server notes its log end too ([`Admission::appended`]), so the lag of its own writes
 //! is measured from the moment they are in the log, however slowly the nodes answer. A node that does not answer coordinates no read this server can reach,
 //! and is left out; a round in which none answered adds no sample.
@@ -141,8 +143,10 @@ async fn sample(shared: &Shared, deadline: Duration) -> Option<Sample> {
     while let Some(answer) = calls.next().await {
         let Some(status) = answer else { continue };
         log_next = log_next.max(status.log_next);
+        // The highest view: views differ by a few gossip steps, and one node whose view is
+        // stuck (cut off from its peers' gossip) must not stop every write of the cluster.
         if status.can_coordinate {
-            ust = Some(ust.map_or(status.ust, |u| u.min(status.ust)));
+            ust = Some(ust.map_or(status.ust, |u| u.max(status.ust)));
         }
     }
     Some(Sample {

@@ -4,7 +4,7 @@
 //! `Causeway-After` wait) stays bounded whatever load is offered.
 //!
 //! The api-server samples, every few milliseconds, the end of the log the store nodes saw and the
-//! lowest UST view of the nodes it routes to, and notes the log end of each of its own appends.
+//! highest UST view of the nodes it routes to, and notes the log end of each of its own appends.
 //! From those alone, with time passed in:
 //!
 //! - **lag**: how long the oldest record that is not yet visible has been in the log: `now − t`,
@@ -82,7 +82,7 @@ pub struct Sample {
     pub at_ms: u64,
     /// The log's next ts (one past the newest record known).
     pub log_next: u64,
-    /// The lowest UST view of the nodes that coordinate reads.
+    /// The highest UST view of the nodes that coordinate reads.
     pub ust: u64,
 }
 
@@ -120,8 +120,8 @@ pub struct Ratekeeper {
 
 /// Log-end points closer than this in time are merged into one (the earlier time stays).
 const MERGE_MS: u64 = 2;
-/// Points kept at most in each history (a bound whatever the rates): past it the second
-/// oldest goes, so the oldest, whose age is the lag, stays.
+/// Points kept at most in each history (a bound whatever the rates): past it a point after the
+/// oldest two goes, so the one whose age is the lag stays.
 const MAX_POINTS: usize = 4096;
 /// Tokens the bucket holds at most, in seconds of the limit: a short burst passes at once.
 const BURST_S: f64 = 0.02;
@@ -130,6 +130,8 @@ const BURST_S: f64 = 0.02;
 /// caught up is not handed at once what the clients queued meanwhile.
 const RECOVERY: f64 = 1.25;
 const COOLDOWN: u64 = 2;
+/// The bucket while cooling down, in seconds of the limit.
+const COOLDOWN_BURST_S: f64 = 0.25;
 
 impl Ratekeeper {
     pub fn new(options: AdmissionOptions) -> Ratekeeper {
@@ -165,7 +167,9 @@ impl Ratekeeper {
             self.log.push_back((at_ms, log_next));
         }
         if self.log.len() > MAX_POINTS {
-            self.log.remove(1);
+            // The first two points are the last visible one and the first not visible (whose
+            // age is the lag): a later one goes.
+            self.log.remove(2);
         }
     }
 
@@ -212,6 +216,10 @@ impl Ratekeeper {
     /// How long, at `now_ms`, the oldest record not yet visible has been in the log: 0 when
     /// every record known is visible.
     pub fn lag_ms(&self, now_ms: u64) -> u64 {
+        if self.ust.is_empty() {
+            // No node has told its UST yet (none known, or none coordinates): nothing to go by.
+            return 0;
+        }
         let visible_to = self.current_ust().saturating_add(1);
         self.log
             .iter()
@@ -268,7 +276,12 @@ impl Ratekeeper {
         if limit < 1e-3 {
             return Admit::Refused { retry_after_ms };
         }
-        let burst = (limit * BURST_S).max(1.0);
+        let burst = if self.lag_ms(now_ms) <= self.options.max_lag_ms / 2 {
+            // Cooling down, with the cluster caught up: a burst of a quarter second passes.
+            (limit * COOLDOWN_BURST_S).max(1.0)
+        } else {
+            (limit * BURST_S).max(1.0)
+        };
         let elapsed_s = now_ms.saturating_sub(self.bucket_at_ms) as f64 / 1000.0;
         self.bucket_at_ms = self.bucket_at_ms.max(now_ms);
         self.tokens = (self.tokens + elapsed_s * limit).min(burst);
@@ -278,9 +291,9 @@ impl Ratekeeper {
         }
         let wait_ms = ((1.0 - self.tokens) / limit * 1000.0).ceil() as u64;
         if wait_ms > self.options.max_queue_ms {
-            return Admit::Refused {
-                retry_after_ms: wait_ms.max(retry_after_ms),
-            };
+            // The limit follows the lag, which moves within the bound: the turn computed at
+            // today's limit says little about when to come back.
+            return Admit::Refused { retry_after_ms };
         }
         self.tokens -= 1.0;
         Admit::After { wait_ms }
@@ -363,6 +376,31 @@ mod tests {
             }
         }
         assert!((490..=580).contains(&admitted), "admitted {admitted}");
+    }
+
+    #[test]
+    fn without_a_ust_reading_nothing_is_limited() {
+        // An api-server that knows no store node: its appends are all it sees.
+        let mut k = keeper(200);
+        for t in 0..2000u64 {
+            k.log_end(t, t + 2);
+            assert_eq!(k.admit(t), Admit::Now, "at {t}");
+        }
+        assert_eq!(k.lag_ms(2000), 0);
+    }
+
+    #[test]
+    fn the_oldest_record_not_visible_survives_the_point_bound() {
+        let mut k = keeper(500);
+        k.observe(sample(0, 1, 0));
+        for t in 1..=3 * MAX_POINTS as u64 {
+            k.log_end(t * MERGE_MS, t + 1);
+        }
+        assert_eq!(
+            k.lag_ms(10_000),
+            10_000 - MERGE_MS,
+            "the first unseen point is kept"
+        );
     }
 
     #[test]

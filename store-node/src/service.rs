@@ -496,6 +496,7 @@ async fn apply_loop(
             if !batch.is_empty() {
                 let batch = Arc::new(batch);
                 let count = batch.len() as u64;
+                let mut committed = shared.store.committed();
                 loop {
                     let outcome = {
                         let _gate = shared.apply_gate.lock().await;
@@ -533,7 +534,10 @@ async fn apply_loop(
                         .fetch_add(outcome.skipped.len() as u64, Ordering::Relaxed);
                     m.aborted_transactions_total
                         .fetch_add(outcome.aborted as u64, Ordering::Relaxed);
-                    shared.committed_moved.notify_one();
+                    if shared.store.committed() > committed {
+                        committed = shared.store.committed();
+                        shared.committed_moved.notify_one();
+                    }
                     let applied = shared.store.applied();
                     remote.retain(|ts, _| *ts > applied);
                     shared.votes.send_replace(VoteState {
@@ -554,6 +558,7 @@ async fn apply_loop(
                         tokio::task::spawn_blocking(move || store.sync())
                             .await
                             .expect("sync task")?;
+                        committed = shared.store.committed();
                         shared.committed_moved.notify_one();
                     }
                 }
@@ -615,8 +620,9 @@ fn decode(payload: &[u8], ts: Timestamp) -> Transaction {
     })
 }
 
-/// The least time between two steps of the frontiers.
-const MIN_STEP: Duration = Duration::from_millis(1);
+/// The least time between two steps of the frontiers: events closer than this share one
+/// (at most five times the ticks' steps at the default interval).
+const MIN_STEP: Duration = Duration::from_millis(2);
 
 /// Every `gossip_interval_ms`, and when this node commits: steps the frontiers, sends this
 /// node's gossip to every peer of current ∪ next, and declares install when the core says so.

@@ -274,6 +274,11 @@ impl Report {
     fn count_requests(&mut self, requests: &[RequestRecord]) {
         let mut latencies: BTreeMap<Kind, Vec<Duration>> = BTreeMap::new();
         for r in requests {
+            if r.outcome == Outcome::Throttled {
+                // Sent again: the request it ends in is counted, not this attempt.
+                self.throttled += 1;
+                continue;
+            }
             let phase = self
                 .phases
                 .iter()
@@ -281,9 +286,7 @@ impl Report {
                 .unwrap_or(0);
             self.phases[phase].requests += 1;
             let stats = self.per_kind.entry(r.kind).or_default();
-            if r.outcome == Outcome::Throttled {
-                self.throttled += 1;
-            } else if r.outcome.is_ok() {
+            if r.outcome.is_ok() {
                 stats.ok += 1;
             } else {
                 stats.failed += 1;
