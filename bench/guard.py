@@ -54,8 +54,10 @@ def main(argv):
     results = argv[1] if len(argv) > 1 else "bench/results.json"
     benchmarks = argv[2] if len(argv) > 2 else "BENCHMARKS.md"
     try:
-        current = json.load(open(results))["ratios"]
-        baseline = recorded(open(benchmarks).read())
+        with open(results) as f:
+            current = json.load(f)["ratios"]
+        with open(benchmarks) as f:
+            baseline = recorded(f.read())
     except (OSError, KeyError, ValueError) as e:
         print("guard: cannot compare: %s" % e, file=sys.stderr)
         return 2

@@ -49,17 +49,22 @@ class GuardTest(unittest.TestCase):
     def test_exit_status(self):
         with tempfile.TemporaryDirectory() as d:
             md, res = os.path.join(d, "B.md"), os.path.join(d, "r.json")
-            open(md, "w").write(MARKDOWN)
-            json.dump({"ratios": {"dev_write_vs_postgres": 2.1, "kafka_write_vs_postgres": 0.95}}, open(res, "w"))
+            def write(path, text):
+                with open(path, "w") as f:
+                    f.write(text)
+
+            write(md, MARKDOWN)
+            write(res, json.dumps({"ratios": {"dev_write_vs_postgres": 2.1, "kafka_write_vs_postgres": 0.95}}))
             self.assertEqual(guard.main(["guard", res, md]), 0)
-            json.dump({"ratios": {"dev_write_vs_postgres": 0.5, "kafka_write_vs_postgres": 0.95}}, open(res, "w"))
+            write(res, json.dumps({"ratios": {"dev_write_vs_postgres": 0.5, "kafka_write_vs_postgres": 0.95}}))
             self.assertEqual(guard.main(["guard", res, md]), 1)
-            open(md, "w").write("# nothing here\n")
+            write(md, "# nothing here\n")
             self.assertEqual(guard.main(["guard", res, md]), 2)
 
     def test_the_recorded_table_in_benchmarks_md_parses(self):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        table = guard.recorded(open(os.path.join(root, "BENCHMARKS.md")).read())
+        with open(os.path.join(root, "BENCHMARKS.md")) as f:
+            table = guard.recorded(f.read())
         self.assertIn("kafka_write_vs_postgres", table)
 
 

@@ -76,6 +76,10 @@ fn json_of(doc: &pb::Document) -> serde_json::Value {
 
 /// Transactions appended through the log become visible at the UST on every partition, and
 /// every node coordinates reads that see them.
+/// Versions of one document written after the held read in
+/// `a_long_read_holds_gc_and_then_versions_are_pruned`.
+const NEWER_VERSIONS: u64 = 80;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appended_transactions_become_visible_everywhere() {
     let cluster = LocalCluster::start(ClusterSpec::new(2, 2)).await.unwrap();
@@ -335,9 +339,10 @@ async fn a_long_read_holds_gc_and_then_versions_are_pruned() {
     let held = hold.message().await.unwrap().unwrap().at.unwrap();
     assert!(held.ts >= first.get());
 
-    // Many newer versions of x.
+    // Many newer versions of x: more than `snapshot_every_versions` (64), so that once GC passes
+    // them, some are older than the snapshot the newest one's delta chain rests on.
     let mut last = first;
-    for v in 1..=20 {
+    for v in 1..=NEWER_VERSIONS {
         last = cluster
             .append(&[tx::replace(&[("docs", "x", json!({"v": v}))])])
             .await
@@ -428,5 +433,5 @@ async fn a_long_read_holds_gc_and_then_versions_are_pruned() {
     }
     // The newest version is of course still there.
     let r = read(&cluster, nodes[0], vec![key("docs", "x")], last).await;
-    assert_eq!(json_of(&r.documents[0])["v"], json!(20));
+    assert_eq!(json_of(&r.documents[0])["v"], json!(NEWER_VERSIONS));
 }
