@@ -661,13 +661,22 @@ async fn load(client: &Http, args: &Args) -> Result<u64> {
                         return;
                     }
                     let op = workload.load_op(key, batch.min(client.keys() - key));
-                    match client.send(&op).await {
-                        Outcome::Ok { ts } => {
-                            last_ts.fetch_max(ts.unwrap_or(0), Ordering::Relaxed);
+                    // A 429 changed nothing: the same batch again after a pause, until the
+                    // load deadline.
+                    loop {
+                        match client.send(&op).await {
+                            Outcome::Ok { ts } => {
+                                last_ts.fetch_max(ts.unwrap_or(0), Ordering::Relaxed);
+                            }
+                            Outcome::Throttled if Instant::now() < deadline => {
+                                tokio::time::sleep(THROTTLED_PAUSE).await;
+                                continue;
+                            }
+                            Outcome::Throttled | Outcome::Error(_) => {
+                                failures.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
-                        Outcome::Throttled | Outcome::Error(_) => {
-                            failures.fetch_add(1, Ordering::Relaxed);
-                        }
+                        break;
                     }
                 }
             })
