@@ -122,7 +122,7 @@ pub(crate) async fn sample_loop(shared: Arc<Shared>, mut stop: watch::Receiver<b
     }
 }
 
-/// One sample: the lowest UST view of the coordinating nodes that answered within `deadline`,
+/// One sample: the highest UST view of the coordinating nodes that answered within `deadline`,
 /// and the highest log end known. `None` when no coordinating node answered.
 async fn sample(shared: &Shared, deadline: Duration) -> Option<Sample> {
     let mut calls: FuturesUnordered<_> = shared
