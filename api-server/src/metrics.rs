@@ -190,7 +190,7 @@ impl Metrics {
             (
                 "causeway_api_visibility_backlog_records",
                 "gauge",
-                "Records in the log past the lowest UST view.",
+                "Records in the log past the highest UST view of the coordinating nodes.",
                 self.visibility_backlog.load(Ordering::Relaxed).to_string(),
             ),
             (
