@@ -537,7 +537,7 @@ async fn sustained(ctx: &Ctx, args: &Args, closed: &Report, seed: u64) -> Result
             seed.wrapping_add(u64::from(i) + 1),
         )
         .await?;
-        let step = Step::of(&report, rate, args);
+        let step = Step::of(&report, rate, args.max_p99_ms, args.max_lag_p99_ms);
         if step.held {
             good = good.max(rate);
         } else {

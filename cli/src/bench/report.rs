@@ -142,8 +142,9 @@ pub struct Step {
 const MIN_LAG_SAMPLES: u64 = 20;
 
 impl Step {
-    /// The step of an open-loop `report` at `rate`, judged against the bounds of `args`.
-    pub fn of(report: &Report, rate: f64, args: &super::Args) -> Step {
+    /// The step of an open-loop `report` at `rate`, judged against the bounds (write p99 and
+    /// visibility lag p99, in ms).
+    pub fn of(report: &Report, rate: f64, max_p99_ms: f64, max_lag_p99_ms: f64) -> Step {
         let p99_ms = report.latency.as_ref().map(|l| l.p99_ms);
         let lag = report.visibility_lag.as_ref();
         let lag_samples = lag.map_or(0, |l| l.count);
@@ -154,9 +155,9 @@ impl Step {
         let held = report.errors == 0
             && report.throttled == 0
             && sent_fraction >= 0.99
-            && p99_ms.is_some_and(|p| p <= args.max_p99_ms)
+            && p99_ms.is_some_and(|p| p <= max_p99_ms)
             && lag_samples >= MIN_LAG_SAMPLES
-            && lag.is_some_and(|l| l.p99_ms <= args.max_lag_p99_ms);
+            && lag.is_some_and(|l| l.p99_ms <= max_lag_p99_ms);
         Step {
             rate,
             ops_per_s: report.throughput_ops_s,
@@ -294,12 +295,17 @@ mod tests {
         assert!((s.p50_ms - 0.25).abs() < 0.001, "{s:?}");
     }
 
-    #[test]
-    fn the_report_renders_every_part_and_serialises() {
+    /// An open-loop report of 5000 requests at 1000/s, every latency and lag 2 ms (`lags`
+    /// probes).
+    fn open_report(lags: u64) -> Report {
         let mut h = Latencies::default();
         h.record(Duration::from_millis(2));
         let s = h.summary().unwrap();
-        let report = Report {
+        let mut lag = Latencies::default();
+        for _ in 0..lags {
+            lag.record(Duration::from_millis(2));
+        }
+        Report {
             target: "http://127.0.0.1:7300".into(),
             workload: "ycsb-a".into(),
             mode: "open".into(),
@@ -318,14 +324,61 @@ mod tests {
             latency: Some(s.clone()),
             by_op: BTreeMap::from([("read".to_string(), s.clone())]),
             errors_by_kind: BTreeMap::from([("503 overloaded".to_string(), 10)]),
-            visibility_lag: Some(s),
+            visibility_lag: lag.summary(),
             intended: Some(5000),
             sent: Some(5000),
             loaded_docs: Some(100),
             load_s: Some(0.5),
             invariant: None,
             sustained: None,
+        }
+    }
+
+    #[test]
+    fn a_step_holds_only_within_every_bound() {
+        let mut clean = open_report(100);
+        clean.errors = 0;
+        clean.errors_by_kind.clear();
+        assert!(Step::of(&clean, 1000.0, 50.0, 20.0).held);
+        assert!(
+            !Step::of(&clean, 1000.0, 1.0, 20.0).held,
+            "write p99 over the bound"
+        );
+        assert!(
+            !Step::of(&clean, 1000.0, 50.0, 1.0).held,
+            "lag p99 over the bound"
+        );
+        let few = Report {
+            errors: 0,
+            ..open_report(5)
         };
+        assert!(
+            !Step::of(&few, 1000.0, 50.0, 20.0).held,
+            "too few probes to judge the lag"
+        );
+        let throttled = Report {
+            throttled: 1,
+            ..clean.clone()
+        };
+        assert!(!Step::of(&throttled, 1000.0, 50.0, 20.0).held, "a 429");
+        let failed = Report {
+            errors: 1,
+            ..clean.clone()
+        };
+        assert!(!Step::of(&failed, 1000.0, 50.0, 20.0).held, "an error");
+        let behind = Report {
+            sent: Some(4000),
+            ..clean
+        };
+        assert!(
+            !Step::of(&behind, 1000.0, 50.0, 20.0).held,
+            "the schedule not kept"
+        );
+    }
+
+    #[test]
+    fn the_report_renders_every_part_and_serialises() {
+        let report = open_report(1);
         let text = render(&report);
         for needle in [
             "open loop at 1000 req/s",
