@@ -32,6 +32,7 @@ build() {
 WORK=$(mktemp -d /tmp/causeway-bench.XXXXXX)
 chmod 755 "$WORK"
 PIDS=()
+NODE_PIDS=()
 CLEANUP_EXTRA=${CLEANUP_EXTRA:-}
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -73,8 +74,16 @@ stop() {
   done
 }
 
+# Stops every process started so far (SIGINT, then at most 30 s each), so the next measurement
+# has the machine to itself.
+stop_all() {
+  for pid in "${PIDS[@]}"; do stop "$pid"; done
+  PIDS=()
+}
+
 # Starts Apache Kafka 4.4 with $1 KRaft nodes (the txlog `kafka_cluster` example); sets
-# KAFKA_BOOTSTRAP. `kafka_log TOPIC` then prints the LogOptions JSON of a topic on it.
+# KAFKA_BOOTSTRAP. `kafka_log TOPIC` then prints the LogOptions JSON of a topic on it, with the
+# fields of KAFKA_LOG_EXTRA added (say `"linger_ms":0,"compression":"none"`).
 start_kafka() {
   log "Kafka 4.4, $1 node(s)"
   "$BIN/examples/kafka_cluster" --nodes "$1" >"$WORK/kafka.out" 2>"$WORK/kafka.log" &
@@ -89,8 +98,9 @@ start_kafka() {
 }
 kafka_setting() { sed -n "s/^$1=//p" "$WORK/kafka.out"; }
 kafka_log() { # topic
-  printf '{"backend":"kafka","bootstrap_servers":"%s","topic":"%s","replication_factor":%s,"min_insync_replicas":%s}' \
-    "$KAFKA_BOOTSTRAP" "$1" "$(kafka_setting replication_factor)" "$(kafka_setting min_insync_replicas)"
+  printf '{"backend":"kafka","bootstrap_servers":"%s","topic":"%s","replication_factor":%s,"min_insync_replicas":%s%s}' \
+    "$KAFKA_BOOTSTRAP" "$1" "$(kafka_setting replication_factor)" "$(kafka_setting min_insync_replicas)" \
+    "${KAFKA_LOG_EXTRA:+,$KAFKA_LOG_EXTRA}"
 }
 
 # Starts a config manager; sets CM_ADDR.
@@ -102,7 +112,8 @@ start_config_manager() {
 }
 
 # Starts store node $1 on the log $2 (LogOptions JSON), with its admin (metrics) server on a
-# free port written to $WORK/node-$1.admin; extra JSON fields of its options in $3.
+# free port written to $WORK/node-$1.admin; extra JSON fields of its options in $3. Its PID goes to
+# NODE_PIDS[$1].
 start_store_node() {
   local admin=127.0.0.1:$(free_port)
   echo "$admin" >"$WORK/node-$1.admin"
@@ -112,6 +123,7 @@ start_store_node() {
 JSON
   "$BIN/causeway-store-node" --config "$WORK/node-$1.json" >"$WORK/node-$1.log" 2>&1 &
   PIDS+=($!)
+  NODE_PIDS[$1]=$!
 }
 
 # A counter or gauge from store node $1's metrics.
@@ -120,20 +132,20 @@ node_metric() {
 }
 
 # The whole cluster of the single-broker benchmarks: Kafka (one KRaft node), a config manager,
-# $1 store nodes, a $2×$3 bootstrap and one api-server; sets LOG (the LogOptions JSON) and what
-# the pieces set.
+# $1 store nodes (with the option fields of NODE_EXTRA, say `"store":{"sync_writes":false}`), a
+# $2×$3 bootstrap and one api-server; sets LOG (the LogOptions JSON) and what the pieces set.
 start_cluster() {
   scripts/setup.sh --broker
   build
   start_kafka 1
   LOG=$(kafka_log causeway-tx)
   start_config_manager
-  for i in $(seq 1 "$1"); do start_store_node "$i" "$LOG"; done
+  for i in $(seq 1 "$1"); do start_store_node "$i" "$LOG" "${NODE_EXTRA:+, $NODE_EXTRA}"; done
   "$BIN/causeway" admin bootstrap --config-manager "$CM_ADDR" --partitions "$2" --replicas "$3" --wait 60
   start_api_server "$LOG"
 }
 
-# Starts an api-server on the log $1 with an admin token; sets API_URL and API_TOKEN.
+# Starts an api-server on the log $1 with an admin token; sets API_URL, API_TOKEN and API_PID.
 start_api_server() {
   API_TOKEN="bench-$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
   printf '{"tokens": [{"name": "bench", "token": "%s", "admin": true}]}\n' "$API_TOKEN" \
@@ -142,7 +154,8 @@ start_api_server() {
   port=$(free_port)
   "$BIN/causeway-api-server" --listen "127.0.0.1:$port" --config-manager "$CM_ADDR" \
     --log "$1" --tokens-file "$WORK/tokens.json" >"$WORK/api.log" 2>&1 &
-  PIDS+=($!)
+  API_PID=$!
+  PIDS+=("$API_PID")
   API_URL=http://127.0.0.1:$port
   wait_api "$API_URL" "$API_TOKEN"
 }
@@ -200,4 +213,53 @@ stop_postgres() {
   if [ -f "$WORK/pg/data/postmaster.pid" ]; then
     runuser -u postgres -- "$PGBIN/pg_ctl" -D "$WORK/pg/data" -m fast stop >/dev/null 2>&1 || true
   fi
+}
+
+# Runs SQL on the throwaway cluster (bounded: 1800 s).
+sql() { PGOPTIONS="-c client_min_messages=warning" timeout 1800 psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres -At -c "$1" postgres; }
+
+# pgbench with the script $WORK/pg/<name>.sql, CONCURRENCY clients, DURATION seconds (both set
+# by the caller), after a CHECKPOINT; the result (rate, percentiles from the per-transaction
+# log) to $WORK/<name>.json.
+pg_bench() {
+  local name=$1
+  log "pgbench $name"
+  sql "CHECKPOINT" >/dev/null
+  (cd "$WORK/pg" && timeout $((DURATION + 120)) pgbench -n -h 127.0.0.1 -p "$PG_PORT" -U postgres \
+    -M prepared -c "$CONCURRENCY" -j 2 -T "$DURATION" -f "$name.sql" -l --log-prefix="$name.tx" \
+    postgres >"$WORK/$name.txt" 2>&1) || { cat "$WORK/$name.txt" >&2; exit 1; }
+  cat "$WORK/pg/$name".tx.* | python3 -c '
+import json, sys
+lat = sorted(int(line.split()[2]) for line in sys.stdin if line.strip())
+q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] / 1000.0 if lat else None
+txt = open(sys.argv[1]).read().splitlines()
+tps = float([l for l in txt if l.startswith("tps = ")][0].split()[2])
+failed = [l for l in txt if l.startswith("number of failed transactions")]
+errors = int(failed[0].split(":")[1].split()[0]) if failed else 0
+json.dump({"ops_per_s": tps, "ok": len(lat), "errors": errors,
+           "latency": {"p50_ms": q(0.5), "p99_ms": q(0.99), "p999_ms": q(0.999)}},
+          open(sys.argv[2], "w"))
+' "$WORK/$name.txt" "$WORK/$name.json"
+}
+
+# The document of causeway bench as SQL, for the key expression $1 (an integer) and size $2:
+# {"n":K,"field0":"f"*16,"pad":"x"*PAD}, exactly $2 bytes for every K, as `document(K, $2)`.
+pg_doc() {
+  printf '%s' "('{\"n\":' || $1 || ',\"field0\":\"ffffffffffffffff\",\"pad\":\"' || repeat('x', $(($2 - 43)) - length(($1)::text)) || '\"}')::jsonb"
+}
+pg_id() { printf '%s' "('k' || lpad(($1)::text, 9, '0'))"; }
+
+# pgbench scripts: upserts over $2 keys of $3 bytes, reads over $2 keys; name $1.
+pg_upsert_script() {
+  cat >"$WORK/pg/$1.sql" <<EOF
+\set k random(0, $(($2 - 1)))
+INSERT INTO docs (id, doc) VALUES ($(pg_id :k), $(pg_doc :k "$3"))
+ON CONFLICT (id) DO UPDATE SET doc = EXCLUDED.doc;
+EOF
+}
+pg_read_script() {
+  cat >"$WORK/pg/$1.sql" <<EOF
+\set k random(0, $(($2 - 1)))
+SELECT doc FROM docs WHERE id = $(pg_id :k);
+EOF
 }

@@ -7,7 +7,11 @@
 #                      # KEYS=10000 PARTITIONS=1 REPLICAS=1 TOP=25 BIN_DIR= PROFILE=release
 #
 # WORKLOAD=write profiles the write path and the apply loop; WORKLOAD=read the coordinated read.
-# The reports go to $OUT (default bench/profile-$WORKLOAD.txt). Installs linux-perf if missing.
+# TARGET=kafka profiles a LocalCluster on Apache Kafka instead (one KRaft node, PARTITIONS ×
+# REPLICAS store nodes, default 2x2 there, one api-server), the api-server and store node 1 each
+# on its own, so the write path and the apply loop are apart.
+# The reports go to $OUT (default bench/profile-$WORKLOAD[-kafka].txt). Installs linux-perf if
+# missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -17,10 +21,14 @@ PERF_SECS=${PERF_SECS:-10}
 CONCURRENCY=${CONCURRENCY:-32}
 DOC_BYTES=${DOC_BYTES:-256}
 KEYS=${KEYS:-10000}
-PARTITIONS=${PARTITIONS:-1}
-REPLICAS=${REPLICAS:-1}
+TARGET=${TARGET:-dev}
+case $TARGET in
+  dev) PARTITIONS=${PARTITIONS:-1} REPLICAS=${REPLICAS:-1} suffix= ;;
+  kafka) PARTITIONS=${PARTITIONS:-2} REPLICAS=${REPLICAS:-2} suffix=-kafka ;;
+  *) echo "TARGET is dev or kafka, not $TARGET" >&2; exit 1 ;;
+esac
 TOP=${TOP:-25}
-OUT=${OUT:-$ROOT/bench/profile-$WORKLOAD.txt}
+OUT=${OUT:-$ROOT/bench/profile-$WORKLOAD$suffix.txt}
 need_tools
 if ! command -v perf >/dev/null; then
   log "installing linux-perf"
@@ -28,37 +36,54 @@ if ! command -v perf >/dev/null; then
 fi
 build
 
-start_dev "$WORK/dev" "$PARTITIONS" "$REPLICAS"
+if [ "$TARGET" = dev ]; then
+  start_dev "$WORK/dev" "$PARTITIONS" "$REPLICAS"
+  URL=$DEV_URL TOKEN=$DEV_TOKEN
+  PROFILED=("dev:$DEV_PID")
+else
+  start_cluster $((PARTITIONS * REPLICAS)) "$PARTITIONS" "$REPLICAS"
+  URL=$API_URL TOKEN=$API_TOKEN
+  PROFILED=("api-server:$API_PID" "store-node-1:${NODE_PIDS[1]}")
+fi
 
 log "bench $WORKLOAD for $DURATION s; perf over $PERF_SECS s of it"
-"$BIN/causeway" bench --url "$DEV_URL" --token "$DEV_TOKEN" --workload "$WORKLOAD" \
+"$BIN/causeway" bench --url "$URL" --token "$TOKEN" --workload "$WORKLOAD" \
   --duration "$DURATION" --concurrency "$CONCURRENCY" --doc-bytes "$DOC_BYTES" --keys "$KEYS" \
   --zipf 0 >"$WORK/bench.txt" 2>"$WORK/bench.err" &
 BENCH_PID=$!
 PIDS+=("$BENCH_PID")
 # Past the load phase and the first seconds.
 sleep $(( (DURATION - PERF_SECS) / 2 + 3 ))
-perf record -e cpu-clock -F 499 --call-graph dwarf,16384 -p "$DEV_PID" -o "$WORK/perf.data" \
-  -- sleep "$PERF_SECS" >/dev/null 2>&1
+PERFS=()
+for p in "${PROFILED[@]}"; do
+  perf record -e cpu-clock -F 499 --call-graph dwarf,16384 -p "${p#*:}" -o "$WORK/${p%%:*}.perf" \
+    -- sleep "$PERF_SECS" >/dev/null 2>&1 &
+  PERFS+=($!)
+done
+wait "${PERFS[@]}"
 wait "$BENCH_PID" || true
 # perf pads every line to its widest symbol: cut the padding and very long generic names.
 tidy() { grep -v '^#' | grep -v '^$' | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//; s/[[:space:]]+$//' | cut -c1-180; }
 {
-  echo "# bench/profile.sh: WORKLOAD=$WORKLOAD CONCURRENCY=$CONCURRENCY DOC_BYTES=$DOC_BYTES ${PARTITIONS}x${REPLICAS}"
+  echo "# bench/profile.sh: TARGET=$TARGET WORKLOAD=$WORKLOAD CONCURRENCY=$CONCURRENCY DOC_BYTES=$DOC_BYTES ${PARTITIONS}x${REPLICAS}"
   cat "$WORK/bench.txt"
-  echo
-  echo "## by own time (self), top $TOP"
-  perf report -i "$WORK/perf.data" --stdio --no-children --sort symbol -g none --percent-limit 0.5 2>/dev/null \
-    | tidy | head -n "$TOP"
-  echo
-  echo "## by time under the function (children), top $TOP"
-  perf report -i "$WORK/perf.data" --stdio --children --sort symbol -g none --percent-limit 2 2>/dev/null \
-    | grep -vE 'tokio::runtime|std::|core::ops::function|catch_unwind|call_once|poll_future|__clone|start_thread|\[k\]' \
-    \
-    | tidy | head -n "$TOP"
-  echo
-  echo "## by thread"
-  perf report -i "$WORK/perf.data" --stdio --no-children --sort comm -g none 2>/dev/null \
-    | tidy | head -n 12
+  for p in "${PROFILED[@]}"; do
+    data=$WORK/${p%%:*}.perf
+    echo
+    echo "# ${p%%:*}"
+    echo
+    echo "## by own time (self), top $TOP"
+    perf report -i "$data" --stdio --no-children --sort symbol -g none --percent-limit 0.5 2>/dev/null \
+      | tidy | head -n "$TOP"
+    echo
+    echo "## by time under the function (children), top $TOP"
+    perf report -i "$data" --stdio --children --sort symbol -g none --percent-limit 2 2>/dev/null \
+      | grep -vE 'tokio::runtime|std::|core::ops::function|catch_unwind|call_once|poll_future|__clone|start_thread|\[k\]' \
+      | tidy | head -n "$TOP"
+    echo
+    echo "## by thread"
+    perf report -i "$data" --stdio --no-children --sort comm -g none 2>/dev/null \
+      | tidy | head -n 12
+  done
 } >"$OUT"
 cat "$OUT"

@@ -103,30 +103,9 @@ bench raw-kafka --raw-log "$(kafka_log raw-baseline)"
 
 # --- 4. PostgreSQL 15 --------------------------------------------------------------------------
 start_postgres "$CONCURRENCY"
-psql -q -h 127.0.0.1 -p "$PG_PORT" -U postgres -c \
-  "CREATE TABLE docs (id text PRIMARY KEY, doc jsonb NOT NULL)"
-# The same document as `causeway bench` writes: {"n":K,"field0":"f"*16,"pad":"x"*PAD}, DOC_BYTES long.
-PAD=$(python3 -c 'import json,sys; b=int(sys.argv[1]); base=len(json.dumps({"n":0,"field0":"","pad":""},separators=(",",":"))); print(b-base-16)' "$DOC_BYTES")
-cat >"$WORK/pg/upsert.sql" <<EOF
-\set k random(0, $((KEYS - 1)))
-INSERT INTO docs (id, doc) VALUES ('k' || lpad(:k::text, 9, '0'),
-  ('{"n":' || :k || ',"field0":"ffffffffffffffff","pad":"' || repeat('x', $PAD) || '"}')::jsonb)
-ON CONFLICT (id) DO UPDATE SET doc = EXCLUDED.doc;
-EOF
-(cd "$WORK/pg" && pgbench -n -h 127.0.0.1 -p "$PG_PORT" -U postgres -M prepared \
-  -c "$CONCURRENCY" -j 2 -T "$DURATION" -f upsert.sql -l --log-prefix=pgbench postgres \
-  >"$WORK/pgbench.txt" 2>&1)
-cat "$WORK"/pg/pgbench.* | python3 -c '
-import json, sys
-lat = sorted(int(line.split()[2]) for line in sys.stdin if line.strip())
-q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] / 1000.0
-txt = open(sys.argv[1]).read()
-tps = float([l for l in txt.splitlines() if l.startswith("tps = ")][0].split()[2])
-fail = [l for l in txt.splitlines() if "failed" in l]
-json.dump({"writes_per_s": tps, "ok": len(lat), "errors": 0,
-           "latency": {"p50_ms": q(0.5), "p99_ms": q(0.99), "p999_ms": q(0.999)}},
-          open(sys.argv[2], "w"))
-' "$WORK/pgbench.txt" "$WORK/postgres.json"
+sql "CREATE TABLE docs (id text PRIMARY KEY, doc jsonb NOT NULL)"
+pg_upsert_script postgres "$KEYS" "$DOC_BYTES"
+pg_bench postgres
 
 # --- the table ---------------------------------------------------------------------------------
 export DURATION CONCURRENCY DOC_BYTES KEYS PARTITIONS REPLICAS DEV_PARTITIONS DEV_REPLICAS PROFILE KAFKA_NODES

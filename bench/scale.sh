@@ -21,6 +21,13 @@
 #      closed-loop reads (GET) and then writes (PUT), uniform over all DOCS keys; PostgreSQL the
 #      same with pgbench (SELECT doc FROM docs WHERE id = …, then the upsert). Reads run first,
 #      so the writes' backlog (applying, compaction, vacuum) does not slow them.
+#   4. Long histories: HISTORY_KEYS documents of DOC_BYTES rewritten by a closed loop of PUTs for
+#      HISTORY_S seconds on a fresh causeway dev (every write a new version: thousands of
+#      versions per document), then DURATION seconds of writes and of reads over the same keys,
+#      and the bytes on disk per document after a stop (GC keeps the versions reads may need,
+#      re-basing bounds the automerge history). PostgreSQL the same: HISTORY_S seconds of
+#      upserts on an emptied table, then the measured runs, then pg_total_relation_size.
+#      HISTORY_S=0 skips it.
 #
 # PostgreSQL runs a CHECKPOINT before each of its measured runs. Latency of the causeway rows is
 # measured by `causeway bench` (hdrhistogram, from the send); PostgreSQL's from pgbench's
@@ -32,6 +39,7 @@
 #   DURATION=15 CONCURRENCY=32 (every measured run)
 #   KEYS=10000 SIZES="256 4096 65536" (part 1: keys and document sizes in bytes, each ≥ 64)
 #   DOCS=1000000 DOC_BYTES=256 (parts 2 and 3; DOC_BYTES ≥ 64)
+#   HISTORY_KEYS=1000 HISTORY_S=120 (part 4)
 #   PROFILE=release (or dev: only for a quick look)
 #   BIN_DIR=<dir> skips the build and uses the binaries there (PROFILE then only labels the table)
 #   KEEP=1 keeps the temp dir (logs, JSON reports, the data dirs; otherwise each part-1 data dir
@@ -47,6 +55,8 @@ KEYS=${KEYS:-10000}
 SIZES=${SIZES:-256 4096 65536}
 DOCS=${DOCS:-1000000}
 DOC_BYTES=${DOC_BYTES:-256}
+HISTORY_KEYS=${HISTORY_KEYS:-1000}
+HISTORY_S=${HISTORY_S:-120}
 OUT=${OUT:-$ROOT/bench/scale-results.md}
 read -r -a SIZE_LIST <<<"$SIZES"
 [ ${#SIZE_LIST[@]} -gt 0 ] || { echo "SIZES is empty" >&2; exit 1; }
@@ -55,7 +65,7 @@ for b in "${SIZE_LIST[@]}" "$DOC_BYTES"; do
   # 43 bytes of the document are the fixed fields; "n" takes up to 10 digits more.
   [ "$b" -ge 64 ] && [ "$b" -le 262144 ] || { echo "document size $b is not in 64..262144" >&2; exit 1; }
 done
-for v in DURATION CONCURRENCY KEYS DOCS; do
+for v in DURATION CONCURRENCY KEYS DOCS HISTORY_KEYS; do
   case ${!v} in '' | *[!0-9]* | 0) echo "$v must be a positive integer" >&2; exit 1 ;; esac
 done
 STARTED=$SECONDS
@@ -74,54 +84,6 @@ cw_bench() {
   log "causeway bench $name"
   timeout $((DURATION + 2000)) "$BIN/causeway" bench --json --url "$DEV_URL" --token "$DEV_TOKEN" \
     --duration "$DURATION" --concurrency "$CONCURRENCY" "$@" >"$WORK/$name.json"
-}
-
-# Runs SQL on the throwaway cluster (bounded: 1800 s).
-sql() { PGOPTIONS="-c client_min_messages=warning" timeout 1800 psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -U postgres -At -c "$1" postgres; }
-
-# pgbench with the script $WORK/pg/<name>.sql, CONCURRENCY clients, DURATION seconds, after a
-# CHECKPOINT; the result (rate, percentiles from the per-transaction log) to $WORK/<name>.json.
-pg_bench() {
-  local name=$1
-  log "pgbench $name"
-  sql "CHECKPOINT" >/dev/null
-  (cd "$WORK/pg" && timeout $((DURATION + 120)) pgbench -n -h 127.0.0.1 -p "$PG_PORT" -U postgres \
-    -M prepared -c "$CONCURRENCY" -j 2 -T "$DURATION" -f "$name.sql" -l --log-prefix="$name.tx" \
-    postgres >"$WORK/$name.txt" 2>&1) || { cat "$WORK/$name.txt" >&2; exit 1; }
-  cat "$WORK/pg/$name".tx.* | python3 -c '
-import json, sys
-lat = sorted(int(line.split()[2]) for line in sys.stdin if line.strip())
-q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] / 1000.0 if lat else None
-txt = open(sys.argv[1]).read().splitlines()
-tps = float([l for l in txt if l.startswith("tps = ")][0].split()[2])
-failed = [l for l in txt if l.startswith("number of failed transactions")]
-errors = int(failed[0].split(":")[1].split()[0]) if failed else 0
-json.dump({"ops_per_s": tps, "ok": len(lat), "errors": errors,
-           "latency": {"p50_ms": q(0.5), "p99_ms": q(0.99), "p999_ms": q(0.999)}},
-          open(sys.argv[2], "w"))
-' "$WORK/$name.txt" "$WORK/$name.json"
-}
-
-# The document of causeway bench as SQL, for the key expression $1 (an integer) and size $2:
-# {"n":K,"field0":"f"*16,"pad":"x"*PAD}, exactly $2 bytes for every K, as `document(K, $2)`.
-pg_doc() {
-  printf '%s' "('{\"n\":' || $1 || ',\"field0\":\"ffffffffffffffff\",\"pad\":\"' || repeat('x', $(($2 - 43)) - length(($1)::text)) || '\"}')::jsonb"
-}
-pg_id() { printf '%s' "('k' || lpad(($1)::text, 9, '0'))"; }
-
-# pgbench scripts: upserts over $2 keys of $3 bytes, reads over $2 keys; name $1.
-pg_upsert_script() {
-  cat >"$WORK/pg/$1.sql" <<EOF
-\set k random(0, $(($2 - 1)))
-INSERT INTO docs (id, doc) VALUES ($(pg_id :k), $(pg_doc :k "$3"))
-ON CONFLICT (id) DO UPDATE SET doc = EXCLUDED.doc;
-EOF
-}
-pg_read_script() {
-  cat >"$WORK/pg/$1.sql" <<EOF
-\set k random(0, $(($2 - 1)))
-SELECT doc FROM docs WHERE id = $(pg_id :k);
-EOF
 }
 
 du_b() { # total bytes of the paths given (0 for none)
@@ -194,9 +156,36 @@ pg_bench pg-read-docs
 pg_upsert_script pg-write-docs "$DOCS" "$DOC_BYTES"
 pg_bench pg-write-docs
 
+# --- 4. long histories -------------------------------------------------------------------------
+HIST_NODE_BYTES=0 PG_HIST_TOTAL=0
+if [ "$HISTORY_S" -gt 0 ]; then
+  log "long histories: $HISTORY_KEYS documents rewritten for $HISTORY_S s, causeway dev"
+  HIST_DIR=$WORK/dev-history
+  start_dev "$HIST_DIR"
+  DURATION=$HISTORY_S cw_bench cw-hist-fill --workload write --keys "$HISTORY_KEYS" --zipf 0 \
+    --doc-bytes "$DOC_BYTES"
+  cw_bench cw-hist-write --workload write --keys "$HISTORY_KEYS" --zipf 0 --doc-bytes "$DOC_BYTES"
+  cw_bench cw-hist-read --workload read --no-load --keys "$HISTORY_KEYS" --zipf 0 \
+    --doc-bytes "$DOC_BYTES"
+  stop "$DEV_PID"
+  HIST_NODE_BYTES=$(du_b "$HIST_DIR"/node-*)
+
+  log "long histories: PostgreSQL"
+  sql "DROP TABLE IF EXISTS docs; CREATE TABLE docs (id text PRIMARY KEY, doc jsonb NOT NULL)"
+  pg_upsert_script pg-hist "$HISTORY_KEYS" "$DOC_BYTES"
+  DURATION=$HISTORY_S pg_bench pg-hist
+  mv "$WORK/pg-hist.json" "$WORK/pg-hist-fill.json"
+  pg_bench pg-hist
+  mv "$WORK/pg-hist.json" "$WORK/pg-hist-write.json"
+  pg_read_script pg-hist-read "$HISTORY_KEYS"
+  pg_bench pg-hist-read
+  PG_HIST_TOTAL=$(sql "SELECT pg_total_relation_size('docs')")
+fi
+
 # --- the tables --------------------------------------------------------------------------------
 export DURATION CONCURRENCY KEYS SIZES DOCS DOC_BYTES PROFILE PG_VERSION CW_NODE_BYTES CW_LOG_BYTES \
-  CW_TOTAL_BYTES PG_LOAD_S PG_WAL_BYTES PG_WAL_DIR_BYTES PG_TOTAL PG_HEAP PG_INDEXES PG_COL
+  CW_TOTAL_BYTES PG_LOAD_S PG_WAL_BYTES PG_WAL_DIR_BYTES PG_TOTAL PG_HEAP PG_INDEXES PG_COL \
+  HISTORY_KEYS HISTORY_S HIST_NODE_BYTES PG_HIST_TOTAL
 export ELAPSED=$((SECONDS - STARTED))
 python3 - "$WORK" "$OUT" <<'PY'
 import json, os, platform, subprocess, sys
@@ -307,6 +296,29 @@ L.append("")
 L.append("429: causeway writes refused by admission control (they changed nothing; counted "
          "neither in the rate, nor in the latency, nor as errors). Latency: causeway from "
          "`causeway bench` (from the send), PostgreSQL from pgbench's per-transaction log.")
+if int(env("HISTORY_S")) > 0:
+    hk = int(env("HISTORY_KEYS"))
+    cf, pf = load("cw-hist-fill"), load("pg-hist-fill")
+    L.append("")
+    L.append("## Long histories: %d documents rewritten for %s s" % (hk, env("HISTORY_S")))
+    L.append("")
+    L.append("Versions written per document in the fill: causeway %.0f, PostgreSQL %.0f (its "
+             "rate %.0f/s against %.0f/s)." % (cf["ok"] / hk, pf["ok"] / hk, cw_rate(cf),
+                                                pf["ops_per_s"]))
+    L.append("")
+    L.append("| workload | causeway ops/s | p50 ms | p99 ms | errors | 429 | PostgreSQL ops/s | p50 ms | p99 ms | errors | causeway ÷ PostgreSQL |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, cw, pg, read in [("write (PUT / upsert)", "cw-hist-write", "pg-hist-write", False),
+                                ("read (GET / SELECT by id)", "cw-hist-read", "pg-hist-read", True)]:
+        c, p = load(cw), load(pg)
+        L.append("| %s | %.0f | %s | %s | %d | %d | %.0f | %s | %s | %d | %s |" % (
+            label, cw_rate(c, read), lat(c, "p50_ms"), lat(c, "p99_ms"),
+            c["errors"], c.get("throttled", 0), p["ops_per_s"], lat(p, "p50_ms"),
+            lat(p, "p99_ms"), p["errors"], ratio(cw_rate(c, read), p["ops_per_s"])))
+    L.append("")
+    L.append("Bytes on disk per document afterwards: causeway store node RocksDB %.0f, "
+             "PostgreSQL `pg_total_relation_size` %.0f." % (int(env("HIST_NODE_BYTES")) / hk,
+                                                            int(env("PG_HIST_TOTAL")) / hk))
 text = "\n".join(L) + "\n"
 open(out, "w").write(text)
 sys.stdout.write(text)

@@ -130,6 +130,7 @@ impl Service {
             )),
             votes: watch::Sender::new(crate::votes::VoteState::default()),
             committed_moved: tokio::sync::Notify::new(),
+            applied_moved: tokio::sync::Notify::new(),
             peers_moved: tokio::sync::Notify::new(),
         });
         if let Some(configs) = Configs::saved(&shared.store).map_err(Error::Apply)? {
@@ -185,6 +186,7 @@ impl Service {
         let mut tasks: JoinSet<Result<(), Error>> = JoinSet::new();
         tasks.spawn(membership(Arc::clone(&shared), cm.clone(), stop.clone()));
         tasks.spawn(apply_loop(Arc::clone(&shared), log.clone(), stop.clone()));
+        tasks.spawn(sync_loop(Arc::clone(&shared), stop.clone()));
         tasks.spawn(gossip_loop(Arc::clone(&shared), cm, stop.clone()));
         tasks.spawn(gc_loop(Arc::clone(&shared), stop.clone()));
         tasks.spawn(crate::backfill::transition_loop(
@@ -539,6 +541,9 @@ async fn apply_loop(
                         shared.committed_moved.notify_one();
                     }
                     let applied = shared.store.applied();
+                    if applied > committed {
+                        shared.applied_moved.notify_one();
+                    }
                     remote.retain(|ts, _| *ts > applied);
                     shared.votes.send_replace(VoteState {
                         applied,
@@ -590,6 +595,26 @@ async fn apply_loop(
             _ = stop.wait_for(|s| *s) => return Ok(()),
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Makes what apply wrote durable when it does not fsync its groups itself
+/// (`store.sync_writes` off): one fsync at a time, off the apply path, so the next group applies
+/// while the previous one syncs; the committed ts (and with it the gossip) advances after each.
+async fn sync_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> Result<(), Error> {
+    loop {
+        tokio::select! {
+            () = shared.applied_moved.notified() => {}
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+        if shared.store.committed() >= shared.store.applied() {
+            continue;
+        }
+        let store = Arc::clone(&shared.store);
+        tokio::task::spawn_blocking(move || store.sync())
+            .await
+            .expect("sync task")?;
+        shared.committed_moved.notify_one();
     }
 }
 

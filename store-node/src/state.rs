@@ -198,10 +198,13 @@ pub struct Shared {
     pub backfill_streams: Arc<tokio::sync::Semaphore>,
     /// Where apply is, and the transaction it waits at for votes (`votes`).
     pub votes: watch::Sender<crate::votes::VoteState>,
-    /// The apply loop made a group durable (its committed ts rose): the gossip loop steps and
-    /// sends at once rather than at its next tick, so the UST follows the commit without
-    /// waiting out an interval.
+    /// A group was made durable (the committed ts rose): the gossip loop steps and sends at
+    /// once rather than at its next tick, so the UST follows the commit without waiting out an
+    /// interval.
     pub committed_moved: tokio::sync::Notify,
+    /// The apply loop wrote a group it did not fsync (`store.sync_writes` off): the sync loop
+    /// makes it durable.
+    pub applied_moved: tokio::sync::Notify,
     /// A peer's gossip arrived: the gossip loop steps (without sending), so this node's UST view
     /// takes it in at once.
     pub peers_moved: tokio::sync::Notify,

@@ -791,6 +791,129 @@ fn history_is_rebased_past_the_bound_and_counters_survive() {
     );
 }
 
+/// The actors of a document's changes at `ts`, in change order, with how many changes each made.
+fn change_actors(store: &Store, id: &str, ts: u64) -> Vec<(ActorId, usize)> {
+    let bytes = store
+        .get_automerge("c", id, Timestamp(ts))
+        .unwrap()
+        .unwrap();
+    let mut actors: Vec<(ActorId, usize)> = Vec::new();
+    for change in Automerge::load(&bytes).unwrap().get_changes(&[]) {
+        match actors.iter_mut().find(|(a, _)| a == change.actor_id()) {
+            Some((_, n)) => *n += 1,
+            None => actors.push((change.actor_id().clone(), 1)),
+        }
+    }
+    actors
+}
+
+/// The store's own changes to a document share one actor per history (from its creation or
+/// re-base to the next), across snapshots, a cold restart and a re-creation; a history stored
+/// before actors were kept (its snapshot names none) keeps one actor per mutation.
+#[test]
+fn a_documents_store_changes_share_one_actor_per_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        snapshot_every_versions: 4,
+        ..small_options()
+    };
+    let unbounded = |m, ts| tx_limited(m, ts, 0, 1000);
+    let mut store = open(&dir, options.clone());
+    let write = |store: &Store, ts: u64, m| {
+        let outcome = store
+            .apply(&[(Timestamp(ts), unbounded(vec![m], ts))], &full())
+            .unwrap();
+        assert!(outcome.skipped.is_empty() && outcome.aborted == 0);
+    };
+    for ts in 1..=6 {
+        write(&store, ts, patch("c", "x", &json!({"v": ts})));
+    }
+    // Snapshots at 1 and 5, a cold cache, then more writes: still the one actor.
+    drop(store);
+    store = open(&dir, options.clone());
+    for ts in 7..=10 {
+        write(&store, ts, patch("c", "x", &json!({"v": ts})));
+    }
+    let first = change_actors(&store, "x", 10);
+    assert_eq!(first.len(), 1, "one actor for ten writes: {first:?}");
+    assert_eq!(first[0].1, 10);
+    // Re-created: a new history, a new actor.
+    write(&store, 11, delete("c", "x"));
+    write(&store, 12, patch("c", "x", &json!({"v": 12})));
+    write(&store, 13, patch("c", "x", &json!({"v": 13})));
+    let second = change_actors(&store, "x", 13);
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].1, 2);
+    assert_ne!(second[0].0, first[0].0);
+    // Re-based past the bound: the re-base's actor makes the changes after it.
+    for ts in 14..=20 {
+        let outcome = store
+            .apply(
+                &[(
+                    Timestamp(ts),
+                    tx_limited(vec![patch("c", "x", &json!({"v": ts}))], ts, 0, 5),
+                )],
+                &full(),
+            )
+            .unwrap();
+        assert!(outcome.skipped.is_empty());
+    }
+    let rebased = change_actors(&store, "x", 20);
+    assert_eq!(rebased.len(), 1, "{rebased:?}");
+    assert!(![first[0].0.clone(), second[0].0.clone()].contains(&rebased[0].0));
+    let two_replicas_agree = store.raw_versions(&Interval::FULL).unwrap();
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = open(
+        &other_dir,
+        StoreOptions {
+            cache_documents: 0,
+            ..options.clone()
+        },
+    );
+    for ts in 1..=13 {
+        let m = match ts {
+            11 => delete("c", "x"),
+            _ => patch("c", "x", &json!({"v": ts})),
+        };
+        write(&other, ts, m);
+    }
+    for ts in 14..=20 {
+        other
+            .apply(
+                &[(
+                    Timestamp(ts),
+                    tx_limited(vec![patch("c", "x", &json!({"v": ts}))], ts, 0, 5),
+                )],
+                &full(),
+            )
+            .unwrap();
+    }
+    assert_eq!(
+        two_replicas_agree,
+        other.raw_versions(&Interval::FULL).unwrap()
+    );
+
+    // A snapshot in the format before actors were kept: kind 1, no actor after the header.
+    let legacy_dir = tempfile::tempdir().unwrap();
+    let legacy = open(&legacy_dir, options.clone());
+    write(&legacy, 1, patch("c", "old", &json!({"v": 1})));
+    let mut records = legacy.raw_versions(&Interval::FULL).unwrap();
+    drop(legacy);
+    assert_eq!(records.len(), 1);
+    let value = &mut records[0].value;
+    assert_eq!(value[1], 3, "a snapshot that names its actor");
+    let actor_len = usize::from(value[14]);
+    value.drain(14..15 + actor_len);
+    value[1] = 1;
+    store.ingest(&records).unwrap();
+    for ts in 21..=23 {
+        write(&store, ts, patch("c", "old", &json!({"v": ts})));
+    }
+    let actors = change_actors(&store, "old", 23);
+    assert_eq!(actors.len(), 4, "one actor per mutation: {actors:?}");
+    assert!(actors.iter().all(|(_, n)| *n == 1));
+}
+
 #[test]
 fn backfill_moves_an_interval_to_a_new_replica_with_pending_mutations() {
     let (ds, dt) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());

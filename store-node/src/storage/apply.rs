@@ -21,6 +21,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use automerge::ActorId;
 use causeway_core::{Ballot, Decision, Timestamp};
 use causeway_proto::v1::{self as pb, outcome_response::Known};
 use causeway_proto::v1::{transaction_format_supported, Transaction};
@@ -258,7 +259,8 @@ impl Store {
         run.cache_states(&mut writer);
         self.applied.store(outcome.applied.0, Ordering::SeqCst);
         if sync {
-            self.committed.store(outcome.applied.0, Ordering::SeqCst);
+            self.committed
+                .fetch_max(outcome.applied.0, Ordering::SeqCst);
         }
         outcome.skipped.sort_by_key(|s| (s.ts, s.mutation));
         for skipped in &outcome.skipped {
@@ -663,6 +665,7 @@ impl Store {
                     segment,
                     history_changes,
                     deltas,
+                    actor,
                     json,
                     automerge,
                 } => {
@@ -680,6 +683,7 @@ impl Store {
                             latest,
                             history_changes,
                             deltas,
+                            actor: actor.map(ActorId::from),
                             json: parse_json(&json),
                             json_bytes: json.len(),
                         })));
@@ -787,7 +791,7 @@ fn apply_version(
     }
     let state = std::mem::replace(&mut output.state, Cached::Absent { latest: None });
     let latest_before = state.latest();
-    let (mut doc, mut history_changes, deltas_before, heads_before) = match state {
+    let (mut doc, mut history_changes, deltas_before, heads_before, mut actor) = match state {
         Cached::Live(live) => {
             let heads = live.doc.get_heads();
             (
@@ -795,9 +799,10 @@ fn apply_version(
                 live.history_changes,
                 live.deltas,
                 Some(heads),
+                live.actor,
             )
         }
-        Cached::Absent { .. } => (None, 0, 0, None),
+        Cached::Absent { .. } => (None, 0, 0, None, None),
     };
     let existed = doc.is_some();
     // A document created (or re-created after a delete) within this transaction gets a
@@ -805,6 +810,12 @@ fn apply_version(
     let mut fresh = false;
     for (index, op) in &mutations.ops {
         let created = doc.is_none();
+        if created && !matches!(op, Op::Delete) {
+            // A new history: the store's changes to it will all be this mutation's actor's.
+            // Its sequence numbers count them; every replica makes the same; the document
+            // holds one store actor per history rather than one per write.
+            actor = Some(document::actor(ts, *index));
+        }
         match op {
             Op::Delete => {
                 doc = None;
@@ -820,7 +831,12 @@ fn apply_version(
             }
             local => {
                 let target = doc.get_or_insert_with(|| document::empty_doc(ts, *index));
-                target.set_actor(document::actor(ts, *index));
+                // A history from before actors were kept per document (its snapshot names
+                // none) gets one per mutation until it is re-based or re-created.
+                target.set_actor(match &actor {
+                    Some(actor) => actor.clone(),
+                    None => document::actor(ts, *index),
+                });
                 let mut tx = target.transaction();
                 if let Err(e) = document::apply_local(&mut tx, local) {
                     panic!("mutation {index} of ts {ts} failed on a total operation: {e}");
@@ -858,6 +874,7 @@ fn apply_version(
     let json_bytes = result_bytes.expect("a live result has its bytes");
     let (segment, automerge) = if history_changes > limits.max_history_changes {
         live_doc = document::rebase(&live_doc, ts, wall_clock_ms);
+        actor = Some(live_doc.get_actor().clone());
         history_changes = 1;
         (Segment::Snapshot, document::snapshot(&live_doc))
     } else {
@@ -876,6 +893,10 @@ fn apply_version(
         segment,
         history_changes,
         deltas,
+        actor: match segment {
+            Segment::Snapshot => actor.as_ref().map(ActorId::to_bytes),
+            Segment::Delta => None,
+        },
         json: &json_bytes,
         automerge: &automerge,
     }
@@ -887,6 +908,7 @@ fn apply_version(
         latest: ts,
         history_changes,
         deltas,
+        actor,
         json: model,
         json_bytes: json_bytes.len(),
     }));

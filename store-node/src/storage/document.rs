@@ -34,8 +34,10 @@ const ACTOR_TAG_REBASE: &[u8; 4] = b"cwr1";
 /// The mutation index a re-base uses in its actor id: no transaction has that many mutations.
 const REBASE_INDEX: u32 = u32::MAX;
 
-/// The automerge actor of mutation `index` of the transaction at `ts`: the same on every replica
-/// and unique per mutation, so two replicas make byte-identical changes.
+/// The automerge actor of a history begun by mutation `index` of the transaction at `ts` (or
+/// of that one mutation, in a history stored before actors were kept per document): the same
+/// on every replica and unique per history, so two replicas make byte-identical changes and no
+/// two histories share an actor.
 pub fn actor(ts: Timestamp, index: u32) -> ActorId {
     let tag = if index == REBASE_INDEX {
         ACTOR_TAG_REBASE

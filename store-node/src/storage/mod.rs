@@ -63,7 +63,7 @@ mod txn;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use automerge::Automerge;
+use automerge::{ActorId, Automerge};
 use causeway_core::{Epoch, Interval, KeyHash, Timestamp};
 use causeway_proto::v1::{Mutation, Transaction};
 use prost::Message;
@@ -108,7 +108,10 @@ pub struct StoreOptions {
     pub cache_bytes: usize,
     /// Write a full snapshot instead of a delta every this many versions (default 64).
     pub snapshot_every_versions: u32,
-    /// fsync every applied group (default true). When false, call [`Store::sync`].
+    /// fsync every applied group before [`Store::apply`] returns (default true). When false,
+    /// [`Store::sync`] makes what was applied durable: a store node then syncs on a task of
+    /// its own, so the next group applies while the previous one syncs. Either way the
+    /// committed ts only counts what is fsynced.
     pub sync_writes: bool,
     /// RocksDB block cache (default 128 MiB).
     pub block_cache_bytes: usize,
@@ -303,6 +306,9 @@ struct Live {
     latest: Timestamp,
     history_changes: u32,
     deltas: u32,
+    /// The actor of the store's changes to this history (named by its snapshot); `None` for a
+    /// history from before actors were kept per document: then each mutation has its own.
+    actor: Option<ActorId>,
     /// The document as JSON (what `document::materialize` gives), kept so a write need not
     /// read it back from automerge.
     json: Map<String, Json>,
@@ -438,9 +444,12 @@ impl Store {
         Timestamp(self.gc.load(Ordering::SeqCst))
     }
 
-    /// fsyncs everything applied so far and advances [`Store::committed`] to it.
+    /// fsyncs everything applied so far and advances [`Store::committed`] to it. It does not
+    /// wait for the writer: apply goes on meanwhile, and what it writes after `applied` is read
+    /// here waits for the next sync.
     pub fn sync(&self) -> Result<Timestamp, Error> {
-        let _writer = self.lock();
+        // `applied` is stored after its group's write returned, so that write is in the WAL
+        // this fsync covers.
         let applied = self.applied.load(Ordering::SeqCst);
         self.db.flush_wal(true)?;
         self.committed.fetch_max(applied, Ordering::SeqCst);

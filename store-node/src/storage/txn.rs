@@ -430,6 +430,7 @@ pub(super) fn key_row_value(wall_clock_ms: u64) -> Vec<u8> {
         segment: Segment::Snapshot,
         history_changes: 0,
         deltas: 0,
+        actor: None,
         json: &json,
         automerge: &[],
     }
