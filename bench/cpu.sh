@@ -8,7 +8,9 @@
 #
 #   bench/cpu.sh   # DURATION=15 CONCURRENCY=32 DOC_BYTES=256 KEYS=10000 PARTITIONS=2 REPLICAS=2
 #
-# SETUPS="dev kafka postgres" picks the setups run. Extra fields for the Kafka cluster: NODE_EXTRA (store node options), KAFKA_LOG_EXTRA (the
+# SETUPS="dev kafka postgres" picks the setups run. RATE=<writes/s> makes the causeway write loads
+# open loops at that rate: the same batching in every run, so the CPU per write of two builds
+# compares (a closed loop's varies with the rate it reaches). Extra fields for the Kafka cluster: NODE_EXTRA (store node options), KAFKA_LOG_EXTRA (the
 # LogOptions of every process). BIN_DIR=<dir> skips the build. Every server listens on
 # 127.0.0.1 and is stopped at exit.
 set -euo pipefail
@@ -44,7 +46,7 @@ cw() { # name, then causeway bench flags
     --concurrency "$CONCURRENCY" --doc-bytes "$DOC_BYTES" "$@" >"$WORK/$name.json"
 }
 writes() { # name url token
-  cw "$1" --url "$2" --token "$3" --workload write --keys "$KEYS" --zipf 0
+  cw "$1" --url "$2" --token "$3" --workload write --keys "$KEYS" --zipf 0 ${RATE:+--rate "$RATE"}
 }
 
 # Everything printed goes to $OUT too.

@@ -7,6 +7,7 @@
 #                      # KEYS=10000 PARTITIONS=1 REPLICAS=1 TOP=25 BIN_DIR= PROFILE=release
 #
 # WORKLOAD=write profiles the write path and the apply loop; WORKLOAD=read the coordinated read.
+# RATE=<ops/s> makes the load an open loop at that rate (a closed loop by default).
 # TARGET=kafka profiles a LocalCluster on Apache Kafka instead (one KRaft node, PARTITIONS ×
 # REPLICAS store nodes, default 2x2 there, one api-server), the api-server and store node 1 each
 # on its own, so the write path and the apply loop are apart.
@@ -49,7 +50,7 @@ fi
 log "bench $WORKLOAD for $DURATION s; perf over $PERF_SECS s of it"
 "$BIN/causeway" bench --url "$URL" --token "$TOKEN" --workload "$WORKLOAD" \
   --duration "$DURATION" --concurrency "$CONCURRENCY" --doc-bytes "$DOC_BYTES" --keys "$KEYS" \
-  --zipf 0 >"$WORK/bench.txt" 2>"$WORK/bench.err" &
+  --zipf 0 ${RATE:+--rate "$RATE"} >"$WORK/bench.txt" 2>"$WORK/bench.err" &
 BENCH_PID=$!
 PIDS+=("$BENCH_PID")
 # Past the load phase and the first seconds.
@@ -57,12 +58,14 @@ sleep $(( (DURATION - PERF_SECS) / 2 + 3 ))
 PERFS=()
 for p in "${PROFILED[@]}"; do
   perf record -e cpu-clock -F 499 --call-graph dwarf,16384 -p "${p#*:}" -o "$WORK/${p%%:*}.perf" \
-    -- sleep "$PERF_SECS" >/dev/null 2>&1 &
+    -- sleep "$PERF_SECS" >"$WORK/${p%%:*}.perf.log" 2>&1 &
   PERFS+=($!)
 done
 wait "${PERFS[@]}"
 wait "$BENCH_PID" || true
 # perf pads every line to its widest symbol: cut the padding and very long generic names.
+# `head` ends the reports early: their SIGPIPE is no failure.
+set +o pipefail
 tidy() { grep -v '^#' | grep -v '^$' | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//; s/[[:space:]]+$//' | cut -c1-180; }
 {
   echo "# bench/profile.sh: TARGET=$TARGET WORKLOAD=$WORKLOAD CONCURRENCY=$CONCURRENCY DOC_BYTES=$DOC_BYTES ${PARTITIONS}x${REPLICAS}"

@@ -264,6 +264,14 @@ pub struct ScanPage {
     pub next: Option<ScanCursor>,
 }
 
+/// What a version record is, as GC sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stored {
+    Tombstone,
+    Snapshot,
+    Delta,
+}
+
 /// Progress of one GC step.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GcProgress {
@@ -700,12 +708,24 @@ impl Store {
                 break;
             }
             let prefix = keys::version_key_parts(first).prefix.to_vec();
-            let mut versions: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+            // The keys and what each version is: GC never needs a version's bytes.
+            let mut versions: Vec<(Vec<u8>, Stored)> = Vec::new();
             while let (Some(key), Some(value)) = (it.key(), it.value()) {
                 if !is_version_of(key, &prefix) {
                     break;
                 }
-                versions.push((key.to_vec(), value.to_vec()));
+                let stored = match Record::decode(value) {
+                    Record::Tombstone => Stored::Tombstone,
+                    Record::Put {
+                        segment: Segment::Snapshot,
+                        ..
+                    } => Stored::Snapshot,
+                    Record::Put {
+                        segment: Segment::Delta,
+                        ..
+                    } => Stored::Delta,
+                };
+                versions.push((key.to_vec(), stored));
                 it.next();
             }
             progress.examined += versions.len();
@@ -729,7 +749,7 @@ impl Store {
     fn gc_document(
         &self,
         batch: &mut WriteBatch,
-        versions: &[(Vec<u8>, Vec<u8>)],
+        versions: &[(Vec<u8>, Stored)],
         gc_ts: Timestamp,
     ) -> usize {
         let ts_of = |key: &[u8]| keys::version_key_parts(key).ts;
@@ -751,8 +771,8 @@ impl Store {
         let Some(keep) = versions.iter().position(|(k, _)| ts_of(k) <= gc_ts) else {
             return 0;
         };
-        let (keep_key, keep_value) = &versions[keep];
-        if let Record::Tombstone = Record::decode(keep_value) {
+        let (keep_key, keep_stored) = &versions[keep];
+        if *keep_stored == Stored::Tombstone {
             // Nothing at or after the GC ts can read below a tombstone: it goes with everything
             // older (and, if it is the newest, the collection index entry with it).
             for (key, _) in &versions[keep..] {
@@ -771,15 +791,7 @@ impl Store {
         // chain stays (no automerge work here), everything older goes.
         let base = versions[keep..]
             .iter()
-            .position(|(_, value)| {
-                matches!(
-                    Record::decode(value),
-                    Record::Put {
-                        segment: Segment::Snapshot,
-                        ..
-                    }
-                )
-            })
+            .position(|(_, stored)| *stored == Stored::Snapshot)
             .map(|i| keep + i)
             .unwrap_or_else(|| panic!("a delta chain without a snapshot below gc ts {gc_ts}"));
         for (key, _) in &versions[base + 1..] {
