@@ -102,6 +102,8 @@ bench kafka-steady --url "$API_URL" --token "$API_TOKEN" --workload write \
 bench raw-kafka --raw-log "$(kafka_log raw-baseline)"
 
 # --- 4. PostgreSQL 15 --------------------------------------------------------------------------
+# Alone on the machine: an idle cluster's store nodes and broker still take CPU (gossip, fetches).
+stop_all
 start_postgres "$CONCURRENCY"
 sql "CREATE TABLE docs (id text PRIMARY KEY, doc jsonb NOT NULL)"
 pg_upsert_script postgres "$KEYS" "$DOC_BYTES"
