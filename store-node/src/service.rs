@@ -541,7 +541,7 @@ async fn apply_loop(
                         shared.committed_moved.notify_one();
                     }
                     let applied = shared.store.applied();
-                    if applied > committed {
+                    if applied > committed && !shared.store.options().sync_writes {
                         shared.applied_moved.notify_one();
                     }
                     remote.retain(|ts, _| *ts > applied);
@@ -599,7 +599,7 @@ async fn apply_loop(
 }
 
 /// Makes what apply wrote durable when it does not fsync its groups itself
-/// (`store.sync_writes` off): one fsync at a time, off the apply path, so the next group applies
+/// (`store.sync_writes` off; the apply loop wakes it only then): one fsync at a time, off the apply path, so the next group applies
 /// while the previous one syncs; the committed ts (and with it the gossip) advances after each.
 async fn sync_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> Result<(), Error> {
     loop {

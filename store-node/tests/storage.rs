@@ -725,6 +725,62 @@ fn raw_automerge_changes_apply_as_a_batch_and_merge_with_json_writes() {
     assert!(server.get(ROOT, "title").unwrap().is_some());
 }
 
+/// A local write and a client's raw change to the same field in one transaction are concurrent:
+/// automerge picks the winner by actor. The JSON a version stores is computed before the change
+/// is made, and must pick the same winner, with the document cached or reloaded, whichever side
+/// of the store's actor the client's falls.
+#[test]
+fn a_local_write_and_a_concurrent_raw_change_in_one_transaction_agree_on_the_winner() {
+    // Below the store's actors (a ts first), between them and a random one, above all.
+    let mut between = [0u8; 16];
+    between[0] = 1;
+    for client_actor in [[0u8; 16], between, [0xff; 16]] {
+        for cache_documents in [0, 1024] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = open(
+                &dir,
+                StoreOptions {
+                    cache_documents,
+                    ..small_options()
+                },
+            );
+            let first = tx(vec![patch("notes", "n", &json!({"title": "first"}))], 1);
+            store.apply(&[(Timestamp(1), first)], &full()).unwrap();
+            let bytes = store
+                .get_automerge("notes", "n", Timestamp(1))
+                .unwrap()
+                .unwrap();
+            let mut client = Automerge::load(&bytes)
+                .unwrap()
+                .with_actor(ActorId::from(&client_actor[..]));
+            let change = client_change(&mut client, |tx| {
+                tx.put(ROOT, "title", "client").unwrap();
+            });
+            let both = tx(
+                vec![
+                    patch("notes", "n", &json!({"title": "server"})),
+                    changes("notes", "n", vec![change]),
+                ],
+                2,
+            );
+            let outcome = store.apply(&[(Timestamp(2), both)], &full()).unwrap();
+            assert!(outcome.skipped.is_empty() && outcome.aborted == 0);
+            let stored = store.get("notes", "n", Timestamp(2)).unwrap().unwrap();
+            let bytes = store
+                .get_automerge("notes", "n", Timestamp(2))
+                .unwrap()
+                .unwrap();
+            let doc = Automerge::load(&bytes).unwrap();
+            let (winner, _) = doc.get(ROOT, "title").unwrap().unwrap();
+            assert_eq!(
+                json!(winner.into_string().unwrap()),
+                stored.json["title"],
+                "client actor {client_actor:02x?}, cache {cache_documents}"
+            );
+        }
+    }
+}
+
 fn split_after(client: &Automerge, server: &Automerge) -> Vec<Vec<u8>> {
     client
         .get_changes(&server.get_heads())
@@ -912,6 +968,17 @@ fn a_documents_store_changes_share_one_actor_per_history() {
     let actors = change_actors(&store, "old", 23);
     assert_eq!(actors.len(), 4, "one actor per mutation: {actors:?}");
     assert!(actors.iter().all(|(_, n)| *n == 1));
+
+    // A history begun by a record of format 2 (a build that gives each mutation its actor
+    // applies those alike) keeps one actor per mutation, whatever the records after it.
+    let mut created = unbounded(vec![patch("c", "two", &json!({"v": 24}))], 24);
+    created.format_version = 2;
+    store.apply(&[(Timestamp(24), created)], &full()).unwrap();
+    for ts in 25..=26 {
+        write(&store, ts, patch("c", "two", &json!({"v": ts})));
+    }
+    let actors = change_actors(&store, "two", 26);
+    assert_eq!(actors.len(), 3, "one actor per mutation: {actors:?}");
 }
 
 #[test]
@@ -980,6 +1047,11 @@ fn backfill_moves_an_interval_to_a_new_replica_with_pending_mutations() {
             assert_eq!(
                 target.get("items", &id, Timestamp(230)).unwrap(),
                 source.get("items", &id, Timestamp(230)).unwrap()
+            );
+            // The automerge state too: the replayed mutations used the source's actors.
+            assert_eq!(
+                target.get_automerge("items", &id, Timestamp(230)).unwrap(),
+                source.get_automerge("items", &id, Timestamp(230)).unwrap()
             );
         }
     }

@@ -433,7 +433,7 @@ impl Store {
                 None => None,
             };
             let duplicate = txn::duplicate_of(row, ts, tx.wall_clock_ms, &parsed.limits);
-            let vote = txn::vote(&state, doc, &parsed.limits, duplicate);
+            let vote = txn::vote(&state, doc, ts, &parsed.limits, duplicate);
             run.states.insert(prefix, state);
             own.push(txn::doc_vote(&doc.key(), &vote));
         }
@@ -521,17 +521,14 @@ impl Store {
                 let prefix = keys::doc_prefix(doc.collection, doc.id);
                 if let Some(row) = &doc.key_row {
                     // The key's row, replayed with the document's mutations.
-                    let mut value = tx.wall_clock_ms.to_be_bytes().to_vec();
-                    value.extend_from_slice(&encode_limits(&limits));
+                    let value = encode_pending(tx.wall_clock_ms, &limits, None);
                     run.batch
                         .put_cf(self.cf(CF_PENDING), keys::pending_key(row, ts, 0), value);
                     run.outcome.pending_written += 1;
                 }
                 for (index, _) in &doc.ops {
                     let mutation = &tx.mutations[*index as usize];
-                    let mut value = tx.wall_clock_ms.to_be_bytes().to_vec();
-                    value.extend_from_slice(&encode_limits(&limits));
-                    mutation.encode(&mut value).expect("a Vec grows");
+                    let value = encode_pending(tx.wall_clock_ms, &limits, Some(mutation));
                     run.batch.put_cf(
                         self.cf(CF_PENDING),
                         keys::pending_key(&prefix, ts, *index),
@@ -707,23 +704,46 @@ fn diverged(ts: Timestamp) -> impl Fn(causeway_core::vote::Conflict) -> Error {
 }
 
 /// The bytes of the limits a pending mutation carries (they are part of its record).
-pub(super) const LIMITS_BYTES: usize = 8 + 4 + 8;
+const LIMITS_BYTES: usize = 8 + 4 + 8;
+/// Marks a pending row whose record begins histories with one actor (`Limits::history_actors`).
+/// No protobuf message starts with a byte below 8 (field numbers start at 1), so a row written
+/// before the marker existed reads as one without it.
+const PENDING_HISTORY_ACTORS: u8 = 3;
 
-pub(super) fn encode_limits(limits: &Limits) -> [u8; LIMITS_BYTES] {
-    let mut out = [0u8; LIMITS_BYTES];
-    out[..8].copy_from_slice(&(limits.max_document_bytes as u64).to_be_bytes());
-    out[8..12].copy_from_slice(&limits.max_history_changes.to_be_bytes());
-    out[12..].copy_from_slice(&limits.idempotency_window_ms.to_be_bytes());
+/// A pending row's value: `wall_clock_ms u64 BE ‖ limits ‖ [PENDING_HISTORY_ACTORS] ‖ mutation`
+/// (no mutation for an idempotency key's row).
+pub(super) fn encode_pending(
+    wall_clock_ms: u64,
+    limits: &Limits,
+    mutation: Option<&pb::Mutation>,
+) -> Vec<u8> {
+    let mut out = wall_clock_ms.to_be_bytes().to_vec();
+    out.extend_from_slice(&(limits.max_document_bytes as u64).to_be_bytes());
+    out.extend_from_slice(&limits.max_history_changes.to_be_bytes());
+    out.extend_from_slice(&limits.idempotency_window_ms.to_be_bytes());
+    if limits.history_actors {
+        out.push(PENDING_HISTORY_ACTORS);
+    }
+    if let Some(mutation) = mutation {
+        mutation.encode(&mut out).expect("a Vec grows");
+    }
     out
 }
 
-pub(super) fn decode_limits(bytes: &[u8]) -> Limits {
-    let u64_at = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-    Limits {
-        max_document_bytes: usize::try_from(u64_at(0)).unwrap_or(usize::MAX),
-        max_history_changes: u32::from_be_bytes(bytes[8..12].try_into().expect("4 bytes")),
-        idempotency_window_ms: u64_at(12),
-    }
+/// A pending row's wall clock, limits and mutation bytes (see `encode_pending`).
+pub(super) fn decode_pending(value: &[u8]) -> (u64, Limits, &[u8]) {
+    let head = 8 + LIMITS_BYTES;
+    assert!(value.len() >= head, "corrupt pending value");
+    let u64_at = |at: usize| u64::from_be_bytes(value[at..at + 8].try_into().expect("8 bytes"));
+    let history_actors = value.get(head) == Some(&PENDING_HISTORY_ACTORS);
+    let limits = Limits {
+        max_document_bytes: usize::try_from(u64_at(8)).unwrap_or(usize::MAX),
+        max_history_changes: u32::from_be_bytes(value[16..20].try_into().expect("4 bytes")),
+        idempotency_window_ms: u64_at(20),
+        history_actors,
+    };
+    let mutation = &value[head + usize::from(history_actors)..];
+    (u64_at(0), limits, mutation)
 }
 
 /// Applies one transaction's mutations of the document in `output.state`: at most one new
@@ -750,7 +770,7 @@ fn apply_version(
             "version {latest} is not older than applied ts {ts}"
         );
     }
-    let result = txn::result_json(&output.state, mutations);
+    let result = txn::result_json(&output.state, mutations, ts, limits);
     let result_bytes = match &result {
         Ok(Some(json)) => Some(document::to_bytes(json)),
         _ => None,
@@ -791,7 +811,7 @@ fn apply_version(
     }
     let state = std::mem::replace(&mut output.state, Cached::Absent { latest: None });
     let latest_before = state.latest();
-    let (mut doc, mut history_changes, deltas_before, heads_before, mut actor) = match state {
+    let (mut doc, mut history_changes, deltas_before, heads_before, history) = match state {
         Cached::Live(live) => {
             let heads = live.doc.get_heads();
             (
@@ -804,6 +824,7 @@ fn apply_version(
         }
         Cached::Absent { .. } => (None, 0, 0, None, None),
     };
+    let mut actors = document::Actors::new(history, ts, limits.history_actors);
     let existed = doc.is_some();
     // A document created (or re-created after a delete) within this transaction gets a
     // snapshot: it has no previous version to be a delta of.
@@ -811,10 +832,7 @@ fn apply_version(
     for (index, op) in &mutations.ops {
         let created = doc.is_none();
         if created && !matches!(op, Op::Delete) {
-            // A new history: the store's changes to it will all be this mutation's actor's.
-            // Its sequence numbers count them; every replica makes the same; the document
-            // holds one store actor per history rather than one per write.
-            actor = Some(document::actor(ts, *index));
+            actors.begin(*index);
         }
         match op {
             Op::Delete => {
@@ -831,12 +849,7 @@ fn apply_version(
             }
             local => {
                 let target = doc.get_or_insert_with(|| document::empty_doc(ts, *index));
-                // A history from before actors were kept per document (its snapshot names
-                // none) gets one per mutation until it is re-based or re-created.
-                target.set_actor(match &actor {
-                    Some(actor) => actor.clone(),
-                    None => document::actor(ts, *index),
-                });
+                target.set_actor(actors.of(*index));
                 let mut tx = target.transaction();
                 if let Err(e) = document::apply_local(&mut tx, local) {
                     panic!("mutation {index} of ts {ts} failed on a total operation: {e}");
@@ -874,7 +887,7 @@ fn apply_version(
     let json_bytes = result_bytes.expect("a live result has its bytes");
     let (segment, automerge) = if history_changes > limits.max_history_changes {
         live_doc = document::rebase(&live_doc, ts, wall_clock_ms);
-        actor = Some(live_doc.get_actor().clone());
+        actors.rebased(&live_doc);
         history_changes = 1;
         (Segment::Snapshot, document::snapshot(&live_doc))
     } else {
@@ -894,7 +907,7 @@ fn apply_version(
         history_changes,
         deltas,
         actor: match segment {
-            Segment::Snapshot => actor.as_ref().map(ActorId::to_bytes),
+            Segment::Snapshot => actors.history().map(ActorId::to_bytes),
             Segment::Delta => None,
         },
         json: &json_bytes,
@@ -908,7 +921,7 @@ fn apply_version(
         latest: ts,
         history_changes,
         deltas,
-        actor,
+        actor: actors.history().cloned(),
         json: model,
         json_bytes: json_bytes.len(),
     }));

@@ -51,6 +51,54 @@ pub fn actor(ts: Timestamp, index: u32) -> ActorId {
     ActorId::from(&bytes[..])
 }
 
+/// The actors of the store's changes to one document while a transaction applies: one per
+/// history (from the document's creation or re-base to the next: the actor of the mutation that
+/// began it, named by its snapshots), so their sequence numbers count them and the document holds
+/// one store actor per history rather than one per write; or, for a history begun before that
+/// (by a record of an earlier format, or stored before actors were kept), one per mutation.
+/// Apply and the votes that predict it choose them alike, so both see the same conflicts.
+#[derive(Debug, Clone)]
+pub struct Actors {
+    history: Option<ActorId>,
+    ts: Timestamp,
+    per_history: bool,
+}
+
+impl Actors {
+    /// For the transaction at `ts` on a document whose history's actor is `history`;
+    /// `per_history`: histories it begins get one actor (`Limits::history_actors`).
+    pub fn new(history: Option<ActorId>, ts: Timestamp, per_history: bool) -> Actors {
+        Actors {
+            history,
+            ts,
+            per_history,
+        }
+    }
+
+    /// Mutation `index` begins a new history (the document is absent before it).
+    pub fn begin(&mut self, index: u32) {
+        self.history = self.per_history.then(|| actor(self.ts, index));
+    }
+
+    /// The document was re-based into `doc`: a new history, begun by the re-base's actor.
+    pub fn rebased(&mut self, doc: &Automerge) {
+        self.history = self.per_history.then(|| doc.get_actor().clone());
+    }
+
+    /// The actor of mutation `index`'s change.
+    pub fn of(&self, index: u32) -> ActorId {
+        match &self.history {
+            Some(actor) => actor.clone(),
+            None => actor(self.ts, index),
+        }
+    }
+
+    /// The history's actor, for its snapshots and the cache.
+    pub fn history(&self) -> Option<&ActorId> {
+        self.history.as_ref()
+    }
+}
+
 /// The commit options of a change made while applying a transaction: its time is the record's
 /// wall clock, never the local one.
 pub fn commit_options(wall_clock_ms: u64) -> CommitOptions {

@@ -1041,11 +1041,8 @@ impl Store {
             if !same_group && consumed.len() >= limit.max(1) {
                 break;
             }
-            let head = 8 + apply::LIMITS_BYTES;
-            assert!(value.len() >= head, "corrupt pending value");
-            let wall = u64::from_be_bytes(value[..8].try_into().expect("8 bytes"));
-            let limits = apply::decode_limits(&value[8..head]);
-            let mutation = Mutation::decode(&value[head..]).expect("corrupt pending mutation");
+            let (wall, limits, mutation) = apply::decode_pending(value);
+            let mutation = Mutation::decode(mutation).expect("corrupt pending mutation");
             if !same_group {
                 groups.push((prefix.to_vec(), ts, wall, limits, Vec::new()));
             }

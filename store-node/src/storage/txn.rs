@@ -14,7 +14,7 @@ use automerge::Change;
 use causeway_core::key::{validate_collection, validate_id};
 use causeway_core::query::{Filter, QueryLimits};
 use causeway_core::{KeyHash, KeyLimits, Timestamp, Vote};
-use causeway_proto::v1::{self as pb, mutation, Mutation, Transaction};
+use causeway_proto::v1::{self as pb, mutation, Mutation, Transaction, FORMAT_HISTORY_ACTORS};
 use serde_json::{Map, Value as Json};
 
 use super::document::{self, Op};
@@ -39,6 +39,9 @@ pub struct Limits {
     pub max_document_bytes: usize,
     pub max_history_changes: u32,
     pub idempotency_window_ms: u64,
+    /// A history this record begins (creates or re-bases) shares one actor among the store's
+    /// changes to it: records of format `FORMAT_HISTORY_ACTORS` and later.
+    pub history_actors: bool,
 }
 
 impl Limits {
@@ -57,6 +60,7 @@ impl Limits {
                 0 => DEFAULT_IDEMPOTENCY_WINDOW_MS,
                 n => n,
             },
+            history_actors: tx.format_version >= FORMAT_HISTORY_ACTORS,
         }
     }
 }
@@ -308,6 +312,7 @@ fn size_failure(doc: &DocMutations<'_>, bytes: usize, limits: &Limits) -> Option
 pub(super) fn vote(
     state: &Cached,
     doc: &DocMutations<'_>,
+    ts: Timestamp,
     limits: &Limits,
     duplicate_of: Option<Timestamp>,
 ) -> Vote<pb::TxFailure> {
@@ -318,7 +323,7 @@ pub(super) fn vote(
         };
     }
     let result = if doc.writes() {
-        result_json(state, doc)
+        result_json(state, doc, ts, limits)
     } else {
         Ok(None)
     };
@@ -357,11 +362,13 @@ fn rejected(doc: &DocMutations<'_>, reason: &Rejection) -> pb::TxFailure {
     }
 }
 
-/// The document's JSON after `doc`'s mutations (`None`: absent), or why the mutations cannot
-/// apply (raw changes missing their dependencies).
+/// The document's JSON after `doc`'s mutations at `ts` (`None`: absent), or why the mutations
+/// cannot apply (raw changes missing their dependencies).
 pub(super) fn result_json(
     state: &Cached,
     doc: &DocMutations<'_>,
+    ts: Timestamp,
+    limits: &Limits,
 ) -> Result<Option<Map<String, Json>>, Rejection> {
     let live = match state {
         Cached::Live(live) => Some(&**live),
@@ -377,17 +384,27 @@ pub(super) fn result_json(
         }
         return Ok(json);
     }
-    // Raw changes: the mutations themselves, on a copy of the automerge document.
+    // Raw changes: the mutations themselves, on a copy of the automerge document, by the actors
+    // apply will use (concurrent operations resolve by actor).
     let mut am = live.map(|l| l.doc.clone());
+    let mut actors = document::Actors::new(
+        live.and_then(|l| l.actor.clone()),
+        ts,
+        limits.history_actors,
+    );
     for (index, op) in &doc.ops {
+        if am.is_none() && !matches!(op, Op::Delete) {
+            actors.begin(*index);
+        }
         match op {
             Op::Delete => am = None,
             Op::Changes(changes) => {
-                let target = am.get_or_insert_with(|| document::empty_doc(Timestamp(0), *index));
+                let target = am.get_or_insert_with(|| document::empty_doc(ts, *index));
                 document::apply_changes(target, changes)?;
             }
             local => {
-                let target = am.get_or_insert_with(|| document::empty_doc(Timestamp(0), *index));
+                let target = am.get_or_insert_with(|| document::empty_doc(ts, *index));
+                target.set_actor(actors.of(*index));
                 let mut tx = target.transaction();
                 document::apply_local(&mut tx, local)?;
                 tx.commit();
