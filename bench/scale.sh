@@ -215,6 +215,18 @@ def ratio(a, b):
     return "%.2f" % (a / b) if b else "-"
 
 
+def ops_table(rows):
+    """A causeway-against-PostgreSQL table: (label, causeway report, pgbench report, is a read)."""
+    L.append("| workload | causeway ops/s | p50 ms | p99 ms | errors | 429 | PostgreSQL ops/s | p50 ms | p99 ms | errors | causeway ÷ PostgreSQL |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, cw, pg, read in rows:
+        c, p = load(cw), load(pg)
+        L.append("| %s | %.0f | %s | %s | %d | %d | %.0f | %s | %s | %d | %s |" % (
+            label, cw_rate(c, read), lat(c, "p50_ms"), lat(c, "p99_ms"),
+            c["errors"], c.get("throttled", 0), p["ops_per_s"], lat(p, "p50_ms"),
+            lat(p, "p99_ms"), p["errors"], ratio(cw_rate(c, read), p["ops_per_s"])))
+
+
 try:
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                          text=True, timeout=10).stdout.strip() or "?"
@@ -283,15 +295,8 @@ L.append("Load: causeway %s docs/s (`causeway bench --load-only`, %s clients, 10
 L.append("")
 L.append("## At %d documents: closed-loop reads, then writes, uniform over all keys" % docs)
 L.append("")
-L.append("| workload | causeway ops/s | p50 ms | p99 ms | errors | 429 | PostgreSQL ops/s | p50 ms | p99 ms | errors | causeway ÷ PostgreSQL |")
-L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-for label, cw, pg, read in [("read (GET / SELECT by id)", "cw-read-docs", "pg-read-docs", True),
-                            ("write (PUT / upsert)", "cw-write-docs", "pg-write-docs", False)]:
-    c, p = load(cw), load(pg)
-    L.append("| %s | %.0f | %s | %s | %d | %d | %.0f | %s | %s | %d | %s |" % (
-        label, cw_rate(c, read), lat(c, "p50_ms"), lat(c, "p99_ms"),
-        c["errors"], c.get("throttled", 0), p["ops_per_s"], lat(p, "p50_ms"), lat(p, "p99_ms"),
-        p["errors"], ratio(cw_rate(c, read), p["ops_per_s"])))
+ops_table([("read (GET / SELECT by id)", "cw-read-docs", "pg-read-docs", True),
+           ("write (PUT / upsert)", "cw-write-docs", "pg-write-docs", False)])
 L.append("")
 L.append("429: causeway writes refused by admission control (they changed nothing; counted "
          "neither in the rate, nor in the latency, nor as errors). Latency: causeway from "
@@ -306,15 +311,8 @@ if int(env("HISTORY_S")) > 0:
              "rate %.0f/s against %.0f/s)." % (cf["ok"] / hk, pf["ok"] / hk, cw_rate(cf),
                                                 pf["ops_per_s"]))
     L.append("")
-    L.append("| workload | causeway ops/s | p50 ms | p99 ms | errors | 429 | PostgreSQL ops/s | p50 ms | p99 ms | errors | causeway ÷ PostgreSQL |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for label, cw, pg, read in [("write (PUT / upsert)", "cw-hist-write", "pg-hist-write", False),
-                                ("read (GET / SELECT by id)", "cw-hist-read", "pg-hist-read", True)]:
-        c, p = load(cw), load(pg)
-        L.append("| %s | %.0f | %s | %s | %d | %d | %.0f | %s | %s | %d | %s |" % (
-            label, cw_rate(c, read), lat(c, "p50_ms"), lat(c, "p99_ms"),
-            c["errors"], c.get("throttled", 0), p["ops_per_s"], lat(p, "p50_ms"),
-            lat(p, "p99_ms"), p["errors"], ratio(cw_rate(c, read), p["ops_per_s"])))
+    ops_table([("write (PUT / upsert)", "cw-hist-write", "pg-hist-write", False),
+               ("read (GET / SELECT by id)", "cw-hist-read", "pg-hist-read", True)])
     L.append("")
     L.append("Bytes on disk per document afterwards: causeway store node RocksDB %.0f, "
              "PostgreSQL `pg_total_relation_size` %.0f." % (int(env("HIST_NODE_BYTES")) / hk,

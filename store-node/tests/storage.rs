@@ -902,18 +902,17 @@ fn a_documents_store_changes_share_one_actor_per_history() {
     assert_eq!(second[0].1, 2);
     assert_ne!(second[0].0, first[0].0);
     // Re-based past the bound: the re-base's actor makes the changes after it.
-    for ts in 14..=20 {
-        let outcome = store
-            .apply(
-                &[(
-                    Timestamp(ts),
-                    tx_limited(vec![patch("c", "x", &json!({"v": ts}))], ts, 0, 5),
-                )],
-                &full(),
-            )
-            .unwrap();
-        assert!(outcome.skipped.is_empty());
-    }
+    // A history bound of 5: past it, a re-base.
+    let bounded_writes = |store: &Store| {
+        for ts in 14..=20 {
+            let records = [(
+                Timestamp(ts),
+                tx_limited(vec![patch("c", "x", &json!({"v": ts}))], ts, 0, 5),
+            )];
+            assert!(store.apply(&records, &full()).unwrap().skipped.is_empty());
+        }
+    };
+    bounded_writes(&store);
     let rebased = change_actors(&store, "x", 20);
     assert_eq!(rebased.len(), 1, "{rebased:?}");
     assert!(![first[0].0.clone(), second[0].0.clone()].contains(&rebased[0].0));
@@ -933,17 +932,7 @@ fn a_documents_store_changes_share_one_actor_per_history() {
         };
         write(&other, ts, m);
     }
-    for ts in 14..=20 {
-        other
-            .apply(
-                &[(
-                    Timestamp(ts),
-                    tx_limited(vec![patch("c", "x", &json!({"v": ts}))], ts, 0, 5),
-                )],
-                &full(),
-            )
-            .unwrap();
-    }
+    bounded_writes(&other);
     assert_eq!(
         two_replicas_agree,
         other.raw_versions(&Interval::FULL).unwrap()
