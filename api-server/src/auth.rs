@@ -22,6 +22,7 @@ use serde::Deserialize;
 use subtle::{Choice, ConstantTimeEq};
 
 use crate::problem::{Kind, Problem};
+use causeway_core::key::CollectionPattern as Pattern;
 
 /// The shortest token accepted in a tokens file.
 pub const MIN_TOKEN_BYTES: usize = 16;
@@ -73,34 +74,6 @@ impl std::fmt::Debug for TokenEntry {
             .field("read", &self.read)
             .field("write", &self.write)
             .finish_non_exhaustive()
-    }
-}
-
-/// A collection pattern: exact, `prefix*`, or `*`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Pattern {
-    Exact(String),
-    Prefix(String),
-}
-
-impl Pattern {
-    fn parse(p: &str) -> Option<Pattern> {
-        let valid = |s: &str| {
-            s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        };
-        match p.strip_suffix('*') {
-            Some(prefix) if valid(prefix) => Some(Pattern::Prefix(prefix.to_owned())),
-            None if !p.is_empty() && valid(p) => Some(Pattern::Exact(p.to_owned())),
-            _ => None,
-        }
-    }
-
-    fn matches(&self, collection: &str) -> bool {
-        match self {
-            Pattern::Exact(c) => c == collection,
-            Pattern::Prefix(p) => collection.starts_with(p.as_str()),
-        }
     }
 }
 

@@ -13,7 +13,6 @@
 //! - [`body`]: reading bodies within the limits: content type, size, UTF-8, depth, then JSON.
 //! - [`headers`]: the `Causeway-*` headers.
 //! - [`admission`]: admission control of writes: the cluster's progress sampled, the gate.
-//! - [`store`]: the store nodes: the config watch, one channel per node, failover.
 //! - `visible`: `?wait=visible`: every store node of the routing configurations is asked.
 //! - [`routes`]: the handlers, request and answer bodies, and the metrics/concurrency middleware.
 //! - [`openapi`]: the OpenAPI 3 document served at `/v1/openapi.json`.
@@ -32,7 +31,6 @@ pub mod outcome;
 pub mod problem;
 pub mod routes;
 pub mod service;
-pub mod store;
 mod visible;
 
 pub use error::Error;

@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Upper bounds of the latency buckets, in seconds.
@@ -41,7 +41,8 @@ pub struct Metrics {
     in_flight: AtomicI64,
     log_appends: AtomicU64,
     log_append_errors: AtomicU64,
-    store_failovers: AtomicU64,
+    /// Counted by the store-node client (`StoreNodes`).
+    pub store_failovers: Arc<AtomicU64>,
     writes_throttled: AtomicU64,
     visibility_lag_ms: AtomicU64,
     visibility_backlog: AtomicU64,
@@ -94,10 +95,6 @@ impl Metrics {
             .admitted_limit
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = limit;
-    }
-
-    pub fn store_failover(&self) {
-        self.store_failovers.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition of every metric.

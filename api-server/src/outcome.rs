@@ -15,7 +15,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
 
 use crate::problem::{FailureBody, Kind, Problem};
-use crate::store::Store;
+use causeway_config_manager::StoreNodes as Store;
 
 /// One round of asking waits at most this long on a node.
 const ROUND_MS: u32 = 2_000;

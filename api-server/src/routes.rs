@@ -34,7 +34,7 @@ use crate::headers::{self, COMMIT_TIMESTAMP, READ_TIMESTAMP};
 use crate::outcome;
 use crate::problem::{Kind, Problem, ProblemBody};
 use crate::service::Shared;
-use crate::store::StoreError;
+use causeway_config_manager::StoreError;
 
 /// The longest query cursor accepted, in bytes.
 const MAX_CURSOR_BYTES: usize = 4096;
@@ -602,6 +602,7 @@ async fn query(
         cursor,
         min_ts: min_ts.get(),
         timeout_ms: timeouts.causal_wait_ms,
+        at_ts: None,
         max_scanned: limits.max_query_scanned,
     };
     let deadline = s.read_deadline();

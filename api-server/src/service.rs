@@ -18,7 +18,7 @@ use crate::auth::Tokens;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::options::Options;
-use crate::store::Store;
+use causeway_config_manager::StoreNodes as Store;
 
 /// What every request shares.
 #[derive(Debug)]
@@ -96,7 +96,10 @@ impl Service {
         })?;
         let metrics = Arc::new(Metrics::default());
         let shared = Arc::new(Shared {
-            store: Arc::new(Store::new(options.timeouts.store_tries, metrics.clone())),
+            store: Arc::new(Store::new(
+                options.timeouts.store_tries,
+                metrics.store_failovers.clone(),
+            )),
             in_flight: Arc::new(Semaphore::new(options.limits.max_concurrent_requests)),
             openapi_json: crate::openapi::json(&options.limits),
             log_next: AtomicU64::new(0),

@@ -34,7 +34,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
 use tonic::Status;
 
-use crate::store::{retryable, Store};
+use causeway_config_manager::store_nodes::{retryable, StoreNodes as Store};
 
 /// Pause before asking a node again after a transport error.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
@@ -226,7 +226,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_connection_is_recognised() {
-        let store = Store::new(3, Arc::new(Metrics::default()));
+        let store = Store::new(3, Arc::default());
         let addr = closed_port();
         let deadlines = Deadlines {
             wait: Instant::now() + Duration::from_secs(2),
@@ -245,7 +245,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_reachable_nodes_nothing_is_visible() {
-        let store = Store::new(3, Arc::new(Metrics::default()));
+        let store = Store::new(3, Arc::default());
         assert!(!wait_visible(&store, Timestamp(1), 100, 100).await);
         store.set_nodes_for_test(vec![closed_port(), closed_port()]);
         let started = Instant::now();

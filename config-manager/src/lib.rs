@@ -18,6 +18,8 @@
 //!   abort) and an optional provider of spare store nodes.
 //! - [`grpc`]: the tonic `ConfigManager` server, a thin adapter over [`Handle`].
 //! - [`client`]: [`Client`], the typed gRPC client for store nodes and the CLI.
+//! - [`store_nodes`]: [`StoreNodes`], the clients' view of the store nodes: the config watch,
+//!   one channel per node, coordinated calls with failover.
 
 pub mod client;
 pub mod disk;
@@ -28,6 +30,7 @@ pub mod peers;
 pub mod registry;
 pub mod service;
 pub mod state;
+pub mod store_nodes;
 
 pub use client::{Client, ConfigWatch};
 pub use error::{Corruption, Error};
@@ -36,3 +39,4 @@ pub use peers::{GrpcVeto, SpareNodes, SpareNodesError, Veto, VetoAnswer};
 pub use registry::{NodeStatus, Registration};
 pub use service::{Handle, Service};
 pub use state::{Change, Completion, ConfigPair, HistoryEntry};
+pub use store_nodes::{StoreError, StoreNodes};

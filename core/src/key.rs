@@ -209,3 +209,43 @@ mod tests {
         );
     }
 }
+
+/// A pattern of collection names, as in the tokens file and in change feeds: a name,
+/// `prefix*` (every collection starting with `prefix`), or `*` (every collection).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CollectionPattern {
+    Exact(String),
+    Prefix(String),
+}
+
+impl CollectionPattern {
+    /// `None` unless `p` is a name or a prefix of letters, digits, `_` and `-`, with an optional
+    /// trailing `*`.
+    pub fn parse(p: &str) -> Option<CollectionPattern> {
+        let valid = |s: &str| {
+            s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        };
+        match p.strip_suffix('*') {
+            Some(prefix) if valid(prefix) => Some(CollectionPattern::Prefix(prefix.to_owned())),
+            None if !p.is_empty() && valid(p) => Some(CollectionPattern::Exact(p.to_owned())),
+            _ => None,
+        }
+    }
+
+    pub fn matches(&self, collection: &str) -> bool {
+        match self {
+            CollectionPattern::Exact(c) => c == collection,
+            CollectionPattern::Prefix(p) => collection.starts_with(p.as_str()),
+        }
+    }
+}
+
+impl std::fmt::Display for CollectionPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CollectionPattern::Exact(c) => f.write_str(c),
+            CollectionPattern::Prefix(p) => write!(f, "{p}*"),
+        }
+    }
+}

@@ -18,10 +18,13 @@
 //! - [`query`]: the query language of collection queries: `Filter` (JSON form, limits, matching),
 //!   the total order of JSON values, `Order` and `Query`.
 //! - [`vote`]: the decision on a transaction from its documents' votes (`Ballot`, `Decision`).
+//! - [`cdc`]: change data capture: event positions and cursors, the event a change makes on a
+//!   filtered feed, where a feed may resume.
 //! - [`admission`]: the ratekeeper: visibility lag and apply rate from samples, and which
 //!   writes an api-server admits.
 
 pub mod admission;
+pub mod cdc;
 pub mod config;
 pub mod frontier;
 pub mod gossip;
@@ -35,7 +38,7 @@ pub mod vote;
 pub use config::{ClusterConfig, ConfigError, Gain, NodeInfo};
 pub use frontier::{Decisions, Frontiers, Phase, View};
 pub use gossip::{Gossip, GossipTable};
-pub use key::{DocKey, KeyError, KeyHash, KeyLimits};
+pub use key::{CollectionPattern, DocKey, KeyError, KeyHash, KeyLimits};
 pub use node::{NodeId, PartitionId};
 pub use slicing::{Interval, Movement, Slicing, SlicingError, KEYSPACE};
 pub use time::{Epoch, ReadTimestamp, Timestamp};

@@ -104,7 +104,7 @@ pub(crate) fn is_too_old(s: &Status) -> bool {
 }
 
 /// Why one coordinated attempt did not complete.
-enum Attempt {
+pub(crate) enum Attempt {
     /// Some replica had already pruned the snapshot: retry at a fresh timestamp.
     TooOld,
     Failed(Status),
@@ -126,7 +126,7 @@ type PeerClients = HashMap<NodeId, (String, StoreNodeClient<Channel>)>;
 
 #[derive(Debug, Clone)]
 pub struct Server {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     clients: Arc<Mutex<PeerClients>>,
 }
 
@@ -158,7 +158,7 @@ impl Server {
         Ok(clients[&node].1.clone())
     }
 
-    fn timeout(&self, requested_ms: u32) -> Duration {
+    pub(crate) fn timeout(&self, requested_ms: u32) -> Duration {
         let ceiling = self.shared.tuning.read_timeout_ms;
         let ms = if requested_ms == 0 {
             ceiling
@@ -170,7 +170,7 @@ impl Server {
 
     /// Waits (until `deadline`) until this node can coordinate and its UST is at least
     /// `min_ts`; returns the read timestamp and its configuration.
-    async fn read_timestamp(
+    pub(crate) async fn read_timestamp(
         &self,
         min_ts: Timestamp,
         deadline: Instant,
@@ -209,7 +209,7 @@ impl Server {
     /// lags its peers), computed from gossip this node has not received yet: then the replicas
     /// that committed it show up here within a few gossip intervals, and this waits for them
     /// (bounded) rather than failing the read.
-    async fn replicas(
+    pub(crate) async fn replicas(
         &self,
         config: &ClusterConfig,
         at: ReadTimestamp,
@@ -249,21 +249,53 @@ impl Server {
         keys: Vec<pb::DocumentKey>,
         with_automerge: bool,
     ) -> Result<Vec<pb::Document>, Attempt> {
-        let mut last = Status::unavailable("no replica answered");
-        for &node in replicas {
-            let started = Instant::now();
-            let result = if node == self.shared.node {
-                local_get(&self.shared, at.ts, &keys, with_automerge).await
-            } else {
-                let mut client = self.client(node, config)?;
+        self.first_replica(
+            config,
+            replicas,
+            || local_get(&self.shared, at.ts, &keys, with_automerge),
+            |mut client| {
                 let request = pb::GetAtRequest {
                     at: Some(read_ts_to_proto(at)),
                     keys: keys.clone(),
                     with_automerge,
                 };
+                async move {
+                    client
+                        .get_at(request)
+                        .await
+                        .map(|r| r.into_inner().documents)
+                }
+            },
+        )
+        .await
+    }
+
+    /// One sub-read on the first of `replicas` that serves it: this node's storage through
+    /// `local`, a peer through `remote` (bounded by the peer RPC timeout). A replica that has
+    /// pruned the snapshot ends the attempt; any other failure tries the next replica.
+    pub(crate) async fn first_replica<T, L, LF, R, RF>(
+        &self,
+        config: &ClusterConfig,
+        replicas: &[NodeId],
+        local: L,
+        remote: R,
+    ) -> Result<T, Attempt>
+    where
+        L: Fn() -> LF,
+        LF: std::future::Future<Output = Result<T, Status>>,
+        R: Fn(StoreNodeClient<Channel>) -> RF,
+        RF: std::future::Future<Output = Result<T, Status>>,
+    {
+        let mut last = Status::unavailable("no replica answered");
+        for &node in replicas {
+            let started = Instant::now();
+            let result = if node == self.shared.node {
+                local().await
+            } else {
+                let client = self.client(node, config)?;
                 let timeout = Duration::from_millis(self.shared.tuning.peer_rpc_timeout_ms);
-                match tokio::time::timeout(timeout, client.get_at(request)).await {
-                    Ok(r) => r.map(|r| r.into_inner().documents),
+                match tokio::time::timeout(timeout, remote(client)).await {
+                    Ok(r) => r,
                     Err(_) => Err(Status::unavailable(format!(
                         "{node} did not answer in time"
                     ))),
@@ -274,7 +306,7 @@ impl Server {
                 .sub_read_seconds
                 .observe(started.elapsed());
             match result {
-                Ok(docs) => return Ok(docs),
+                Ok(v) => return Ok(v),
                 Err(s) if is_too_old(&s) => return Err(Attempt::TooOld),
                 Err(s) => last = s,
             }
@@ -551,7 +583,7 @@ struct Page {
 /// replicas answered (one just died, and the others had not committed the read ts yet) is tried
 /// again after a pause, while the deadline allows (the dead one leaves the readable set within
 /// the liveness timeout, a lagging one catches up within milliseconds).
-struct Retries {
+pub(crate) struct Retries {
     too_old_left: u32,
     failures: u32,
     deadline: Instant,
@@ -561,7 +593,7 @@ impl Retries {
     const PAUSE: Duration = Duration::from_millis(20);
     const MAX_FAILURES: u32 = 50;
 
-    fn new(attempts: u32, deadline: Instant) -> Retries {
+    pub(crate) fn new(attempts: u32, deadline: Instant) -> Retries {
         Retries {
             too_old_left: attempts.max(1),
             failures: 0,
@@ -570,7 +602,7 @@ impl Retries {
     }
 
     /// `Ok` to try again (after the pause, if any); `Err` with the answer otherwise.
-    async fn after(
+    pub(crate) async fn after(
         &mut self,
         attempt: Attempt,
         metrics: &crate::metrics::Metrics,
@@ -788,8 +820,26 @@ impl pb::store_node_server::StoreNode for Server {
     ) -> Result<Response<HoldStream>, Status> {
         let req = request.into_inner();
         let deadline = Instant::now() + self.timeout(req.timeout_ms);
-        let (at, _) = self.read_timestamp(Timestamp(req.min_ts), deadline).await?;
-        let held = self.shared.reads.register(at);
+        let (at, held) = match req.at {
+            None => {
+                let (at, _) = self.read_timestamp(Timestamp(req.min_ts), deadline).await?;
+                (at, self.shared.reads.register(at))
+            }
+            Some(ts) => {
+                // Registered before the check, so that the GC timestamp cannot pass it between.
+                let decided = self.shared.decided();
+                let at = ReadTimestamp::new(decided.decisions.routing_epoch, Timestamp(ts));
+                let held = self.shared.reads.register(at);
+                let gc = decided.decisions.gc.max(self.shared.store.gc_watermark());
+                if at.ts < gc {
+                    return Err(storage_status(storage::Error::SnapshotTooOld {
+                        requested: at.ts,
+                        gc,
+                    }));
+                }
+                (at, held)
+            }
+        };
         let max_hold = Duration::from_millis(req.max_hold_ms.clamp(1, 3_600_000));
         let first = pb::HoldSnapshotEvent {
             at: Some(read_ts_to_proto(at)),
@@ -922,7 +972,14 @@ impl pb::store_node_server::StoreNode for Server {
                     })?;
                     (at, config)
                 }
-                None => self.read_timestamp(Timestamp(req.min_ts), deadline).await?,
+                None => match req.at_ts {
+                    // An exact snapshot (an initial scan over several collections).
+                    Some(ts) => {
+                        let (at, config) = self.read_timestamp(Timestamp(ts), deadline).await?;
+                        (ReadTimestamp::new(at.epoch, Timestamp(ts)), config)
+                    }
+                    None => self.read_timestamp(Timestamp(req.min_ts), deadline).await?,
+                },
             };
             let _held = self.shared.reads.register(at);
             let after = cursor.as_ref().map(|c| &c.after);
@@ -947,6 +1004,12 @@ impl pb::store_node_server::StoreNode for Server {
                         cursor,
                         partial: page.partial,
                         scanned: page.scanned,
+                    }));
+                }
+                Err(Attempt::TooOld) if req.at_ts.is_some() && cursor.is_none() => {
+                    return Err(storage_status(storage::Error::SnapshotTooOld {
+                        requested: at.ts,
+                        gc: at.ts,
                     }));
                 }
                 Err(Attempt::TooOld) if cursor.is_some() => {
@@ -1002,6 +1065,29 @@ impl pb::store_node_server::StoreNode for Server {
             .await
             .map(Response::new)
             .map_err(storage_status)
+    }
+
+    async fn changes(
+        &self,
+        request: Request<pb::ChangesRequest>,
+    ) -> Result<Response<pb::ChangesResponse>, Status> {
+        crate::changes::coordinate(self, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn changes_at(
+        &self,
+        request: Request<pb::ChangesAtRequest>,
+    ) -> Result<Response<pb::ChangesResponse>, Status> {
+        let req = request.into_inner();
+        let at = req
+            .at
+            .ok_or_else(|| Status::invalid_argument("missing read timestamp"))?;
+        let changes =
+            crate::changes::local(&self.shared, Timestamp(at.ts), req.keys, req.with_before)
+                .await?;
+        Ok(Response::new(pb::ChangesResponse { changes }))
     }
 
     async fn wait_for_ust(

@@ -15,9 +15,11 @@
 //! - [`service`]: [`Service`] (bind, run) with its tasks (membership, apply, gossip, GC, servers)
 //!   and the clonable [`Handle`].
 //! - [`grpc`]: the `StoreNode` gRPC server: gossip, replica sub-reads, coordinated reads.
+//! - [`changes`]: what the transactions wrote, for change data capture (`Changes`, `ChangesAt`).
 //! - [`metrics`]: the node's Prometheus metrics.
 
 pub mod backfill;
+pub mod changes;
 pub mod grpc;
 pub mod metrics;
 pub mod options;

@@ -250,6 +250,19 @@ pub struct Document {
     pub json: Map<String, Json>,
 }
 
+/// What one transaction wrote to one document (see [`Store::changes`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Change {
+    /// The transaction wrote a version of the document.
+    pub written: bool,
+    /// The JSON text of that version; `None` for a delete.
+    pub after: Option<Vec<u8>>,
+    /// The document existed just before the transaction.
+    pub before_found: bool,
+    /// Its JSON text then, when asked for.
+    pub before: Option<Vec<u8>>,
+}
+
 /// Where a scan resumes: opaque bytes (the `by_collection` key of the last document examined).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ScanCursor(pub Vec<u8>);
@@ -549,6 +562,57 @@ impl Store {
                     })
                 }),
             );
+        }
+        Ok(out)
+    }
+
+    /// For each `(collection, id, ts)`: what the transaction at `ts` wrote to the document (change
+    /// data capture). Every ts must be at most `at`, and every `ts - 1` at or above the GC
+    /// watermark (so both the version at ts and the one before it are still stored).
+    pub fn changes(
+        &self,
+        keys: &[(&str, &str, Timestamp)],
+        at: Timestamp,
+        with_before: bool,
+    ) -> Result<Vec<Change>, Error> {
+        let lowest = keys.iter().map(|k| k.2).min().unwrap_or(at);
+        let snapshot = self.snapshot_at(at)?;
+        let gc = self.gc_watermark();
+        if lowest.get().saturating_sub(1) < gc.get() {
+            return Err(Error::SnapshotTooOld {
+                requested: Timestamp(lowest.get().saturating_sub(1)),
+                gc,
+            });
+        }
+        let mut it = snapshot.raw_iterator_cf(self.cf(CF_DOCS));
+        let mut out = Vec::with_capacity(keys.len());
+        for &(collection, id, ts) in keys {
+            assert!(ts <= at, "a change at {ts} read at {at}");
+            let prefix = keys::doc_prefix(collection, id);
+            let mut change = Change::default();
+            it.seek(keys::version_key(&prefix, ts));
+            if let (Some(key), Some(value)) = (it.key(), it.value()) {
+                if is_version_of(key, &prefix) && keys::version_key_parts(key).ts == ts {
+                    change.written = true;
+                    change.after = Record::decode(value).json().map(<[u8]>::to_vec);
+                    it.next();
+                }
+            }
+            if change.written {
+                // The version before ts: the next key of the document, if any.
+                if let (Some(key), Some(value)) = (it.key(), it.value()) {
+                    if is_version_of(key, &prefix) {
+                        if let Some(json) = Record::decode(value).json() {
+                            change.before_found = true;
+                            if with_before {
+                                change.before = Some(json.to_vec());
+                            }
+                        }
+                    }
+                }
+            }
+            it.status()?;
+            out.push(change);
         }
         Ok(out)
     }

@@ -1,4 +1,4 @@
-//! [`Store`]: the api-server's view of the store nodes. It follows the config manager's
+//! [`StoreNodes`]: a client's view of the store nodes (the api-server's, the change feeds'). It follows the config manager's
 //! (current, next) pair through a `Watch` stream, keeps one lazily connected tonic channel per
 //! node address, and runs coordinated reads on a node of the routing configuration.
 //!
@@ -11,17 +11,15 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use causeway_config_manager::{Client as ConfigClient, ConfigPair};
+use crate::{Client as ConfigClient, ConfigPair};
 use causeway_proto::v1::store_node_client::StoreNodeClient;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
-
-use crate::metrics::Metrics;
 
 /// Connecting to a store node may take this long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -44,7 +42,7 @@ pub enum StoreError {
 
 /// The store nodes and the channels to them. Shared by every request.
 #[derive(Debug)]
-pub struct Store {
+pub struct StoreNodes {
     /// Node addresses: the preferred ones (live in both configurations during a transition,
     /// else every live node of current), then the others.
     nodes: RwLock<Arc<Candidates>>,
@@ -55,19 +53,20 @@ pub struct Store {
     /// Spreads coordination over the candidates.
     next: AtomicUsize,
     tries: usize,
-    metrics: Arc<Metrics>,
+    /// Calls retried on another node (a metric of the owner's).
+    failovers: Arc<AtomicU64>,
 }
 
-impl Store {
-    pub fn new(tries: usize, metrics: Arc<Metrics>) -> Store {
-        Store {
+impl StoreNodes {
+    pub fn new(tries: usize, failovers: Arc<AtomicU64>) -> StoreNodes {
+        StoreNodes {
             nodes: RwLock::new(Arc::new(Candidates::default())),
             penalized: Mutex::new(HashMap::new()),
             pair: RwLock::new(None),
             channels: Mutex::new(HashMap::new()),
             next: AtomicUsize::new(0),
             tries,
-            metrics,
+            failovers,
         }
     }
 
@@ -150,7 +149,7 @@ impl Store {
     }
 
     /// Puts `addr` last in the order of calls for a while.
-    pub(crate) fn penalize(&self, addr: &str) {
+    pub fn penalize(&self, addr: &str) {
         self.penalized
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -158,7 +157,7 @@ impl Store {
     }
 
     /// The channel to `addr`, made (lazily connected) on first use.
-    pub(crate) fn channel(&self, addr: &str) -> Result<Channel, Status> {
+    pub fn channel(&self, addr: &str) -> Result<Channel, Status> {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
@@ -199,7 +198,7 @@ impl Store {
             match result {
                 Ok(v) => return Ok(v),
                 Err(status) if retryable(status.code()) => {
-                    self.metrics.store_failover();
+                    self.failovers.fetch_add(1, Ordering::Relaxed);
                     self.penalize(addr);
                     tracing::debug!(node = %addr, code = ?status.code(), "store node call failed, trying another");
                     last = status;
@@ -225,7 +224,7 @@ impl Store {
                     self.set_pair(pair);
                     backoff = WATCH_BACKOFF_FIRST;
                 }
-                Ok::<(), causeway_config_manager::Error>(())
+                Ok::<(), crate::Error>(())
             };
             tokio::select! {
                 r = run => match r {
@@ -290,14 +289,14 @@ impl Candidates {
 }
 
 /// Statuses after which another node (or another try) may do better.
-pub(crate) fn retryable(code: Code) -> bool {
+pub fn retryable(code: Code) -> bool {
     matches!(code, Code::Unavailable | Code::Unknown | Code::Cancelled)
 }
 
-#[cfg(test)]
-impl Store {
+#[doc(hidden)]
+impl StoreNodes {
     /// Routes to `addrs` as if a configuration listed them.
-    pub(crate) fn set_nodes_for_test(&self, addrs: Vec<String>) {
+    pub fn set_nodes_for_test(&self, addrs: Vec<String>) {
         *self.nodes.write().unwrap() = Arc::new(Candidates {
             preferred: addrs,
             others: Vec::new(),
@@ -311,7 +310,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_nodes_calls_fail_fast() {
-        let store = Store::new(3, Arc::new(Metrics::default()));
+        let store = StoreNodes::new(3, Arc::default());
         assert!(!store.has_nodes());
         let r = store.call(|_c| async { Ok::<u32, Status>(1) }).await;
         assert!(matches!(r, Err(StoreError::NoNodes)));
@@ -319,7 +318,7 @@ mod tests {
 
     #[tokio::test]
     async fn calls_fail_over_on_unavailable_and_stop_on_other_errors() {
-        let store = Store::new(2, Arc::new(Metrics::default()));
+        let store = StoreNodes::new(2, Arc::default());
         *store.nodes.write().unwrap() = Arc::new(Candidates {
             preferred: vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()],
             others: vec!["127.0.0.1:3".into()],
@@ -370,7 +369,7 @@ mod tests {
         assert_eq!(stable.preferred.len(), 2);
         assert!(stable.others.is_empty());
 
-        let store = Store::new(4, Arc::new(Metrics::default()));
+        let store = StoreNodes::new(4, Arc::default());
         store.set_pair(pair);
         assert_eq!(store.order(1), ["n2", "n1", "n4", "n3"]);
         store.penalize("n2");

@@ -1,0 +1,352 @@
+//! One feed at work: open its sink and checkpoint, start (now, a ts, an initial scan), then
+//! follow the log, batch, deliver, checkpoint, emit `causeway.resolved` at its interval, and
+//! hold the GC timestamp at the checkpoint.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use causeway_config_manager::StoreNodes;
+use causeway_core::cdc::Position;
+use causeway_core::Timestamp;
+use causeway_txlog::TxLog;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::event::{Body, Event};
+use crate::feed::{FeedSpec, Selection, Start};
+use crate::follow::{self, FollowError, Follower, Tuning};
+use crate::hold::{Hold, HoldOptions};
+use crate::metrics::FeedMetrics;
+use crate::sink::{Delivered, Sink};
+
+/// What a feed is doing, for status and the admin API.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FeedStatus {
+    /// `starting`, `scanning`, `running`, `paused`, `history_lost`, `failed`.
+    pub state: String,
+    /// The highest position below which every event is acknowledged by the sink.
+    pub checkpoint: Option<String>,
+    /// Every event with ts at or below this is delivered.
+    pub resolved: u64,
+    /// The UST last seen, and how far the feed is behind it (ts, and milliseconds of the
+    /// wall clock of the records).
+    pub ust: u64,
+    pub lag_ts: u64,
+    pub lag_ms: u64,
+    pub last_error: Option<String>,
+}
+
+/// What a feed's task needs.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub log: TxLog,
+    pub nodes: Arc<StoreNodes>,
+    pub state_dir: PathBuf,
+    pub resolved_interval: Duration,
+    pub hold: HoldOptions,
+    pub status: Arc<Mutex<FeedStatus>>,
+    pub metrics: Arc<FeedMetrics>,
+}
+
+impl Context {
+    fn set(&self, f: impl FnOnce(&mut FeedStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
+/// Runs the feed until `stop`; restarts it after a failure that may pass.
+pub async fn run(spec: FeedSpec, cx: Context, mut stop: watch::Receiver<bool>) {
+    let mut pause = Duration::from_millis(200);
+    let mut stopped = stop.clone();
+    loop {
+        let outcome = tokio::select! {
+            r = run_once(&spec, &cx, &stop) => r,
+            _ = stopped.wait_for(|s| *s) => return,
+        };
+        match outcome {
+            Ok(()) => return,
+            Err(Stop::HistoryLost) => {
+                cx.set(|s| s.state = "history_lost".into());
+                return;
+            }
+            Err(Stop::Fatal(why)) => {
+                tracing::error!(feed = %spec.name, %why, "the feed stopped");
+                cx.set(|s| {
+                    s.state = "failed".into();
+                    s.last_error = Some(why);
+                });
+                return;
+            }
+            Err(Stop::Retry(why)) => {
+                tracing::warn!(feed = %spec.name, %why, "the feed failed; starting it again");
+                cx.set(|s| s.last_error = Some(why));
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        pause = (pause * 2).min(Duration::from_secs(10));
+    }
+}
+
+enum Stop {
+    HistoryLost,
+    Fatal(String),
+    Retry(String),
+}
+
+impl From<FollowError> for Stop {
+    fn from(e: FollowError) -> Stop {
+        match e {
+            FollowError::HistoryLost { .. } => Stop::HistoryLost,
+            e @ FollowError::Log(_) => Stop::Fatal(e.to_string()),
+            e @ FollowError::Refused(_) => Stop::Retry(e.to_string()),
+        }
+    }
+}
+
+/// Batches events within the sink's limits and delivers them with the checkpoint after them.
+struct Batcher {
+    events: Vec<Event>,
+    bytes: usize,
+    since: Option<Instant>,
+    limits: (usize, usize, Duration),
+}
+
+impl Batcher {
+    fn push(&mut self, events: impl IntoIterator<Item = Event>) {
+        for e in events {
+            self.bytes += approximate_bytes(&e);
+            self.events.push(e);
+            self.since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    fn full(&self) -> bool {
+        let (max_events, max_bytes, max_delay) = self.limits;
+        self.events.len() >= max_events
+            || self.bytes >= max_bytes
+            || self.since.is_some_and(|t| t.elapsed() >= max_delay)
+            || self.events.last().is_some_and(|e| !e.is_change())
+    }
+
+    /// How long the batch may still wait for more.
+    fn wait(&self, idle: Duration) -> Duration {
+        match self.since {
+            Some(t) => self.limits.2.saturating_sub(t.elapsed()),
+            None => idle,
+        }
+    }
+
+    fn take(&mut self) -> Vec<Event> {
+        self.bytes = 0;
+        self.since = None;
+        std::mem::take(&mut self.events)
+    }
+}
+
+fn approximate_bytes(e: &Event) -> usize {
+    match &e.body {
+        Body::Change(c) => {
+            300 + c.after.as_ref().map_or(0, |a| a.get().len())
+                + c.before
+                    .as_ref()
+                    .and_then(|b| b.as_ref())
+                    .map_or(0, |b| b.get().len())
+        }
+        _ => 300,
+    }
+}
+
+async fn deliver(
+    sink: &mut Sink,
+    events: Vec<Event>,
+    checkpoint: Option<Position>,
+    cx: &Context,
+    stop: &watch::Receiver<bool>,
+) -> Result<(), Stop> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let now = follow::now_ms();
+    let changes: Vec<u64> = events
+        .iter()
+        .filter(|e| e.is_change())
+        .map(|e| now.saturating_sub(e.time_ms))
+        .collect();
+    let count = events.len();
+    let mut batch = events;
+    loop {
+        match sink
+            .deliver(batch, checkpoint, stop)
+            .await
+            .map_err(Stop::Retry)?
+        {
+            Delivered::All => break,
+            Delivered::Gap(gap) => batch = vec![gap],
+        }
+    }
+    cx.metrics.delivered(count as u64, &changes);
+    if let Some(c) = checkpoint {
+        cx.set(|s| s.checkpoint = Some(c.id()));
+    }
+    Ok(())
+}
+
+/// The ts the feed's hold keeps: the one before the first ts it must read again.
+fn hold_ts(checkpoint: Position) -> Timestamp {
+    if checkpoint.index == u32::MAX {
+        checkpoint.ts
+    } else {
+        Timestamp(checkpoint.ts.get().saturating_sub(1))
+    }
+}
+
+async fn run_once(spec: &FeedSpec, cx: &Context, stop: &watch::Receiver<bool>) -> Result<(), Stop> {
+    cx.set(|s| {
+        s.state = "starting".into();
+    });
+    let selection = Arc::new(spec.selection().map_err(|e| Stop::Fatal(e.to_string()))?);
+    let (mut sink, checkpoint) = Sink::open(spec, &cx.state_dir).await.map_err(Stop::Retry)?;
+    let hold = Hold::start(Arc::clone(&cx.nodes), cx.hold);
+    let mut batcher = Batcher {
+        events: Vec::new(),
+        bytes: 0,
+        since: None,
+        limits: sink.batch_limits(),
+    };
+    let cursor = match checkpoint {
+        Some(c) => c,
+        None => {
+            let start = match spec.start {
+                Start::Now => Follower::now(&cx.log).await?,
+                Start::After(ts) => Position::end_of(ts),
+                Start::InitialScan => {
+                    cx.set(|s| s.state = "scanning".into());
+                    let snapshot = follow::ust(&cx.nodes).await?;
+                    hold.set(snapshot);
+                    initial_scan(&mut sink, &selection, snapshot, cx, stop).await?;
+                    Position::end_of(snapshot)
+                }
+            };
+            // The start is the first checkpoint, so a restart does not move it.
+            let first = Event {
+                position: start,
+                time_ms: follow::now_ms(),
+                body: Body::Resolved { ts: start.ts },
+            };
+            deliver(&mut sink, vec![first], Some(start), cx, stop).await?;
+            start
+        }
+    };
+    cx.set(|s| {
+        s.checkpoint = Some(cursor.id());
+        s.last_error = None;
+    });
+    hold.set(hold_ts(cursor));
+    let mut follower = Follower::new(
+        cx.log.clone(),
+        Arc::clone(&cx.nodes),
+        Arc::clone(&selection),
+        cursor,
+        Tuning::default(),
+    );
+    if let Err(e) = follower.check_resume().await {
+        return lost(&mut sink, e, cx, stop).await;
+    }
+    cx.set(|s| s.state = "running".into());
+    let mut next_resolved = Instant::now() + cx.resolved_interval;
+    loop {
+        let wait = batcher
+            .wait(next_resolved.saturating_duration_since(Instant::now()))
+            .max(Duration::from_millis(1));
+        match follower.next(wait).await {
+            Ok(events) => batcher.push(events),
+            Err(e @ FollowError::HistoryLost { .. }) => {
+                let events = batcher.take();
+                deliver(&mut sink, events, Some(follower.cursor()), cx, stop).await?;
+                return lost(&mut sink, e, cx, stop).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if Instant::now() >= next_resolved {
+            let ts = follower.resolved();
+            batcher.push([Event {
+                position: Position::end_of(ts),
+                time_ms: follow::now_ms(),
+                body: Body::Resolved { ts },
+            }]);
+            next_resolved = Instant::now() + cx.resolved_interval;
+            observe_lag(cx, ts).await;
+        }
+        if batcher.full() {
+            let checkpoint = follower.cursor();
+            deliver(&mut sink, batcher.take(), Some(checkpoint), cx, stop).await?;
+            hold.set(hold_ts(checkpoint));
+            cx.set(|s| s.resolved = follower.resolved().get());
+        }
+    }
+}
+
+async fn observe_lag(cx: &Context, resolved: Timestamp) {
+    let Ok(ust) = follow::ust(&cx.nodes).await else {
+        return;
+    };
+    let lag_ts = ust.get().saturating_sub(resolved.get());
+    let now = follow::now_ms();
+    cx.set(|s| {
+        s.ust = ust.get();
+        s.lag_ts = lag_ts;
+        if lag_ts == 0 {
+            s.lag_ms = 0;
+        }
+    });
+    cx.metrics.lag(lag_ts, now);
+}
+
+async fn initial_scan(
+    sink: &mut Sink,
+    selection: &Arc<Selection>,
+    snapshot: Timestamp,
+    cx: &Context,
+    stop: &watch::Receiver<bool>,
+) -> Result<(), Stop> {
+    let mut scan = follow::Scan::new(Arc::clone(&cx.nodes), Arc::clone(selection), snapshot);
+    let max_events = sink.batch_limits().0.max(1);
+    while let Some(events) = scan.next().await? {
+        for chunk in events.chunks(max_events) {
+            // Scan events carry no checkpoint: an interrupted scan starts over.
+            deliver(sink, chunk.to_vec(), None, cx, stop).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn lost(
+    sink: &mut Sink,
+    e: FollowError,
+    cx: &Context,
+    stop: &watch::Receiver<bool>,
+) -> Result<(), Stop> {
+    let FollowError::HistoryLost {
+        checkpoint,
+        lost_below,
+    } = e
+    else {
+        return Err(e.into());
+    };
+    tracing::error!(checkpoint = %checkpoint, lost_below = lost_below.get(), "the feed's history is gone; it stops (delete it and create it again with an initial scan)");
+    let event = Event {
+        position: checkpoint,
+        time_ms: follow::now_ms(),
+        body: Body::HistoryLost {
+            checkpoint,
+            lost_below,
+        },
+    };
+    deliver(sink, vec![event], None, cx, stop).await?;
+    cx.set(|s| s.last_error = Some(format!("history lost below ts {}", lost_below.get())));
+    Err(Stop::HistoryLost)
+}
