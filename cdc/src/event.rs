@@ -232,14 +232,14 @@ mod tests {
     fn times_are_rfc3339() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
-        assert_eq!(rfc3339(1_796_256_000_000), "2026-12-02T00:00:00.000Z");
+        assert_eq!(rfc3339(1_796_169_600_000), "2026-12-02T00:00:00.000Z");
     }
 
     #[test]
     fn a_change_event_has_the_envelope_and_the_data_of_the_contract() {
         let event = Event {
             position: Position::new(Timestamp(42), 1),
-            time_ms: 1_796_256_000_000,
+            time_ms: 1_796_169_600_000,
             body: Body::Change(Change {
                 kind: Kind::Deleted,
                 op: Op::Delete,
