@@ -214,7 +214,6 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::metrics::Metrics;
 
     /// A loopback port nothing listens on.
     fn closed_port() -> String {

@@ -332,6 +332,7 @@ async fn a_long_read_holds_gc_and_then_versions_are_pruned() {
             min_ts: first.get(),
             timeout_ms: 10_000,
             max_hold_ms: 120_000,
+            at: None,
         })
         .await
         .unwrap()
