@@ -132,10 +132,7 @@ async fn open(
         at: Some(ts.get()),
     };
     let mut stream = nodes
-        .call(|mut c| {
-            let request = request.clone();
-            async move { c.hold_snapshot(request).await }
-        })
+        .call(|mut c| async move { c.hold_snapshot(request).await })
         .await
         .map_err(|e| match e {
             causeway_config_manager::StoreError::NoNodes => {

@@ -58,10 +58,11 @@ fn feed_error(e: FeedError) -> Response {
     }
 }
 
-/// 401/403 unless the request carries the admin token (compared in constant time).
-fn authorize(handle: &Handle, headers: &HeaderMap) -> Result<(), Response> {
+/// The 401/403 of a request without the admin token (compared in constant time); `None` when
+/// it carries it.
+fn refusal(handle: &Handle, headers: &HeaderMap) -> Option<Response> {
     let Some(token) = handle.admin_token() else {
-        return Err(problem(
+        return Some(problem(
             StatusCode::FORBIDDEN,
             "forbidden",
             "the cdc service has no admin_token: feeds change only through its options file",
@@ -72,13 +73,13 @@ fn authorize(handle: &Handle, headers: &HeaderMap) -> Result<(), Response> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
-        Some(_) => Err(problem(
+        Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => None,
+        Some(_) => Some(problem(
             StatusCode::FORBIDDEN,
             "forbidden",
             "wrong admin token",
         )),
-        None => Err(problem(
+        None => Some(problem(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "send Authorization: Bearer <admin token>",
@@ -106,7 +107,7 @@ async fn show(State(h): State<Handle>, Path(name): Path<String>) -> Response {
 }
 
 async fn create(State(h): State<Handle>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = authorize(&h, &headers) {
+    if let Some(r) = refusal(&h, &headers) {
         return r;
     }
     let spec: FeedSpec = match serde_json::from_slice(&body) {
@@ -127,7 +128,7 @@ async fn create(State(h): State<Handle>, headers: HeaderMap, body: Bytes) -> Res
 }
 
 async fn pause(State(h): State<Handle>, headers: HeaderMap, Path(name): Path<String>) -> Response {
-    if let Err(r) = authorize(&h, &headers) {
+    if let Some(r) = refusal(&h, &headers) {
         return r;
     }
     match h.pause(&name).await {
@@ -137,7 +138,7 @@ async fn pause(State(h): State<Handle>, headers: HeaderMap, Path(name): Path<Str
 }
 
 async fn resume(State(h): State<Handle>, headers: HeaderMap, Path(name): Path<String>) -> Response {
-    if let Err(r) = authorize(&h, &headers) {
+    if let Some(r) = refusal(&h, &headers) {
         return r;
     }
     match h.resume(&name).await {
@@ -147,7 +148,7 @@ async fn resume(State(h): State<Handle>, headers: HeaderMap, Path(name): Path<St
 }
 
 async fn delete(State(h): State<Handle>, headers: HeaderMap, Path(name): Path<String>) -> Response {
-    if let Err(r) = authorize(&h, &headers) {
+    if let Some(r) = refusal(&h, &headers) {
         return r;
     }
     match h.delete(&name).await {

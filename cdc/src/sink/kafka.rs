@@ -148,16 +148,15 @@ impl KafkaSink {
                 return Err("reading the checkpoint topic timed out".into());
             }
             match consumer.poll(Duration::from_millis(200)) {
-                Some(Ok(m)) => {
-                    if m.key() == Some(self.feed.as_bytes()) {
-                        let text = std::str::from_utf8(m.payload().unwrap_or_default())
-                            .map_err(|_| "a checkpoint is not UTF-8".to_owned())?;
-                        found = Some(
-                            text.parse::<Position>()
-                                .map_err(|e| format!("checkpoint record: {e}"))?,
-                        );
-                    }
+                Some(Ok(m)) if m.key() == Some(self.feed.as_bytes()) => {
+                    let text = std::str::from_utf8(m.payload().unwrap_or_default())
+                        .map_err(|_| "a checkpoint is not UTF-8".to_owned())?;
+                    found = Some(
+                        text.parse::<Position>()
+                            .map_err(|e| format!("checkpoint record: {e}"))?,
+                    );
                 }
+                Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(format!("reading the checkpoint topic: {e}")),
                 None => {}
             }

@@ -25,7 +25,7 @@ use crate::feed::{Exhausted, FeedSpec, SinkSpec};
 pub enum Sink {
     Kafka(Arc<std::sync::Mutex<kafka::KafkaSink>>),
     Webhook {
-        hook: webhook::Webhook,
+        hook: Box<webhook::Webhook>,
         checkpoint_file: PathBuf,
     },
 }
@@ -60,7 +60,7 @@ impl Sink {
                 ))
             }
             SinkSpec::Webhook(w) => {
-                let hook = webhook::Webhook::new(&spec.name, &source, w)?;
+                let hook = Box::new(webhook::Webhook::new(&spec.name, &source, w)?);
                 let checkpoint_file = state_dir
                     .join("checkpoints")
                     .join(format!("{}.txt", spec.name));
