@@ -11,15 +11,14 @@
 //! old", and the coordinator passes it on instead of retrying at a fresh timestamp: the feed's
 //! history is gone.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use causeway_core::{KeyHash, PartitionId, ReadTimestamp, Timestamp};
+use causeway_core::{ReadTimestamp, Timestamp};
 use causeway_proto::v1 as pb;
 use tonic::Status;
 
-use crate::grpc::{read_ts_to_proto, storage_status, Attempt, Retries, Server};
+use crate::grpc::{by_partition, read_ts_to_proto, storage_status, Attempt, Retries, Server};
 use crate::state::Shared;
 use crate::storage;
 
@@ -46,11 +45,12 @@ pub async fn coordinate(
             .reads
             .register(ReadTimestamp::new(at.epoch, Timestamp(lowest - 1)));
         let replicas = server.replicas(&config, at).await?;
-        let mut by_partition: BTreeMap<PartitionId, Vec<usize>> = BTreeMap::new();
-        for (i, k) in req.keys.iter().enumerate() {
-            let p = config.partition_of(KeyHash::of(&k.collection, &k.id));
-            by_partition.entry(p).or_default().push(i);
-        }
+        let by_partition = by_partition(
+            &config,
+            req.keys
+                .iter()
+                .map(|k| (k.collection.as_str(), k.id.as_str())),
+        );
         let reads = by_partition.iter().map(|(p, indexes)| {
             let keys: Vec<pb::ChangeKey> = indexes.iter().map(|&i| req.keys[i].clone()).collect();
             let (config, replicas, with_before) = (&config, &replicas[p], req.with_before);

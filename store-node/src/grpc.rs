@@ -323,11 +323,10 @@ impl Server {
         with_automerge: bool,
     ) -> Result<Vec<pb::Document>, Attempt> {
         let replicas = self.replicas(config, at).await?;
-        let mut by_partition: BTreeMap<PartitionId, Vec<usize>> = BTreeMap::new();
-        for (i, k) in keys.iter().enumerate() {
-            let p = config.partition_of(KeyHash::of(&k.collection, &k.id));
-            by_partition.entry(p).or_default().push(i);
-        }
+        let by_partition = by_partition(
+            config,
+            keys.iter().map(|k| (k.collection.as_str(), k.id.as_str())),
+        );
         let reads = by_partition.iter().map(|(p, indexes)| {
             let part_keys: Vec<pb::DocumentKey> =
                 indexes.iter().map(|&i| keys[i].clone()).collect();
@@ -637,6 +636,20 @@ impl Retries {
             }
         }
     }
+}
+
+/// The indexes of `keys` by the partition of `config` that holds each.
+pub(crate) fn by_partition<'a>(
+    config: &ClusterConfig,
+    keys: impl Iterator<Item = (&'a str, &'a str)>,
+) -> BTreeMap<PartitionId, Vec<usize>> {
+    let mut out: BTreeMap<PartitionId, Vec<usize>> = BTreeMap::new();
+    for (i, (collection, id)) in keys.enumerate() {
+        out.entry(config.partition_of(KeyHash::of(collection, id)))
+            .or_default()
+            .push(i);
+    }
+    out
 }
 
 pub(crate) fn interval_to_proto(i: &Interval) -> pb::KeyInterval {
