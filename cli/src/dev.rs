@@ -1,22 +1,26 @@
-//! `causeway dev`: the config manager, P × R store nodes and the api-server in one process, on
-//! ONE transaction log shared by all of them: the embedded log by default (it locks its
-//! directory, so the components cannot each open it), or a topic on a Kafka cluster with
-//! `--kafka BOOTSTRAP`.
+//! `causeway dev`: the config manager, P × R store nodes, the api-server and the cdc service in
+//! one process, on ONE transaction log shared by all of them: the embedded log by default (it
+//! locks its directory, so the components cannot each open it), or a topic on a Kafka cluster
+//! with `--kafka BOOTSTRAP`.
 //!
 //! The data dir holds one subdirectory per component and two files of its own:
 //!
 //! ```text
-//! <data-dir>/dev.json          the manifest: the installed shape and every store node's address
+//! <data-dir>/dev.json          the manifest: the installed shape, every store node's address,
+//!                              the API's and the cdc admin API's of the latest run
 //! <data-dir>/tokens.json       the generated admin token (0600), kept across restarts
 //! <data-dir>/log/              the embedded transaction log (not with --kafka)
 //! <data-dir>/config-manager/   the config manager's state file
 //! <data-dir>/node-<id>/        each store node's RocksDB
+//! <data-dir>/cdc/              the cdc service's feeds and webhook checkpoints
 //! ```
 //!
 //! The store nodes' addresses are part of the bootstrapped configuration (the config manager
 //! refuses a node that comes back under another address), so the first start picks free ports
 //! and the manifest keeps them for every restart. The config manager may move: the nodes and the
-//! api-server are told where it is at each start.
+//! api-server are told where it is at each start. The API (`--listen`, default 127.0.0.1:7300)
+//! and the cdc service's admin API (`--cdc-listen`, default 127.0.0.1:7500) listen where the
+//! flags say, and port 0 picks a free port; the manifest records where they listened.
 //!
 //! `causeway admin scale|replace` work against a dev cluster: when a proposal needs more spare
 //! nodes than are registered, the config manager asks this process ([`DevSpares`], its
@@ -24,10 +28,15 @@
 //! the manifest (so every restart starts them again), and register. The manifest's shape follows
 //! the configuration the config manager installs.
 //!
+//! The cdc service runs the feeds created with `causeway admin feeds create` (kept in its state
+//! dir across restarts) on the same log; the data dir's admin token guards its admin API. The
+//! api-server serves the change streams (`causeway cdc tail`) itself.
+//!
 //! Start-up order: config manager, log, store nodes (they register), bootstrap on the first start
-//! only, tokens, api-server, then a probe read until the API answers. Shutdown runs in the
-//! reverse order, so no component loses a peer while it still serves: the api-server drains its
-//! requests, then the store nodes stop, then the config manager, and the log is closed last.
+//! only, tokens, api-server, a probe read until the API answers, then the cdc service (its feeds
+//! read from the store nodes). Shutdown runs in the reverse order, so no component loses a peer
+//! while it still serves: the cdc service stops its feeds, the api-server drains its requests,
+//! then the store nodes stop, then the config manager, and the log is closed last.
 
 use std::future::Future;
 use std::io::Write;
@@ -38,6 +47,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use causeway_api_server as api;
+use causeway_cdc as cdc;
 use causeway_config_manager as cm;
 use causeway_core::{ClusterConfig, NodeId};
 use causeway_store_node as store_node;
@@ -71,6 +81,9 @@ pub struct Args {
     /// Where the HTTP API listens.
     #[arg(long, default_value = "127.0.0.1:7300")]
     listen: SocketAddr,
+    /// Where the cdc service's admin API listens (`causeway admin feeds --cdc`).
+    #[arg(long, default_value = "127.0.0.1:7500")]
+    cdc_listen: SocketAddr,
     /// Run on this Kafka cluster (`host:port[,host:port...]`) instead of the embedded log (first
     /// start; later starts reuse the data dir's log and refuse another).
     #[arg(long, value_name = "BOOTSTRAP")]
@@ -109,6 +122,9 @@ pub struct Manifest {
     pub config_manager: SocketAddr,
     /// The API address of the latest run.
     pub api: SocketAddr,
+    /// The cdc service's admin API of the latest run (absent in data dirs from before it ran).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cdc: Option<SocketAddr>,
     /// Every store node, with the address it must keep: those of the shape first bootstrapped,
     /// then the spare nodes started for proposals, in id order.
     pub nodes: Vec<ManifestNode>,
@@ -358,9 +374,10 @@ async fn stop_all(tier: Vec<Running>) -> Vec<anyhow::Error> {
     errors
 }
 
-/// Everything that runs, by tier (the order of shutdown is api, nodes, config manager, log).
-/// The store nodes are shared with [`DevSpares`], which adds the ones it starts.
+/// Everything that runs, by tier (the order of shutdown is cdc, api, nodes, config manager,
+/// log). The store nodes are shared with [`DevSpares`], which adds the ones it starts.
 struct Cluster {
+    cdc: Vec<Running>,
     api: Vec<Running>,
     nodes: StoreNodes,
     config_manager: Vec<Running>,
@@ -373,6 +390,7 @@ type StoreNodes = Arc<Mutex<Option<Vec<Running>>>>;
 impl Default for Cluster {
     fn default() -> Self {
         Cluster {
+            cdc: Vec::new(),
             api: Vec::new(),
             nodes: Arc::new(Mutex::new(Some(Vec::new()))),
             config_manager: Vec::new(),
@@ -383,7 +401,8 @@ impl Default for Cluster {
 
 impl Cluster {
     async fn shutdown(self) -> Result<()> {
-        let mut errors = stop_all(self.api).await;
+        let mut errors = stop_all(self.cdc).await;
+        errors.extend(stop_all(self.api).await);
         let nodes = self
             .nodes
             .lock()
@@ -530,6 +549,7 @@ async fn start(
         replicas,
         config_manager: cm_addr,
         api: args.listen,
+        cdc: None,
         nodes,
         log: manifest_log.clone(),
     }));
@@ -573,11 +593,11 @@ async fn start(
         api::Options {
             listen_addr: args.listen,
             config_manager_addr: cm_addr.to_string(),
-            log: log_options,
+            log: log_options.clone(),
             tokens_file: Some(tokens_file.clone()),
             ..api::Options::default()
         },
-        log,
+        log.clone(),
     )
     .await
     .with_context(|| format!("starting the api-server on {}", args.listen))?;
@@ -596,12 +616,45 @@ async fn start(
     let url = format!("http://{api_addr}");
     wait_serving(&url, &token).await?;
 
+    // The cdc service, once the cluster serves: its feeds follow the same log and ask the store
+    // nodes for what the log cannot say.
+    let cdc_service = cdc::Service::bind_with_log(
+        cdc::Options {
+            listen_addr: args.cdc_listen,
+            config_manager_addr: cm_addr.to_string(),
+            log: log_options,
+            state_dir: data_dir.join("cdc"),
+            admin_token: Some(token.clone()),
+            ..cdc::Options::default()
+        },
+        log,
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "starting the cdc service on {} (--cdc-listen)",
+            args.cdc_listen
+        )
+    })?;
+    let cdc_addr = cdc_service.local_addr();
+    cluster
+        .cdc
+        .push(spawn("the cdc service".into(), exited, |stopped| {
+            cdc_service.run(stopped)
+        }));
+    {
+        let mut m = manifest.lock().expect("not poisoned");
+        m.cdc = Some(cdc_addr);
+        m.store(data_dir)?;
+    }
+
     let data = data_dir.display();
     let on = describe_log(&manifest_log);
     Ok(format!(
         "Causeway dev cluster ready: {partitions} partition(s) × {replicas} replica(s) on {on}, data in {data}\n\
-         \n  API             {url}\n  admin token     {token}\n  tokens file     {tokens}\n  config manager  {cm_addr}   (causeway admin status --data-dir {data})\n\
+         \n  API             {url}\n  admin token     {token}\n  tokens file     {tokens}\n  config manager  {cm_addr}   (causeway admin status --data-dir {data})\n  cdc admin       http://{cdc_addr}   (causeway admin feeds list --cdc {cdc_addr})\n\
          \nTry:\n  curl -sS -X PUT {url}/v1/collections/notes/documents/hello \\\n    -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' \\\n    -d '{{\"text\": \"hello, causeway\"}}'\n\
+         \n  causeway cdc tail --api {url} --token {token}   (every change, as it commits)\n\
          \nCtrl-C stops the cluster.",
         tokens = tokens_file.display(),
     ))
@@ -844,6 +897,7 @@ mod tests {
             replicas: r,
             data_dir: PathBuf::from("d"),
             listen: "127.0.0.1:7300".parse().unwrap(),
+            cdc_listen: "127.0.0.1:7500".parse().unwrap(),
             kafka: None,
             kafka_topic: "causeway-tx".into(),
             kafka_replication_factor: 1,
@@ -856,6 +910,7 @@ mod tests {
             replicas: r,
             config_manager: "127.0.0.1:1".parse().unwrap(),
             api: "127.0.0.1:2".parse().unwrap(),
+            cdc: Some("127.0.0.1:4".parse().unwrap()),
             nodes: (1..=u64::from(p * r))
                 .map(|id| ManifestNode {
                     id,
@@ -916,6 +971,7 @@ mod tests {
         let old = r#"{"partitions":1,"replicas":1,"config_manager":"127.0.0.1:1","api":"127.0.0.1:2","nodes":[{"id":1,"listen":"127.0.0.1:3"}]}"#;
         let old: Manifest = serde_json::from_str(old).unwrap();
         assert_eq!(old.log, ManifestLog::Embedded);
+        assert_eq!(old.cdc, None, "data dirs from before the cdc service load");
         let dir = tempfile::tempdir().unwrap();
         m.store(dir.path()).unwrap();
         assert_eq!(Manifest::load(dir.path()).unwrap(), Some(m));

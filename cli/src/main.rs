@@ -1,23 +1,29 @@
 //! `causeway`: the command-line tool of Causeway (DESIGN.md §2, `cli`). It composes the libraries
 //! that the production binaries run; nothing here reimplements a component.
 //!
-//! - `causeway dev`: a whole cluster in one process (config manager, P × R store nodes and the
-//!   api-server) on one shared embedded transaction log, kept in a data dir across restarts.
+//! - `causeway dev`: a whole cluster in one process (config manager, P × R store nodes, the
+//!   api-server and the cdc service) on one shared embedded transaction log, kept in a data dir
+//!   across restarts.
 //! - `causeway admin status`: the configuration, the frontiers, the replicas' health, phase and
 //!   backfill progress, as a table or as JSON; `causeway admin bootstrap`: the first
 //!   configuration of a cluster; `causeway admin scale|replace|abort`: transitions, followed to
-//!   their end with `--wait`.
+//!   their end with `--wait`; `causeway admin feeds …`: the feeds of a cdc service.
+//! - `causeway cdc tail`: an api-server's change stream (server-sent events) in the terminal.
 //! - `causeway bench`: HTTP workloads against an api-server (closed or open loop) and a raw
 //!   log-append baseline, reporting throughput, latency percentiles, errors and visibility lag.
 //!
 //! # Layout
 //! - [`dev`]: `causeway dev`, its data-dir manifest, tokens and start-up/shutdown order.
-//! - [`admin`]: `causeway admin …`: status, bootstrap, scale, replace and abort.
+//! - [`admin`]: `causeway admin …`: status, bootstrap, scale, replace, abort and feeds.
+//! - [`cdc`]: `causeway cdc tail` and its server-sent events parser.
 //! - [`bench`]: `causeway bench`: workloads, key generators, the runner and the report.
+//! - [`problem`]: an HTTP error answer (problem+json) as one line.
 
 mod admin;
 mod bench;
+mod cdc;
 mod dev;
+mod problem;
 
 use clap::{Parser, Subcommand};
 
@@ -46,8 +52,20 @@ enum Command {
         #[command(subcommand)]
         command: AdminCommand,
     },
+    /// Change data capture.
+    Cdc {
+        #[command(subcommand)]
+        command: CdcCommand,
+    },
     /// Measures an api-server (or the raw log) under a workload.
     Bench(bench::Args),
+}
+
+#[derive(Debug, Subcommand)]
+enum CdcCommand {
+    /// Prints an api-server's change stream, one line per event, resuming where it left off
+    /// when the server ends it.
+    Tail(cdc::TailArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -62,6 +80,8 @@ enum AdminCommand {
     Replace(admin::ReplaceArgs),
     /// Abandons the running transition before routing can switch to it.
     Abort(admin::AbortArgs),
+    /// The change data capture feeds of a cdc service.
+    Feeds(admin::FeedsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -89,7 +109,11 @@ fn main() -> anyhow::Result<()> {
                 AdminCommand::Scale(args) => admin::scale(args).await,
                 AdminCommand::Replace(args) => admin::replace(args).await,
                 AdminCommand::Abort(args) => admin::abort(args).await,
+                AdminCommand::Feeds(args) => admin::feeds(args).await,
             },
+            Command::Cdc {
+                command: CdcCommand::Tail(args),
+            } => cdc::tail(args).await,
             Command::Bench(args) => bench::run(args).await,
         }
     })
@@ -156,6 +180,150 @@ mod tests {
         parse(&["admin", "replace", "3", "--wait"]).unwrap();
         parse(&["admin", "abort", "--epoch", "4"]).unwrap();
         parse(&["admin", "abort"]).unwrap();
+    }
+
+    fn feeds(args: &[&str]) -> admin::FeedsArgs {
+        let all: Vec<&str> = ["admin", "feeds"].iter().chain(args).copied().collect();
+        match parse(&all).unwrap().command {
+            Command::Admin {
+                command: AdminCommand::Feeds(feeds),
+            } => feeds,
+            other => panic!("not feeds: {other:?}"),
+        }
+    }
+
+    fn tail(args: &[&str]) -> cdc::TailArgs {
+        let all: Vec<&str> = ["cdc", "tail"].iter().chain(args).copied().collect();
+        match parse(&all).unwrap().command {
+            Command::Cdc {
+                command: CdcCommand::Tail(tail),
+            } => tail,
+            other => panic!("not tail: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn feeds_commands_parse_their_flags_before_or_after_the_subcommand() {
+        use admin::feeds::FeedsCommand;
+        let f = feeds(&["list", "--json", "--cdc", "h:1", "--token", "t0ken"]);
+        assert_eq!(f.command, FeedsCommand::List { json: true });
+        assert_eq!((f.cdc.as_str(), f.token.as_deref()), ("h:1", Some("t0ken")));
+        let f = feeds(&["--cdc", "http://h:2", "show", "orders-hook"]);
+        assert_eq!(
+            f.command,
+            FeedsCommand::Show {
+                name: "orders-hook".into(),
+                json: false
+            }
+        );
+        assert_eq!(f.cdc, "http://h:2");
+        assert_eq!(feeds(&["list"]).cdc, "127.0.0.1:7500");
+        assert_eq!(
+            feeds(&["create", "--spec", "-"]).command,
+            FeedsCommand::Create { spec: "-".into() }
+        );
+        for (verb, command) in [
+            ("pause", FeedsCommand::Pause { name: "f_1".into() }),
+            ("resume", FeedsCommand::Resume { name: "f_1".into() }),
+            ("delete", FeedsCommand::Delete { name: "f_1".into() }),
+        ] {
+            assert_eq!(feeds(&[verb, "f_1"]).command, command, "{verb}");
+        }
+    }
+
+    #[test]
+    fn tail_parses_its_flags() {
+        let t = tail(&[
+            "--api",
+            "http://h:1",
+            "--token",
+            "t0ken",
+            "--collection",
+            "orders",
+            "--collection",
+            "catalog_*",
+            "--after",
+            "00000000000000000042.0000000003",
+            "--before",
+            "--json",
+            "--resolved",
+            "--limit",
+            "5",
+            "--no-reconnect",
+        ]);
+        assert_eq!(t.api, "http://h:1");
+        assert_eq!(t.token.as_deref(), Some("t0ken"));
+        assert_eq!(t.collections, ["orders", "catalog_*"]);
+        assert_eq!(t.after.as_deref(), Some("00000000000000000042.0000000003"));
+        assert!(t.before && t.json && t.resolved && t.no_reconnect);
+        assert_eq!(t.limit, Some(5));
+        let t = tail(&["--after", "42"]);
+        assert_eq!(t.after.as_deref(), Some("42"));
+        assert_eq!(t.api, "http://127.0.0.1:7300");
+        assert!(t.collections.is_empty() && !t.json && !t.resolved && !t.before);
+        assert_eq!((t.limit, t.no_reconnect, t.retries), (None, false, 10));
+    }
+
+    #[test]
+    fn bad_feeds_and_tail_arguments_are_refused_with_a_clear_error() {
+        let (kind, text) = refused(&["admin", "feeds", "show", "a b"]);
+        assert_eq!(kind, ErrorKind::ValueValidation, "{text}");
+        assert!(text.contains("is not a feed name"), "{text}");
+        let (kind, _) = refused(&["admin", "feeds", "pause", "../x"]);
+        assert_eq!(kind, ErrorKind::ValueValidation);
+        let (kind, text) = refused(&["admin", "feeds", "create"]);
+        assert_eq!(kind, ErrorKind::MissingRequiredArgument, "{text}");
+        assert!(text.contains("--spec"), "{text}");
+        let (kind, _) = refused(&["admin", "feeds", "delete"]);
+        assert_eq!(kind, ErrorKind::MissingRequiredArgument);
+        let (kind, _) = refused(&["admin", "feeds", "start", "f"]);
+        assert_eq!(kind, ErrorKind::InvalidSubcommand);
+        for cursor in ["x", "1.2.3", "-1", "42.", ""] {
+            let (kind, text) = refused(&["cdc", "tail", &format!("--after={cursor}")]);
+            assert_eq!(kind, ErrorKind::ValueValidation, "{cursor:?}: {text}");
+            assert!(text.contains("is not a cursor"), "{text}");
+        }
+        let (kind, text) = refused(&["cdc", "tail", "--collection", "a,b"]);
+        assert_eq!(kind, ErrorKind::ValueValidation, "{text}");
+        assert!(text.contains("one per --collection"), "{text}");
+        let (kind, text) = refused(&["cdc", "tail", "--limit", "0"]);
+        assert_eq!(kind, ErrorKind::ValueValidation, "{text}");
+        let (kind, _) = refused(&["cdc", "tail", "--json", "extra"]);
+        assert_eq!(kind, ErrorKind::UnknownArgument);
+        let (kind, _) = refused(&["dev", "--cdc-listen", "7500"]);
+        assert_eq!(kind, ErrorKind::ValueValidation);
+        parse(&["dev", "--cdc-listen", "127.0.0.1:0"]).unwrap();
+    }
+
+    #[test]
+    fn tokens_come_from_the_environment_and_help_does_not_show_them() {
+        // The only test that reads these variables.
+        std::env::set_var("CAUSEWAY_CDC_ADMIN_TOKEN", "cdc-secret-from-env");
+        std::env::set_var("CAUSEWAY_TOKEN", "api-secret-from-env");
+        let from_env = (
+            feeds(&["list"]).token,
+            feeds(&["list", "--token", "flag"]).token,
+            tail(&[]).token,
+        );
+        let helps = [
+            refused(&["admin", "feeds", "list", "--help"]),
+            refused(&["cdc", "tail", "--help"]),
+        ];
+        std::env::remove_var("CAUSEWAY_CDC_ADMIN_TOKEN");
+        std::env::remove_var("CAUSEWAY_TOKEN");
+        assert_eq!(
+            from_env,
+            (
+                Some("cdc-secret-from-env".into()),
+                Some("flag".into()),
+                Some("api-secret-from-env".into())
+            )
+        );
+        for (kind, help) in helps {
+            assert_eq!(kind, ErrorKind::DisplayHelp);
+            assert!(help.contains("CAUSEWAY_"), "{help}");
+            assert!(!help.contains("secret-from-env"), "{help}");
+        }
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! the same documents with the same token; `causeway admin status` describes it; a different
 //! shape on that data dir is refused; `--kafka` runs it on a topic of the test broker and keeps the
 //! data dir to that log; `causeway admin scale` against it has dev start the spare node it needs,
-//! which a restart starts again; bad `admin` input is refused and changes nothing. Every wait has a deadline; set `CAUSEWAY_KEEP_TEST_DIR=1`
-//! to keep the data dir for inspection.
+//! which a restart starts again; bad `admin` input is refused and changes nothing; the cdc
+//! service runs beside it, and `causeway admin feeds` creates and pauses a feed that a restart
+//! keeps. Every wait has a deadline; set `CAUSEWAY_KEEP_TEST_DIR=1` to keep the data dir for
+//! inspection.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -94,7 +96,8 @@ async fn get_note(
         .await?)
 }
 
-/// `causeway dev --data-dir DATA_DIR --listen 127.0.0.1:PORT EXTRA…`.
+/// `causeway dev --data-dir DATA_DIR --listen 127.0.0.1:PORT --cdc-listen 127.0.0.1:0 EXTRA…`
+/// (the tests run side by side: the cdc service takes a free port).
 fn dev_command(data_dir: &Path, port: u16, extra: &[&str]) -> Command {
     let mut command = Command::new(BIN);
     command
@@ -103,6 +106,7 @@ fn dev_command(data_dir: &Path, port: u16, extra: &[&str]) -> Command {
         .arg(data_dir)
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
+        .args(["--cdc-listen", "127.0.0.1:0"])
         .args(extra);
     command
 }
@@ -277,6 +281,68 @@ async fn dev_serves_documents_and_keeps_them_across_a_restart() -> Result<()> {
         .sum();
     assert!((share - 1.0).abs() < 1e-9, "{status}");
 
+    // The cdc service runs beside the cluster, at the address of the manifest and the banner.
+    let cdc = manifest(&data_dir)?["cdc"]
+        .as_str()
+        .context("no cdc address in dev.json")?
+        .to_owned();
+    assert!(
+        dev.output()
+            .contains(&format!("causeway admin feeds list --cdc {cdc}")),
+        "{}",
+        dev.output()
+    );
+    let (ok, out, err) = admin(&["feeds", "list", "--json", "--cdc", &cdc])?;
+    ensure!(ok, "feeds list: {err}");
+    assert_eq!(serde_json::from_str::<Value>(&out)?, json!({"feeds": []}));
+    let spec = dir.path().join("feed.json");
+    std::fs::write(
+        &spec,
+        json!({
+            "name": "audit-hook",
+            "sink": {"type": "webhook", "url": "http://127.0.0.1:9/hook",
+                     "secrets": ["whsec_MDEyMzQ1Njc4OWFiY2RlZg=="]},
+            "collections": ["audit"],
+        })
+        .to_string(),
+    )?;
+    let spec = spec.to_str().context("a UTF-8 path")?;
+    // Changes need the admin token; it is the data dir's.
+    let (ok, _, err) = admin(&["feeds", "create", "--spec", spec, "--cdc", &cdc])?;
+    assert!(!ok && err.contains("admin token"), "{err}");
+    let wrong = "wrong-token-0123456789";
+    let (ok, _, err) = admin(&[
+        "feeds", "create", "--spec", spec, "--cdc", &cdc, "--token", wrong,
+    ])?;
+    assert!(!ok && err.contains("403 forbidden"), "{err}");
+    let (ok, out, err) = admin(&[
+        "feeds", "create", "--spec", spec, "--cdc", &cdc, "--token", &token,
+    ])?;
+    ensure!(ok, "feeds create: {err}");
+    assert!(out.contains("created feed audit-hook"), "{out}");
+    let (ok, _, err) = admin(&[
+        "feeds", "create", "--spec", spec, "--cdc", &cdc, "--token", &token,
+    ])?;
+    assert!(!ok && err.contains("409"), "a second create: {err}");
+    let (ok, out, err) = admin(&[
+        "feeds",
+        "pause",
+        "audit-hook",
+        "--cdc",
+        &cdc,
+        "--token",
+        &token,
+    ])?;
+    ensure!(ok, "feeds pause: {err}");
+    assert!(out.contains("paused feed audit-hook"), "{out}");
+    let (ok, _, err) = admin(&["feeds", "show", "nope", "--cdc", &cdc])?;
+    // The whole problem on the first line (anyhow adds a backtrace under RUST_BACKTRACE=1).
+    let first = err.lines().next().unwrap_or_default();
+    assert!(
+        !ok && first.ends_with(r#": 404 feed not found: no feed is named "nope""#),
+        "{err}"
+    );
+
     let exit = dev.interrupt()?;
     assert!(exit.success(), "causeway dev exited with {exit}");
 
@@ -306,6 +372,34 @@ async fn dev_serves_documents_and_keeps_them_across_a_restart() -> Result<()> {
     let doc = get_note(&http, &base, &token, "n-0", ts).await?;
     assert_eq!(doc, json!({"i": 0, "text": "edited"}));
 
+    // The feed is still there, still paused, on the cdc service's new address; then it goes.
+    let cdc = manifest(&data_dir)?["cdc"]
+        .as_str()
+        .context("no cdc address in dev.json")?
+        .to_owned();
+    let (ok, out, err) = admin(&["feeds", "list", "--cdc", &cdc])?;
+    ensure!(ok, "feeds list: {err}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("audit-hook "))
+        .with_context(|| format!("no row for the feed:\n{out}"))?;
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[1..3], ["webhook", "paused"], "{out}");
+    let (ok, out, err) = admin(&[
+        "feeds",
+        "delete",
+        "audit-hook",
+        "--cdc",
+        &cdc,
+        "--token",
+        &token,
+    ])?;
+    ensure!(ok, "feeds delete: {err}");
+    assert!(out.contains("deleted feed audit-hook"), "{out}");
+    let (ok, out, err) = admin(&["feeds", "list", "--cdc", &cdc])?;
+    ensure!(ok, "feeds list: {err}");
+    assert_eq!(out, "no feeds\n");
+
     let exit = dev.interrupt()?;
     assert!(exit.success(), "causeway dev exited with {exit}");
     if std::env::var_os("CAUSEWAY_KEEP_TEST_DIR").is_some() {
@@ -316,7 +410,12 @@ async fn dev_serves_documents_and_keeps_them_across_a_restart() -> Result<()> {
 
 /// `causeway admin ARGS…`: (success, stdout, stderr).
 fn admin(args: &[&str]) -> Result<(bool, String, String)> {
-    let out = Command::new(BIN).arg("admin").args(args).output()?;
+    let out = Command::new(BIN)
+        .arg("admin")
+        .args(args)
+        .env_remove("CAUSEWAY_CDC")
+        .env_remove("CAUSEWAY_CDC_ADMIN_TOKEN")
+        .output()?;
     Ok((
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -1,15 +1,19 @@
-//! `causeway admin …`: operator commands against a config manager and its store nodes.
+//! `causeway admin …`: operator commands against a config manager and its store nodes, and
+//! against a cdc service's feeds.
 //!
 //! # Layout
 //! - [`status`]: `causeway admin status`: the configuration, frontiers, each node's phase and
 //!   backfill progress, gathered from the config manager and every node.
 //! - [`bootstrap`]: `causeway admin bootstrap`: the first configuration.
 //! - [`change`]: `causeway admin scale|replace|abort`, and `--wait` for a transition to finish.
+//! - [`feeds`]: `causeway admin feeds list|show|create|pause|resume|delete`: a cdc service's
+//!   feeds through its admin API, as tables or JSON.
 //! - [`progress`]: pure functions behind the output: backfill totals, the time-left estimate,
 //!   progress lines, the outcome of a transition, a configuration as text.
 
 pub mod bootstrap;
 pub mod change;
+pub mod feeds;
 pub mod progress;
 pub mod status;
 
@@ -23,6 +27,7 @@ use causeway_proto::v1::{NodeStatus as ProtoNodeStatus, StatusRequest};
 
 pub use bootstrap::{bootstrap, BootstrapArgs};
 pub use change::{abort, replace, scale, AbortArgs, ReplaceArgs, ScaleArgs};
+pub use feeds::{feeds, FeedsArgs};
 pub use status::{status, Args};
 
 /// Every RPC of a command is bounded by this.
