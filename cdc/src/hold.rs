@@ -5,7 +5,10 @@
 //! before the first one it must still read): that node gossips it as an active read, so no
 //! node's GC timestamp passes it. When the checkpoint moves, a new hold is opened before the old
 //! one is dropped, so the held ts only rises. A hold that ends (its node went away, or its
-//! `max_hold_ms`) is opened again. A checkpoint that has not moved for `protect_max_age` (a sink
+//! `max_hold_ms`) is opened again. The hold is named (`causeway-cdc/<feed>`) and kept on one
+//! node while it can be, and that node keeps it for `linger` after this process went away
+//! (store-node `hold`): a feed killed and restarted finds the history after its checkpoint.
+//! A checkpoint that has not moved for `protect_max_age` (a sink
 //! down for that long) is let go: the cluster's history is not held forever, and the feed finds
 //! out when it reads (`causeway.history_lost`).
 
@@ -23,6 +26,10 @@ pub struct HoldOptions {
     pub protect_max_age: Duration,
     /// How often the hold follows a moving target, at most.
     pub refresh: Duration,
+    /// How long the store node keeps the hold after this process went away (killed, crashed,
+    /// restarting): a feed restarted within it resumes from its checkpoint instead of finding
+    /// its history pruned. Never more than what is left of `protect_max_age`.
+    pub linger: Duration,
 }
 
 /// Holds the GC timestamp at a target the feed moves.
@@ -33,9 +40,11 @@ pub struct Hold {
 }
 
 impl Hold {
-    pub fn start(nodes: Arc<StoreNodes>, options: HoldOptions) -> Hold {
+    /// `owner` names the holder on the store nodes (`causeway-cdc/<feed>`), so that a node
+    /// keeps the feed's newest hold (and only that one) while the feed's process is away.
+    pub fn start(nodes: Arc<StoreNodes>, owner: String, options: HoldOptions) -> Hold {
         let (target, rx) = watch::channel(None);
-        let task = tokio::spawn(run(nodes, options, rx));
+        let task = tokio::spawn(run(nodes, owner, options, rx));
         Hold { target, task }
     }
 
@@ -60,12 +69,15 @@ impl Drop for Hold {
 
 async fn run(
     nodes: Arc<StoreNodes>,
+    owner: String,
     options: HoldOptions,
     mut target: watch::Receiver<Option<Timestamp>>,
 ) {
     let mut held: Option<(Timestamp, tonic::Streaming<pb::HoldSnapshotEvent>)> = None;
     let mut moved_at = Instant::now();
     let mut last_target = None;
+    // The node of the last hold, tried first for the next.
+    let mut at_node: Option<String> = None;
     loop {
         let want = *target.borrow_and_update();
         if want != last_target {
@@ -83,9 +95,20 @@ async fn run(
         match want {
             Some(ts) if !expired && held.as_ref().is_none_or(|(h, _)| *h != ts) => {
                 let left = options.protect_max_age.saturating_sub(moved_at.elapsed());
-                match open(&nodes, ts, left).await {
+                let request = pb::HoldSnapshotRequest {
+                    min_ts: 0,
+                    timeout_ms: 5_000,
+                    max_hold_ms: left.as_millis().max(1) as u64,
+                    at: Some(ts.get()),
+                    owner: owner.clone(),
+                    linger_ms: options.linger.min(left).as_millis() as u64,
+                };
+                match open(&nodes, at_node.as_deref(), request).await {
                     // The new hold is in place before the old one goes.
-                    Ok(stream) => held = Some((ts, stream)),
+                    Ok((node, _, stream)) => {
+                        held = Some((ts, stream));
+                        at_node = Some(node);
+                    }
                     Err(status) => {
                         tracing::warn!(
                             ts = ts.get(),
@@ -120,30 +143,71 @@ async fn run(
     }
 }
 
-async fn open(
+/// A snapshot held at a store node's UST view (an initial scan's), while the stream lives:
+/// reading the UST first and holding it next would let the GC timestamp pass it between.
+pub async fn snapshot(
     nodes: &StoreNodes,
-    ts: Timestamp,
     max_hold: Duration,
-) -> Result<tonic::Streaming<pb::HoldSnapshotEvent>, tonic::Status> {
+) -> Result<(Timestamp, tonic::Streaming<pb::HoldSnapshotEvent>), tonic::Status> {
     let request = pb::HoldSnapshotRequest {
         min_ts: 0,
         timeout_ms: 5_000,
         max_hold_ms: max_hold.as_millis().max(1) as u64,
-        at: Some(ts.get()),
+        at: None,
+        owner: String::new(),
+        linger_ms: 0,
     };
-    let mut stream = nodes
-        .call(|mut c| async move { c.hold_snapshot(request).await })
+    open(nodes, None, request)
         .await
-        .map_err(|e| match e {
-            causeway_config_manager::StoreError::NoNodes => {
-                tonic::Status::unavailable("no store node is known")
-            }
-            causeway_config_manager::StoreError::Status(s) => s,
-        })?
-        .into_inner();
-    // The first message says the hold is registered.
-    match stream.message().await? {
-        Some(_) => Ok(stream),
-        None => Err(tonic::Status::unavailable("the hold ended at once")),
+        .map(|(_, ts, stream)| (ts, stream))
+}
+
+/// Opens a hold, on the node `prefer` when it can (a feed keeps its hold on one node, so that
+/// its moves replace its lingering hold there), else on another node of the routing
+/// configuration. Answers the node, the held ts and the stream.
+async fn open(
+    nodes: &StoreNodes,
+    prefer: Option<&str>,
+    request: pb::HoldSnapshotRequest,
+) -> Result<(String, Timestamp, tonic::Streaming<pb::HoldSnapshotEvent>), tonic::Status> {
+    let mut order = nodes.routing_nodes();
+    if order.is_empty() {
+        return Err(tonic::Status::unavailable("no store node is known"));
     }
+    let rotate = rand::random::<u32>() as usize % order.len();
+    order.rotate_left(rotate);
+    if let Some(p) = prefer {
+        if let Some(i) = order.iter().position(|a| a == p) {
+            let a = order.remove(i);
+            order.insert(0, a);
+        }
+    }
+    let mut last = tonic::Status::unavailable("no store node tried");
+    for addr in order {
+        let mut client = match nodes.client(&addr) {
+            Ok(c) => c,
+            Err(status) => {
+                last = status;
+                continue;
+            }
+        };
+        let opened = async {
+            let mut stream = client.hold_snapshot(request.clone()).await?.into_inner();
+            // The first message says the hold is registered.
+            match stream.message().await? {
+                Some(event) => Ok((Timestamp(event.at.map_or(0, |at| at.ts)), stream)),
+                None => Err(tonic::Status::unavailable("the hold ended at once")),
+            }
+        };
+        match opened.await {
+            Ok((ts, stream)) => return Ok((addr, ts, stream)),
+            // "snapshot too old" is the same answer everywhere.
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => return Err(status),
+            Err(status) => {
+                nodes.penalize(&addr);
+                last = status;
+            }
+        }
+    }
+    Err(last)
 }

@@ -29,6 +29,11 @@ pub struct Options {
     /// How long a feed whose checkpoint does not move holds the cluster's GC timestamp.
     /// Default 24 h.
     pub protect_max_age_ms: u64,
+    /// How long the store nodes keep a feed's GC hold after this process went away (killed,
+    /// crashed, restarting, upgraded): a feed back within it resumes from its checkpoint; later,
+    /// it may find its history gone (`causeway.history_lost`). At most `protect_max_age_ms`.
+    /// Default 10 min.
+    pub hold_linger_ms: u64,
     /// The bearer token of the admin API; none: the admin API refuses every change (reads of
     /// `/v1/feeds` and `/metrics` stay open).
     pub admin_token: Option<String>,
@@ -54,6 +59,7 @@ impl Default for Options {
             feeds: Vec::new(),
             resolved_interval_ms: 1000,
             protect_max_age_ms: 24 * 3600 * 1000,
+            hold_linger_ms: 10 * 60 * 1000,
             admin_token: None,
             store_tries: 3,
         }

@@ -177,15 +177,40 @@ async fn deliver(
         .map(|e| now.saturating_sub(e.time_ms))
         .collect();
     let count = events.len();
-    let mut batch = events;
-    loop {
-        match sink
-            .deliver(batch, checkpoint, stop)
-            .await
-            .map_err(Stop::Retry)?
-        {
-            Delivered::All => break,
-            Delivered::Gap(gap) => batch = vec![gap],
+    // One follower round may hand over more than a batch may hold (a group of 512 records of
+    // multi-document transactions, a feed catching up): the batch goes in pieces within the
+    // sink's limits, each with the checkpoint after its last event (a position inside a
+    // transaction is a valid cursor).
+    let (max_events, max_bytes, _) = sink.batch_limits();
+    let mut pieces = Vec::new();
+    let mut piece = Vec::new();
+    let mut bytes = 0;
+    for e in events {
+        let size = approximate_bytes(&e);
+        if !piece.is_empty() && (piece.len() >= max_events.max(1) || bytes + size > max_bytes) {
+            pieces.push(std::mem::take(&mut piece));
+            bytes = 0;
+        }
+        bytes += size;
+        piece.push(e);
+    }
+    pieces.push(piece);
+    let last = pieces.len() - 1;
+    for (i, mut batch) in pieces.into_iter().enumerate() {
+        let checkpoint = match checkpoint {
+            Some(c) if i == last => Some(c),
+            Some(_) => batch.last().map(|e| e.position),
+            None => None,
+        };
+        loop {
+            match sink
+                .deliver(batch, checkpoint, stop)
+                .await
+                .map_err(Stop::Retry)?
+            {
+                Delivered::All => break,
+                Delivered::Gap(gap) => batch = vec![gap],
+            }
         }
     }
     cx.metrics.delivered(count as u64, &changes);
@@ -210,7 +235,11 @@ async fn run_once(spec: &FeedSpec, cx: &Context, stop: &watch::Receiver<bool>) -
     });
     let selection = Arc::new(spec.selection().map_err(|e| Stop::Fatal(e.to_string()))?);
     let (mut sink, checkpoint) = Sink::open(spec, &cx.state_dir).await.map_err(Stop::Retry)?;
-    let hold = Hold::start(Arc::clone(&cx.nodes), cx.hold);
+    let hold = Hold::start(
+        Arc::clone(&cx.nodes),
+        format!("causeway-cdc/{}", spec.name),
+        cx.hold,
+    );
     let mut batcher = Batcher {
         events: Vec::new(),
         bytes: 0,
@@ -225,9 +254,20 @@ async fn run_once(spec: &FeedSpec, cx: &Context, stop: &watch::Receiver<bool>) -
                 Start::After(ts) => Position::end_of(ts),
                 Start::InitialScan => {
                     cx.set(|s| s.state = "scanning".into());
-                    let snapshot = follow::ust(&cx.nodes).await?;
+                    // The snapshot is held from the moment it is chosen until the scan is done
+                    // (the feed's own hold takes over at it).
+                    let (snapshot, scan_hold) =
+                        crate::hold::snapshot(&cx.nodes, cx.hold.protect_max_age)
+                            .await
+                            .map_err(|s| {
+                                Stop::Retry(format!(
+                                    "holding the initial scan's snapshot: {}",
+                                    s.message()
+                                ))
+                            })?;
                     hold.set(snapshot);
                     initial_scan(&mut sink, &selection, snapshot, cx, stop).await?;
+                    drop(scan_hold);
                     Position::end_of(snapshot)
                 }
             };

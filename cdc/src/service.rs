@@ -273,6 +273,7 @@ impl Shared {
             hold: HoldOptions {
                 protect_max_age: Duration::from_millis(self.options.protect_max_age_ms),
                 refresh: Duration::from_millis(200),
+                linger: Duration::from_millis(self.options.hold_linger_ms),
             },
             status: Arc::clone(&feed.status),
             metrics: Arc::clone(&feed.metrics),

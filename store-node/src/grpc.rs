@@ -854,13 +854,17 @@ impl pb::store_node_server::StoreNode for Server {
             }
         };
         let max_hold = Duration::from_millis(req.max_hold_ms.clamp(1, 3_600_000));
+        // A named hold may outlive its stream (see `hold`): the guard decides when it ends.
+        let linger = Duration::from_millis(req.linger_ms.min(crate::hold::MAX_LINGER_MS));
+        let owner = req.owner.chars().take(256).collect::<String>();
+        let held = self.shared.holds.opened(&owner, held, linger);
         let first = pb::HoldSnapshotEvent {
             at: Some(read_ts_to_proto(at)),
         };
         let stream = futures::stream::once(async move { Ok(first) }).chain(futures::stream::once(
             async move {
                 tokio::time::sleep(max_hold).await;
-                drop(held);
+                held.release();
                 Err(Status::deadline_exceeded(
                     "the snapshot hold reached its maximum duration",
                 ))

@@ -16,11 +16,13 @@
 //!   and the clonable [`Handle`].
 //! - [`grpc`]: the `StoreNode` gRPC server: gossip, replica sub-reads, coordinated reads.
 //! - [`changes`]: what the transactions wrote, for change data capture (`Changes`, `ChangesAt`).
+//! - [`hold`]: named snapshot holds that outlive their stream (a change feed's GC hold).
 //! - [`metrics`]: the node's Prometheus metrics.
 
 pub mod backfill;
 pub mod changes;
 pub mod grpc;
+pub mod hold;
 pub mod metrics;
 pub mod options;
 pub mod service;

@@ -118,6 +118,7 @@ impl Service {
             protocol: Mutex::new(Protocol::default()),
             decided: watch::Sender::new(Decided::default()),
             reads: Arc::new(ActiveReads::default()),
+            holds: Arc::default(),
             log_next: AtomicU64::new(0),
             metrics: Metrics::default(),
             plan: Mutex::new(None),

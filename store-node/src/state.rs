@@ -180,6 +180,8 @@ pub struct Shared {
     pub protocol: Mutex<Protocol>,
     pub decided: watch::Sender<Decided>,
     pub reads: Arc<ActiveReads>,
+    /// Named holds (change feeds) and those that outlive their stream.
+    pub holds: Arc<crate::hold::Owners>,
     /// The log's next ts as last seen by the apply loop (for lag).
     pub log_next: AtomicU64,
     pub metrics: Metrics,

@@ -12,12 +12,15 @@
 //! # Layout
 //! - [`LocalCluster`], [`ClusterSpec`]: the harness.
 //! - `api`: api-server processes of a cluster ([`LocalCluster::start_api_servers`], [`API_TOKEN`]).
+//! - [`cdc`]: `causeway-cdc` processes of a cluster ([`LocalCluster::start_cdc`]) and a webhook
+//!   endpoint that verifies signatures and records every event.
 //! - `process`: child processes, their logs, free ports.
 //! - [`load`]: a steady mixed load through the HTTP API that records every request, and the
 //!   checkers of its history.
 //! - [`tx`]: small builders of `Transaction` records for tests.
 
 mod api;
+pub mod cdc;
 pub mod load;
 mod process;
 

@@ -333,6 +333,8 @@ async fn a_long_read_holds_gc_and_then_versions_are_pruned() {
             timeout_ms: 10_000,
             max_hold_ms: 120_000,
             at: None,
+            owner: String::new(),
+            linger_ms: 0,
         })
         .await
         .unwrap()
