@@ -41,6 +41,8 @@ pub struct Cdc {
 impl LocalCluster {
     /// Starts a `causeway-cdc` against this cluster's log and config manager with `feeds` (feed
     /// specs as JSON) and `resolved_interval_ms`, and waits until its admin API answers.
+    /// `CAUSEWAY_TEST_CDC_LINGER_MS` sets its `hold_linger_ms` (default 10 min; `0` shows what a
+    /// restart does to a feed without it: `history_lost`).
     pub async fn start_cdc(&self, feeds: Vec<Json>, resolved_interval_ms: u64) -> Result<Cdc> {
         static CDCS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = CDCS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
@@ -48,6 +50,10 @@ impl LocalCluster {
         std::fs::create_dir_all(&dir)?;
         let addr = free_addr()?;
         let state_dir = dir.join("state");
+        let linger_ms = std::env::var("CAUSEWAY_TEST_CDC_LINGER_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(600_000);
         let options = json!({
             "listen_addr": addr.to_string(),
             "config_manager_addr": self.cm_addr.to_string(),
@@ -56,7 +62,7 @@ impl LocalCluster {
             "feeds": feeds,
             "resolved_interval_ms": resolved_interval_ms,
             "admin_token": CDC_ADMIN_TOKEN,
-            "hold_linger_ms": std::env::var("CDC_TEST_LINGER_MS").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(600_000),
+            "hold_linger_ms": linger_ms,
         });
         let config = dir.join("options.json");
         std::fs::write(&config, serde_json::to_vec_pretty(&options)?)?;

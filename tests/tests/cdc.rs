@@ -822,19 +822,26 @@ fn check_kafka(records: &[Record], all: &[Change], v: &mut Vec<String>) {
     }
 }
 
-/// Waits until `receiver` has a resolved event at or above `ts`.
+/// Waits until `receiver` has a resolved event at or above `ts`; fails at once when the feed
+/// stopped (`history_lost`, `failed`).
 async fn drained(receiver: &Receiver, feed: &str, ts: u64, cdc: &Cdc) -> Result<()> {
-    until(&format!("{feed} to resolve {ts}"), WAIT, || async move {
-        (receiver.resolved() >= ts).then_some(())
+    let waited = until(&format!("{feed} to resolve {ts}"), WAIT, || async move {
+        if receiver.resolved() >= ts {
+            return Some(None);
+        }
+        let state = cdc.feed(feed).await.ok()?["status"]["state"].clone();
+        (state == "history_lost" || state == "failed").then_some(Some(state))
     })
-    .await
-    .map_err(|e| {
-        anyhow!(
+    .await;
+    match waited {
+        Ok(None) => Ok(()),
+        Ok(Some(state)) => bail!("{feed} stopped: {state}\n--- cdc ---\n{}", cdc.tail()),
+        Err(e) => bail!(
             "{e} (at {})\n--- cdc ---\n{}",
             receiver.resolved(),
             cdc.tail()
-        )
-    })
+        ),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
