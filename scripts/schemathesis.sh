@@ -19,7 +19,7 @@ fi
 
 dir=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"$causeway" dev --data-dir "$dir/data" --listen "127.0.0.1:$port" >"$dir/dev.log" 2>&1 &
+"$causeway" dev --data-dir "$dir/data" --listen "127.0.0.1:$port" --cdc-listen 127.0.0.1:0 >"$dir/dev.log" 2>&1 &
 dev_pid=$!
 cleanup() {
   kill -INT "$dev_pid" 2>/dev/null || true
@@ -43,11 +43,13 @@ token=$(python3 -c 'import json,sys; print([t["token"] for t in json.load(open(s
 # positive_data_acceptance: some rules cannot be written in a JSON schema (a Causeway-After past
 # the log's current end, the grammar of query filters and counter paths, limits in bytes of
 # UTF-8), so schema-valid requests that break them get their 400. Invalid requests that the
-# schema does describe must still be refused (negative_data_rejection stays on).
+# schema does describe must still be refused (negative_data_rejection stays on). The change
+# streams are left out: a stream answers 200 and never ends (tests/tests/changes.rs covers them).
 "$venv/bin/st" run "http://127.0.0.1:$port/v1/openapi.json" \
   --header "Authorization: Bearer $token" \
   --checks all \
   --exclude-checks use_after_free,positive_data_acceptance \
+  --exclude-path-regex '/changes$' \
   --max-time "${SCHEMATHESIS_SECS:-120}" \
   --request-timeout 15 \
   --seed 1 \

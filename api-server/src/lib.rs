@@ -14,6 +14,7 @@
 //! - [`headers`]: the `Causeway-*` headers.
 //! - [`admission`]: admission control of writes: the cluster's progress sampled, the gate.
 //! - `visible`: `?wait=visible`: every store node of the routing configurations is asked.
+//! - [`changes`]: the server-sent events of committed changes (`/v1/changes`).
 //! - [`routes`]: the handlers, request and answer bodies, and the metrics/concurrency middleware.
 //! - [`openapi`]: the OpenAPI 3 document served at `/v1/openapi.json`.
 //! - [`metrics`]: the Prometheus metrics (`causeway_api_*`).
@@ -22,6 +23,7 @@
 pub mod admission;
 pub mod auth;
 pub mod body;
+pub mod changes;
 pub mod error;
 pub mod headers;
 pub mod metrics;
@@ -34,6 +36,6 @@ pub mod service;
 mod visible;
 
 pub use error::Error;
-pub use options::{Limits, Options, Timeouts};
+pub use options::{ChangesOptions, Limits, Options, Timeouts};
 pub use problem::{Kind, Problem};
 pub use service::{Handle, Service};

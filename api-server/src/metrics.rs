@@ -48,6 +48,8 @@ pub struct Metrics {
     visibility_backlog: AtomicU64,
     /// `None`: no limit.
     admitted_limit: Mutex<Option<f64>>,
+    change_streams: AtomicI64,
+    change_streams_slow: AtomicU64,
 }
 
 impl Metrics {
@@ -81,6 +83,16 @@ impl Metrics {
         } else {
             self.log_append_errors.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// A change stream opened (`1`) or ended (`-1`).
+    pub fn change_stream(&self, delta: i64) {
+        self.change_streams.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// A change stream's client was disconnected for reading too slowly.
+    pub fn change_stream_slow(&self) {
+        self.change_streams_slow.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn throttled(&self) {
@@ -177,6 +189,18 @@ impl Metrics {
                 "counter",
                 "Writes refused by admission control (429).",
                 self.writes_throttled.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "causeway_api_change_streams",
+                "gauge",
+                "Change streams (server-sent events) open now.",
+                self.change_streams.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "causeway_api_change_streams_slow_total",
+                "counter",
+                "Change streams ended because the client read too slowly.",
+                self.change_streams_slow.load(Ordering::Relaxed).to_string(),
             ),
             (
                 "causeway_api_visibility_lag_ms",

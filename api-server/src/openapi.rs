@@ -37,6 +37,8 @@ use crate::routes::{
         crate::routes::query,
         crate::routes::transaction,
         crate::routes::get_transaction,
+        crate::changes::all_changes,
+        crate::changes::collection_changes,
         crate::routes::openapi,
         crate::routes::healthz,
         crate::routes::readyz,
@@ -53,6 +55,7 @@ use crate::routes::{
         (name = "documents", description = "Single documents and multi-gets"),
         (name = "query", description = "Collection queries"),
         (name = "transactions", description = "Atomic multi-document writes"),
+        (name = "changes", description = "Committed changes as server-sent events"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
     )
 )]
@@ -117,6 +120,8 @@ fn constrain(doc: &mut Value, limits: &Limits) {
                         Some("If-Match") => json!({"type": "string",
                             "pattern": "^(\\*|\"[0-9]+\")$"}),
                         Some("If-None-Match") => json!({"type": "string", "enum": ["*"]}),
+                        Some("after" | "Last-Event-ID") => json!({"type": "string",
+                            "pattern": "^[0-9]{1,20}(\\.[0-9]{1,10})?$"}),
                         Some("ts") => {
                             json!({"type": "integer", "minimum": 1, "maximum": i64::MAX})
                         }

@@ -9,6 +9,7 @@ use causeway_core::KeyLimits;
 use causeway_txlog::{EmbeddedOptions, LogOptions};
 use serde::{Deserialize, Serialize};
 
+pub use crate::changes::ChangesOptions;
 use crate::error::Error;
 
 /// Settings of an api-server, read from JSON or built in code. Every field has a default, so
@@ -35,6 +36,8 @@ pub struct Options {
     /// visibility lag, writes are admitted at the rate the cluster applies them; the rest wait
     /// up to `max_queue_ms`, then get 429 `throttled`.
     pub admission: AdmissionOptions,
+    /// The server-sent events of committed changes (`/v1/changes`).
+    pub changes: ChangesOptions,
 }
 
 impl Default for Options {
@@ -55,6 +58,7 @@ impl Default for Options {
             limits: Limits::default(),
             timeouts: Timeouts::default(),
             admission: AdmissionOptions::default(),
+            changes: ChangesOptions::default(),
         }
     }
 }
@@ -194,6 +198,9 @@ impl Options {
             return bad("store_tries must be positive");
         }
         if let Some(why) = self.admission.problem() {
+            return bad(why);
+        }
+        if let Some(why) = self.changes.problem() {
             return bad(why);
         }
         if self.config_manager_addr.is_empty() {

@@ -61,6 +61,11 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/collections/{collection}/query", post(query))
         .route("/v1/transactions", post(transaction))
         .route("/v1/transactions/{ts}", get(get_transaction))
+        .route("/v1/changes", get(crate::changes::all_changes))
+        .route(
+            "/v1/collections/{collection}/changes",
+            get(crate::changes::collection_changes),
+        )
         .route("/v1/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -1026,7 +1031,7 @@ impl Shared {
         self.key(&collection, &id)
     }
 
-    fn collection_from_path(
+    pub(crate) fn collection_from_path(
         &self,
         path: Result<Path<String>, PathRejection>,
     ) -> Result<String, Problem> {

@@ -37,6 +37,10 @@ pub(crate) struct Shared {
     pub(crate) log_next: AtomicU64,
     /// Admission control of writes.
     pub(crate) admission: Admission,
+    /// Permits for open change streams (`changes.max_streams`).
+    pub(crate) change_streams: Arc<Semaphore>,
+    /// Set when the service stops: change streams end.
+    pub(crate) stopping: watch::Sender<bool>,
 }
 
 /// An api-server, bound and ready to [`Service::run`].
@@ -104,6 +108,8 @@ impl Service {
             openapi_json: crate::openapi::json(&options.limits),
             log_next: AtomicU64::new(0),
             admission: Admission::new(options.admission),
+            change_streams: Arc::new(Semaphore::new(options.changes.max_streams)),
+            stopping: watch::channel(false).0,
             options,
             log,
             tokens,
@@ -144,7 +150,7 @@ impl Service {
             config_manager,
             owns_log,
         } = self;
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let stop_rx = shared.stopping.subscribe();
         let follower = tokio::spawn(shared.store.clone().follow(config_manager, stop_rx.clone()));
         let sampler = tokio::spawn(crate::admission::sample_loop(
             shared.clone(),
@@ -170,7 +176,7 @@ impl Service {
             () = shutdown => None,
             r = &mut server => Some(r),
         };
-        let _ = stop_tx.send(true);
+        let _ = shared.stopping.send(true);
         let result = match early {
             Some(joined) => joined,
             None => {

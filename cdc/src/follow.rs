@@ -243,9 +243,26 @@ impl Follower {
                 })
             })
             .collect();
+        // As many keys per call as the answer's size allows: a group of large documents is
+        // asked for in halves until each answer fits a gRPC message.
         let mut answers = Vec::with_capacity(keys.len());
-        for chunk in keys.chunks(MAX_KEYS_PER_CALL) {
-            answers.extend(self.call(chunk.to_vec()).await?);
+        let mut per_call = MAX_KEYS_PER_CALL;
+        let mut rest = &keys[..];
+        while !rest.is_empty() {
+            let n = per_call.min(rest.len());
+            match self.call(rest[..n].to_vec()).await {
+                Ok(changes) => {
+                    answers.extend(changes);
+                    rest = &rest[n..];
+                }
+                Err(CallError::TooLarge) if n > 1 => per_call = n / 2,
+                Err(CallError::TooLarge) => {
+                    return Err(FollowError::Refused(
+                        "one change is larger than a store node's answer may be".into(),
+                    ))
+                }
+                Err(CallError::Follow(e)) => return Err(e),
+            }
         }
         let mut answers = answers.into_iter();
         let mut events = Vec::new();
@@ -292,7 +309,7 @@ impl Follower {
     }
 
     /// One `Changes` call, tried again while the cluster cannot answer (the feed waits for it).
-    async fn call(&self, keys: Vec<pb::ChangeKey>) -> Result<Vec<pb::Change>, FollowError> {
+    async fn call(&self, keys: Vec<pb::ChangeKey>) -> Result<Vec<pb::Change>, CallError> {
         let request = pb::ChangesRequest {
             keys,
             with_before: self.selection.needs_before(),
@@ -319,13 +336,19 @@ impl Follower {
                     if status.message().starts_with("snapshot too old") =>
                 {
                     let lowest = request.keys.iter().map(|k| k.ts).min().unwrap_or(1);
-                    return Err(FollowError::HistoryLost {
+                    return Err(CallError::Follow(FollowError::HistoryLost {
                         checkpoint: self.cursor,
                         lost_below: Timestamp(lowest),
-                    });
+                    }));
                 }
                 tonic::Code::InvalidArgument => {
-                    return Err(FollowError::Refused(status.message().to_owned()))
+                    return Err(CallError::Follow(FollowError::Refused(
+                        status.message().to_owned(),
+                    )))
+                }
+                // tonic's limit on a message's size, on this side or between store nodes.
+                _ if status.message().contains("message length too large") => {
+                    return Err(CallError::TooLarge)
                 }
                 _ => {
                     if !logged {
@@ -337,6 +360,13 @@ impl Follower {
             }
         }
     }
+}
+
+/// Why one `Changes` call failed.
+enum CallError {
+    /// The answer was larger than a gRPC message may be: ask for fewer keys.
+    TooLarge,
+    Follow(FollowError),
 }
 
 /// The store node refuses more keys than this in one `Changes` call.

@@ -30,6 +30,14 @@ const WATCH_BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long a node that failed a call is tried only after the others.
 const PENALTY: Duration = Duration::from_secs(1);
+/// The largest answer a client takes from a store node, as between store nodes: a multi-get of
+/// the most keys at the largest document size, or a group of a change feed, fits (tonic's
+/// default, 4 MiB, does not).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+fn client(channel: Channel) -> StoreNodeClient<Channel> {
+    StoreNodeClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES)
+}
 
 /// Why a call to the store nodes failed.
 #[derive(Debug)]
@@ -145,7 +153,7 @@ impl StoreNodes {
 
     /// A client of the node at `addr`.
     pub fn client(&self, addr: &str) -> Result<StoreNodeClient<Channel>, Status> {
-        self.channel(addr).map(StoreNodeClient::new)
+        self.channel(addr).map(client)
     }
 
     /// Puts `addr` last in the order of calls for a while.
@@ -192,7 +200,7 @@ impl StoreNodes {
         let mut last = Status::unavailable("no store node tried");
         for addr in nodes.iter().take(self.tries) {
             let result = match self.channel(addr) {
-                Ok(channel) => call(StoreNodeClient::new(channel)).await,
+                Ok(channel) => call(client(channel)).await,
                 Err(status) => Err(status),
             };
             match result {
