@@ -103,6 +103,11 @@ impl Principal {
         self.admin || patterns.iter().any(|p| p.matches(collection))
     }
 
+    /// Whether this principal may read some collection.
+    pub fn reads_any(&self) -> bool {
+        self.admin || !self.read.is_empty()
+    }
+
     /// 403 unless this principal may `access` `collection`.
     pub fn require(&self, access: Access, collection: &str) -> Result<(), Problem> {
         if self.allows(access, collection) {

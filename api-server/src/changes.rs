@@ -15,6 +15,7 @@
 //! `changes.slow_client_ms`. History that is gone (log retention, GC past a cursor older than
 //! the window) ends the stream with `causeway.history_lost`.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,10 +33,10 @@ use causeway_cdc::Event;
 use causeway_core::cdc::Position;
 use causeway_core::{CollectionPattern, Timestamp};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::SendTimeoutError;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::{Access, Principal};
+use crate::metrics::Metrics;
 use crate::problem::{Kind, Problem, ProblemBody};
 use crate::service::Shared;
 
@@ -54,10 +55,11 @@ pub struct ChangesOptions {
     pub max_streams: usize,
     /// How often a stream sends `causeway.resolved`, even when idle. Default 1000 ms.
     pub resolved_interval_ms: u64,
-    /// Events a stream buffers for a client that reads slower than they come. Default 1024.
-    pub buffer_events: usize,
-    /// How long a stream's buffer may stay full before the client is disconnected. Default
-    /// 5000 ms.
+    /// Bytes of events a stream buffers for a client that reads slower than they come (an event
+    /// larger than this takes the whole buffer). Default 1 MiB.
+    pub buffer_bytes: usize,
+    /// How long a client may keep the stream waiting for room in its buffer (every event in
+    /// that time had to wait) before it is disconnected. Default 5000 ms.
     pub slow_client_ms: u64,
     /// How long the store nodes keep the history after a stream's last event once its client
     /// went away, so that a client reconnecting within it resumes from `Last-Event-ID`.
@@ -70,7 +72,7 @@ impl Default for ChangesOptions {
         ChangesOptions {
             max_streams: 256,
             resolved_interval_ms: 1000,
-            buffer_events: 1024,
+            buffer_bytes: 1 << 20,
             slow_client_ms: 5000,
             resume_window_ms: 60_000,
         }
@@ -80,8 +82,11 @@ impl Default for ChangesOptions {
 impl ChangesOptions {
     /// Why these settings cannot work, if they cannot.
     pub fn problem(&self) -> Option<&'static str> {
-        if self.max_streams == 0 || self.buffer_events == 0 {
-            return Some("changes.max_streams and changes.buffer_events must be positive");
+        if self.max_streams == 0 || self.buffer_bytes == 0 || self.buffer_bytes > u32::MAX as usize
+        {
+            return Some(
+                "changes.max_streams and changes.buffer_bytes (at most 4 GiB) must be positive",
+            );
         }
         if self.resolved_interval_ms == 0 || self.resolved_interval_ms > 3_600_000 {
             return Some("changes.resolved_interval_ms is 1 to 3600000");
@@ -186,6 +191,7 @@ fn params(query: Option<&str>, headers: &HeaderMap) -> Result<Params, Problem> {
         (status = 400, description = "Invalid cursor or parameter", body = ProblemBody, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json"),
         (status = 403, description = "Forbidden", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 410, description = "The history after the cursor is gone", body = ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "Too many streams, or the log is unavailable", body = ProblemBody, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
@@ -196,6 +202,12 @@ pub(crate) async fn all_changes(
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let principal = s.tokens.authenticate(&headers)?;
+    if !principal.reads_any() {
+        return Err(Problem::new(
+            Kind::Forbidden,
+            "this token may not read any collection",
+        ));
+    }
     let mut params = params(query.as_deref(), &headers)?;
     if params.patterns.is_empty() {
         params
@@ -220,6 +232,7 @@ pub(crate) async fn all_changes(
         (status = 400, description = "Invalid cursor or parameter", body = ProblemBody, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = ProblemBody, content_type = "application/problem+json"),
         (status = 403, description = "Forbidden", body = ProblemBody, content_type = "application/problem+json"),
+        (status = 410, description = "The history after the cursor is gone", body = ProblemBody, content_type = "application/problem+json"),
         (status = 503, description = "Too many streams, or the log is unavailable", body = ProblemBody, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
@@ -238,7 +251,9 @@ pub(crate) async fn collection_changes(
     open(&s, principal, params).await
 }
 
-/// Starts a stream: a permit of `max_streams`, the follower's task, the response.
+/// Starts a stream: a permit of `max_streams`, the cursor checked against the log and the
+/// history kept (so that a bad or lost cursor is a problem, not a stream), the follower's task,
+/// the response.
 async fn open(
     s: &Arc<Shared>,
     principal: Arc<Principal>,
@@ -253,18 +268,29 @@ async fn open(
             )
             .retry_after(s.options.timeouts.retry_after_s)
         })?;
+    let unavailable = |why: String| {
+        Problem::new(Kind::Unavailable, why).retry_after(s.options.timeouts.retry_after_s)
+    };
+    let end = Follower::now(&s.log)
+        .await
+        .map_err(|e| unavailable(format!("the log's end: {e}")))?;
+    let start = match params.after {
+        Some(after) if after.ts > end.ts => {
+            return Err(Problem::new(
+                Kind::InvalidParameter,
+                format!(
+                    "the cursor {} is past the log's end (ts {})",
+                    after.ts.get(),
+                    end.ts.get()
+                ),
+            ))
+        }
+        Some(after) => after,
+        None => end,
+    };
     let reader = principal;
     let selection = Selection::new(params.patterns, None, params.before)
         .with_access(Arc::new(move |c: &str| reader.allows(Access::Read, c)));
-    let start = match params.after {
-        Some(after) => after,
-        None => Follower::now(&s.log).await.map_err(|e| {
-            Problem::new(Kind::Unavailable, format!("the log's end: {e}"))
-                .retry_after(s.options.timeouts.retry_after_s)
-        })?,
-    };
-    let options = s.options.changes;
-    let (tx, mut rx) = mpsc::channel::<Bytes>(options.buffer_events);
     let follower = Follower::new(
         s.log.clone(),
         Arc::clone(&s.store),
@@ -272,28 +298,55 @@ async fn open(
         start,
         Tuning::default(),
     );
+    let options = s.options.changes;
+    let hold = Hold::start(
+        Arc::clone(&s.store),
+        owner(),
+        HoldOptions {
+            protect_max_age: HOLD_MAX_AGE,
+            refresh: Duration::from_millis(200),
+            linger: Duration::from_millis(options.resume_window_ms),
+        },
+    );
+    hold.set(follower.resolved());
+    match follower.check_resume().await {
+        Ok(()) => {}
+        Err(FollowError::HistoryLost {
+            checkpoint,
+            lost_below,
+        }) => {
+            return Err(Problem::new(
+                Kind::HistoryLost,
+                format!(
+                    "the history after {checkpoint} is gone (kept from ts {}): start again \
+                     without a cursor, and read the current state with a query",
+                    lost_below.get()
+                ),
+            ))
+        }
+        Err(e) => return Err(unavailable(e.to_string())),
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Bytes, OwnedSemaphorePermit)>();
+    let buffer = Buffer {
+        tx,
+        bytes: Arc::new(Semaphore::new(options.buffer_bytes)),
+        budget: options.buffer_bytes,
+        slow: Duration::from_millis(options.slow_client_ms),
+        full_since: None,
+    };
     let shared = Arc::clone(s);
     tokio::spawn(async move {
-        shared.metrics.change_stream(1);
-        let hold = Hold::start(
-            Arc::clone(&shared.store),
-            owner(),
-            HoldOptions {
-                protect_max_age: HOLD_MAX_AGE,
-                refresh: Duration::from_millis(200),
-                linger: Duration::from_millis(options.resume_window_ms),
-            },
-        );
-        let ended = stream(follower, &tx, &hold, options, shared.stopping.subscribe()).await;
+        let _open = OpenStream::new(&shared.metrics);
+        let ended = stream(&shared, follower, buffer, &hold, options).await;
         if ended == Ended::SlowClient {
             shared.metrics.change_stream_slow();
         }
-        shared.metrics.change_stream(-1);
         drop(permit);
     });
+    // A frame's share of the buffer is given back once the server has taken it to send.
     let body = Body::from_stream(futures::stream::poll_fn(move |cx| {
         rx.poll_recv(cx)
-            .map(|frame| frame.map(Ok::<_, std::convert::Infallible>))
+            .map(|frame| frame.map(|(bytes, _permit)| Ok::<_, std::convert::Infallible>(bytes)))
     }));
     let mut response = (StatusCode::OK, body).into_response();
     let h = response.headers_mut();
@@ -321,6 +374,22 @@ fn owner() -> String {
     format!("causeway-api/changes/{}-{nanos:x}-{n}", std::process::id())
 }
 
+/// Counts a stream as open while it lives, whatever ends it.
+struct OpenStream<'a>(&'a Metrics);
+
+impl<'a> OpenStream<'a> {
+    fn new(metrics: &'a Metrics) -> OpenStream<'a> {
+        metrics.change_stream(1);
+        OpenStream(metrics)
+    }
+}
+
+impl Drop for OpenStream<'_> {
+    fn drop(&mut self) {
+        self.0.change_stream(-1);
+    }
+}
+
 /// Why a stream ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ended {
@@ -330,35 +399,66 @@ enum Ended {
     Server,
 }
 
-/// Follows the log into `tx` until the client goes, falls behind, or the stream cannot go on.
+/// What a stream has sent and its client not yet taken, bounded in bytes.
+struct Buffer {
+    tx: mpsc::UnboundedSender<(Bytes, OwnedSemaphorePermit)>,
+    /// Permits for the bytes in the buffer (`changes.buffer_bytes`).
+    bytes: Arc<Semaphore>,
+    budget: usize,
+    slow: Duration,
+    /// Since when every frame has had to wait for room: the client has been behind since.
+    full_since: Option<Instant>,
+}
+
+impl Buffer {
+    /// Queues `frame`, waiting for room. A client that has left no room at any send for `slow`
+    /// is too slow, whether it reads nothing or a frame now and then without catching up.
+    async fn send(&mut self, frame: Bytes) -> Result<(), Ended> {
+        // A frame larger than the whole budget takes all of it.
+        let n = u32::try_from(frame.len().clamp(1, self.budget)).unwrap_or(u32::MAX);
+        let permit = match Arc::clone(&self.bytes).try_acquire_many_owned(n) {
+            Ok(p) => {
+                self.full_since = None;
+                p
+            }
+            Err(_) => {
+                let since = *self.full_since.get_or_insert_with(Instant::now);
+                let left = self.slow.saturating_sub(since.elapsed());
+                let wait = Arc::clone(&self.bytes).acquire_many_owned(n);
+                tokio::select! {
+                    r = tokio::time::timeout(left, wait) => match r {
+                        Ok(Ok(p)) => p,
+                        Ok(Err(_)) => return Err(Ended::Server),
+                        Err(_) => return Err(Ended::SlowClient),
+                    },
+                    () = self.tx.closed() => return Err(Ended::ClientGone),
+                }
+            }
+        };
+        self.tx.send((frame, permit)).map_err(|_| Ended::ClientGone)
+    }
+}
+
+/// Follows the log into the client's buffer until the client goes, falls behind, or the stream
+/// cannot go on.
 async fn stream(
+    shared: &Shared,
     mut follower: Follower,
-    tx: &mpsc::Sender<Bytes>,
+    mut buffer: Buffer,
     hold: &Hold,
     options: ChangesOptions,
-    mut stopping: tokio::sync::watch::Receiver<bool>,
 ) -> Ended {
-    let slow = Duration::from_millis(options.slow_client_ms);
+    let mut stopping = shared.stopping.subscribe();
     let interval = Duration::from_millis(options.resolved_interval_ms);
-    let send = |frame: Bytes| async move {
-        match tx.send_timeout(frame, slow).await {
-            Ok(()) => Ok(()),
-            Err(SendTimeoutError::Timeout(_)) => Err(Ended::SlowClient),
-            Err(SendTimeoutError::Closed(_)) => Err(Ended::ClientGone),
-        }
-    };
+    let window = Duration::from_millis(options.resume_window_ms);
     // Tells the client how soon to reconnect, and shows at once that the stream is open.
-    if let Err(e) = send(Bytes::from_static(b"retry: 1000\n: causeway changes\n\n")).await {
+    if let Err(e) = buffer
+        .send(Bytes::from_static(b"retry: 1000\n: causeway changes\n\n"))
+        .await
+    {
         return e;
     }
-    let mut trail = Trail::new(
-        follower.resolved(),
-        Duration::from_millis(options.resume_window_ms),
-    );
-    hold.set(follower.resolved());
-    if let Err(e) = follower.check_resume().await {
-        return finish(e, tx, slow).await;
-    }
+    let mut trail = Trail::new(follower.resolved(), window);
     let mut next_resolved = Instant::now();
     loop {
         if Instant::now() >= next_resolved {
@@ -371,24 +471,27 @@ async fn stream(
                     time_ms: causeway_cdc::follow::now_ms(),
                     body: EventBody::Resolved { ts: cursor.ts },
                 };
-                if let Err(e) = send(frame(&resolved)).await {
+                if let Err(e) = buffer.send(frame(&resolved)).await {
                     return e;
                 }
             }
             next_resolved = Instant::now() + interval;
+            // However old the cursor a client came with, no stream holds the history further
+            // back than the log's end a window ago.
+            hold.set(shared.log_ends.floor(&shared.log, window).await);
         }
         let wait = next_resolved
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(1));
         let events = tokio::select! {
             r = follower.next(wait) => r,
-            () = tx.closed() => return Ended::ClientGone,
+            () = buffer.tx.closed() => return Ended::ClientGone,
             _ = stopping.wait_for(|s| *s) => return Ended::Server,
         };
         match events {
             Ok(events) => {
                 for e in &events {
-                    if let Err(ended) = send(frame(e)).await {
+                    if let Err(ended) = buffer.send(frame(e)).await {
                         return ended;
                     }
                 }
@@ -396,7 +499,71 @@ async fn stream(
                     hold.set(ts);
                 }
             }
-            Err(e) => return finish(e, tx, slow).await,
+            Err(e) => {
+                let last = match e {
+                    FollowError::HistoryLost {
+                        checkpoint,
+                        lost_below,
+                    } => frame(&Event {
+                        position: checkpoint,
+                        time_ms: causeway_cdc::follow::now_ms(),
+                        body: EventBody::HistoryLost {
+                            checkpoint,
+                            lost_below,
+                        },
+                    }),
+                    e => {
+                        tracing::warn!(error = %e, "a change stream stopped");
+                        let why = e.to_string().replace(['\r', '\n'], " ");
+                        Bytes::from(format!(": stopped: {why}\n\n"))
+                    }
+                };
+                let _ = buffer.send(last).await;
+                return Ended::Server;
+            }
+        }
+    }
+}
+
+/// The log's end over the last while, sampled by the streams (at most every 500 ms, whatever
+/// their number): how far back a stream may hold the history.
+#[derive(Debug, Default)]
+pub(crate) struct LogEnds {
+    samples: std::sync::Mutex<VecDeque<(Instant, Timestamp)>>,
+}
+
+impl LogEnds {
+    /// The log's end as it was `window` ago (zero while the samples are younger).
+    async fn floor(&self, log: &causeway_txlog::TxLog, window: Duration) -> Timestamp {
+        let due = self
+            .lock()
+            .back()
+            .is_none_or(|(at, _)| at.elapsed() >= Duration::from_millis(500));
+        if due {
+            if let Ok(end) = Follower::now(log).await {
+                self.observe(end.ts, Instant::now(), window);
+            }
+        }
+        self.at(Instant::now(), window)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(Instant, Timestamp)>> {
+        self.samples.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn observe(&self, end: Timestamp, now: Instant, window: Duration) {
+        let mut samples = self.lock();
+        samples.push_back((now, end));
+        // The newest sample older than the window, and every younger one.
+        while samples.len() >= 2 && now.duration_since(samples[1].0) >= window {
+            samples.pop_front();
+        }
+    }
+
+    fn at(&self, now: Instant, window: Duration) -> Timestamp {
+        match self.lock().front() {
+            Some(&(at, end)) if now.duration_since(at) >= window => end,
+            _ => Timestamp::ZERO,
         }
     }
 }
@@ -409,7 +576,7 @@ async fn stream(
 #[derive(Debug)]
 struct Trail {
     window: Duration,
-    samples: std::collections::VecDeque<(Instant, Timestamp)>,
+    samples: VecDeque<(Instant, Timestamp)>,
 }
 
 impl Trail {
@@ -436,39 +603,13 @@ impl Trail {
     }
 }
 
-/// Ends a stream that cannot go on: `causeway.history_lost` when the history is gone, else a
-/// comment with the reason (the client reconnects and tries again).
-async fn finish(e: FollowError, tx: &mpsc::Sender<Bytes>, slow: Duration) -> Ended {
-    let last = match e {
-        FollowError::HistoryLost {
-            checkpoint,
-            lost_below,
-        } => frame(&Event {
-            position: checkpoint,
-            time_ms: causeway_cdc::follow::now_ms(),
-            body: EventBody::HistoryLost {
-                checkpoint,
-                lost_below,
-            },
-        }),
-        e => {
-            tracing::warn!(error = %e, "a change stream stopped");
-            let why = e.to_string().replace(['\r', '\n'], " ");
-            Bytes::from(format!(": stopped: {why}\n\n"))
-        }
-    };
-    let _ = tx.send_timeout(last, slow).await;
-    Ended::Server
-}
-
 /// One event as SSE: `id:`, `event:`, then its CloudEvents JSON on one `data:` line.
 fn frame(e: &Event) -> Bytes {
     let mut json = serde_json::to_string(&e.to_json(SOURCE)).expect("an event serializes to JSON");
     if json.contains(['\n', '\r']) {
-        // Stored JSON text may hold line breaks between tokens; parsed and written again, it
-        // has none (line breaks inside strings are escaped).
-        let value: serde_json::Value = serde_json::from_str(&json).expect("valid JSON");
-        json = value.to_string();
+        // Stored JSON text may hold line breaks, and in JSON text they can only be whitespace
+        // between tokens (inside strings they are escaped): spaces mean the same.
+        json = json.replace(['\n', '\r'], " ");
     }
     Bytes::from(format!(
         "id: {}\nevent: {}\ndata: {json}\n\n",

@@ -44,6 +44,8 @@ pub enum Kind {
     MethodNotAllowed,
     /// 410: the cursor's read timestamp is no longer retained; start the query again.
     CursorExpired,
+    /// 410: a change stream's cursor is older than the history the cluster keeps.
+    HistoryLost,
     /// 413: the request body is larger than `max_body_bytes`.
     BodyTooLarge,
     /// 413: a document or patch is larger than `max_document_bytes`.
@@ -98,6 +100,7 @@ impl Kind {
             Kind::NoSuchRoute => "no_such_route",
             Kind::MethodNotAllowed => "method_not_allowed",
             Kind::CursorExpired => "cursor_expired",
+            Kind::HistoryLost => "history_lost",
             Kind::BodyTooLarge => "body_too_large",
             Kind::DocumentTooLarge => "document_too_large",
             Kind::TransactionTooLarge => "transaction_too_large",
@@ -131,7 +134,7 @@ impl Kind {
             Kind::Forbidden => StatusCode::FORBIDDEN,
             Kind::NotFound | Kind::NoSuchRoute => StatusCode::NOT_FOUND,
             Kind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Kind::CursorExpired => StatusCode::GONE,
+            Kind::CursorExpired | Kind::HistoryLost => StatusCode::GONE,
             Kind::BodyTooLarge | Kind::DocumentTooLarge | Kind::TransactionTooLarge => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
@@ -167,6 +170,7 @@ impl Kind {
             Kind::NoSuchRoute => "no such route",
             Kind::MethodNotAllowed => "method not allowed",
             Kind::CursorExpired => "the cursor has expired",
+            Kind::HistoryLost => "the history after the cursor is gone",
             Kind::BodyTooLarge => "request body too large",
             Kind::DocumentTooLarge => "document too large",
             Kind::TransactionTooLarge => "transaction too large",

@@ -41,6 +41,8 @@ pub(crate) struct Shared {
     pub(crate) change_streams: Arc<Semaphore>,
     /// Set when the service stops: change streams end.
     pub(crate) stopping: watch::Sender<bool>,
+    /// The log's end over the last resume window, for the change streams' holds.
+    pub(crate) log_ends: crate::changes::LogEnds,
 }
 
 /// An api-server, bound and ready to [`Service::run`].
@@ -110,6 +112,7 @@ impl Service {
             admission: Admission::new(options.admission),
             change_streams: Arc::new(Semaphore::new(options.changes.max_streams)),
             stopping: watch::channel(false).0,
+            log_ends: Default::default(),
             options,
             log,
             tokens,

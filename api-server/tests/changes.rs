@@ -11,7 +11,7 @@ use anyhow::{bail, ensure, Context, Result};
 use causeway_api_server as api;
 use serde_json::{json, Value};
 
-use support::{within, Cluster, READER_TOKEN, TOKEN};
+use support::{within, Cluster, READER_TOKEN, TOKEN, WRITER_TOKEN};
 
 /// One event of a stream: its id, its type and its CloudEvents JSON.
 #[derive(Debug, Clone, PartialEq)]
@@ -287,6 +287,7 @@ async fn change_streams_carry_committed_transactions_in_order_and_resume_after_t
     // Refusals: a problem, no stream.
     for (path, token, status) in [
         ("/v1/collections/hidden/changes", READER_TOKEN, 403),
+        ("/v1/changes", WRITER_TOKEN, 403),
         ("/v1/changes?after=banana", TOKEN, 400),
         ("/v1/changes?collections=a%2Fb", TOKEN, 400),
         ("/v1/changes", "not-a-token-of-this-cluster", 401),
@@ -309,7 +310,7 @@ async fn change_streams_carry_committed_transactions_in_order_and_resume_after_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_that_does_not_read_is_disconnected_and_resumes_without_a_gap() -> Result<()> {
     let mut base = options();
-    base.changes.buffer_events = 4;
+    base.changes.buffer_bytes = 64 << 10;
     base.changes.slow_client_ms = 300;
     let c = Cluster::start_with(1, 1, 1, 1, base).await?;
     let mut stalled = Stream::open(&c, "/v1/changes", TOKEN, None).await?;
@@ -321,8 +322,9 @@ async fn a_client_that_does_not_read_is_disconnected_and_resumes_without_a_gap()
         async move {
             let text = http.get(url).send().await?.text().await?;
             Ok::<_, anyhow::Error>(
-                text.contains("causeway_api_change_streams_slow_total 1")
-                    && text.contains("causeway_api_change_streams 0"),
+                text.lines()
+                    .any(|l| l == "causeway_api_change_streams_slow_total 1")
+                    && text.lines().any(|l| l == "causeway_api_change_streams 0"),
             )
         }
     };
@@ -378,7 +380,7 @@ async fn a_client_that_does_not_read_is_disconnected_and_resumes_without_a_gap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_cursor_whose_history_is_gone_gets_history_lost() -> Result<()> {
+async fn a_cursor_whose_history_is_gone_is_refused_with_410() -> Result<()> {
     let mut base = options();
     base.changes.resume_window_ms = 0;
     let c = Cluster::start_with(1, 1, 1, 1, base).await?;
@@ -394,32 +396,40 @@ async fn a_cursor_whose_history_is_gone_gets_history_lost() -> Result<()> {
             )
             .await?;
     }
-    // Nothing holds the history: once GC passes ts 1, a stream after 0 cannot be served.
-    let lost = within("causeway.history_lost", async {
+    // Nothing holds the history: once GC passes ts 1, a stream after 0 cannot be served. It is
+    // refused before it starts (410, so that an EventSource stops), and a cursor past the
+    // log's end is a bad one (400).
+    let lost = within("410 history_lost", async {
         for _ in 0..200 {
-            let mut old = Stream::open(&c, "/v1/changes?after=0", TOKEN, None).await?;
-            while let Some(e) = old.next().await? {
-                match e.kind.as_str() {
-                    "causeway.history_lost" => return Ok::<_, anyhow::Error>(e),
-                    "causeway.resolved" if e.data["data"]["resolved"].as_u64() >= Some(last) => {
-                        break
-                    }
-                    _ => {}
-                }
+            let r = reqwest::Client::new()
+                .get(c.url(0, "/v1/changes?after=0"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await?;
+            if r.status() == 410 {
+                return Ok::<_, anyhow::Error>(r.json::<Value>().await?);
             }
-            // Each stream holds the GC timestamp while it is open: give GC a moment without one.
+            ensure!(r.status() == 200, "after=0: {}", r.status());
+            drop(r);
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
         bail!("every stream after 0 was served")
     })
     .await??;
     ensure!(
-        lost.data["data"]["checkpoint"] == "00000000000000000000.4294967295",
-        "{lost:?}"
+        lost["type"] == "urn:causeway:problem:history_lost",
+        "{lost}"
     );
+    let past = c
+        .http
+        .get(c.url(0, &format!("/v1/changes?after={}", last + 1000)))
+        .bearer_auth(TOKEN)
+        .send()
+        .await?;
     ensure!(
-        lost.data["data"]["lost_below"].as_u64() > Some(0),
-        "{lost:?}"
+        past.status() == 400,
+        "a cursor past the log's end: {}",
+        past.status()
     );
     c.stop().await
 }

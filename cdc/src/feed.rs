@@ -245,6 +245,32 @@ impl FeedSpec {
     }
 }
 
+/// What stands for a secret in a spec that is shown.
+pub const REDACTED: &str = "<redacted>";
+
+impl FeedSpec {
+    /// The spec as the admin API shows it: webhook secrets and the Kafka properties that hold
+    /// credentials (passwords, keys, tokens, JAAS configs) are left out.
+    pub fn redacted(&self) -> FeedSpec {
+        let mut spec = self.clone();
+        match &mut spec.sink {
+            SinkSpec::Webhook(w) => w.secrets.iter_mut().for_each(|s| *s = REDACTED.into()),
+            SinkSpec::Kafka(k) => {
+                for (name, value) in &mut k.properties {
+                    let name = name.to_ascii_lowercase();
+                    if ["password", "secret", "key", "token", "jaas", "credential"]
+                        .iter()
+                        .any(|w| name.contains(w))
+                    {
+                        *value = REDACTED.into();
+                    }
+                }
+            }
+        }
+        spec
+    }
+}
+
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
@@ -331,5 +357,47 @@ impl Selection {
             },
         };
         classify(side(before), side(after))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shown_spec_has_no_secrets() {
+        let webhook: FeedSpec = serde_json::from_value(serde_json::json!({
+            "name": "f", "collections": ["c"],
+            "sink": {"type": "webhook", "url": "http://h/", "secrets": ["whsec_c2VjcmV0LWtleS0wMTIzNDU2Nzg5"]}
+        }))
+        .unwrap();
+        let shown = serde_json::to_string(&webhook.redacted()).unwrap();
+        assert!(!shown.contains("whsec_c2Vj"), "{shown}");
+        let kafka: FeedSpec = serde_json::from_value(serde_json::json!({
+            "name": "k", "collections": ["c"],
+            "sink": {"type": "kafka", "bootstrap_servers": "b:9092", "properties": {
+                "sasl.password": "hunter2", "ssl.key.password": "k3y",
+                "sasl.jaas.config": "x password=p", "security.protocol": "SASL_SSL"}}
+        }))
+        .unwrap();
+        let shown = serde_json::to_string(&kafka.redacted()).unwrap();
+        for secret in ["hunter2", "k3y", "password=p"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("SASL_SSL"), "{shown}");
+    }
+
+    /// The feed of the README's tour is one this build takes.
+    #[test]
+    fn the_readme_feed_is_valid() {
+        let readme = include_str!("../../README.md");
+        let (_, rest) = readme
+            .split_once("cat > feed.json <<'JSON'\n")
+            .expect("the README shows a feed");
+        let (json, _) = rest.split_once("\nJSON\n").expect("the feed's JSON ends");
+        let spec: FeedSpec = serde_json::from_str(json).expect("the README's feed parses");
+        spec.selection().expect("the README's feed is valid");
+        assert_eq!(spec.start, Start::InitialScan);
+        assert!(matches!(spec.sink, SinkSpec::Webhook(_)));
     }
 }

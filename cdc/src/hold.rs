@@ -32,6 +32,9 @@ pub struct HoldOptions {
     pub linger: Duration,
 }
 
+/// The longest a store node keeps one hold (`HoldSnapshot` clamps `max_hold_ms` to it).
+const NODE_MAX_HOLD: Duration = Duration::from_secs(3600);
+
 /// Holds the GC timestamp at a target the feed moves.
 #[derive(Debug)]
 pub struct Hold {
@@ -73,7 +76,8 @@ async fn run(
     options: HoldOptions,
     mut target: watch::Receiver<Option<Timestamp>>,
 ) {
-    let mut held: Option<(Timestamp, tonic::Streaming<pb::HoldSnapshotEvent>)> = None;
+    // The ts held, its stream, and when to open its successor (before the node ends it).
+    let mut held: Option<(Timestamp, tonic::Streaming<pb::HoldSnapshotEvent>, Instant)> = None;
     let mut moved_at = Instant::now();
     let mut last_target = None;
     // The node of the last hold, tried first for the next.
@@ -93,7 +97,12 @@ async fn run(
             held = None;
         }
         match want {
-            Some(ts) if !expired && held.as_ref().is_none_or(|(h, _)| *h != ts) => {
+            Some(ts)
+                if !expired
+                    && held
+                        .as_ref()
+                        .is_none_or(|(h, _, renew)| *h != ts || Instant::now() >= *renew) =>
+            {
                 let left = options.protect_max_age.saturating_sub(moved_at.elapsed());
                 let request = pb::HoldSnapshotRequest {
                     min_ts: 0,
@@ -106,7 +115,10 @@ async fn run(
                 match open(&nodes, at_node.as_deref(), request).await {
                     // The new hold is in place before the old one goes.
                     Ok((node, _, stream)) => {
-                        held = Some((ts, stream));
+                        // A hold lasts `max_hold_ms`, at most the node's cap: its successor at
+                        // the same ts is opened before, so the ts is held throughout.
+                        let lasts = left.min(NODE_MAX_HOLD);
+                        held = Some((ts, stream, Instant::now() + lasts.mul_f64(0.9)));
                         at_node = Some(node);
                     }
                     Err(status) => {
@@ -122,7 +134,7 @@ async fn run(
         }
         let ended = async {
             match held.as_mut() {
-                Some((_, stream)) => while let Ok(Some(_)) = stream.message().await {},
+                Some((_, stream, _)) => while let Ok(Some(_)) = stream.message().await {},
                 None => std::future::pending::<()>().await,
             }
         };

@@ -1,5 +1,5 @@
 //! The cdc service's admin API (JSON):
-//! - `GET /v1/feeds`, `GET /v1/feeds/{name}`: specs, states, checkpoints, lag;
+//! - `GET /v1/feeds`, `GET /v1/feeds/{name}`: specs (without secrets), states, checkpoints, lag;
 //! - `POST /v1/feeds` (a feed spec): 201, 400 for a bad spec, 409 when the name exists;
 //! - `POST /v1/feeds/{name}/pause`, `POST /v1/feeds/{name}/resume`, `DELETE /v1/feeds/{name}`;
 //! - `GET /metrics`, `GET /healthz`.

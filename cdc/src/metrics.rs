@@ -2,6 +2,8 @@
 //! - `causeway_cdc_events_total`: events delivered (acknowledged by the sink).
 //! - `causeway_cdc_batches_total`: batches delivered.
 //! - `causeway_cdc_lag_ts`: how many ts the feed's resolved ts is behind the UST.
+//! - `causeway_cdc_lag_ms`: how long ago the UST passed the feed's resolved ts (to within the
+//!   resolved interval).
 //! - `causeway_cdc_delivery_lag_ms`: commit (the record's wall clock) to acknowledgement of
 //!   change events, a histogram.
 
@@ -18,6 +20,7 @@ pub struct FeedMetrics {
     events: AtomicU64,
     batches: AtomicU64,
     lag_ts: AtomicU64,
+    lag_ms: AtomicU64,
     buckets: [AtomicU64; BUCKETS_MS.len() + 1],
     lag_sum_ms: AtomicU64,
     lag_count: AtomicU64,
@@ -38,8 +41,9 @@ impl FeedMetrics {
         }
     }
 
-    pub fn lag(&self, lag_ts: u64, _now_ms: u64) {
+    pub fn lag(&self, lag_ts: u64, lag_ms: u64) {
         self.lag_ts.store(lag_ts, Ordering::Relaxed);
+        self.lag_ms.store(lag_ms, Ordering::Relaxed);
     }
 
     pub fn events(&self) -> u64 {
@@ -63,6 +67,11 @@ impl FeedMetrics {
             out,
             "causeway_cdc_lag_ts{{feed=\"{feed}\"}} {}",
             l(&self.lag_ts)
+        );
+        let _ = writeln!(
+            out,
+            "causeway_cdc_lag_ms{{feed=\"{feed}\"}} {}",
+            l(&self.lag_ms)
         );
         let mut cumulative = 0;
         for (i, b) in BUCKETS_MS.iter().enumerate() {
@@ -107,6 +116,11 @@ pub fn preamble(out: &mut String) {
             "causeway_cdc_lag_ts",
             "gauge",
             "How many ts the feed's resolved ts is behind the UST.",
+        ),
+        (
+            "causeway_cdc_lag_ms",
+            "gauge",
+            "How long ago the UST passed the feed's resolved ts, in ms.",
         ),
         (
             "causeway_cdc_delivery_lag_ms",

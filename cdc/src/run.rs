@@ -298,6 +298,7 @@ async fn run_once(spec: &FeedSpec, cx: &Context, stop: &watch::Receiver<bool>) -
     }
     cx.set(|s| s.state = "running".into());
     let mut next_resolved = Instant::now() + cx.resolved_interval;
+    let mut ust_samples = UstSamples::default();
     loop {
         let wait = batcher
             .wait(next_resolved.saturating_duration_since(Instant::now()))
@@ -319,7 +320,7 @@ async fn run_once(spec: &FeedSpec, cx: &Context, stop: &watch::Receiver<bool>) -
                 body: Body::Resolved { ts },
             }]);
             next_resolved = Instant::now() + cx.resolved_interval;
-            observe_lag(cx, ts).await;
+            observe_lag(cx, ts, &mut ust_samples).await;
         }
         if batcher.full() {
             let checkpoint = follower.cursor();
@@ -330,20 +331,42 @@ async fn run_once(spec: &FeedSpec, cx: &Context, stop: &watch::Receiver<bool>) -
     }
 }
 
-async fn observe_lag(cx: &Context, resolved: Timestamp) {
+/// When the UST passed each ts, as far as a feed samples it: how long ago the UST first went
+/// past the feed's resolved ts is the feed's lag in time. Samples come with the resolved
+/// events, so the lag is known to within `resolved_interval` (an underestimate by at most it).
+#[derive(Debug, Default)]
+struct UstSamples {
+    /// Rising UST values and when each was first seen.
+    seen: std::collections::VecDeque<(Timestamp, Instant)>,
+}
+
+impl UstSamples {
+    /// Takes in the UST at `now`; answers the lag of a feed resolved up to `resolved`.
+    fn lag(&mut self, ust: Timestamp, resolved: Timestamp, now: Instant) -> Duration {
+        if self.seen.back().is_none_or(|&(last, _)| ust > last) {
+            self.seen.push_back((ust, now));
+        }
+        while self.seen.front().is_some_and(|&(u, _)| u <= resolved) {
+            self.seen.pop_front();
+        }
+        self.seen
+            .front()
+            .map_or(Duration::ZERO, |&(_, at)| now.duration_since(at))
+    }
+}
+
+async fn observe_lag(cx: &Context, resolved: Timestamp, samples: &mut UstSamples) {
     let Ok(ust) = follow::ust(&cx.nodes).await else {
         return;
     };
     let lag_ts = ust.get().saturating_sub(resolved.get());
-    let now = follow::now_ms();
+    let lag_ms = samples.lag(ust, resolved, Instant::now()).as_millis() as u64;
     cx.set(|s| {
         s.ust = ust.get();
         s.lag_ts = lag_ts;
-        if lag_ts == 0 {
-            s.lag_ms = 0;
-        }
+        s.lag_ms = lag_ms;
     });
-    cx.metrics.lag(lag_ts, now);
+    cx.metrics.lag(lag_ts, lag_ms);
 }
 
 async fn initial_scan(
@@ -389,4 +412,40 @@ async fn lost(
     deliver(sink, vec![event], None, cx, stop).await?;
     cx.set(|s| s.last_error = Some(format!("history lost below ts {}", lost_below.get())));
     Err(Stop::HistoryLost)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lag_in_time_is_since_the_ust_first_passed_the_resolved_ts() {
+        let mut samples = UstSamples::default();
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // Caught up: no lag.
+        assert_eq!(
+            samples.lag(Timestamp(10), Timestamp(10), at(0)),
+            Duration::ZERO
+        );
+        // The UST moved to 20 at 1 s; the feed is still at 10.
+        assert_eq!(
+            samples.lag(Timestamp(20), Timestamp(10), at(1_000)),
+            Duration::ZERO
+        );
+        assert_eq!(
+            samples.lag(Timestamp(30), Timestamp(10), at(2_000)),
+            Duration::from_secs(1)
+        );
+        // The feed passed 20: its lag counts from when the UST passed 20 (2 s).
+        assert_eq!(
+            samples.lag(Timestamp(30), Timestamp(25), at(2_500)),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            samples.lag(Timestamp(30), Timestamp(30), at(3_000)),
+            Duration::ZERO
+        );
+        assert!(samples.seen.is_empty());
+    }
 }

@@ -46,7 +46,7 @@ struct Feed {
     running: Option<(watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
 }
 
-/// What the admin API answers for a feed.
+/// What the admin API answers for a feed (its spec without secrets).
 #[derive(Debug, Clone, Serialize)]
 pub struct FeedInfo {
     pub spec: FeedSpec,
@@ -316,7 +316,7 @@ impl Handle {
             .await
             .values()
             .map(|f| FeedInfo {
-                spec: f.entry.spec.clone(),
+                spec: f.entry.spec.redacted(),
                 paused: f.entry.paused,
                 status: f.status.lock().unwrap_or_else(|e| e.into_inner()).clone(),
                 events: f.metrics.events(),

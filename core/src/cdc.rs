@@ -201,7 +201,7 @@ pub enum Resume {
 /// have passed that ts − 1.
 pub fn resume(checkpoint: Position, log_first: Timestamp, gc: Timestamp) -> Resume {
     let first_needed = if checkpoint.index == u32::MAX {
-        Timestamp(checkpoint.ts.get() + 1)
+        Timestamp(checkpoint.ts.get().saturating_add(1))
     } else {
         checkpoint.ts.max(Timestamp(1))
     };

@@ -94,4 +94,7 @@ fn a_feed_resumes_only_while_its_history_is_held() {
         resume(Position::end_of(Timestamp(0)), Timestamp(1), Timestamp(0)),
         Resume::From(Position::end_of(Timestamp(0)))
     );
+    // The largest cursor a client can send does not overflow.
+    let last = Position::end_of(Timestamp(u64::MAX));
+    assert_eq!(resume(last, Timestamp(1), Timestamp(5)), Resume::From(last));
 }

@@ -100,11 +100,16 @@ impl Owners {
         let Some(o) = owners.get_mut(&owner) else {
             return;
         };
-        if o.newest != generation || lingering >= MAX_LINGERING {
+        if o.newest != generation {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
+        let runtime = match tokio::runtime::Handle::try_current() {
+            Ok(r) if lingering < MAX_LINGERING => r,
+            _ => {
+                // It cannot linger: the owner is done with.
+                owners.remove(&owner);
+                return;
+            }
         };
         o.lingering = Some((generation, held));
         drop(owners);
@@ -145,14 +150,23 @@ impl LingerGuard {
 
 impl Drop for LingerGuard {
     fn drop(&mut self) {
-        if let Some(held) = self.held.take() {
-            if !self.linger.is_zero() {
-                self.owners.ended(
-                    std::mem::take(&mut self.owner),
-                    self.generation,
-                    held,
-                    self.linger,
-                );
+        match self.held.take() {
+            Some(held) if !self.linger.is_zero() => self.owners.ended(
+                std::mem::take(&mut self.owner),
+                self.generation,
+                held,
+                self.linger,
+            ),
+            // Released, or not to linger: the hold ends now, and with it the owner's entry
+            // when this was its newest hold.
+            _ => {
+                let mut owners = lock(&self.owners.owners);
+                if owners
+                    .get(&self.owner)
+                    .is_some_and(|o| o.newest == self.generation && o.lingering.is_none())
+                {
+                    owners.remove(&self.owner);
+                }
             }
         }
     }
@@ -186,9 +200,14 @@ mod tests {
         let third = owners.opened("feed", reads.register(at(20)), linger);
         assert_eq!(owners.lingering(), 0);
         assert_eq!(reads.count(), 1);
-        // A hold that reaches its maximum duration does not linger.
+        // A hold that reaches its maximum duration does not linger, and its owner is forgotten.
         third.release();
         assert_eq!(reads.count(), 0);
+        assert!(lock(&owners.owners).is_empty());
+        // Nor one that is not to linger.
+        drop(owners.opened("brief", reads.register(at(40)), Duration::ZERO));
+        assert_eq!(reads.count(), 0);
+        assert!(lock(&owners.owners).is_empty());
         // A lingering hold ends after its linger duration.
         let short = Duration::from_millis(20);
         drop(owners.opened("other", reads.register(at(30)), short));

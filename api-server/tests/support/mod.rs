@@ -24,6 +24,8 @@ use tokio::task::JoinHandle;
 pub const TOKEN: &str = "cluster-test-admin-token-0123456789";
 /// A token that may read the collections starting with `seen` and nothing else.
 pub const READER_TOKEN: &str = "cluster-test-reader-token-0123456789";
+/// A token that may only write, to `seen`.
+pub const WRITER_TOKEN: &str = "cluster-test-writer-token-0123456789";
 /// Every wait for the cluster is bounded by this.
 pub const DEADLINE: Duration = Duration::from_secs(40);
 
@@ -132,6 +134,7 @@ impl Cluster {
             serde_json::to_vec(&json!({"tokens": [
                 {"name": "t", "token": TOKEN, "admin": true},
                 {"name": "reader", "token": READER_TOKEN, "read": ["seen*"]},
+                {"name": "writer", "token": WRITER_TOKEN, "write": ["seen"]},
             ]}))?,
         )?;
         let mut addrs = Vec::new();
