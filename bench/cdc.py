@@ -7,9 +7,13 @@ the api-server's change stream (SSE), both on the `bench` collection; then `caus
 writes at RATE for DURATION seconds (open loop). The lag of an event is the time it arrived minus
 its `time` (the record's wall clock, set by the api-server when it took the write), so it holds
 the cluster's visibility lag too: the run's visibility lag (from `causeway bench`) is printed
-beside it. Prints a Markdown table. Every server listens on 127.0.0.1; every wait is bounded.
+beside it. With --kafka, a third feed writes into Kafka topics (exactly once): its lag is the cdc
+service's own histogram, commit to the Kafka transaction's commit
+(`causeway_cdc_delivery_lag_ms`, read as bucket bounds); the webhook feed's is printed beside it
+the same way. Prints Markdown tables. Every server listens on 127.0.0.1; every wait is bounded.
 
-    python3 bench/cdc.py --api URL --token T --cdc URL --causeway BIN [--rate 500] [--duration 15]
+    python3 bench/cdc.py --api URL --token T --cdc URL --causeway BIN [--kafka HOST:PORT]
+                         [--rate 500] [--duration 15]
 """
 
 import argparse
@@ -110,6 +114,34 @@ def percentile(values, p):
     return values[min(len(values) - 1, int(len(values) * p / 100))]
 
 
+def create_feed(cdc, token, feed):
+    request = urllib.request.Request(
+        f"{cdc}/v1/feeds", data=json.dumps(feed).encode(), method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=60).read()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        state = json.load(urllib.request.urlopen(f"{cdc}/v1/feeds/{feed['name']}", timeout=10))
+        if state["status"]["state"] == "running":
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"feed {feed['name']} did not start: {state}")
+
+
+def feed_histogram(cdc, feed):
+    """(change events, p50, p99) of a feed's delivery lag histogram, as bucket upper bounds."""
+    text = urllib.request.urlopen(f"{cdc}/metrics", timeout=10).read().decode()
+    buckets = []
+    for line in text.splitlines():
+        prefix = f'causeway_cdc_delivery_lag_ms_bucket{{feed="{feed}",le="'
+        if line.startswith(prefix):
+            le, count = line[len(prefix):].split('"} ')
+            buckets.append((float("inf") if le == "+Inf" else float(le), int(count)))
+    total = buckets[-1][1] if buckets else 0
+    bound = lambda q: next((le for le, c in buckets if c >= q * total), float("nan"))
+    return total, bound(0.5), bound(0.99)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--api", required=True)
@@ -119,6 +151,7 @@ def main():
     ap.add_argument("--rate", type=int, default=500)
     ap.add_argument("--duration", type=int, default=15)
     ap.add_argument("--keys", type=int, default=10000)
+    ap.add_argument("--kafka", help="a Kafka broker for a third feed")
     args = ap.parse_args()
 
     hook, sse = Arrivals("webhook"), Arrivals("SSE")
@@ -129,21 +162,17 @@ def main():
         "sink": {"type": "webhook", "url": f"http://127.0.0.1:{server.server_port}/hook",
                  "secrets": [SECRET]},
     }
-    create = urllib.request.Request(
-        f"{args.cdc}/v1/feeds", data=json.dumps(feed).encode(), method="POST",
-        headers={"Authorization": f"Bearer {args.token}", "Content-Type": "application/json"})
-    urllib.request.urlopen(create, timeout=30).read()
+    create_feed(args.cdc, args.token, feed)
+    if args.kafka:
+        create_feed(args.cdc, args.token, {
+            "name": "bench-kafka", "collections": ["bench"],
+            "sink": {"type": "kafka", "bootstrap_servers": args.kafka,
+                     "topic_prefix": "bench-cdc."}})
     stop = threading.Event()
     threading.Thread(
         target=sse_reader, daemon=True,
         args=(f"{args.api}/v1/collections/bench/changes", args.token, sse, stop)).start()
-    # The feed starts at the log's end when it is created; give it and the stream a moment.
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        state = json.load(urllib.request.urlopen(f"{args.cdc}/v1/feeds/bench-hook", timeout=10))
-        if state["status"]["state"] == "running":
-            break
-        time.sleep(0.2)
+    # The feeds and the stream start at the log's end: let the stream open before the writes.
     time.sleep(1)
 
     load = subprocess.run(
@@ -166,6 +195,16 @@ def main():
         ms = [l * 1000 for l in a.lags]
         print(f"| {a.name} | {a.count()} | {a.count() / span:,.0f} | {percentile(ms, 50):.1f} "
               f"| {percentile(ms, 99):.1f} | {max(ms, default=float('nan')):.1f} |")
+    feeds = ["bench-hook"] + (["bench-kafka"] if args.kafka else [])
+    deadline = time.time() + 60
+    while args.kafka and time.time() < deadline and feed_histogram(args.cdc, "bench-kafka")[0] < written:
+        time.sleep(0.2)
+    print("\nThe cdc service's own measure, commit to the sink's acknowledgement (bucket bounds):\n")
+    print("| feed | change events | lag p50 ms ≤ | lag p99 ms ≤ |")
+    print("|---|---:|---:|---:|")
+    for f in feeds:
+        n, p50, p99 = feed_histogram(args.cdc, f)
+        print(f"| {f} | {n} | {p50:g} | {p99:g} |")
     vis = report.get("visibility_lag") or {}
     print(f"\nwrites acknowledged: {written} at {report['writes_per_s']:,.0f}/s; visibility lag "
           f"(causeway bench) p50 {vis.get('p50_ms', 'n/a')} ms, p99 {vis.get('p99_ms', 'n/a')} ms")

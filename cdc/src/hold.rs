@@ -4,13 +4,14 @@
 //! The hold is a `HoldSnapshot` stream opened on one store node at the feed's hold ts (the ts
 //! before the first one it must still read): that node gossips it as an active read, so no
 //! node's GC timestamp passes it. When the checkpoint moves, a new hold is opened before the old
-//! one is dropped, so the held ts only rises. A hold that ends (its node went away, or its
-//! `max_hold_ms`) is opened again. The hold is named (`causeway-cdc/<feed>`) and kept on one
-//! node while it can be, and that node keeps it for `linger` after this process went away
-//! (store-node `hold`): a feed killed and restarted finds the history after its checkpoint.
-//! A checkpoint that has not moved for `protect_max_age` (a sink
-//! down for that long) is let go: the cluster's history is not held forever, and the feed finds
-//! out when it reads (`causeway.history_lost`).
+//! one is dropped, so the held ts only rises. A store node ends a hold after its `max_hold_ms`
+//! (an hour at most): its successor at the same ts is opened before that. A hold whose node went
+//! away is opened again. The hold is named (`causeway-cdc/<feed>`, or a change stream's) and kept
+//! on one node while it can be, and that node keeps it for `linger` after this process went away
+//! (store-node `hold`): a feed killed and restarted finds the history after its checkpoint. A
+//! checkpoint that has not moved for `protect_max_age` (a sink down for that long) is let go:
+//! the cluster's history is not held forever, and the feed finds out when it reads
+//! (`causeway.history_lost`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -10,7 +10,7 @@ use causeway_config_manager::StoreNodes;
 use causeway_core::cdc::Position;
 use causeway_core::Timestamp;
 use causeway_txlog::TxLog;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::event::{Body, Event};
@@ -20,8 +20,9 @@ use crate::hold::{Hold, HoldOptions};
 use crate::metrics::FeedMetrics;
 use crate::sink::{Delivered, Sink};
 
-/// What a feed is doing, for status and the admin API.
-#[derive(Debug, Clone, Default, Serialize)]
+/// What a feed is doing, for status and the admin API (and, read back, `causeway admin feeds`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct FeedStatus {
     /// `starting`, `scanning`, `running`, `paused`, `history_lost`, `failed`.
     pub state: String,

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use causeway_cdc::run::FeedStatus;
 use reqwest::{Method, StatusCode, Url};
 use serde::Deserialize;
 
@@ -101,7 +102,7 @@ fn feed_name(s: &str) -> Result<String, String> {
 pub struct Feed {
     pub spec: Spec,
     pub paused: bool,
-    pub status: Status,
+    pub status: FeedStatus,
     /// Events delivered since the service started.
     pub events: u64,
 }
@@ -125,19 +126,6 @@ pub struct Sink {
     pub url: Option<String>,
     /// A Kafka sink's cluster.
     pub bootstrap_servers: Option<String>,
-}
-
-/// `causeway_cdc::run::FeedStatus`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default)]
-pub struct Status {
-    pub state: String,
-    pub checkpoint: Option<String>,
-    pub resolved: u64,
-    pub ust: u64,
-    pub lag_ts: u64,
-    pub lag_ms: u64,
-    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
