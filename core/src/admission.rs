@@ -16,9 +16,10 @@
 //!   times a factor that falls from 1 at half the bound to 0 at the bound (a proportional
 //!   controller: the admitted rate follows the rate the cluster absorbs, a little below it, and
 //!   the lag settles between half the bound and the bound). Once the lag is back under half
-//!   the bound, writes stay limited to 1.25 × the rate measured while it was past it for two
-//!   rate windows: a cluster that applies in large groups catches up in jumps, and letting
-//!   everything through at each jump would make the lag swing past the bound. Several api-servers each admit up
+//!   the bound, writes stay limited (while any record is not yet visible) to 1.25 × the rate
+//!   measured while it was past it for two rate windows: a cluster that applies in large
+//!   groups catches up in jumps, and letting everything through at each jump would make the
+//!   lag swing past the bound. Several api-servers each admit up
 //!   to the limit: together they overshoot, the lag rises, and each one's factor falls until the
 //!   sum fits.
 //!
@@ -256,7 +257,10 @@ impl Ratekeeper {
         let half = self.options.max_lag_ms / 2;
         let lag = self.lag_ms(now_ms);
         if lag <= half {
-            return (now_ms < self.engaged_until_ms)
+            // Cooling down only while records wait to be seen: with none, the writes come no
+            // faster than the cluster applies them (a trickle after a stall, whose capacity
+            // measured while the UST stood still says nothing, is not held back).
+            return (now_ms < self.engaged_until_ms && self.backlog() > 0)
                 .then(|| self.capacity.max(self.apply_rate()) * RECOVERY);
         }
         let span = (self.options.max_lag_ms - half) as f64;
@@ -317,6 +321,27 @@ mod tests {
             log_next,
             ust,
         }
+    }
+
+    #[test]
+    fn after_a_stall_a_caught_up_cluster_takes_a_trickle_of_writes() {
+        let mut k = keeper(500);
+        // A record waits while the UST stands still (a node died): past half the bound, the
+        // rate measured (nothing applied) becomes the cooldown's capacity.
+        k.observe(sample(0, 2, 0));
+        k.observe(sample(400, 2, 0));
+        assert!(k.limit(400).is_some());
+        // Every record is visible again: a write goes at once, though the cooldown runs.
+        k.observe(sample(450, 2, 1));
+        assert_eq!(k.backlog(), 0);
+        assert_eq!(k.limit(460), None);
+        assert_eq!(k.admit(460), Admit::Now);
+        // A record not yet visible: the cooldown limits again.
+        k.log_end(470, 3);
+        assert!(
+            k.limit(470).is_some(),
+            "no limit with a backlog in the cooldown"
+        );
     }
 
     #[test]
