@@ -87,7 +87,7 @@ impl Sink {
     /// The most events one batch may hold, and its most bytes (of CloudEvents JSON).
     pub fn batch_limits(&self) -> (usize, usize, std::time::Duration) {
         match self {
-            Sink::Kafka(_) => (5_000, 16 << 20, std::time::Duration::from_millis(5)),
+            Sink::Kafka(_) => (5_000, 16 << 20, std::time::Duration::from_millis(50)),
             Sink::Webhook { hook, .. } => (
                 hook.spec().max_events,
                 hook.spec().max_bytes,
