@@ -126,11 +126,17 @@ impl Stream {
     }
 }
 
+/// Heartbeats every 100 ms; no admission control (the stalled-client test writes 200 KB
+/// documents as fast as it can, which a debug build on two cores applies seconds behind).
 fn options() -> api::Options {
     api::Options {
         changes: api::ChangesOptions {
             resolved_interval_ms: 100,
             ..api::ChangesOptions::default()
+        },
+        admission: causeway_core::admission::AdmissionOptions {
+            enabled: false,
+            ..Default::default()
         },
         ..api::Options::default()
     }
