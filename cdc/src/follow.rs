@@ -110,11 +110,7 @@ impl Follower {
 
     /// The ts up to which every transaction's events have been returned.
     pub fn resolved(&self) -> Timestamp {
-        if self.cursor.index == u32::MAX {
-            self.cursor.ts
-        } else {
-            Timestamp(self.cursor.ts.get().saturating_sub(1))
-        }
+        self.cursor.resolved()
     }
 
     /// The cursor of a feed that starts now: after the last record in the log.
@@ -155,14 +151,9 @@ impl Follower {
     /// record came).
     pub async fn next(&mut self, wait: Duration) -> Result<Vec<Event>, FollowError> {
         let mut records = Vec::new();
-        let stream = self.stream.get_or_insert_with(|| {
-            let from = if self.cursor.index == u32::MAX {
-                self.cursor.ts
-            } else {
-                Timestamp(self.cursor.ts.get().saturating_sub(1))
-            };
-            self.log.read_from(from)
-        });
+        let stream = self
+            .stream
+            .get_or_insert_with(|| self.log.read_from(self.cursor.resolved()));
         match tokio::time::timeout(wait, stream.next()).await {
             Err(_) => return Ok(Vec::new()),
             Ok(item) => records.push(item),

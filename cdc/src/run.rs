@@ -221,15 +221,6 @@ async fn deliver(
     Ok(())
 }
 
-/// The ts the feed's hold keeps: the one before the first ts it must read again.
-fn hold_ts(checkpoint: Position) -> Timestamp {
-    if checkpoint.index == u32::MAX {
-        checkpoint.ts
-    } else {
-        Timestamp(checkpoint.ts.get().saturating_sub(1))
-    }
-}
-
 async fn run_once(spec: &FeedSpec, cx: &Context, stop: &watch::Receiver<bool>) -> Result<(), Stop> {
     cx.set(|s| {
         s.state = "starting".into();
@@ -286,7 +277,7 @@ async fn run_once(spec: &FeedSpec, cx: &Context, stop: &watch::Receiver<bool>) -
         s.checkpoint = Some(cursor.id());
         s.last_error = None;
     });
-    hold.set(hold_ts(cursor));
+    hold.set(cursor.resolved());
     let mut follower = Follower::new(
         cx.log.clone(),
         Arc::clone(&cx.nodes),
@@ -326,7 +317,7 @@ async fn run_once(spec: &FeedSpec, cx: &Context, stop: &watch::Receiver<bool>) -
         if batcher.full() {
             let checkpoint = follower.cursor();
             deliver(&mut sink, batcher.take(), Some(checkpoint), cx, stop).await?;
-            hold.set(hold_ts(checkpoint));
+            hold.set(checkpoint.resolved());
             cx.set(|s| s.resolved = follower.resolved().get());
         }
     }

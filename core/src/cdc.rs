@@ -52,6 +52,17 @@ impl Position {
         )
     }
 
+    /// The ts up to which every transaction's events are at or below this position: `ts` at a
+    /// transaction's end, the one before inside it. A feed resumed here reads the log after it
+    /// and holds the GC timestamp at it.
+    pub fn resolved(&self) -> Timestamp {
+        if self.index == u32::MAX {
+            self.ts
+        } else {
+            Timestamp(self.ts.get().saturating_sub(1))
+        }
+    }
+
     /// Whether a feed resumed after `self` emits the event at `event`.
     pub fn emits(&self, event: Position) -> bool {
         event > *self

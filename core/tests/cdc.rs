@@ -94,6 +94,9 @@ fn a_feed_resumes_only_while_its_history_is_held() {
         resume(Position::end_of(Timestamp(0)), Timestamp(1), Timestamp(0)),
         Resume::From(Position::end_of(Timestamp(0)))
     );
+    // Where a resumed feed reads from and holds: inside ts 10, from 9; after it, from 10.
+    assert_eq!(mid.resolved(), Timestamp(9));
+    assert_eq!(end.resolved(), Timestamp(10));
     // The largest cursor a client can send does not overflow.
     let last = Position::end_of(Timestamp(u64::MAX));
     assert_eq!(resume(last, Timestamp(1), Timestamp(5)), Resume::From(last));
