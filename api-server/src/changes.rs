@@ -696,6 +696,23 @@ mod tests {
     }
 
     #[test]
+    fn no_hold_reaches_further_back_than_the_log_end_a_window_ago() {
+        let ends = LogEnds::default();
+        let window = Duration::from_secs(10);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        ends.observe(Timestamp(100), at(0), window);
+        // Younger than the window: nothing is known a window ago, no floor.
+        assert_eq!(ends.at(at(5), window), Timestamp::ZERO);
+        ends.observe(Timestamp(200), at(5), window);
+        assert_eq!(ends.at(at(10), window), Timestamp(100));
+        ends.observe(Timestamp(300), at(16), window);
+        // At 16 s the end of 5 s is the newest a window old; the one of 0 s is dropped.
+        assert_eq!(ends.at(at(16), window), Timestamp(200));
+        assert_eq!(ends.lock().len(), 2);
+    }
+
+    #[test]
     fn a_frame_is_one_sse_event_with_the_cloudevent_on_one_data_line() {
         let event = Event {
             position: Position::new(Timestamp(42), 1),
