@@ -248,11 +248,15 @@ impl ClusterConfig {
         gains
     }
 
-    /// The next configuration for the shape `partitions × replicas`, moving the fewest keys.
+    /// The next configuration for the shape `partitions × replicas`, moving the fewest keys that
+    /// the rule below allows.
     ///
     /// Partitions keep their ids; new ones take the next free ids, removed ones are the highest.
-    /// Every partition gets weight 1. Existing live replicas keep their places (the first
-    /// `replicas` of them); empty places are filled from `spare`, in order.
+    /// Every partition gets weight 1. When the shape needs fewer nodes than the live ones, the
+    /// nodes of highest id leave: a cluster whose node ids are ordinals (a StatefulSet's pods)
+    /// then shrinks by exactly the ordinals that the orchestrator removes. Staying replicas keep
+    /// their places (the first `replicas` of them in each partition); empty places are filled
+    /// first from staying nodes left without a place, then from `spare`, each in id order.
     pub fn next_for_shape(
         &self,
         partitions: u32,
@@ -270,8 +274,8 @@ impl ClusterConfig {
         let weights = ids.iter().map(|&p| (p, 1)).collect();
         let (slicing, _) = self.slicing.rebalance(&weights)?;
 
-        let spare: Vec<&NodeInfo> = spare.iter().filter(|n| !self.contains(n.id)).collect();
-        let mut unused = spare.iter();
+        let needed = partitions as usize * replicas as usize;
+        let staying: BTreeSet<NodeId> = self.live_node_ids().into_iter().take(needed).collect();
         let mut next = ClusterConfig {
             epoch: self.epoch.next(),
             slicing,
@@ -279,29 +283,34 @@ impl ClusterConfig {
             nodes: BTreeMap::new(),
             failed: BTreeSet::new(),
         };
-        let mut missing = 0;
         for &p in &ids {
-            let kept: Vec<NodeId> = self
-                .replicas_of(p)
-                .iter()
-                .filter(|n| !self.failed.contains(n))
-                .take(replicas as usize)
-                .copied()
-                .collect();
-            for n in &kept {
+            let kept = self.replicas_of(p).iter().filter(|n| staying.contains(n));
+            for n in kept.take(replicas as usize) {
                 next.place(p, self.nodes[n].clone());
             }
-            for _ in kept.len()..replicas as usize {
+        }
+        let displaced: Vec<&NodeInfo> = staying
+            .iter()
+            .filter(|n| !next.contains(**n))
+            .map(|n| &self.nodes[n])
+            .collect();
+        let spare: Vec<&NodeInfo> = spare.iter().filter(|n| !self.contains(n.id)).collect();
+        let spare_count = spare.len();
+        let mut unused = displaced.into_iter().chain(spare);
+        let mut missing = 0;
+        for &p in &ids {
+            let placed = next.replicas.get(&p).map_or(0, Vec::len);
+            for _ in placed..replicas as usize {
                 match unused.next() {
-                    Some(&node) => next.place(p, node.clone()),
+                    Some(node) => next.place(p, node.clone()),
                     None => missing += 1,
                 }
             }
         }
         if missing > 0 {
             return Err(ConfigError::NotEnoughNodes {
-                needed: spare.len() + missing,
-                available: spare.len(),
+                needed: spare_count + missing,
+                available: spare_count,
             });
         }
         self.validate_successor(&next)?;
@@ -422,6 +431,53 @@ mod tests {
             .iter()
             .all(|g| g.sources == vec![NodeId(3), NodeId(4)]));
         assert!(!down.contains(NodeId(3)));
+    }
+
+    #[test]
+    fn scale_down_drains_the_highest_node_ids() {
+        // Fewer replicas: nodes 4 and 5 leave, node 2 moves to the partition they leave short.
+        let c = ClusterConfig::bootstrap(2, 3, &nodes(0..6)).unwrap();
+        let n = c.next_for_shape(2, 2, &[]).unwrap();
+        assert_eq!(n.replicas_of(PartitionId(0)), &[NodeId(0), NodeId(1)]);
+        assert_eq!(n.replicas_of(PartitionId(1)), &[NodeId(3), NodeId(2)]);
+        // Fewer partitions whose nodes are not the highest: the highest ids leave all the same.
+        let c = ClusterConfig::bootstrap(3, 1, &nodes(0..3)).unwrap();
+        let mut shuffled = c.clone();
+        shuffled.replicas.insert(PartitionId(1), vec![NodeId(2)]);
+        shuffled.replicas.insert(PartitionId(2), vec![NodeId(1)]);
+        let n = shuffled.next_for_shape(2, 1, &[]).unwrap();
+        assert_eq!(n.node_ids(), [NodeId(0), NodeId(1)].into());
+        assert_eq!(n.replicas_of(PartitionId(1)), &[NodeId(1)]);
+        // A failed node counts as gone: the next lowest stays in its place.
+        let c = ClusterConfig::bootstrap(1, 3, &nodes(0..3)).unwrap();
+        let n = c
+            .with_failed(NodeId(1))
+            .unwrap()
+            .next_for_shape(1, 2, &[])
+            .unwrap();
+        assert_eq!(n.replicas_of(PartitionId(0)), &[NodeId(0), NodeId(2)]);
+    }
+
+    proptest::proptest! {
+        /// A cluster whose nodes are numbered 0, 1, 2, … like a StatefulSet's pods, offered the
+        /// next ordinals as spares when it grows, uses exactly ordinals `0..partitions×replicas`
+        /// after every change of shape, so the orchestrator may remove the highest pods.
+        #[test]
+        fn every_shape_uses_the_lowest_ordinals(
+            first in (1u32..4, 1u32..4),
+            shapes in proptest::collection::vec((1u32..5, 1u32..4), 1..8),
+        ) {
+            let size = |(p, r): (u32, u32)| u64::from(p * r);
+            let mut config = ClusterConfig::bootstrap(first.0, first.1, &nodes(0..size(first))).unwrap();
+            for shape in shapes {
+                let current = config.node_ids().len() as u64;
+                let spare = nodes(current..current.max(size(shape)));
+                config = config.next_for_shape(shape.0, shape.1, &spare).unwrap();
+                let ordinals: BTreeSet<NodeId> = (0..size(shape)).map(NodeId).collect();
+                proptest::prop_assert_eq!(config.node_ids(), ordinals);
+                proptest::prop_assert_eq!(config.replicas.len(), shape.0 as usize);
+            }
+        }
     }
 
     #[test]
