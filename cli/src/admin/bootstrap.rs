@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use super::{bounded, connect};
+use super::change::shape_of;
+use super::{bounded, connect, wait_for_live_nodes};
 
 /// Flags of `causeway admin bootstrap`.
 #[derive(Debug, clap::Args)]
@@ -31,39 +32,20 @@ pub struct BootstrapArgs {
 /// it is (so scripts may run it on every start); another shape is an error.
 pub async fn bootstrap(args: BootstrapArgs) -> Result<()> {
     let client = connect(&args.config_manager).await?;
-    let needed = u64::from(args.partitions) * u64::from(args.replicas);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.wait);
-    loop {
-        let pair = bounded("GetConfig", client.get_config()).await?;
-        if let Some(current) = &pair.current {
-            let shape = (
-                current.replicas.len(),
-                current.replicas.values().map(Vec::len).max().unwrap_or(0),
-            );
-            anyhow::ensure!(
-                shape == (args.partitions as usize, args.replicas as usize),
-                "the cluster is already bootstrapped as {}×{}",
-                shape.0,
-                shape.1
-            );
-            println!("already bootstrapped: epoch {}", current.epoch);
-            return Ok(());
-        }
-        let live = bounded("ListNodes", client.list_nodes())
-            .await?
-            .iter()
-            .filter(|n| n.live)
-            .count() as u64;
-        if live >= needed {
-            break;
-        }
+    let pair = bounded("GetConfig", client.get_config()).await?;
+    if let Some(current) = &pair.current {
+        let shape = shape_of(current);
         anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "only {live} of {needed} store nodes registered within {} s",
-            args.wait
+            shape == (args.partitions, args.replicas),
+            "the cluster is already bootstrapped as {}×{}",
+            shape.0,
+            shape.1
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        println!("already bootstrapped: epoch {}", current.epoch);
+        return Ok(());
     }
+    let needed = u64::from(args.partitions) * u64::from(args.replicas);
+    wait_for_live_nodes(&client, needed, Duration::from_secs(args.wait)).await?;
     let pair = bounded(
         "Bootstrap",
         client.bootstrap(args.partitions, args.replicas),

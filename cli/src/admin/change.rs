@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::progress::{self, Outcome};
 use super::status::Snapshot;
-use super::{bounded, connect};
+use super::{bounded, connect, wait_for_live_nodes};
 
 /// How often `--wait` looks at the cluster.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -59,8 +59,88 @@ pub struct ScaleArgs {
     /// Replicas per partition of the new shape (default: the current number).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     replicas: Option<u32>,
+    /// Converge on the shape instead of changing it: exit 0 when the cluster has it already,
+    /// follow a running transition to it, and with --wait first wait (within --timeout) for
+    /// enough live store nodes. For jobs that run on every deploy, such as Helm's hooks.
+    #[arg(long)]
+    ensure: bool,
+    /// With --ensure: act only when the new shape needs fewer store nodes than the current
+    /// one, or only when it does not; otherwise exit 0 without a change.
+    #[arg(long, value_enum, requires = "ensure")]
+    only: Option<NodeCount>,
     #[command(flatten)]
     wait: Wait,
+}
+
+/// Which changes of shape `--only` acts on: a StatefulSet's scale-down must drain its highest
+/// ordinals before it removes them (`fewer-nodes`), and its scale-up must have started the new
+/// pods before they are used (`not-fewer-nodes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NodeCount {
+    FewerNodes,
+    NotFewerNodes,
+}
+
+/// What `causeway admin scale --ensure` does.
+#[derive(Debug, PartialEq)]
+pub enum Step {
+    /// Nothing; the reason is printed.
+    Nothing(String),
+    /// Follow the transition running to the wanted shape.
+    Follow(ClusterConfig),
+    /// Propose the shape.
+    Propose((u32, u32)),
+}
+
+/// The step that converges the cluster in `pair` on the shape the flags ask for.
+pub fn ensure_step(
+    pair: &cm::ConfigPair,
+    partitions: Option<u32>,
+    replicas: Option<u32>,
+    only: Option<NodeCount>,
+) -> Result<Step> {
+    let current = shape_of(
+        pair.current
+            .as_ref()
+            .context("the cluster is not bootstrapped yet (causeway admin bootstrap)")?,
+    );
+    ensure!(
+        partitions.is_some() || replicas.is_some(),
+        "nothing to scale: give --partitions, --replicas or both"
+    );
+    let wanted = (
+        partitions.unwrap_or(current.0),
+        replicas.unwrap_or(current.1),
+    );
+    let (p, r) = wanted;
+    if let Some(next) = &pair.next {
+        ensure!(
+            shape_of(next) == wanted,
+            "a transition to epoch {} ({}×{}) is running, not to {p}×{r}: wait for it, or abort \
+             it (causeway admin abort)",
+            next.epoch,
+            shape_of(next).0,
+            shape_of(next).1
+        );
+        return Ok(Step::Follow(next.clone()));
+    }
+    if wanted == current {
+        return Ok(Step::Nothing(format!("the cluster has {p}×{r} already")));
+    }
+    let fewer = u64::from(p) * u64::from(r) < u64::from(current.0) * u64::from(current.1);
+    let skip = match only {
+        Some(NodeCount::FewerNodes) => !fewer,
+        Some(NodeCount::NotFewerNodes) => fewer,
+        None => false,
+    };
+    if skip {
+        let (cp, cr) = current;
+        let which = if fewer { "fewer" } else { "no fewer" };
+        return Ok(Step::Nothing(format!(
+            "left for later: {p}×{r} needs {which} store nodes than {cp}×{cr}"
+        )));
+    }
+    Ok(Step::Propose(wanted))
 }
 
 /// Flags of `causeway admin replace`.
@@ -182,8 +262,28 @@ async fn admin_call<T>(
 pub async fn scale(args: ScaleArgs) -> Result<()> {
     let client = connect(&args.target.config_manager).await?;
     let pair = bounded("GetConfig", client.get_config()).await?;
-    let current = idle_current(&pair)?;
-    let (partitions, replicas) = wanted_shape(shape_of(current), args.partitions, args.replicas)?;
+    let (partitions, replicas) = if args.ensure {
+        match ensure_step(&pair, args.partitions, args.replicas, args.only)? {
+            Step::Nothing(why) => {
+                println!("{why}");
+                return Ok(());
+            }
+            Step::Follow(next) => {
+                println!("following the running transition to epoch {}", next.epoch);
+                return follow(&client, next, &args.wait).await;
+            }
+            Step::Propose((p, r)) => {
+                if args.wait.wait {
+                    let needed = u64::from(p) * u64::from(r);
+                    wait_for_live_nodes(&client, needed, args.wait.timeout).await?;
+                }
+                (p, r)
+            }
+        }
+    } else {
+        let current = idle_current(&pair)?;
+        wanted_shape(shape_of(current), args.partitions, args.replicas)?
+    };
     let pair = admin_call("ProposeShape", client.propose_shape(partitions, replicas)).await?;
     let next = pair
         .next
@@ -373,6 +473,66 @@ mod tests {
                 .contains("already has 2 partition(s) × 2 replica(s)"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn ensure_converges_and_acts_only_on_the_asked_direction() {
+        let at = |shape: (u32, u32), epoch: u64| {
+            let nodes: Vec<causeway_core::NodeInfo> = (0..u64::from(shape.0 * shape.1))
+                .map(|i| causeway_core::NodeInfo {
+                    id: NodeId(i),
+                    addr: format!("h:{i}"),
+                })
+                .collect();
+            let mut c = ClusterConfig::bootstrap(shape.0, shape.1, &nodes).unwrap();
+            c.epoch = Epoch(epoch);
+            c
+        };
+        let idle = cm::ConfigPair {
+            revision: 1,
+            current: Some(at((2, 2), 3)),
+            next: None,
+        };
+        let step = |pair: &cm::ConfigPair, p, r, only| ensure_step(pair, p, r, only).unwrap();
+        use NodeCount::*;
+        assert!(matches!(step(&idle, Some(2), None, None), Step::Nothing(_)));
+        assert_eq!(step(&idle, Some(3), None, None), Step::Propose((3, 2)));
+        assert_eq!(
+            step(&idle, Some(1), None, Some(FewerNodes)),
+            Step::Propose((1, 2))
+        );
+        assert!(matches!(
+            step(&idle, Some(3), None, Some(FewerNodes)),
+            Step::Nothing(_)
+        ));
+        assert!(matches!(
+            step(&idle, None, Some(1), Some(NotFewerNodes)),
+            Step::Nothing(_)
+        ));
+        // As many nodes in another shape is not fewer: done once the pods exist.
+        assert_eq!(
+            step(&idle, Some(4), Some(1), Some(NotFewerNodes)),
+            Step::Propose((4, 1))
+        );
+
+        let running = cm::ConfigPair {
+            revision: 2,
+            current: idle.current.clone(),
+            next: Some(at((3, 2), 4)),
+        };
+        assert_eq!(
+            step(&running, Some(3), None, Some(NotFewerNodes)),
+            Step::Follow(at((3, 2), 4))
+        );
+        let e = ensure_step(&running, Some(1), None, None).unwrap_err();
+        assert!(e.to_string().contains("is running, not to 1×2"), "{e}");
+        let none = cm::ConfigPair {
+            revision: 0,
+            current: None,
+            next: None,
+        };
+        assert!(ensure_step(&none, Some(1), None, None).is_err());
+        assert!(ensure_step(&idle, None, None, None).is_err());
     }
 
     #[test]

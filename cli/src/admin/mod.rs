@@ -53,6 +53,23 @@ async fn connect(addr: &str) -> Result<cm::Client> {
     .with_context(|| format!("config manager at {addr}"))
 }
 
+/// Waits until at least `needed` store nodes are registered and live, for at most `timeout`.
+async fn wait_for_live_nodes(client: &cm::Client, needed: u64, timeout: Duration) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let nodes = bounded("ListNodes", client.list_nodes()).await?;
+        let live = nodes.iter().filter(|n| n.live).count() as u64;
+        if live >= needed {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "only {live} of {needed} store nodes registered and live within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A node's `Status`.
 async fn node_status(addr: &str) -> Result<ProtoNodeStatus> {
     let url = if addr.starts_with("http") {
