@@ -86,6 +86,7 @@ pub struct Gauges {
     pub gc_ts: u64,
     pub log_next_ts: u64,
     pub current_epoch: u64,
+    pub next_epoch: u64,
     pub routing_epoch: u64,
     pub peers_alive: u64,
     pub peers_known: u64,
@@ -128,6 +129,11 @@ impl Metrics {
                 "current_epoch",
                 g.current_epoch,
                 "epoch of the current configuration",
+            ),
+            (
+                "next_epoch",
+                g.next_epoch,
+                "epoch of the transition running, 0 when none runs",
             ),
             (
                 "routing_epoch",
@@ -257,5 +263,37 @@ impl Metrics {
             "replica sub-read latency",
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gauges_render_as_prometheus_text() {
+        let text = Metrics::default().render(&Gauges {
+            committed_ts: 90,
+            ust_ts: 80,
+            gc_ts: 70,
+            log_next_ts: 101,
+            current_epoch: 3,
+            next_epoch: 4,
+            routing_epoch: 3,
+            peers_alive: 2,
+            peers_known: 3,
+            active_reads: 0,
+            cached_documents: 5,
+        });
+        for line in [
+            "causeway_store_committed_ts 90",
+            "causeway_store_ust_ts 80",
+            "causeway_store_log_end_lag_ts 10",
+            "causeway_store_visibility_lag_ts 20",
+            "causeway_store_next_epoch 4",
+            "# TYPE causeway_store_next_epoch gauge",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
     }
 }

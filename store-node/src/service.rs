@@ -796,6 +796,7 @@ fn render_metrics(shared: &Shared) -> String {
         gc_ts: d.decisions.gc.get(),
         log_next_ts: shared.log_next.load(Ordering::Relaxed),
         current_epoch: d.current_epoch.get(),
+        next_epoch: d.next_epoch.map_or(0, Epoch::get),
         routing_epoch: d.decisions.routing_epoch.get(),
         peers_alive: peers.iter().filter(|p| p.1).count() as u64,
         peers_known: peers.len() as u64,
