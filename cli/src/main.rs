@@ -11,17 +11,21 @@
 //! - `causeway cdc tail`: an api-server's change stream (server-sent events) in the terminal.
 //! - `causeway bench`: HTTP workloads against an api-server (closed or open loop) and a raw
 //!   log-append baseline, reporting throughput, latency percentiles, errors and visibility lag.
+//! - `causeway check`: a smoke test of a running cluster through its HTTP API (ready, write,
+//!   read it back, delete, read the delete), for `helm test` and after a deploy.
 //!
 //! # Layout
 //! - [`dev`]: `causeway dev`, its data-dir manifest, tokens and start-up/shutdown order.
 //! - [`admin`]: `causeway admin …`: status, bootstrap, scale, replace, abort and feeds.
 //! - [`cdc`]: `causeway cdc tail` and its server-sent events parser.
 //! - [`bench`]: `causeway bench`: workloads, key generators, the runner and the report.
+//! - [`check`]: `causeway check`: the smoke test's steps.
 //! - [`problem`]: an HTTP error answer (problem+json) as one line.
 
 mod admin;
 mod bench;
 mod cdc;
+mod check;
 mod dev;
 mod problem;
 
@@ -59,6 +63,9 @@ enum Command {
     },
     /// Measures an api-server (or the raw log) under a workload.
     Bench(bench::Args),
+    /// Smoke-tests a running cluster through its HTTP API: waits for /readyz, writes a
+    /// document, reads it back, deletes it; exits non-zero on any failure.
+    Check(check::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -115,6 +122,7 @@ fn main() -> anyhow::Result<()> {
                 command: CdcCommand::Tail(args),
             } => cdc::tail(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Check(args) => check::run(args).await,
         }
     })
 }
