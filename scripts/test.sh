@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, every test (the Kafka tests against real Apache Kafka
-# brokers, KRaft JVMs that the tests start themselves), and schemathesis against a live `causeway dev`.
-# Installs what is missing first.
+# brokers, KRaft JVMs that the tests start themselves), schemathesis against a live `causeway dev`,
+# and the Helm chart and the container image (scripts/chart.sh: helm, kubernetes-validate, trivy,
+# checkov and podman). Installs what is missing first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -22,3 +23,5 @@ echo "== cargo test"
 cargo test --workspace --locked
 echo "== schemathesis"
 scripts/schemathesis.sh
+echo "== the Helm chart and the container image"
+scripts/chart.sh
