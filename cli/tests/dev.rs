@@ -3,7 +3,8 @@
 //! the same documents with the same token; `causeway admin status` describes it; a different
 //! shape on that data dir is refused; `--kafka` runs it on a topic of the test broker and keeps the
 //! data dir to that log; `causeway admin scale` against it has dev start the spare node it needs,
-//! which a restart starts again; bad `admin` input is refused and changes nothing; the cdc
+//! which a restart starts again, and `scale --ensure` (as the Helm hooks run it) is a no-op at
+//! the shape, leaves a shrink to `--only fewer-nodes`, which drains the highest id; bad `admin` input is refused and changes nothing; the cdc
 //! service runs beside it, and `causeway admin feeds` creates and pauses a feed that a restart
 //! keeps. Every wait has a deadline; set `CAUSEWAY_KEEP_TEST_DIR=1` to keep the data dir for
 //! inspection.
@@ -578,6 +579,56 @@ async fn admin_scale_against_dev_starts_the_spare_node_it_needs() -> Result<()> 
         m["nodes"],
         "the same nodes, the same addresses"
     );
+
+    // --ensure, as the Helm chart's hooks run it: a no-op at the shape, a shrink left for the
+    // pre-upgrade hook when only growth is asked for, and the shrink itself draining node 2,
+    // the highest id.
+    let ensure = |extra: &[&str]| {
+        let mut args = vec!["scale", "--ensure", "--config-manager", &cm];
+        args.extend_from_slice(extra);
+        admin(&args)
+    };
+    let (ok, out, err) = ensure(&["--partitions", "2"])?;
+    assert!(
+        ok && out.contains("the cluster has 2×1 already"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = ensure(&["--partitions", "1", "--only", "not-fewer-nodes", "--wait"])?;
+    assert!(ok && out.contains("left for later"), "{out}{err}");
+    assert_eq!(status_json(&data_dir)?["next_epoch"], Value::Null);
+    let (ok, out, err) = ensure(&[
+        "--partitions",
+        "1",
+        "--only",
+        "fewer-nodes",
+        "--wait",
+        "--timeout",
+        "60s",
+    ])?;
+    ensure!(ok, "scale --ensure to 1×1: {err}\n{}", dev.output());
+    assert!(out.contains("installed in"), "{out}");
+    let status = status_json(&data_dir)?;
+    let nodes: Vec<u64> = status["partitions"]
+        .as_array()
+        .context("partitions")?
+        .iter()
+        .filter_map(|p| p["replicas"][0]["node"].as_u64())
+        .collect();
+    assert_eq!(nodes, [1], "node 2, the highest id, left: {status}");
+    for i in 0..40 {
+        let r = http
+            .get(format!("{base}/v1/collections/notes/documents/n-{i}"))
+            .bearer_auth(&token)
+            .header("causeway-after", last_ts.to_string())
+            .send()
+            .await?;
+        ensure!(
+            r.status() == 200,
+            "GET n-{i} after the shrink: {}",
+            r.status()
+        );
+        assert_eq!(r.json::<Value>().await?["i"], json!(i));
+    }
     let exit = dev.interrupt()?;
     assert!(exit.success(), "causeway dev exited with {exit}");
     if std::env::var_os("CAUSEWAY_KEEP_TEST_DIR").is_some() {
