@@ -1,0 +1,533 @@
+"""The image runs a whole cluster with the command lines of the rendered chart.
+
+    ~/.cache/causeway-k8s/venv/bin/python -m unittest charts/causeway/tests/test_image.py
+
+from the repository root, after scripts/k8s-tools.sh and `cargo build --workspace --bins
+--locked` (and `cargo build -p causeway-txlog --features testing --example kafka_cluster`).
+
+It builds the image with scripts/image.sh, starts a throwaway Kafka broker (the kafka_cluster
+example), renders the chart with `helm template` and runs, with podman, every container of the
+rendered objects the way the kubelet would: the container's command, args and env taken as
+rendered (downward-API env resolved, `$(VAR)` expanded), its ConfigMap and Secret volumes
+materialised from the rendered objects, its PVC as a host directory owned by the chart's
+user, its emptyDir as a tmpfs, under the user of its securityContext with a read-only root
+filesystem, no capabilities and no-new-privileges. Then the bootstrap hook Job and the
+`helm test` pod must succeed, a write and a read through the api-server's port must agree,
+and every long-running container must run as the chart's user on a read-only root.
+
+Every container uses the host's network (`--network host`): containers reach the broker on the
+host's loopback and the test reaches the containers' ports. The cluster's Service and pod DNS
+names are mapped to 127.0.0.1 with --add-host.
+"""
+
+import base64
+import json
+import os
+import pathlib
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+import urllib.error
+import urllib.request
+import uuid
+
+import yaml
+
+REPO = pathlib.Path(__file__).resolve().parents[3]
+CHART = REPO / "charts" / "causeway"
+TOOLS = pathlib.Path.home() / ".cache" / "causeway-k8s"
+HELM = TOOLS / "bin" / "helm"
+TARGET_DIR = pathlib.Path(
+    os.environ.get("CARGO_TARGET_DIR") or pathlib.Path.home() / ".cache" / "causeway-target"
+)
+KAFKA_CLUSTER = TARGET_DIR / "debug" / "examples" / "kafka_cluster"
+
+IMAGE_REPOSITORY = "localhost/causeway"
+IMAGE_TAG = "dev"
+IMAGE = f"{IMAGE_REPOSITORY}:{IMAGE_TAG}"
+FULLNAME = "cw"
+NAMESPACE = "causeway-test"
+PARTITIONS = 1
+REPLICAS = 2
+# The store pods come from one StatefulSet template, so they all get the same ports. With
+# --network host two pods cannot bind the same port, so the chart renders these sentinel ports
+# and each store pod gets its own free ports in their place in its args.
+GRPC_SENTINEL = 17600
+ADMIN_SENTINEL = 17601
+
+READY_TIMEOUT = 60
+BOOTSTRAP_TIMEOUT = 180
+CHECK_TIMEOUT = 120
+EXEC_TIMEOUT = 30
+
+# Environment variables and `$(VAR)` references, as the kubelet expands them: `$$` is a
+# literal `$`, a reference to an undefined variable stays as it is.
+_VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+_SVC_HOST = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?\.svc\b")
+_QUANTITY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def expand(text, env):
+    def one(m):
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group(1)
+        return env[name] if name in env else m.group(0)
+
+    return _VAR_REF.sub(one, text)
+
+
+def quantity_bytes(q):
+    q = str(q)
+    for suffix, factor in _QUANTITY.items():
+        if q.endswith(suffix):
+            return int(q[: -len(suffix)]) * factor
+    return int(q)
+
+
+def free_ports(n):
+    """n distinct ports free on every interface (the processes listen on 0.0.0.0)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("0.0.0.0", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def run(cmd, timeout=None, check=True):
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd!r} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+    return p
+
+
+def http(method, url, body=None, headers=None, timeout=10):
+    """(status, headers, body bytes); HTTP errors are answers, not exceptions."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def wait_until(what, probe, timeout=READY_TIMEOUT, interval=0.5):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            if probe():
+                return
+        except OSError as e:
+            last = e
+        time.sleep(interval)
+    raise AssertionError(f"{what}: not within {timeout} s (last error: {last})")
+
+
+def tcp_open(port):
+    with socket.create_connection(("127.0.0.1", port), timeout=2):
+        return True
+
+
+def http_ok(url):
+    try:
+        return http("GET", url, timeout=3)[0] == 200
+    except (urllib.error.URLError, ConnectionError, socket.timeout):
+        return False
+
+
+class ImageRunsChartTest(unittest.TestCase):
+    """A cluster of 1 partition × 2 replicas from the rendered chart, on localhost/causeway:dev."""
+
+    @classmethod
+    def setUpClass(cls):
+        if shutil.which("podman") is None:
+            print(
+                "\n" + "!" * 78 + "\n!! test_image: podman is not installed: SKIPPING the image test."
+                "\n!! Run scripts/k8s-tools.sh --podman (CI does).\n" + "!" * 78,
+                file=sys.stderr,
+                flush=True,
+            )
+            raise unittest.SkipTest("podman is not installed")
+        cls.started = time.monotonic()
+        cls.run_id = uuid.uuid4().hex[:8]
+        cls.containers = []  # names, in start order
+        cls.kafka = None
+        cls.tmp = pathlib.Path(tempfile.mkdtemp(prefix="causeway-image-test."))
+        cls.addClassCleanup(cls._cleanup)
+        try:
+            cls._set_up()
+        except BaseException:
+            cls.dump_logs()
+            raise
+
+    @classmethod
+    def _set_up(cls):
+        # The image, from the host's current binaries.
+        env = dict(os.environ, CARGO_TARGET_DIR=str(TARGET_DIR))
+        p = subprocess.run(
+            [str(REPO / "scripts" / "image.sh"), IMAGE], cwd=REPO, env=env,
+            capture_output=True, text=True, timeout=900,
+        )
+        if p.returncode != 0:
+            raise AssertionError(f"scripts/image.sh exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+
+        cls._start_kafka()
+
+        # Ports: the config manager's and the api-server's from the values; the store nodes'
+        # replace the sentinels in each store pod's args.
+        (cls.cm_port, cls.api_port, *store_ports) = free_ports(2 + 2 * PARTITIONS * REPLICAS)
+        cls.store_ports = {
+            f"{FULLNAME}-store-{i}": (store_ports[2 * i], store_ports[2 * i + 1])
+            for i in range(PARTITIONS * REPLICAS)
+        }
+        values = {
+            "fullnameOverride": FULLNAME,
+            "image": {"repository": IMAGE_REPOSITORY, "tag": IMAGE_TAG, "pullPolicy": "Never"},
+            "cluster": {"partitions": PARTITIONS, "replicas": REPLICAS},
+            "kafka": {
+                "bootstrapServers": cls.kafka_info["bootstrap_servers"],
+                "replicationFactor": int(cls.kafka_info["replication_factor"]),
+                "minInsyncReplicas": int(cls.kafka_info["min_insync_replicas"]),
+                "topic": f"causeway-image-test-{cls.run_id}",
+            },
+            "configManager": {"port": cls.cm_port},
+            # One api-server. The helm test pod reaches it at the Service's port; with host
+            # networking there is no Service to map the port, so the two are the same.
+            "api": {"replicas": 1, "port": cls.api_port, "service": {"port": cls.api_port}},
+            "store": {
+                "ports": {"grpc": GRPC_SENTINEL, "admin": ADMIN_SENTINEL},
+                "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"memory": "512Mi"}},
+            },
+        }
+        values_file = cls.tmp / "values.yaml"
+        values_file.write_text(yaml.safe_dump(values))
+        rendered = run(
+            [str(HELM), "template", FULLNAME, str(CHART), "-f", str(values_file), "--namespace", NAMESPACE],
+            timeout=120,
+        ).stdout
+        (cls.tmp / "rendered.yaml").write_text(rendered)
+        cls.objects = {}
+        for doc in yaml.safe_load_all(rendered):
+            if doc:
+                cls.objects[(doc["kind"], doc["metadata"]["name"])] = doc
+
+        # The pods, as the controllers would make them.
+        cm = cls.obj("StatefulSet", f"{FULLNAME}-config-manager")
+        store = cls.obj("StatefulSet", f"{FULLNAME}-store")
+        api = cls.obj("Deployment", f"{FULLNAME}-api")
+        assert store["spec"]["replicas"] == PARTITIONS * REPLICAS, store["spec"]["replicas"]
+        cls.cm_pod = cls.pod(f"{FULLNAME}-config-manager-0", cm)
+        cls.store_pods = [cls.pod(name, store, ports=ports) for name, ports in cls.store_ports.items()]
+        cls.api_pod = cls.pod(f"{FULLNAME}-api-{cls.run_id}", api)
+        cls.bootstrap_pod = cls.pod(f"{FULLNAME}-bootstrap-{cls.run_id}", cls.obj("Job", f"{FULLNAME}-bootstrap"))
+        check = cls.objects.get(("Pod", f"{FULLNAME}-check"))
+        cls.check_pod = cls.pod(f"{FULLNAME}-check", check) if check else None
+
+        # Every *.svc name any container uses resolves to the host's loopback in all of them.
+        hosts = set()
+        for p in [cls.cm_pod, *cls.store_pods, cls.api_pod, cls.bootstrap_pod, cls.check_pod]:
+            if p:
+                for text in p["argv"] + [f"{k}={v}" for k, v in p["env"]]:
+                    hosts.update(m.group(0) for m in _SVC_HOST.finditer(text))
+        hosts.update(f"{p['name']}.{FULLNAME}-store.{NAMESPACE}.svc" for p in cls.store_pods)
+        cls.add_hosts = sorted(hosts)
+
+        # Start order: the config manager, the store nodes, the api-server.
+        cls.start(cls.cm_pod)
+        wait_until("the config manager's port", lambda: tcp_open(cls.cm_port))
+        for p in cls.store_pods:
+            cls.start(p)
+        for p in cls.store_pods:
+            admin = cls.store_ports[p["name"]][1]
+            wait_until(f"{p['name']} /healthz", lambda: http_ok(f"http://127.0.0.1:{admin}/healthz"))
+        cls.start(cls.api_pod)
+        wait_until("the api-server's /healthz", lambda: http_ok(f"http://127.0.0.1:{cls.api_port}/healthz"))
+
+        # The post-install hook: bootstrap the configuration.
+        cls.bootstrap = cls.run_once(cls.bootstrap_pod, BOOTSTRAP_TIMEOUT)
+        if cls.bootstrap.returncode != 0:
+            raise AssertionError(
+                f"the bootstrap Job exited {cls.bootstrap.returncode}:\n{cls.bootstrap.stdout}\n{cls.bootstrap.stderr}"
+            )
+        for p in cls.store_pods:
+            admin = cls.store_ports[p["name"]][1]
+            wait_until(f"{p['name']} /readyz", lambda: http_ok(f"http://127.0.0.1:{admin}/readyz"))
+        wait_until("the api-server's /readyz", lambda: http_ok(f"http://127.0.0.1:{cls.api_port}/readyz"))
+
+    # ----------------------------------------------------------------------------------------
+    # The rendered objects, as pods and podman command lines.
+
+    @classmethod
+    def obj(cls, kind, name):
+        o = cls.objects.get((kind, name))
+        if o is None:
+            raise AssertionError(f"the rendered chart has no {kind} {name}: {sorted(cls.objects)}")
+        return o
+
+    @classmethod
+    def pod(cls, name, workload, ports=None):
+        """The podman view of a pod of workload (StatefulSet, Deployment, Job or Pod) named name:
+        its one container's argv, env and podman options. ports: (grpc, admin) in place of the
+        sentinels of a store pod."""
+        spec = workload["spec"] if workload["kind"] == "Pod" else workload["spec"]["template"]["spec"]
+        assert len(spec["containers"]) == 1, f"{name}: {len(spec['containers'])} containers"
+        c = spec["containers"][0]
+        assert not spec.get("initContainers"), f"{name} has init containers"
+
+        env = {}
+        env_list = []
+        for e in c.get("env") or []:
+            if "value" in e:
+                value = expand(str(e["value"]), env)
+            elif "valueFrom" in e and "fieldRef" in e["valueFrom"]:
+                value = {"metadata.name": name, "metadata.namespace": NAMESPACE}[e["valueFrom"]["fieldRef"]["fieldPath"]]
+            else:
+                raise AssertionError(f"{name}: env {e['name']} has a source the test does not provide: {e}")
+            env[e["name"]] = value
+            env_list.append((e["name"], value))
+        command = [expand(a, env) for a in c.get("command") or []]
+        args = [expand(str(a), env) for a in c.get("args") or []]
+        if ports:
+            replaced = {GRPC_SENTINEL: 0, ADMIN_SENTINEL: 0}
+
+            def port_of(m):
+                replaced[int(m.group(1))] += 1
+                return ":" + str(ports[0] if int(m.group(1)) == GRPC_SENTINEL else ports[1])
+
+            args = [re.sub(rf":({GRPC_SENTINEL}|{ADMIN_SENTINEL})\b", port_of, a) for a in args]
+            assert all(replaced.values()), f"{name}: the sentinel ports are not all in its args {c['args']}"
+
+        sc = {**(spec.get("securityContext") or {}), **(c.get("securityContext") or {})}
+        assert sc.get("readOnlyRootFilesystem") is True, f"{name}: {sc}"
+        assert sc.get("allowPrivilegeEscalation") is False, f"{name}: {sc}"
+        assert sc.get("capabilities", {}).get("drop") == ["ALL"], f"{name}: {sc}"
+        user = f"{sc['runAsUser']}:{sc['runAsGroup']}"
+        fs_group = (spec.get("securityContext") or {}).get("fsGroup", sc["runAsGroup"])
+
+        opts = []
+        pod_dir = cls.tmp / name
+        volumes = {v["name"]: v for v in spec.get("volumes") or []}
+        claims = {t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates") or []}
+        for m in c.get("volumeMounts") or []:
+            v = volumes.get(m["name"])
+            sub = m.get("subPath")
+            if v is None:
+                assert m["name"] in claims, f"{name}: volume {m['name']} is neither a volume nor a claim"
+                # A fresh PVC: a directory of the pod's fsGroup, writable by its user.
+                src = pod_dir / "pvc" / m["name"]
+                src.mkdir(parents=True, exist_ok=True)
+                os.chown(src, int(sc["runAsUser"]), int(fs_group))
+                src.chmod(0o2770)
+                ro = m.get("readOnly", False)
+            elif "emptyDir" in v:
+                assert not sub, f"{name}: subPath of an emptyDir"
+                size = v["emptyDir"].get("sizeLimit")
+                tmpfs = f"{m['mountPath']}:rw,mode=1777" + (f",size={quantity_bytes(size)}" if size else "")
+                opts += ["--tmpfs", tmpfs]
+                continue
+            elif "configMap" in v or "secret" in v:
+                if "configMap" in v:
+                    src_obj = cls.obj("ConfigMap", v["configMap"]["name"])
+                    data = dict(src_obj.get("data") or {})
+                    mode = v["configMap"].get("defaultMode", 0o644)
+                    items = v["configMap"].get("items")
+                else:
+                    src_obj = cls.obj("Secret", v["secret"]["secretName"])
+                    data = {k: base64.b64decode(x).decode() for k, x in (src_obj.get("data") or {}).items()}
+                    data.update(src_obj.get("stringData") or {})
+                    mode = v["secret"].get("defaultMode", 0o644)
+                    items = v["secret"].get("items")
+                files = {it["path"]: data[it["key"]] for it in items} if items else data
+                src = pod_dir / "volumes" / m["name"]
+                src.mkdir(parents=True, exist_ok=True)
+                src.chmod(0o755)
+                for path, content in files.items():
+                    f = src / path
+                    f.parent.mkdir(parents=True, exist_ok=True)
+                    f.write_text(content)
+                    # As the kubelet makes them: owned by root, group the pod's fsGroup.
+                    os.chown(f, 0, int(fs_group))
+                    f.chmod(mode)
+                ro = True
+            else:
+                raise AssertionError(f"{name}: volume {m['name']} of a kind the test does not make: {v}")
+            if sub:
+                src = src / sub
+                assert src.exists(), f"{name}: subPath {sub} of {m['name']} does not exist"
+            opts += ["--volume", f"{src}:{m['mountPath']}:{'ro' if ro else 'rw'}"]
+
+        limit = ((c.get("resources") or {}).get("limits") or {}).get("memory")
+        if limit:
+            opts += ["--memory", str(quantity_bytes(limit))]
+        return {
+            "name": name,
+            "container": f"causeway-image-test-{cls.run_id}-{name}",
+            "user": user,
+            "uid": int(sc["runAsUser"]),
+            "command": command,
+            "args": args,
+            "argv": command + args,
+            "env": env_list,
+            "opts": opts,
+        }
+
+    @classmethod
+    def podman_run(cls, p, detach):
+        cmd = ["podman", "run", "--name", p["container"], "--network", "host", "--read-only",
+               # Only what the pod mounts is writable, as with readOnlyRootFilesystem (podman
+               # would otherwise put tmpfs on /tmp, /run and /var/tmp).
+               "--read-only-tmpfs=false",
+               "--user", p["user"], "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+               "--pull", "never"]
+        if detach:
+            cmd.append("-d")
+        for h in cls.add_hosts:
+            cmd += ["--add-host", f"{h}:127.0.0.1"]
+        for k, v in p["env"]:
+            cmd += ["--env", f"{k}={v}"]
+        cmd += p["opts"]
+        if p["command"]:
+            cmd += ["--entrypoint", json.dumps(p["command"])]
+        cmd += [IMAGE, *p["args"]]
+        return cmd
+
+    @classmethod
+    def start(cls, p):
+        cls.containers.append(p["container"])
+        run(cls.podman_run(p, detach=True), timeout=60)
+
+    @classmethod
+    def run_once(cls, p, timeout):
+        """Runs a Job's or a test pod's container to its end; its CompletedProcess."""
+        cls.containers.append(p["container"])
+        try:
+            return subprocess.run(cls.podman_run(p, detach=False), capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise AssertionError(f"{p['name']} did not end within {timeout} s:\n{e.stdout}\n{e.stderr}") from None
+
+    # ----------------------------------------------------------------------------------------
+    # Diagnosis and clean-up.
+
+    @classmethod
+    def dump_logs(cls):
+        for name in getattr(cls, "containers", []):
+            p = subprocess.run(["podman", "logs", name], capture_output=True, text=True)
+            print(f"\n----- podman logs {name} -----\n{p.stdout}{p.stderr}", file=sys.stderr)
+        if getattr(cls, "kafka", None) is not None:
+            print(f"----- kafka_cluster: {cls.kafka_info}", file=sys.stderr)
+        sys.stderr.flush()
+
+    @classmethod
+    def _start_kafka(cls):
+        if not KAFKA_CLUSTER.exists():
+            raise AssertionError(
+                f"{KAFKA_CLUSTER} is missing: cargo build -p causeway-txlog --features testing --example kafka_cluster"
+            )
+        cls.kafka = subprocess.Popen([str(KAFKA_CLUSTER)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        cls.kafka_info = {}
+        buf = b""
+        deadline = time.monotonic() + 120
+        while "min_insync_replicas" not in cls.kafka_info:
+            left = deadline - time.monotonic()
+            if left <= 0 or cls.kafka.poll() is not None:
+                raise AssertionError(f"kafka_cluster did not start: {cls.kafka_info} {buf!r}")
+            ready, _, _ = select.select([cls.kafka.stdout], [], [], left)
+            if ready:
+                chunk = os.read(cls.kafka.stdout.fileno(), 4096)
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    k, _, v = line.decode().partition("=")
+                    cls.kafka_info[k] = v
+
+    @classmethod
+    def _cleanup(cls):
+        for name in reversed(cls.containers):
+            subprocess.run(["podman", "rm", "-f", "-t", "5", name], capture_output=True)
+        if cls.kafka is not None and cls.kafka.poll() is None:
+            cls.kafka.send_signal(signal.SIGTERM)
+            try:
+                cls.kafka.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                cls.kafka.kill()
+                cls.kafka.wait(timeout=15)
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+        print(f"\ntest_image: {time.monotonic() - cls.started:.0f} s in all", file=sys.stderr)
+
+    def run(self, result=None):
+        # Every failure comes with the containers' logs.
+        failures = len(result.failures) + len(result.errors) if result else 0
+        out = super().run(result)
+        if result and len(result.failures) + len(result.errors) > failures:
+            self.dump_logs()
+        return out
+
+    # ----------------------------------------------------------------------------------------
+    # The checks.
+
+    def test_bootstrap_job(self):
+        self.assertEqual(self.bootstrap.returncode, 0, self.bootstrap.stdout + self.bootstrap.stderr)
+
+    def test_helm_test_pod(self):
+        self.assertIsNotNone(
+            self.check_pod,
+            f"the rendered chart has no helm test pod (Pod {FULLNAME}-check from templates/tests/check.yaml)",
+        )
+        p = self.run_once(self.check_pod, CHECK_TIMEOUT)
+        out = p.stdout + p.stderr
+        self.assertEqual(p.returncode, 0, out)
+        # One line per step: "<step>  ok  <latency>  <detail>".
+        for step in ("ready", "write", "read", "delete", "gone"):
+            self.assertRegex(p.stdout, rf"(?m)^{step}\s+ok\s", out)
+
+    def test_write_then_read_through_the_api(self):
+        secret = self.obj("Secret", f"{FULLNAME}-tokens")
+        token = (secret.get("stringData") or {}).get("check-token") or base64.b64decode(secret["data"]["check-token"]).decode()
+        auth = {"Authorization": f"Bearer {token.strip()}"}
+        base = f"http://127.0.0.1:{self.api_port}/v1/collections/image_test/documents/doc-{self.run_id}"
+        doc = {"run": self.run_id, "n": 7, "nested": {"list": [1, "two", None]}}
+        status, headers, body = http("PUT", base, doc, auth)
+        self.assertEqual(status, 200, body)
+        ts = json.loads(body)["ts"]
+        self.assertEqual(headers.get("Causeway-Timestamp"), str(ts))
+        status, headers, body = http("GET", base, headers={**auth, "Causeway-After": str(ts)})
+        self.assertEqual(status, 200, body)
+        self.assertEqual(json.loads(body), doc)
+        self.assertEqual(headers.get("ETag"), f'"{ts}"')
+
+    def test_containers_run_as_the_chart_user_on_a_read_only_root(self):
+        pods = [self.cm_pod, *self.store_pods, self.api_pod]
+        for p in pods:
+            with self.subTest(pod=p["name"]):
+                c = p["container"]
+                state = json.loads(run(["podman", "inspect", c]).stdout)[0]
+                self.assertTrue(state["State"]["Running"], f"{p['name']} is not running")
+                self.assertIs(state["HostConfig"]["ReadonlyRootfs"], True)
+                status = pathlib.Path(f"/proc/{state['State']['Pid']}/status").read_text()
+                uids = re.search(r"(?m)^Uid:\s+(.*)$", status).group(1).split()
+                self.assertEqual(uids, [str(p["uid"])] * 4, status)
+                # touch is in the image (coreutils of debian:bookworm-slim).
+                self.assertEqual(run(["podman", "exec", c, "test", "-x", "/usr/bin/touch"], check=False).returncode, 0)
+                w = run(["podman", "exec", c, "touch", "/x"], timeout=EXEC_TIMEOUT, check=False)
+                self.assertNotEqual(w.returncode, 0, "writing to / succeeded")
+                self.assertIn("Read-only file system", w.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
