@@ -805,7 +805,37 @@ fn render_metrics(shared: &Shared) -> String {
     })
 }
 
-/// `/metrics`, `/healthz` (the process answers), `/readyz` (the node can coordinate reads).
+/// What `/readyz` answers.
+#[derive(Debug, PartialEq, Eq)]
+enum Readiness {
+    /// The node can coordinate reads.
+    Ready,
+    /// The node is in no configuration, current or next: nothing waits for it (a spare, or a
+    /// node drained by a smaller shape). Ready too, so that an orchestrator counting unready
+    /// nodes (a PodDisruptionBudget, a rolling update) is not held up by it.
+    Spare,
+    /// Not bootstrapped yet, or a node of a configuration that cannot coordinate reads yet
+    /// (catching up, joining, not heard from every peer).
+    NotReady,
+}
+
+fn readiness(decided: &Decided, configs: &Configs, node: NodeId) -> Readiness {
+    if decided.decisions.can_coordinate && decided.current_epoch > Epoch::ZERO {
+        return Readiness::Ready;
+    }
+    let Some(current) = &configs.current else {
+        return Readiness::NotReady;
+    };
+    let in_next = configs.transition().is_some_and(|next| next.contains(node));
+    if current.contains(node) || in_next {
+        Readiness::NotReady
+    } else {
+        Readiness::Spare
+    }
+}
+
+/// `/metrics`, `/healthz` (the process answers), `/readyz` (the node can coordinate reads, or
+/// is a spare that nothing waits for).
 fn admin_router(shared: Arc<Shared>) -> axum::Router {
     use axum::http::StatusCode;
     use axum::routing::get;
@@ -830,13 +860,73 @@ fn admin_router(shared: Arc<Shared>) -> axum::Router {
             get(move || {
                 let shared = Arc::clone(&ready);
                 async move {
-                    let d = shared.decided();
-                    if d.decisions.can_coordinate && d.current_epoch > Epoch::ZERO {
-                        (StatusCode::OK, "ready")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                    match readiness(&shared.decided(), &shared.configs(), shared.node) {
+                        Readiness::Ready => (StatusCode::OK, "ready"),
+                        Readiness::Spare => (StatusCode::OK, "spare"),
+                        Readiness::NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not ready"),
                     }
                 }
             }),
         )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use causeway_core::ClusterConfig;
+
+    use super::*;
+
+    fn config(epoch: u64, ids: std::ops::Range<u64>) -> Arc<ClusterConfig> {
+        let nodes: Vec<NodeInfo> = ids
+            .map(|i| NodeInfo {
+                id: NodeId(i),
+                addr: format!("h:{i}"),
+            })
+            .collect();
+        let mut c = ClusterConfig::bootstrap(1, nodes.len() as u32, &nodes).unwrap();
+        c.epoch = Epoch(epoch);
+        Arc::new(c)
+    }
+
+    #[test]
+    fn ready_when_coordinating_and_a_spare_counts_as_ready() {
+        let configs = |current: Option<Arc<ClusterConfig>>, next| Configs {
+            revision: 1,
+            current,
+            next,
+        };
+        let waiting = Decided::default();
+        let mut coordinating = Decided::default();
+        coordinating.decisions.can_coordinate = true;
+        coordinating.current_epoch = Epoch(1);
+        let one = configs(Some(config(1, 0..2)), None);
+        let n = |i| NodeId(i);
+
+        assert_eq!(
+            readiness(&waiting, &configs(None, None), n(0)),
+            Readiness::NotReady
+        );
+        assert_eq!(readiness(&coordinating, &one, n(0)), Readiness::Ready);
+        assert_eq!(
+            readiness(&waiting, &one, n(1)),
+            Readiness::NotReady,
+            "catching up"
+        );
+        assert_eq!(readiness(&waiting, &one, n(5)), Readiness::Spare);
+        let growing = configs(Some(config(1, 0..2)), Some(config(2, 0..3)));
+        assert_eq!(
+            readiness(&waiting, &growing, n(2)),
+            Readiness::NotReady,
+            "joining"
+        );
+        assert_eq!(readiness(&waiting, &growing, n(3)), Readiness::Spare);
+        let shrinking = configs(Some(config(1, 0..3)), Some(config(2, 0..2)));
+        assert_eq!(
+            readiness(&waiting, &shrinking, n(2)),
+            Readiness::NotReady,
+            "draining"
+        );
+    }
 }
