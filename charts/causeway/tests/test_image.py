@@ -375,9 +375,12 @@ class ImageRunsChartTest(unittest.TestCase):
         limit = ((c.get("resources") or {}).get("limits") or {}).get("memory")
         if limit:
             opts += ["--memory", str(quantity_bytes(limit))]
+        assert c["image"] == IMAGE, f"{name}: image {c['image']}"
         return {
             "name": name,
             "container": f"causeway-image-test-{cls.run_id}-{name}",
+            "image": c["image"],
+            "pull": {"Never": "never", "IfNotPresent": "missing", "Always": "always"}[c.get("imagePullPolicy", "IfNotPresent")],
             "user": user,
             "uid": int(sc["runAsUser"]),
             "command": command,
@@ -394,7 +397,7 @@ class ImageRunsChartTest(unittest.TestCase):
                # would otherwise put tmpfs on /tmp, /run and /var/tmp).
                "--read-only-tmpfs=false",
                "--user", p["user"], "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-               "--pull", "never"]
+               "--pull", p["pull"]]
         if detach:
             cmd.append("-d")
         for h in cls.add_hosts:
@@ -404,7 +407,7 @@ class ImageRunsChartTest(unittest.TestCase):
         cmd += p["opts"]
         if p["command"]:
             cmd += ["--entrypoint", json.dumps(p["command"])]
-        cmd += [IMAGE, *p["args"]]
+        cmd += [p["image"], *p["args"]]
         return cmd
 
     @classmethod
@@ -485,10 +488,13 @@ class ImageRunsChartTest(unittest.TestCase):
         self.assertEqual(self.bootstrap.returncode, 0, self.bootstrap.stdout + self.bootstrap.stderr)
 
     def test_helm_test_pod(self):
-        self.assertIsNotNone(
-            self.check_pod,
-            f"the rendered chart has no helm test pod (Pod {FULLNAME}-check from templates/tests/check.yaml)",
-        )
+        if self.check_pod is None:
+            tests = sorted(str(f.relative_to(CHART)) for f in (CHART / "templates" / "tests").glob("*.yaml"))
+            self.fail(
+                f"the rendered chart has no helm test pod (Pod {FULLNAME}-check); test templates on disk: "
+                f"{tests}. helm skips files that charts/causeway/.helmignore matches (a pattern without "
+                f"a leading / matches at any depth)."
+            )
         p = self.run_once(self.check_pod, CHECK_TIMEOUT)
         out = p.stdout + p.stderr
         self.assertEqual(p.returncode, 0, out)
