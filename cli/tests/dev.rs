@@ -445,6 +445,24 @@ fn status_json(data_dir: &Path) -> Result<Value> {
     Ok(serde_json::from_str(&out)?)
 }
 
+/// Each of the notes `n-0` … `n-39` reads back `{"i": i}` after `ts`.
+async fn notes_read_back(http: &reqwest::Client, base: &str, token: &str, ts: u64) -> Result<()> {
+    for i in 0..40 {
+        let r = http
+            .get(format!("{base}/v1/collections/notes/documents/n-{i}"))
+            .bearer_auth(token)
+            .header("causeway-after", ts.to_string())
+            .send()
+            .await?;
+        ensure!(r.status() == 200, "GET n-{i}: {}", r.status());
+        ensure!(
+            r.json::<Value>().await?["i"] == json!(i),
+            "n-{i} reads back wrong"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_scale_against_dev_starts_the_spare_node_it_needs() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -540,20 +558,7 @@ async fn admin_scale_against_dev_starts_the_spare_node_it_needs() -> Result<()> 
         .collect();
     assert_eq!(nodes, [1, 2], "{status}");
     // Every document reads back, whichever partition it moved to.
-    for i in 0..40 {
-        let r = http
-            .get(format!("{base}/v1/collections/notes/documents/n-{i}"))
-            .bearer_auth(&token)
-            .header("causeway-after", last_ts.to_string())
-            .send()
-            .await?;
-        ensure!(
-            r.status() == 200,
-            "GET n-{i} after the scale: {}",
-            r.status()
-        );
-        assert_eq!(r.json::<Value>().await?["i"], json!(i));
-    }
+    notes_read_back(&http, &base, &token, last_ts).await?;
 
     // A restart starts the spare node again, at its address.
     let exit = dev.interrupt()?;
@@ -615,20 +620,7 @@ async fn admin_scale_against_dev_starts_the_spare_node_it_needs() -> Result<()> 
         .filter_map(|p| p["replicas"][0]["node"].as_u64())
         .collect();
     assert_eq!(nodes, [1], "node 2, the highest id, left: {status}");
-    for i in 0..40 {
-        let r = http
-            .get(format!("{base}/v1/collections/notes/documents/n-{i}"))
-            .bearer_auth(&token)
-            .header("causeway-after", last_ts.to_string())
-            .send()
-            .await?;
-        ensure!(
-            r.status() == 200,
-            "GET n-{i} after the shrink: {}",
-            r.status()
-        );
-        assert_eq!(r.json::<Value>().await?["i"], json!(i));
-    }
+    notes_read_back(&http, &base, &token, last_ts).await?;
     let exit = dev.interrupt()?;
     assert!(exit.success(), "causeway dev exited with {exit}");
     if std::env::var_os("CAUSEWAY_KEEP_TEST_DIR").is_some() {

@@ -104,14 +104,7 @@ pub fn ensure_step(
             .as_ref()
             .context("the cluster is not bootstrapped yet (causeway admin bootstrap)")?,
     );
-    ensure!(
-        partitions.is_some() || replicas.is_some(),
-        "nothing to scale: give --partitions, --replicas or both"
-    );
-    let wanted = (
-        partitions.unwrap_or(current.0),
-        replicas.unwrap_or(current.1),
-    );
+    let wanted = requested_shape(current, partitions, replicas)?;
     let (p, r) = wanted;
     if let Some(next) = &pair.next {
         ensure!(
@@ -206,9 +199,9 @@ pub fn shape_of(config: &ClusterConfig) -> (u32, u32) {
     (partitions, u32::try_from(replicas).unwrap_or(u32::MAX))
 }
 
-/// The shape to propose: the flags, the current values where a flag is absent. Refused when
-/// neither flag is given or the shape would not change.
-pub fn wanted_shape(
+/// The shape the flags ask for: the current values where a flag is absent. Refused when neither
+/// flag is given.
+fn requested_shape(
     current: (u32, u32),
     partitions: Option<u32>,
     replicas: Option<u32>,
@@ -217,10 +210,19 @@ pub fn wanted_shape(
         partitions.is_some() || replicas.is_some(),
         "nothing to scale: give --partitions, --replicas or both"
     );
-    let wanted = (
+    Ok((
         partitions.unwrap_or(current.0),
         replicas.unwrap_or(current.1),
-    );
+    ))
+}
+
+/// The shape to propose: [`requested_shape`], refused when the shape would not change.
+pub fn wanted_shape(
+    current: (u32, u32),
+    partitions: Option<u32>,
+    replicas: Option<u32>,
+) -> Result<(u32, u32)> {
+    let wanted = requested_shape(current, partitions, replicas)?;
     ensure!(
         wanted != current,
         "the cluster already has {} partition(s) × {} replica(s): nothing to do",
