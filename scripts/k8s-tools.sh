@@ -48,9 +48,7 @@ case "${1:-}" in
   *) echo "k8s-tools: unknown option $1" >&2; exit 2 ;;
 esac
 
-sudo_if_needed() {
-  if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi
-}
+source "$(dirname "$0")/apt.sh"
 
 versions() {
   "$venv/bin/python" - "$oldest_k8s" <<'EOF'
@@ -74,16 +72,7 @@ if [[ $mode == versions ]]; then
 fi
 
 # --- Debian packages ---------------------------------------------------------------------------
-packages=(podman runc debootstrap)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "k8s-tools: installing ${missing[*]}"
-  sudo_if_needed apt-get update -qq
-  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+apt_install k8s-tools podman runc debootstrap
 
 # --- podman's configuration --------------------------------------------------------------------
 conf=/etc/containers/containers.conf

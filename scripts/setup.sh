@@ -9,20 +9,9 @@ set -euo pipefail
 want_broker=false
 [[ "${1:-}" == "--broker" ]] && want_broker=true
 
-sudo_if_needed() {
-  if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi
-}
+source "$(dirname "$0")/apt.sh"
 
-packages=(build-essential clang libclang-dev pkg-config libssl-dev zlib1g-dev cmake python3 python3-venv curl)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "setup: installing ${missing[*]}"
-  sudo_if_needed apt-get update -qq
-  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+apt_install setup build-essential clang libclang-dev pkg-config libssl-dev zlib1g-dev cmake python3 python3-venv curl
 
 if ! command -v cargo >/dev/null 2>&1; then
   if [[ -x "$HOME/.cargo/bin/cargo" ]]; then
@@ -39,11 +28,7 @@ if $want_broker; then
   jdk=()
   command -v java >/dev/null 2>&1 || [[ -x "${JAVA_HOME:-/nonexistent}/bin/java" ]] || jdk+=(openjdk-17-jre-headless)
   command -v mvn >/dev/null 2>&1 || jdk+=(maven)
-  if ((${#jdk[@]})); then
-    echo "setup: installing ${jdk[*]}"
-    sudo_if_needed apt-get update -qq
-    sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${jdk[@]}" >/dev/null
-  fi
+  if ((${#jdk[@]})); then apt_install setup "${jdk[@]}"; fi
   if [[ ! -f "$libs/kafka_2.13-$kafka_version.jar" ]]; then
     echo "setup: fetching the Kafka $kafka_version broker from Maven Central into $libs"
     pom="$(cd "$(dirname "$0")/.." && pwd)/txlog/kafka-broker/pom.xml"
