@@ -124,7 +124,7 @@ annotations:
 {{- $_ := set $props "sasl.username" "$(KAFKA_SASL_USERNAME)" -}}
 {{- $_ := set $props "sasl.password" "$(KAFKA_SASL_PASSWORD)" -}}
 {{- end -}}
-{{- $log := dict "backend" "kafka" "bootstrap_servers" (required "kafka.bootstrapServers is required" $k.bootstrapServers) "topic" $k.topic "create_topic" $k.createTopic "replication_factor" $k.replicationFactor "min_insync_replicas" $k.minInsyncReplicas "topic_config" $k.topicConfig "properties" (merge $props $k.properties) -}}
+{{- $log := dict "backend" "kafka" "bootstrap_servers" (required "kafka.bootstrapServers is required" $k.bootstrapServers) "topic" $k.topic "create_topic" $k.createTopic "replication_factor" $k.replicationFactor "min_insync_replicas" $k.minInsyncReplicas "topic_config" $k.topicConfig "properties" (mergeOverwrite (dict) $props $k.properties) -}}
 {{- toJson $log -}}
 {{- end -}}
 

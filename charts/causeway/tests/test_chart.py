@@ -213,6 +213,9 @@ class Chart(unittest.TestCase):
             self.assertTrue(set(shape) <= set(args), args)
         store = by_kind(docs, "StatefulSet")["rel-causeway-store"]
         self.assertEqual(store["spec"]["replicas"], 2)
+        test = by_kind(docs, "Pod")["rel-causeway-check"]
+        self.assertEqual(test["metadata"]["annotations"]["helm.sh/hook"], "test")
+        self.assertEqual(test["spec"]["containers"][0]["args"][0], "check")
         self.assertEqual(store["spec"]["persistentVolumeClaimRetentionPolicy"]["whenScaled"], "Delete")
 
     def test_every_container_runs_a_shipped_binary_with_flags_it_has(self):
