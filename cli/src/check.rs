@@ -60,21 +60,11 @@ pub struct Args {
     pub(crate) timeout: Duration,
 }
 
-/// `--collection`: 1–64 bytes of `[A-Za-z_][A-Za-z0-9_-]*`, as the api-server accepts.
+/// `--collection`: a collection name the api-server accepts (with the default limits).
 fn collection(s: &str) -> Result<String, String> {
-    let mut bytes = s.bytes();
-    let ok = s.len() <= 64
-        && bytes
-            .next()
-            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
-        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if ok {
-        Ok(s.to_owned())
-    } else {
-        Err(format!(
-            "{s:?} is not a collection name (1–64 bytes of [A-Za-z_][A-Za-z0-9_-]*)"
-        ))
-    }
+    causeway_core::key::validate_collection(s, &causeway_core::key::KeyLimits::default())
+        .map(|()| s.to_owned())
+        .map_err(|e| format!("{s:?}: {e}"))
 }
 
 /// `causeway check`: exits non-zero, with what failed, unless every step passes.
@@ -467,7 +457,7 @@ mod tests {
         assert_eq!(cli.args.timeout, Duration::from_secs(2));
         for bad in ["1abc", "a/b", "", "a b"] {
             let e = Cli::try_parse_from(["check", "--collection", bad]).unwrap_err();
-            assert!(e.to_string().contains("is not a collection name"), "{e}");
+            assert!(e.to_string().contains("collection name"), "{e}");
         }
         let e = Cli::try_parse_from(["check", "--timeout", "soon"]).unwrap_err();
         assert!(e.to_string().contains("is not a duration"), "{e}");
