@@ -15,12 +15,20 @@ filesystem, no capabilities and no-new-privileges. Then the bootstrap hook Job a
 `helm test` pod must succeed, a write and a read through the api-server's port must agree,
 and every long-running container must run as the chart's user on a read-only root.
 
+Then what `helm upgrade` does with the chart's hook Jobs (templates/hooks.yaml), in Helm's order
+(pre-upgrade hook, the objects' change, post-upgrade hook), on the same running cluster:
+1×2 → 1×3 (scale-down Job: nothing; the StatefulSet's new pod cw-store-2 starts; scale-up Job:
+the transition to 1×3), then 1×3 → 1×2 (scale-down Job: the transition that drains node 2;
+the StatefulSet removes cw-store-2; scale-up Job: nothing), documents read back after every
+step. And the cdc service (cdc.enabled with one Kafka feed) delivers a write to its feed.
+
 Every container uses the host's network (`--network host`): containers reach the broker on the
 host's loopback and the test reaches the containers' ports. The cluster's Service and pod DNS
 names are mapped to 127.0.0.1 with --add-host.
 """
 
 import base64
+import copy
 import json
 import os
 import pathlib
@@ -56,6 +64,13 @@ FULLNAME = "cw"
 NAMESPACE = "causeway-test"
 PARTITIONS = 1
 REPLICAS = 2
+# The upgrade test goes to 1×3 and back: every store pod it may start gets its ports (and its
+# DNS name in every container's /etc/hosts) at set-up.
+UPGRADE_REPLICAS = 3
+# cluster.transitionTimeout: the scale hook Jobs' --timeout (the chart's default is 30m).
+TRANSITION_TIMEOUT = "60s"
+# The cdc service's feed (cdc.feeds) and the collection it follows.
+CDC_FEED = "notes"
 # The store pods come from one StatefulSet template, so they all get the same ports. With
 # --network host two pods cannot bind the same port, so the chart renders these sentinel ports
 # and each store pod gets its own free ports in their place in its args.
@@ -66,6 +81,9 @@ READY_TIMEOUT = 60
 BOOTSTRAP_TIMEOUT = 180
 CHECK_TIMEOUT = 120
 EXEC_TIMEOUT = 30
+# A scale hook Job runs within TRANSITION_TIMEOUT plus its wait for live nodes.
+HOOK_TIMEOUT = 120
+CDC_TIMEOUT = 60
 
 # Environment variables and `$(VAR)` references, as the kubelet expands them: `$$` is a
 # literal `$`, a reference to an undefined variable stays as it is.
@@ -191,15 +209,15 @@ class ImageRunsChartTest(unittest.TestCase):
 
         # Ports: the config manager's and the api-server's from the values; the store nodes'
         # replace the sentinels in each store pod's args.
-        (cls.cm_port, cls.api_port, *store_ports) = free_ports(2 + 2 * PARTITIONS * REPLICAS)
+        (cls.cm_port, cls.api_port, cls.cdc_port, *store_ports) = free_ports(3 + 2 * PARTITIONS * UPGRADE_REPLICAS)
         cls.store_ports = {
             f"{FULLNAME}-store-{i}": (store_ports[2 * i], store_ports[2 * i + 1])
-            for i in range(PARTITIONS * REPLICAS)
+            for i in range(PARTITIONS * UPGRADE_REPLICAS)
         }
-        values = {
+        cls.values = {
             "fullnameOverride": FULLNAME,
             "image": {"repository": IMAGE_REPOSITORY, "tag": IMAGE_TAG, "pullPolicy": "Never"},
-            "cluster": {"partitions": PARTITIONS, "replicas": REPLICAS},
+            "cluster": {"partitions": PARTITIONS, "replicas": REPLICAS, "transitionTimeout": TRANSITION_TIMEOUT},
             "kafka": {
                 "bootstrapServers": cls.kafka_info["bootstrap_servers"],
                 "replicationFactor": int(cls.kafka_info["replication_factor"]),
@@ -214,18 +232,25 @@ class ImageRunsChartTest(unittest.TestCase):
                 "ports": {"grpc": GRPC_SENTINEL, "admin": ADMIN_SENTINEL},
                 "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"memory": "512Mi"}},
             },
+            # The cdc service with one feed of the collection CDC_FEED to the test's broker.
+            "cdc": {
+                "enabled": True,
+                "port": cls.cdc_port,
+                "feeds": [{
+                    "name": CDC_FEED,
+                    "collections": [CDC_FEED],
+                    "sink": {
+                        "type": "kafka",
+                        "bootstrap_servers": cls.kafka_info["bootstrap_servers"],
+                        "topic_prefix": f"cdc-test-{cls.run_id}.",
+                    },
+                }],
+            },
         }
-        values_file = cls.tmp / "values.yaml"
-        values_file.write_text(yaml.safe_dump(values))
-        rendered = run(
-            [str(HELM), "template", FULLNAME, str(CHART), "-f", str(values_file), "--namespace", NAMESPACE],
-            timeout=120,
-        ).stdout
-        (cls.tmp / "rendered.yaml").write_text(rendered)
-        cls.objects = {}
-        for doc in yaml.safe_load_all(rendered):
-            if doc:
-                cls.objects[(doc["kind"], doc["metadata"]["name"])] = doc
+        cls.objects = cls.render(cls.values, "install")
+        secret = cls.obj("Secret", f"{FULLNAME}-tokens")
+        token = (secret.get("stringData") or {}).get("check-token") or base64.b64decode(secret["data"]["check-token"]).decode()
+        cls.auth = {"Authorization": f"Bearer {token.strip()}"}
 
         # The pods, as the controllers would make them.
         cm = cls.obj("StatefulSet", f"{FULLNAME}-config-manager")
@@ -233,22 +258,23 @@ class ImageRunsChartTest(unittest.TestCase):
         api = cls.obj("Deployment", f"{FULLNAME}-api")
         assert store["spec"]["replicas"] == PARTITIONS * REPLICAS, store["spec"]["replicas"]
         cls.cm_pod = cls.pod(f"{FULLNAME}-config-manager-0", cm)
-        cls.store_pods = [cls.pod(name, store, ports=ports) for name, ports in cls.store_ports.items()]
+        cls.store_pods = [cls.store_pod(i, cls.objects) for i in range(PARTITIONS * REPLICAS)]
         cls.api_pod = cls.pod(f"{FULLNAME}-api-{cls.run_id}", api)
+        cls.cdc_pod = cls.pod(f"{FULLNAME}-cdc-0", cls.obj("StatefulSet", f"{FULLNAME}-cdc"))
         cls.bootstrap_pod = cls.pod(f"{FULLNAME}-bootstrap-{cls.run_id}", cls.obj("Job", f"{FULLNAME}-bootstrap"))
         check = cls.objects.get(("Pod", f"{FULLNAME}-check"))
         cls.check_pod = cls.pod(f"{FULLNAME}-check", check) if check else None
 
         # Every *.svc name any container uses resolves to the host's loopback in all of them.
         hosts = set()
-        for p in [cls.cm_pod, *cls.store_pods, cls.api_pod, cls.bootstrap_pod, cls.check_pod]:
+        for p in [cls.cm_pod, *cls.store_pods, cls.api_pod, cls.cdc_pod, cls.bootstrap_pod, cls.check_pod]:
             if p:
                 for text in p["argv"] + [f"{k}={v}" for k, v in p["env"]]:
                     hosts.update(m.group(0) for m in _SVC_HOST.finditer(text))
-        hosts.update(f"{p['name']}.{FULLNAME}-store.{NAMESPACE}.svc" for p in cls.store_pods)
+        hosts.update(f"{name}.{FULLNAME}-store.{NAMESPACE}.svc" for name in cls.store_ports)
         cls.add_hosts = sorted(hosts)
 
-        # Start order: the config manager, the store nodes, the api-server.
+        # Start order: the config manager, the store nodes, the api-server, the cdc service.
         cls.start(cls.cm_pod)
         wait_until("the config manager's port", lambda: tcp_open(cls.cm_port))
         for p in cls.store_pods:
@@ -258,6 +284,8 @@ class ImageRunsChartTest(unittest.TestCase):
             wait_until(f"{p['name']} /healthz", lambda: http_ok(f"http://127.0.0.1:{admin}/healthz"))
         cls.start(cls.api_pod)
         wait_until("the api-server's /healthz", lambda: http_ok(f"http://127.0.0.1:{cls.api_port}/healthz"))
+        # The cdc service starts with the others, before the bootstrap, as its StatefulSet would.
+        cls.start(cls.cdc_pod)
 
         # The post-install hook: bootstrap the configuration.
         cls.bootstrap = cls.run_once(cls.bootstrap_pod, BOOTSTRAP_TIMEOUT)
@@ -269,22 +297,48 @@ class ImageRunsChartTest(unittest.TestCase):
             admin = cls.store_ports[p["name"]][1]
             wait_until(f"{p['name']} /readyz", lambda: http_ok(f"http://127.0.0.1:{admin}/readyz"))
         wait_until("the api-server's /readyz", lambda: http_ok(f"http://127.0.0.1:{cls.api_port}/readyz"))
+        wait_until("the cdc service's /healthz", lambda: http_ok(f"http://127.0.0.1:{cls.cdc_port}/healthz"))
 
     # ----------------------------------------------------------------------------------------
     # The rendered objects, as pods and podman command lines.
 
     @classmethod
-    def obj(cls, kind, name):
-        o = cls.objects.get((kind, name))
+    def render(cls, values, label):
+        """`helm template` of the chart with values: its objects by (kind, name)."""
+        values_file = cls.tmp / f"values-{label}.yaml"
+        values_file.write_text(yaml.safe_dump(values))
+        rendered = run(
+            [str(HELM), "template", FULLNAME, str(CHART), "-f", str(values_file), "--namespace", NAMESPACE],
+            timeout=120,
+        ).stdout
+        (cls.tmp / f"rendered-{label}.yaml").write_text(rendered)
+        objects = {}
+        for doc in yaml.safe_load_all(rendered):
+            if doc:
+                objects[(doc["kind"], doc["metadata"]["name"])] = doc
+        return objects
+
+    @classmethod
+    def store_pod(cls, ordinal, objects):
+        """The store StatefulSet's pod of this ordinal, with its own ports."""
+        name = f"{FULLNAME}-store-{ordinal}"
+        store = cls.obj("StatefulSet", f"{FULLNAME}-store", objects)
+        return cls.pod(name, store, ports=cls.store_ports[name], objects=objects)
+
+    @classmethod
+    def obj(cls, kind, name, objects=None):
+        objects = cls.objects if objects is None else objects
+        o = objects.get((kind, name))
         if o is None:
-            raise AssertionError(f"the rendered chart has no {kind} {name}: {sorted(cls.objects)}")
+            raise AssertionError(f"the rendered chart has no {kind} {name}: {sorted(objects)}")
         return o
 
     @classmethod
-    def pod(cls, name, workload, ports=None):
+    def pod(cls, name, workload, ports=None, objects=None, instance=None):
         """The podman view of a pod of workload (StatefulSet, Deployment, Job or Pod) named name:
         its one container's argv, env and podman options. ports: (grpc, admin) in place of the
-        sentinels of a store pod."""
+        sentinels of a store pod. objects: the render its ConfigMaps and Secrets come from
+        (default the install's). instance: tells apart the containers of a pod run twice."""
         spec = workload["spec"] if workload["kind"] == "Pod" else workload["spec"]["template"]["spec"]
         assert len(spec["containers"]) == 1, f"{name}: {len(spec['containers'])} containers"
         c = spec["containers"][0]
@@ -321,7 +375,7 @@ class ImageRunsChartTest(unittest.TestCase):
         fs_group = (spec.get("securityContext") or {}).get("fsGroup", sc["runAsGroup"])
 
         opts = []
-        pod_dir = cls.tmp / name
+        pod_dir = cls.tmp / (name + (f"-{instance}" if instance else ""))
         volumes = {v["name"]: v for v in spec.get("volumes") or []}
         claims = {t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates") or []}
         for m in c.get("volumeMounts") or []:
@@ -343,12 +397,12 @@ class ImageRunsChartTest(unittest.TestCase):
                 continue
             elif "configMap" in v or "secret" in v:
                 if "configMap" in v:
-                    src_obj = cls.obj("ConfigMap", v["configMap"]["name"])
+                    src_obj = cls.obj("ConfigMap", v["configMap"]["name"], objects)
                     data = dict(src_obj.get("data") or {})
                     mode = v["configMap"].get("defaultMode", 0o644)
                     items = v["configMap"].get("items")
                 else:
-                    src_obj = cls.obj("Secret", v["secret"]["secretName"])
+                    src_obj = cls.obj("Secret", v["secret"]["secretName"], objects)
                     data = {k: base64.b64decode(x).decode() for k, x in (src_obj.get("data") or {}).items()}
                     data.update(src_obj.get("stringData") or {})
                     mode = v["secret"].get("defaultMode", 0o644)
@@ -378,7 +432,7 @@ class ImageRunsChartTest(unittest.TestCase):
         assert c["image"] == IMAGE, f"{name}: image {c['image']}"
         return {
             "name": name,
-            "container": f"causeway-image-test-{cls.run_id}-{name}",
+            "container": f"causeway-image-test-{cls.run_id}-{name}" + (f"-{instance}" if instance else ""),
             "image": c["image"],
             "pull": {"Never": "never", "IfNotPresent": "missing", "Always": "always"}[c.get("imagePullPolicy", "IfNotPresent")],
             "user": user,
@@ -482,43 +536,143 @@ class ImageRunsChartTest(unittest.TestCase):
         return out
 
     # ----------------------------------------------------------------------------------------
-    # The checks.
+    # What the checks use: the document API, the cluster's configuration, the hook Jobs.
 
-    def test_bootstrap_job(self):
-        self.assertEqual(self.bootstrap.returncode, 0, self.bootstrap.stdout + self.bootstrap.stderr)
+    def doc_url(self, collection, key):
+        return f"http://127.0.0.1:{self.api_port}/v1/collections/{collection}/documents/{key}"
 
-    def test_helm_test_pod(self):
-        if self.check_pod is None:
+    def put(self, collection, key, doc):
+        """Writes doc through the api-server with the chart's token; its commit ts."""
+        status, headers, body = http("PUT", self.doc_url(collection, key), doc, self.auth)
+        self.assertEqual(status, 200, body)
+        ts = json.loads(body)["ts"]
+        self.assertEqual(headers.get("Causeway-Timestamp"), str(ts))
+        return ts
+
+    def write_then_read(self, collection, key):
+        doc = {"run": self.run_id, "n": 7, "nested": {"list": [1, "two", None]}}
+        ts = self.put(collection, key, doc)
+        status, headers, body = http("GET", self.doc_url(collection, key), headers={**self.auth, "Causeway-After": str(ts)})
+        self.assertEqual(status, 200, body)
+        self.assertEqual(json.loads(body), doc)
+        self.assertEqual(headers.get("ETag"), f'"{ts}"')
+
+    def assert_read_back(self, docs, after, step):
+        """Every document of docs ({(collection, key): doc}) reads back as written, from a
+        snapshot at or after ts after (Causeway-After)."""
+        for (collection, key), doc in docs.items():
+            status, _, body = http("GET", self.doc_url(collection, key), headers={**self.auth, "Causeway-After": str(after)})
+            self.assertEqual(status, 200, f"{step}: {collection}/{key}: {body!r}")
+            self.assertEqual(json.loads(body), doc, f"{step}: {collection}/{key}")
+
+    def cluster_status(self):
+        """`causeway admin status --json` (one sample), run in the config manager's container,
+        whose /etc/hosts resolves the addresses the nodes registered."""
+        p = run(["podman", "exec", self.cm_pod["container"], "causeway", "admin", "status", "--json",
+                 "--sample-ms", "0", "--config-manager", f"127.0.0.1:{self.cm_port}"], timeout=EXEC_TIMEOUT)
+        return json.loads(p.stdout)
+
+    def assert_configuration(self, nodes, step):
+        """The cluster is idle in PARTITIONS × len(nodes) with exactly these node ids, every one
+        healthy; its status."""
+        s = self.cluster_status()
+        shown = json.dumps(s, indent=1)
+        self.assertIsNone(s["next_epoch"], f"{step}: a transition runs:\n{shown}")
+        self.assertEqual(len(s["partitions"]), PARTITIONS, f"{step}:\n{shown}")
+        replicas = [r for part in s["partitions"] for r in part["replicas"]]
+        self.assertEqual(sorted(r["node"] for r in replicas), nodes, f"{step}: the nodes of the configuration:\n{shown}")
+        self.assertEqual({r["health"] for r in replicas}, {"ok"}, f"{step}:\n{shown}")
+        return s
+
+    def render_upgrade(self, installed, replicas):
+        """The objects `helm upgrade --set cluster.replicas=<replicas>` applies over the release
+        rendered as installed, checked to differ from it only in the store StatefulSet's replicas
+        and the hook Jobs' shape, so no running pod is restarted by the upgrade."""
+        values = copy.deepcopy(self.values)
+        values["cluster"]["replicas"] = replicas
+        objects = self.render(values, f"replicas-{replicas}")
+        # The generated token is kept across upgrades by `lookup` (templates/auth-secret.yaml),
+        # which `helm template` cannot do: the release's Secret stays.
+        tokens = ("Secret", f"{FULLNAME}-tokens")
+        objects[tokens] = installed[tokens]
+        changed = sorted(k for k in objects.keys() | installed.keys() if objects.get(k) != installed.get(k))
+        self.assertEqual(changed, [
+            ("Job", f"{FULLNAME}-bootstrap"),  # a post-install hook: not run by an upgrade
+            ("Job", f"{FULLNAME}-scale-down"),
+            ("Job", f"{FULLNAME}-scale-up"),
+            ("StatefulSet", f"{FULLNAME}-store"),
+        ])
+        store = copy.deepcopy(self.obj("StatefulSet", f"{FULLNAME}-store", installed))
+        store["spec"]["replicas"] = PARTITIONS * replicas
+        self.assertEqual(self.obj("StatefulSet", f"{FULLNAME}-store", objects), store)
+        return objects
+
+    def run_hook(self, objects, job, instance):
+        """Runs the hook Job cw-<job> of the render objects to its end; expects exit 0; its
+        stdout."""
+        p = self.pod(f"{FULLNAME}-{job}-{self.run_id}-{instance}", self.obj("Job", f"{FULLNAME}-{job}", objects), objects=objects)
+        self.assertIn(f"--replicas={objects[('StatefulSet', f'{FULLNAME}-store')]['spec']['replicas'] // PARTITIONS}", p["args"])
+        result = self.run_once(p, HOOK_TIMEOUT)
+        if result.returncode != 0:
+            self.fail(
+                f"the {job} Job ({instance}) exited {result.returncode}: {p['args']}\n{result.stdout}\n"
+                f"{result.stderr[-3000:]}\n{self.transition_diagnosis()}"
+            )
+        return result.stdout
+
+    def transition_diagnosis(self):
+        """What a transition may wait for: the nodes' phases, their active reads (a read of the
+        old epoch holds the install back; a cdc feed's GC hold is one), the cdc feeds."""
+        lines = []
+        try:
+            s = self.cluster_status()
+            lines.append(f"status: epoch {s['epoch']} next {s['next_epoch']} phases {s['phases']} ust {s['ust']} gc {s['gc']}")
+        except AssertionError as e:
+            lines.append(f"status: {e}")
+        for name, (_, admin) in self.store_ports.items():
+            try:
+                metrics = http("GET", f"http://127.0.0.1:{admin}/metrics", timeout=3)[2].decode()
+                reads = re.search(r"(?m)^causeway_store_active_reads (\S+)", metrics)
+                lines.append(f"{name}: causeway_store_active_reads {reads.group(1) if reads else '?'}")
+            except (OSError, urllib.error.URLError):
+                pass
+        try:
+            lines.append(f"cdc /v1/feeds: {http('GET', f'http://127.0.0.1:{self.cdc_port}/v1/feeds', timeout=3)[2].decode()}")
+        except (OSError, urllib.error.URLError) as e:
+            lines.append(f"cdc /v1/feeds: {e}")
+        return "\n".join(lines)
+
+    def run_check_pod(self, objects, instance=None):
+        check = objects.get(("Pod", f"{FULLNAME}-check"))
+        if check is None:
             tests = sorted(str(f.relative_to(CHART)) for f in (CHART / "templates" / "tests").glob("*.yaml"))
             self.fail(
                 f"the rendered chart has no helm test pod (Pod {FULLNAME}-check); test templates on disk: "
                 f"{tests}. helm skips files that charts/causeway/.helmignore matches (a pattern without "
                 f"a leading / matches at any depth)."
             )
-        p = self.run_once(self.check_pod, CHECK_TIMEOUT)
-        out = p.stdout + p.stderr
-        self.assertEqual(p.returncode, 0, out)
+        p = self.pod(f"{FULLNAME}-check", check, objects=objects, instance=instance)
+        result = self.run_once(p, CHECK_TIMEOUT)
+        out = result.stdout + result.stderr
+        self.assertEqual(result.returncode, 0, out)
         # One line per step: "<step>  ok  <latency>  <detail>".
         for step in ("ready", "write", "read", "delete", "gone"):
-            self.assertRegex(p.stdout, rf"(?m)^{step}\s+ok\s", out)
+            self.assertRegex(result.stdout, rf"(?m)^{step}\s+ok\s", out)
+
+    # ----------------------------------------------------------------------------------------
+    # The checks.
+
+    def test_bootstrap_job(self):
+        self.assertEqual(self.bootstrap.returncode, 0, self.bootstrap.stdout + self.bootstrap.stderr)
+
+    def test_helm_test_pod(self):
+        self.run_check_pod(self.objects)
 
     def test_write_then_read_through_the_api(self):
-        secret = self.obj("Secret", f"{FULLNAME}-tokens")
-        token = (secret.get("stringData") or {}).get("check-token") or base64.b64decode(secret["data"]["check-token"]).decode()
-        auth = {"Authorization": f"Bearer {token.strip()}"}
-        base = f"http://127.0.0.1:{self.api_port}/v1/collections/image_test/documents/doc-{self.run_id}"
-        doc = {"run": self.run_id, "n": 7, "nested": {"list": [1, "two", None]}}
-        status, headers, body = http("PUT", base, doc, auth)
-        self.assertEqual(status, 200, body)
-        ts = json.loads(body)["ts"]
-        self.assertEqual(headers.get("Causeway-Timestamp"), str(ts))
-        status, headers, body = http("GET", base, headers={**auth, "Causeway-After": str(ts)})
-        self.assertEqual(status, 200, body)
-        self.assertEqual(json.loads(body), doc)
-        self.assertEqual(headers.get("ETag"), f'"{ts}"')
+        self.write_then_read("image_test", f"doc-{self.run_id}")
 
     def test_containers_run_as_the_chart_user_on_a_read_only_root(self):
-        pods = [self.cm_pod, *self.store_pods, self.api_pod]
+        pods = [self.cm_pod, *self.store_pods, self.api_pod, self.cdc_pod]
         for p in pods:
             with self.subTest(pod=p["name"]):
                 c = p["container"]
@@ -534,6 +688,111 @@ class ImageRunsChartTest(unittest.TestCase):
                 self.assertNotEqual(w.returncode, 0, "writing to / succeeded")
                 self.assertIn("Read-only file system", w.stderr)
 
+    def test_cdc_feed_of_the_chart_runs_and_delivers_a_write(self):
+        """The feed of cdc.feeds is listed by the cdc service's /v1/feeds, running, and resolved
+        past a write to its collection (every event at or below `resolved` is in Kafka)."""
+        ts = self.put(CDC_FEED, f"cdc-{self.run_id}", {"run": self.run_id, "text": "to the feed"})
+        url = f"http://127.0.0.1:{self.cdc_port}/v1/feeds"
+        seen = {}
+
+        def delivered():
+            try:
+                status, _, body = http("GET", url, timeout=3)
+            except OSError as e:
+                seen["answer"] = e
+                return False
+            seen["answer"] = (status, body)
+            if status != 200:
+                return False
+            feed = {f["spec"]["name"]: f for f in json.loads(body)["feeds"]}.get(CDC_FEED)
+            seen["feed"] = feed
+            return (
+                feed is not None
+                and feed["status"]["state"] == "running"
+                and feed["status"]["resolved"] >= ts
+                and feed["events"] >= 1
+            )
+
+        deadline = time.monotonic() + CDC_TIMEOUT
+        while not delivered():
+            if time.monotonic() > deadline:
+                self.fail(f"feed {CDC_FEED}: not running and resolved past ts {ts} within {CDC_TIMEOUT} s: {seen}")
+            time.sleep(0.5)
+        feed = seen["feed"]
+        self.assertEqual(feed["spec"]["collections"], [CDC_FEED])
+        self.assertEqual(feed["spec"]["sink"]["type"], "kafka")
+        self.assertFalse(feed["paused"])
+        self.assertIsNone(feed["status"]["last_error"])
+
+    def test_helm_upgrade_to_1x3_and_back_to_1x2_runs_the_scale_hooks_in_helms_order(self):
+        """helm upgrade runs the pre-upgrade hook (scale-down Job), applies the objects (the
+        store StatefulSet's pods follow its replicas), then the post-upgrade hook (scale-up
+        Job). Each step in that order, with documents read back after each. The cdc service
+        (and its feed's GC hold) runs throughout, as it does in a release with cdc.enabled."""
+        collection = "upgrade_test"
+        docs, after = {}, 0
+
+        def write(prefix, n):
+            nonlocal after
+            for i in range(n):
+                doc = {"run": self.run_id, "written": prefix, "i": i}
+                after = max(after, self.put(collection, f"{prefix}-{i}", doc))
+                docs[(collection, f"{prefix}-{i}")] = doc
+
+        def read_back(step):
+            self.assert_read_back(docs, after, step)
+
+        write("at-1x2", 10)
+        installed = self.assert_configuration([0, 1], "before the upgrades")
+
+        # 1. helm upgrade --set cluster.replicas=3.
+        up = self.render_upgrade(self.objects, UPGRADE_REPLICAS)
+        # pre-upgrade: 1×3 needs no fewer nodes, so the scale-down Job leaves it for later.
+        out = self.run_hook(up, "scale-down", "to-1x3")
+        self.assertIn("left for later", out)
+        s = self.assert_configuration([0, 1], "1×2 → 1×3, after the pre-upgrade hook")
+        self.assertEqual(s["epoch"], installed["epoch"], "the pre-upgrade hook changed the configuration")
+        read_back("1×2 → 1×3, after the pre-upgrade hook")
+        # The StatefulSet grows: its new pod cw-store-2 starts and registers as a spare.
+        store_2 = self.store_pod(2, up)
+        self.start(store_2)
+        admin_2 = self.store_ports[store_2["name"]][1]
+        wait_until("cw-store-2 /healthz", lambda: http_ok(f"http://127.0.0.1:{admin_2}/healthz"))
+        wait_until("cw-store-2 a registered spare", lambda: 2 in self.cluster_status()["spares"])
+        read_back("1×2 → 1×3, with cw-store-2 started")
+        # post-upgrade: the scale-up Job proposes 1×3 and waits for its install.
+        out = self.run_hook(up, "scale-up", "to-1x3")
+        self.assertIn("installed", out)
+        at_1x3 = self.assert_configuration([0, 1, 2], "1×2 → 1×3, after the post-upgrade hook")
+        self.assertGreater(at_1x3["epoch"], installed["epoch"])
+        wait_until("cw-store-2 /readyz", lambda: http_ok(f"http://127.0.0.1:{admin_2}/readyz"))
+        read_back("1×2 → 1×3, after the post-upgrade hook")
+        # Documents node 2 holds as a replica, for the way back.
+        write("at-1x3", 5)
+        read_back("at 1×3")
+
+        # 2. helm upgrade --set cluster.replicas=2.
+        down = self.render_upgrade(up, REPLICAS)
+        # pre-upgrade: 1×2 needs fewer nodes: the scale-down Job drains the highest id, node 2,
+        # the ordinal the StatefulSet removes next.
+        out = self.run_hook(down, "scale-down", "to-1x2")
+        self.assertIn("installed", out)
+        at_1x2 = self.assert_configuration([0, 1], "1×3 → 1×2, after the pre-upgrade hook")
+        self.assertGreater(at_1x2["epoch"], at_1x3["epoch"])
+        wait_until("node 2 drained", lambda: self.cluster_status()["drained"] == [2])
+        read_back("1×3 → 1×2, after the pre-upgrade hook")
+        # The StatefulSet shrinks: it removes cw-store-2.
+        run(["podman", "rm", "-f", "-t", "5", store_2["container"]], timeout=60)
+        read_back("1×3 → 1×2, with cw-store-2 removed")
+        # post-upgrade: the scale-up Job has nothing to do.
+        out = self.run_hook(down, "scale-up", "to-1x2")
+        self.assertIn("already", out)
+        s = self.assert_configuration([0, 1], "1×3 → 1×2, after the post-upgrade hook")
+        self.assertEqual(s["epoch"], at_1x2["epoch"], "the post-upgrade hook changed the configuration")
+        # helm test, and the API, on the release after both upgrades.
+        self.run_check_pod(down, instance="after-upgrades")
+        self.write_then_read("image_test", f"doc-{self.run_id}-after-upgrades")
+        read_back("after the upgrades")
 
 if __name__ == "__main__":
     unittest.main()
