@@ -839,10 +839,11 @@ impl pb::store_node_server::StoreNode for Server {
                 (at, self.shared.reads.register(at))
             }
             Some(ts) => {
+                // A hold of the GC timestamp, not a read: it does not hold back an install.
                 // Registered before the check, so that the GC timestamp cannot pass it between.
                 let decided = self.shared.decided();
                 let at = ReadTimestamp::new(decided.decisions.routing_epoch, Timestamp(ts));
-                let held = self.shared.reads.register(at);
+                let held = self.shared.reads.register_gc_hold(at.ts);
                 let gc = decided.decisions.gc.max(self.shared.store.gc_watermark());
                 if at.ts < gc {
                     return Err(storage_status(storage::Error::SnapshotTooOld {

@@ -191,10 +191,10 @@ mod tests {
         // The feed moves its hold: the new one first, then the old one goes, at once.
         let second = owners.opened("feed", reads.register(at(20)), linger);
         drop(first);
-        assert_eq!(reads.lowest(), Some(at(20)));
+        assert_eq!(reads.lowest(Epoch(1)), Some(at(20)));
         // The feed's process dies: its newest hold stays.
         drop(second);
-        assert_eq!(reads.lowest(), Some(at(20)));
+        assert_eq!(reads.lowest(Epoch(1)), Some(at(20)));
         assert_eq!(owners.lingering(), 1);
         // The feed, restarted, holds again: the lingering hold ends.
         let third = owners.opened("feed", reads.register(at(20)), linger);
@@ -211,9 +211,9 @@ mod tests {
         // A lingering hold ends after its linger duration.
         let short = Duration::from_millis(20);
         drop(owners.opened("other", reads.register(at(30)), short));
-        assert_eq!(reads.lowest(), Some(at(30)));
+        assert_eq!(reads.lowest(Epoch(1)), Some(at(30)));
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while reads.lowest().is_some() {
+        while reads.lowest(Epoch(1)).is_some() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the hold still lingers"

@@ -94,26 +94,57 @@ struct SavedConfigs {
     next: Option<ClusterConfig>,
 }
 
-/// Reads running on this node, by read timestamp: their minimum holds the GC timestamp.
+/// Reads running on this node and holds of the GC timestamp: what the node's gossip says of
+/// them holds back an install (a read runs in its epoch) and the GC timestamp (every read and
+/// hold needs its ts).
 #[derive(Debug, Default)]
 pub struct ActiveReads {
     next_id: AtomicU64,
-    reads: Mutex<BTreeMap<u64, ReadTimestamp>>,
+    reads: Mutex<BTreeMap<u64, Active>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Active {
+    /// A read at its read timestamp: its epoch's owners must keep serving it.
+    Read(ReadTimestamp),
+    /// Versions at and after this ts are kept (a change feed's checkpoint). Not a read: whoever
+    /// reads them later does it in the routing epoch of then, from owners that backfilled the
+    /// history above the GC timestamp, so it follows the routing epoch.
+    GcHold(Timestamp),
 }
 
 impl ActiveReads {
-    /// Registers a read; it holds the GC timestamp until the guard drops.
+    /// Registers a read; it holds the GC timestamp and its epoch until the guard drops.
     pub fn register(self: &Arc<Self>, at: ReadTimestamp) -> ReadGuard {
+        self.insert(Active::Read(at))
+    }
+
+    /// Registers a hold of the GC timestamp at `ts` until the guard drops.
+    pub fn register_gc_hold(self: &Arc<Self>, ts: Timestamp) -> ReadGuard {
+        self.insert(Active::GcHold(ts))
+    }
+
+    fn insert(self: &Arc<Self>, active: Active) -> ReadGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        lock(&self.reads).insert(id, at);
+        lock(&self.reads).insert(id, active);
         ReadGuard {
             reads: Arc::clone(self),
             id,
         }
     }
 
-    pub fn lowest(&self) -> Option<ReadTimestamp> {
-        lock(&self.reads).values().min().copied()
+    /// What the gossip says: the lowest epoch a read runs in (a hold counts as `routing`) and
+    /// the lowest ts a read or hold needs. The two may come from different reads: one read in
+    /// an old epoch at a high ts and a hold at a low ts must hold back both the install and the
+    /// GC timestamp.
+    pub fn lowest(&self, routing: Epoch) -> Option<ReadTimestamp> {
+        lock(&self.reads)
+            .values()
+            .map(|active| match *active {
+                Active::Read(at) => at,
+                Active::GcHold(ts) => ReadTimestamp::new(routing, ts),
+            })
+            .reduce(|a, b| ReadTimestamp::new(a.epoch.min(b.epoch), a.ts.min(b.ts)))
     }
 
     pub fn count(&self) -> usize {
@@ -233,9 +264,9 @@ impl Shared {
         let configs = self.configs();
         let current = configs.current.as_ref()?;
         let next = configs.transition();
-        let lowest_read = self.reads.lowest();
         let now_ms = self.now_ms();
         let mut p = lock(&self.protocol);
+        let lowest_read = self.reads.lowest(p.frontiers.routing_epoch());
         p.seq += 1;
         let next_epoch = next.map(|n| n.epoch);
         let backfilled = next_epoch.is_some_and(|epoch| {
@@ -340,4 +371,32 @@ impl Shared {
 /// across a panic (each critical section is a single update).
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(epoch: u64, ts: u64) -> ReadTimestamp {
+        ReadTimestamp::new(Epoch(epoch), Timestamp(ts))
+    }
+
+    #[test]
+    fn reads_hold_their_epoch_and_holds_only_the_gc_timestamp() {
+        let reads = Arc::new(ActiveReads::default());
+        let routing = Epoch(2);
+        assert_eq!(reads.lowest(routing), None);
+        // A hold alone follows the routing epoch: it holds back no install.
+        let hold = reads.register_gc_hold(Timestamp(50));
+        assert_eq!(reads.lowest(routing), Some(at(2, 50)));
+        assert_eq!(reads.lowest(Epoch(3)), Some(at(3, 50)));
+        // A read of the old epoch at a higher ts: the old epoch and the hold's lower ts, both.
+        let read = reads.register(at(1, 100));
+        assert_eq!(reads.lowest(routing), Some(at(1, 50)));
+        drop(hold);
+        assert_eq!(reads.lowest(routing), Some(at(1, 100)));
+        drop(read);
+        assert_eq!(reads.lowest(routing), None);
+        assert_eq!(reads.count(), 0);
+    }
 }

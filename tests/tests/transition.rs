@@ -464,3 +464,72 @@ async fn an_aborted_transition_leaves_the_current_configuration() {
     cluster.wait_stable(TRANSITION).await.unwrap();
     assert_seed_readable(&cluster, receiver, DOCS).await;
 }
+
+/// On an idle cluster (no write moves anything), a change feed's hold of the GC timestamp at a
+/// ts does not hold back an install, and still holds the GC timestamp after it; a snapshot held
+/// at a read timestamp (a reader's) holds the install back until it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feeds_hold_lets_an_idle_transition_install_and_a_read_holds_it_back() {
+    let cluster = LocalCluster::start(ClusterSpec::new(2, 2)).await.unwrap();
+    let last = seed(&cluster, 50).await;
+    let nodes = cluster.node_ids();
+    for &node in &nodes {
+        cluster.wait_ust(node, last, TRANSITION).await.unwrap();
+    }
+    let request = |at: Option<u64>, owner: &str| pb::HoldSnapshotRequest {
+        min_ts: last.get(),
+        timeout_ms: 10_000,
+        max_hold_ms: 600_000,
+        at,
+        owner: owner.to_owned(),
+        linger_ms: 0,
+    };
+    let mut feed = cluster.client(nodes[0]).unwrap();
+    let mut feed_hold = feed
+        .hold_snapshot(request(Some(last.get()), "causeway-cdc/test"))
+        .await
+        .unwrap()
+        .into_inner();
+    feed_hold.message().await.unwrap().unwrap();
+    let mut reader = cluster.client(nodes[1]).unwrap();
+    let mut read_hold = reader
+        .hold_snapshot(request(None, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    read_hold.message().await.unwrap().unwrap();
+
+    // 2×2 → 1×2: no spare node needed, and nothing written meanwhile.
+    let cm = cluster.config_manager().await.unwrap();
+    let before = cluster.current_config().await.unwrap();
+    let next = cm.propose_shape(1, 2).await.unwrap().next.unwrap();
+    until(
+        "every node to route in the next epoch",
+        TRANSITION,
+        || async {
+            for &node in &nodes {
+                let s = cluster.status(node).await.ok()?;
+                (s.routing_epoch == next.epoch.get()).then_some(())?;
+            }
+            Some(())
+        },
+    )
+    .await
+    .unwrap();
+    // The read in the old epoch holds the install back.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(cluster.current_config().await.unwrap().epoch, before.epoch);
+    drop(read_hold);
+    drop(reader);
+    installed(&cluster, next.epoch).await.unwrap();
+    // The feed's hold still holds the GC timestamp on every node of the new configuration.
+    for node in next.node_ids() {
+        let s = cluster.status(node).await.unwrap();
+        assert!(
+            s.gc <= last.get(),
+            "{node}: GC {} passed the feed's hold {last}",
+            s.gc
+        );
+    }
+    drop(feed_hold);
+}
