@@ -15,12 +15,15 @@
 //! - [`cdc`]: `causeway-cdc` processes of a cluster ([`LocalCluster::start_cdc`]) and a webhook
 //!   endpoint that verifies signatures and records every event.
 //! - `process`: child processes, their logs, free ports.
+//! - [`history`]: recorded histories of client operations and the checkers of every anomaly
+//!   class (the fault and consistency suite's).
 //! - [`load`]: a steady mixed load through the HTTP API that records every request, and the
 //!   checkers of its history.
 //! - [`tx`]: small builders of `Transaction` records for tests.
 
 mod api;
 pub mod cdc;
+pub mod history;
 pub mod load;
 mod process;
 
