@@ -43,6 +43,8 @@ pub use check::{
     RequestRecord, SessionEvent,
 };
 
+use crate::history::{Op, OpKind, OpResult};
+
 /// Collections of the load's documents.
 const WRITES: &str = "load_writes";
 const BANK: &str = "load_bank";
@@ -135,7 +137,23 @@ struct Shared {
     next_write: AtomicU64,
     /// Round robin over the api-servers.
     next_api: AtomicUsize,
+    /// The client of each open-loop request in the recorded history: one of its own (sessions
+    /// are clients 0, 1, ...).
+    next_client: AtomicUsize,
     ok: AtomicU64,
+}
+
+/// The first client number of open-loop requests in the recorded history.
+const OPEN_LOOP_CLIENTS: usize = 1 << 20;
+
+/// A request sent: its answer when there is one (of any status), and what the recorded history
+/// keeps of it.
+struct Sent {
+    answer: Option<Answer>,
+    api: String,
+    invoke: Duration,
+    complete: Duration,
+    result: OpResult,
 }
 
 /// An HTTP answer.
@@ -169,6 +187,7 @@ impl Load {
             in_flight: Arc::new(Semaphore::new(spec.max_in_flight)),
             next_write: AtomicU64::new(0),
             next_api: AtomicUsize::new(0),
+            next_client: AtomicUsize::new(OPEN_LOOP_CLIENTS),
             ok: AtomicU64::new(0),
             spec,
         };
@@ -251,6 +270,7 @@ impl Load {
                 }
             }
         }
+        self.shared.final_reads().await;
         let history = self.shared.history.lock().expect("history lock").clone();
         Report::check(&history)
     }
@@ -328,8 +348,8 @@ impl Shared {
             });
     }
 
-    /// Sends one request to api-server `api` and records it; the answer when there is one (of
-    /// any status).
+    /// Sends one request to api-server `api` and records it (429s are sent again, up to a
+    /// limit); the last answer, when there is one, and how the request ended.
     async fn send(
         &self,
         kind: Kind,
@@ -338,9 +358,17 @@ impl Shared {
         path: &str,
         after: Option<u64>,
         body: Option<&Value>,
-    ) -> Option<Answer> {
+    ) -> Sent {
         let url = &self.urls[api];
         let what = format!("{method} {path}");
+        let invoke = self.started.elapsed();
+        let sent = |answer: Option<Answer>, result| Sent {
+            answer,
+            api: url.clone(),
+            invoke,
+            complete: self.started.elapsed(),
+            result,
+        };
         for attempt in 0.. {
             let mut request = self
                 .http
@@ -373,7 +401,7 @@ impl Shared {
                     };
                     let detail = format!("{what}: {e}");
                     self.record(kind, url.clone(), outcome, latency, sent_at, detail);
-                    return None;
+                    return sent(None, OpResult::Unknown);
                 }
             };
             if status == StatusCode::TOO_MANY_REQUESTS && attempt < MAX_THROTTLED_RETRIES {
@@ -410,11 +438,20 @@ impl Shared {
             };
             self.record(kind, url.clone(), outcome, latency, sent_at, detail);
             let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            return Some(Answer {
+            // A 4xx changed nothing; a 5xx does not say whether a write took effect.
+            let result = if status.is_success() {
+                OpResult::Ok
+            } else if status.is_client_error() {
+                OpResult::Fail
+            } else {
+                OpResult::Unknown
+            };
+            let answer = Answer {
                 status,
                 headers,
                 body,
-            });
+            };
+            return sent(Some(answer), result);
         }
         unreachable!("the loop returns")
     }
@@ -432,7 +469,7 @@ impl Shared {
             })
             .collect();
         let body = json!({ "mutations": mutations });
-        let answer = self
+        let sent = self
             .send(
                 Kind::Setup,
                 0,
@@ -442,17 +479,19 @@ impl Shared {
                 Some(&body),
             )
             .await;
-        let history = self.history.lock().expect("history lock");
-        let failed = || {
+        let mut history = self.history.lock().expect("history lock");
+        let failed = |history: &History| {
             anyhow!(
                 "creating the accounts failed: {:?}",
                 history.requests.last().map(|r| &r.detail)
             )
         };
-        let answer = answer.ok_or_else(failed)?;
-        if !answer.status.is_success() {
-            return Err(failed());
-        }
+        let Some(answer) = sent.answer.filter(|a| a.status.is_success()) else {
+            return Err(failed(&history));
+        };
+        history.ops.bank = (0..self.spec.accounts)
+            .map(|i| (key(BANK, &self.account(i)), self.spec.initial_balance))
+            .collect();
         commit_ts(&answer.body).context("the accounts' commit ts")
     }
 
@@ -462,15 +501,20 @@ impl Shared {
         let document = json!({"n": n, "text": format!("value of write {n}")});
         let path = format!("/v1/collections/{WRITES}/documents/{id}");
         let api = self.api();
-        let Some(answer) = self
+        let sent = self
             .send(Kind::Write, api, Method::PUT, &path, None, Some(&document))
-            .await
-        else {
+            .await;
+        self.op(
+            self.open_loop_client(),
+            &sent,
+            OpKind::Write {
+                writes: vec![(key(WRITES, &id), Some(document.clone()))],
+                commit_ts: acknowledged_ts(&sent),
+            },
+        );
+        let Some(answer) = sent.answer.filter(|a| a.status.is_success()) else {
             return;
         };
-        if !answer.status.is_success() {
-            return;
-        }
         match commit_ts(&answer.body) {
             Some(ts) => self
                 .history
@@ -501,17 +545,25 @@ impl Shared {
             write.collection, write.id
         );
         let api = self.api();
-        let Some(answer) = self
+        let sent = self
             .send(Kind::Read, api, Method::GET, &path, Some(write.ts), None)
-            .await
-        else {
+            .await;
+        let Some((seen, read_ts)) = document_read(&sent) else {
             return;
         };
-        let seen = match answer.status {
-            StatusCode::OK => Some(answer.body),
-            StatusCode::NOT_FOUND => None,
-            _ => return,
-        };
+        self.op(
+            self.open_loop_client(),
+            &Sent {
+                result: OpResult::Ok,
+                ..sent
+            },
+            OpKind::Read {
+                after: Some(write.ts),
+                read_ts,
+                results: vec![(key(&write.collection, &write.id), seen.clone())],
+                is_final: false,
+            },
+        );
         self.history
             .lock()
             .expect("history lock")
@@ -535,24 +587,39 @@ impl Shared {
             {"op": "increment", "collection": BANK, "id": self.account(to), "path": "balance", "delta": amount},
         ]});
         let api = self.api();
-        self.send(
-            Kind::Transfer,
-            api,
-            Method::POST,
-            "/v1/transactions",
-            None,
-            Some(&body),
-        )
-        .await;
+        let sent = self
+            .send(
+                Kind::Transfer,
+                api,
+                Method::POST,
+                "/v1/transactions",
+                None,
+                Some(&body),
+            )
+            .await;
+        self.op(
+            self.open_loop_client(),
+            &sent,
+            OpKind::Transfer {
+                from: key(BANK, &self.account(from)),
+                to: key(BANK, &self.account(to)),
+                amount,
+                conditional: false,
+                commit_ts: acknowledged_ts(&sent),
+            },
+        );
     }
 
     async fn bank_read(&self) {
+        self.bank_read_via(self.api()).await;
+    }
+
+    async fn bank_read_via(&self, api: usize) {
         let keys: Vec<Value> = (0..self.spec.accounts)
             .map(|i| json!({"collection": BANK, "id": self.account(i)}))
             .collect();
         let body = json!({ "keys": keys });
-        let api = self.api();
-        let Some(answer) = self
+        let sent = self
             .send(
                 Kind::BankRead,
                 api,
@@ -561,13 +628,29 @@ impl Shared {
                 Some(self.bank_ts),
                 Some(&body),
             )
-            .await
-        else {
+            .await;
+        let Some(answer) = sent.answer.as_ref().filter(|a| a.status.is_success()) else {
             return;
         };
-        if !answer.status.is_success() {
-            return;
-        }
+        let balances = answer.body["documents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|d| d["found"] == Value::Bool(true))
+            .filter_map(|d| {
+                let id = d["id"].as_str()?;
+                Some((key(BANK, id), d["document"]["balance"].as_i64()?))
+            })
+            .collect();
+        self.op(
+            self.open_loop_client(),
+            &sent,
+            OpKind::BankRead {
+                read_ts: answer.body["read_timestamp"].as_str().and_then(ts_of),
+                balances,
+            },
+        );
+        let answer = sent.answer.expect("a 2xx answer");
         let read_timestamp = answer.body["read_timestamp"]
             .as_str()
             .unwrap_or("?")
@@ -592,6 +675,90 @@ impl Shared {
                 total: found.iter().sum(),
                 missing,
             });
+    }
+
+    /// After the load: through every api-server, reads of every document the load wrote and of
+    /// the accounts, at `Causeway-After` the highest commit ts acknowledged, recorded as final
+    /// reads: every acknowledged write must show in them.
+    async fn final_reads(&self) {
+        let (keys, after) = {
+            let h = self.history.lock().expect("history lock");
+            let mut keys: Vec<String> = h
+                .ops
+                .ops
+                .iter()
+                .filter_map(|op| match &op.kind {
+                    OpKind::Write { writes, .. } => Some(writes.iter().map(|(k, _)| k.clone())),
+                    _ => None,
+                })
+                .flatten()
+                .collect();
+            keys.sort();
+            keys.dedup();
+            let after = h.ops.ops.iter().filter_map(Op::commit_ts).max();
+            (keys, after.unwrap_or(self.bank_ts).max(self.bank_ts))
+        };
+        for api in 0..self.urls.len() {
+            for batch in keys.chunks(VERIFY_BATCH) {
+                let body = json!({ "keys": batch.iter().map(|k| {
+                    let (collection, id) = k.split_once('/').expect("collection/id");
+                    json!({"collection": collection, "id": id})
+                }).collect::<Vec<_>>() });
+                let sent = self
+                    .send(
+                        Kind::Read,
+                        api,
+                        Method::POST,
+                        "/v1/documents:get",
+                        Some(after),
+                        Some(&body),
+                    )
+                    .await;
+                let Some(answer) = sent.answer.as_ref().filter(|a| a.status.is_success()) else {
+                    continue;
+                };
+                let results = answer.body["documents"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|d| {
+                        let key = key(d["collection"].as_str()?, d["id"].as_str()?);
+                        let found = d["found"] == Value::Bool(true);
+                        Some((key, found.then(|| d["document"].clone())))
+                    })
+                    .collect();
+                self.op(
+                    self.open_loop_client(),
+                    &sent,
+                    OpKind::Read {
+                        after: Some(after),
+                        read_ts: answer.body["read_timestamp"].as_str().and_then(ts_of),
+                        results,
+                        is_final: true,
+                    },
+                );
+            }
+            if self.spec.accounts > 0 {
+                self.bank_read_via(api).await;
+            }
+        }
+    }
+
+    /// Keeps `kind` in the recorded history as an operation of `client`, as `sent` ended.
+    fn op(&self, client: usize, sent: &Sent, kind: OpKind) {
+        self.history.lock().expect("history lock").ops.push(Op {
+            process: client,
+            api: sent.api.clone(),
+            invoke: sent.invoke,
+            complete: sent.complete,
+            result: sent.result,
+            kind,
+        });
+    }
+
+    /// A client of its own for an open-loop request.
+    fn open_loop_client(&self) -> usize {
+        self.next_client.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Records a 2xx answer that lacked what it must carry as a failed request of `kind`.
@@ -627,7 +794,7 @@ impl Shared {
             let event = if step % 3 == 0 || !written {
                 seq += 1;
                 let body = json!({ "seq": seq });
-                let answer = self
+                let sent = self
                     .send(
                         Kind::SessionWrite,
                         api,
@@ -637,23 +804,25 @@ impl Shared {
                         Some(&body),
                     )
                     .await;
-                let ts = match answer {
-                    Some(a) if a.status.is_success() => {
-                        let ts = commit_ts(&a.body);
-                        if ts.is_none() {
-                            self.malformed(Kind::SessionWrite, api, "a write answered no ts");
-                        }
-                        ts
-                    }
-                    _ => None,
-                };
+                let ts = acknowledged_ts(&sent);
+                if sent.result == OpResult::Ok && ts.is_none() {
+                    self.malformed(Kind::SessionWrite, api, "a write answered no ts");
+                }
+                self.op(
+                    session,
+                    &sent,
+                    OpKind::Write {
+                        writes: vec![(key(SESSIONS, &id), Some(body))],
+                        commit_ts: ts,
+                    },
+                );
                 if let Some(ts) = ts {
                     token = token.max(ts);
                     written = true;
                 }
                 SessionEvent::Write { seq, ts }
             } else {
-                let Some(answer) = self
+                let sent = self
                     .send(
                         Kind::SessionRead,
                         api,
@@ -662,21 +831,24 @@ impl Shared {
                         Some(token),
                         None,
                     )
-                    .await
-                else {
+                    .await;
+                let Some((document, read_ts)) = document_read(&sent) else {
                     continue;
                 };
-                let seen = match answer.status {
-                    StatusCode::OK => answer.body["seq"].as_u64(),
-                    StatusCode::NOT_FOUND => None,
-                    _ => continue,
-                };
-                let read_ts = answer
-                    .headers
-                    .get("causeway-read-timestamp")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.rsplit('.').next())
-                    .and_then(|ts| ts.parse::<u64>().ok());
+                let seen = document.as_ref().and_then(|d| d["seq"].as_u64());
+                self.op(
+                    session,
+                    &Sent {
+                        result: OpResult::Ok,
+                        ..sent
+                    },
+                    OpKind::Read {
+                        after: Some(token),
+                        read_ts,
+                        results: vec![(key(SESSIONS, &id), document)],
+                        is_final: false,
+                    },
+                );
                 let Some(ts) = read_ts else {
                     self.malformed(
                         Kind::SessionRead,
@@ -702,6 +874,41 @@ impl Shared {
 /// The `ts` of a write's answer.
 fn commit_ts(body: &Value) -> Option<u64> {
     body["ts"].as_u64()
+}
+
+/// A key of the recorded history.
+fn key(collection: &str, id: &str) -> crate::history::Key {
+    format!("{collection}/{id}")
+}
+
+/// The commit ts of an acknowledged write.
+fn acknowledged_ts(sent: &Sent) -> Option<u64> {
+    sent.answer
+        .as_ref()
+        .filter(|a| a.status.is_success())
+        .and_then(|a| commit_ts(&a.body))
+}
+
+/// The ts of a read timestamp `<epoch>.<ts>`.
+fn ts_of(read_timestamp: &str) -> Option<u64> {
+    read_timestamp.rsplit('.').next()?.parse().ok()
+}
+
+/// What a read of one document found (200: the document; 404: none) and the ts of its read
+/// timestamp; `None` for any other answer.
+fn document_read(sent: &Sent) -> Option<(Option<Value>, Option<u64>)> {
+    let answer = sent.answer.as_ref()?;
+    let document = match answer.status {
+        StatusCode::OK => Some(answer.body.clone()),
+        StatusCode::NOT_FOUND => None,
+        _ => return None,
+    };
+    let read_ts = answer
+        .headers
+        .get("causeway-read-timestamp")
+        .and_then(|v| v.to_str().ok())
+        .and_then(ts_of);
+    Some((document, read_ts))
 }
 
 impl Report {

@@ -369,6 +369,7 @@ fn clean_history() -> History {
         ]],
         expected: kinds.to_vec(),
         marks: Vec::new(),
+        ops: Default::default(),
     }
 }
 

@@ -167,6 +167,9 @@ pub struct History {
     /// Labelled moments of the run (since its start, in order), such as the start of a
     /// transition: the report counts requests and failures between one and the next.
     pub marks: Vec<(Duration, String)>,
+    /// Every operation as the fault and consistency suite records it, judged by
+    /// [`crate::history::check`].
+    pub ops: crate::history::History,
 }
 
 /// The requests sent between one mark and the next.
@@ -217,6 +220,11 @@ pub struct Report {
     pub checked_session_reads: usize,
     /// Requests and failures per phase: from the start, then from each mark.
     pub phases: Vec<PhaseStats>,
+    /// The anomalies of the recorded operations (snapshot isolation, lost and phantom writes,
+    /// bank balances, session guarantees).
+    pub consistency: crate::history::check::Report,
+    /// The recorded operations, to keep with a run.
+    pub ops: crate::history::History,
 }
 
 impl Report {
@@ -230,6 +238,8 @@ impl Report {
             bank_total: history.bank_total,
             checked_bank_reads: history.bank_reads.len(),
             checked_reads: history.reads.len(),
+            consistency: crate::history::check::check(&history.ops),
+            ops: history.ops.clone(),
             ..Report::default()
         };
         report.phases = std::iter::once((Duration::ZERO, FIRST_PHASE.to_owned()))
@@ -317,9 +327,9 @@ impl Report {
         }
     }
 
-    /// True when no request failed and no checker found a violation.
+    /// True when no request failed and no checker found a violation or an anomaly.
     pub fn is_clean(&self) -> bool {
-        self.failures == 0 && self.violation_count == 0
+        self.failures == 0 && self.violation_count == 0 && self.consistency.is_clean()
     }
 
     /// Panics with the details of every failure and violation kept; otherwise prints the
@@ -347,6 +357,7 @@ impl fmt::Display for Report {
             self.checked_session_reads,
             self.acknowledged.len()
         )?;
+        writeln!(f, "  consistency: {}", self.consistency)?;
         for (kind, s) in &self.per_kind {
             writeln!(
                 f,
