@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 
 use crate::process::{binary, free_addr, Proc};
 use crate::{until, LocalCluster};
@@ -32,29 +32,37 @@ impl LocalCluster {
             ]});
             std::fs::write(&tokens, serde_json::to_vec_pretty(&file)?)?;
         }
-        let log = serde_json::to_string(&self.log_options)?;
         let mut started = Vec::new();
         for _ in 0..n {
-            let i = self.api_servers.len() + 1;
             let addr = free_addr()?;
-            let mut command = Command::new(binary("causeway-api-server")?);
-            command
-                .arg("--listen")
-                .arg(addr.to_string())
-                .arg("--config-manager")
-                .arg(self.cm_addr.to_string())
-                .arg("--log")
-                .arg(&log)
-                .arg("--tokens-file")
-                .arg(&tokens);
-            let proc = Proc::spawn(command, self.root.join(format!("api-server-{i}.log")))?;
+            let proc = self.spawn_api_server(self.api_servers.len() + 1, addr)?;
             self.api_servers.push(ApiServer { proc, addr });
             started.push(addr);
         }
+        self.wait_api_servers_ready(started).await
+    }
+
+    /// An api-server process, the `i`-th, listening on `addr`.
+    fn spawn_api_server(&self, i: usize, addr: SocketAddr) -> Result<Proc> {
+        let log = serde_json::to_string(&self.log_options)?;
+        let mut command = Command::new(binary("causeway-api-server")?);
+        command
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--config-manager")
+            .arg(self.cm_addr.to_string())
+            .arg("--log")
+            .arg(&log)
+            .arg("--tokens-file")
+            .arg(self.root.join("tokens.json"));
+        Proc::spawn(command, self.root.join(format!("api-server-{i}.log")))
+    }
+
+    async fn wait_api_servers_ready(&self, addrs: Vec<SocketAddr>) -> Result<()> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
             .build()?;
-        for addr in started {
+        for addr in addrs {
             let ready = until(
                 &format!("the api-server on {addr} to be ready"),
                 Duration::from_secs(30),
@@ -84,6 +92,20 @@ impl LocalCluster {
             .ok_or_else(|| anyhow!("no api-server {i}"))?;
         api.proc.kill();
         Ok(())
+    }
+
+    /// Starts killed api-server `i` again on its address, and waits until it is ready.
+    pub async fn restart_api_server(&mut self, i: usize) -> Result<()> {
+        let api = self
+            .api_servers
+            .get(i)
+            .ok_or_else(|| anyhow!("no api-server {i}"))?;
+        if api.proc.is_running() {
+            bail!("api-server {i} is running");
+        }
+        let addr = api.addr;
+        self.api_servers[i].proc = self.spawn_api_server(i + 1, addr)?;
+        self.wait_api_servers_ready(vec![addr]).await
     }
 
     /// The base URLs (`http://127.0.0.1:port`) of the api-servers, in start order.
