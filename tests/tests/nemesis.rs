@@ -7,7 +7,8 @@
 //! `causeway_tests::history::check`: any anomaly fails the test. Requests that fail during a
 //! fault (unavailability, not an anomaly) are counted per fault and printed with the time the
 //! cluster took to serve a causal write and read again through every api-server, the figures
-//! of RELIABILITY.md.
+//! of RELIABILITY.md. The same faults, drawn at random from a seed for as long as asked, are
+//! the soak (`scripts/soak.sh`).
 
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,8 @@ use anyhow::{bail, Result};
 use causeway_core::NodeId;
 use causeway_tests::load::{Load, LoadSpec};
 use causeway_tests::{until, ClusterSpec, LocalCluster, API_TOKEN};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 /// How long each fault lasts.
@@ -104,59 +107,140 @@ async fn recovery(cluster: &LocalCluster) -> Result<Duration> {
     Ok(started.elapsed())
 }
 
+/// One fault as it went: when, for how long, and how long the cluster took to serve again.
+#[derive(Debug)]
+struct Fault {
+    name: String,
+    lasted: Duration,
+    recovered_in: Duration,
+}
+
+/// A cluster under the recording load.
+struct Run {
+    cluster: LocalCluster,
+    load: Load,
+    faults: Vec<Fault>,
+}
+
+impl Run {
+    async fn start() -> Run {
+        let mut cluster = LocalCluster::start(ClusterSpec::new(2, 2)).await.unwrap();
+        cluster.start_api_servers(2).await.unwrap();
+        let spec = LoadSpec {
+            request_timeout: Duration::from_secs(3),
+            max_duration: Duration::from_secs(24 * 3600),
+            ..LoadSpec::default()
+        };
+        let load = Load::start(cluster.api_urls(), spec).await.unwrap();
+        until("the load to flow", Duration::from_secs(30), || async {
+            (load.completed() > 100).then_some(())
+        })
+        .await
+        .unwrap();
+        Run {
+            cluster,
+            load,
+            faults: Vec::new(),
+        }
+    }
+
+    /// `nemesis` for `lasted`, undone, then the wait until the cluster serves again, then
+    /// `quiet`, so that each phase of the load's report is one fault's alone.
+    async fn fault(&mut self, nemesis: Nemesis, lasted: Duration, quiet: Duration) {
+        let name = nemesis.name();
+        self.load.mark(&name);
+        nemesis.inject(&mut self.cluster).unwrap();
+        tokio::time::sleep(lasted).await;
+        nemesis.undo(&mut self.cluster).await.unwrap();
+        self.load.mark(&format!("after {name}"));
+        let recovered_in = match recovery(&self.cluster).await {
+            Ok(d) => d,
+            Err(e) => panic!("{name}: {e}\n{}", self.cluster.logs()),
+        };
+        self.faults.push(Fault {
+            name,
+            lasted,
+            recovered_in,
+        });
+        tokio::time::sleep(quiet).await;
+    }
+
+    /// Stops the load, judges the history (any anomaly fails) and checks the replicas agree;
+    /// the report, as text (markdown).
+    async fn finish(self) -> String {
+        let report = self.load.stop().await;
+        let mut text = format!("```\n{report}```\n\n| fault | lasted | requests | failed | served again after |\n|---|---|---|---|---|\n");
+        for fault in &self.faults {
+            let phase = report.phases.iter().find(|p| p.label == fault.name);
+            let (requests, failures) = phase.map_or((0, 0), |p| (p.requests, p.failures));
+            text.push_str(&format!(
+                "| {} | {:?} | {requests} | {failures} | {:?} |\n",
+                fault.name, fault.lasted, fault.recovered_in
+            ));
+        }
+        println!("{text}");
+        assert!(
+            report.consistency.is_clean(),
+            "anomalies:\n{}",
+            report.consistency
+        );
+        assert_eq!(report.violation_count, 0, "{report}");
+        assert!(report.consistency.ops > 500, "{report}");
+        if let Ok(path) = std::env::var("CAUSEWAY_HISTORY_FILE") {
+            std::fs::write(&path, report.ops.to_json_lines()).unwrap();
+        }
+        if let Err(e) = check_final_state(&self.cluster).await {
+            panic!("{e}");
+        }
+        text
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_nemesis_under_load_leaves_no_anomaly() {
-    let mut cluster = LocalCluster::start(ClusterSpec::new(2, 2)).await.unwrap();
-    cluster.start_api_servers(2).await.unwrap();
-    let spec = LoadSpec {
-        request_timeout: Duration::from_secs(3),
-        max_duration: Duration::from_secs(300),
-        ..LoadSpec::default()
-    };
-    let load = Load::start(cluster.api_urls(), spec).await.unwrap();
-    until("the load to flow", Duration::from_secs(30), || async {
-        (load.completed() > 100).then_some(())
-    })
-    .await
-    .unwrap();
-
-    let nodes = cluster.node_ids();
-    let nemeses = [
+    let mut run = Run::start().await;
+    let nodes = run.cluster.node_ids();
+    for nemesis in [
         Nemesis::KillStoreNode(nodes[0]),
         Nemesis::PauseStoreNode(nodes[3]),
         Nemesis::KillConfigManager,
         Nemesis::KillApiServer(1),
-    ];
-    let mut recoveries = Vec::new();
-    for nemesis in nemeses {
-        load.mark(&nemesis.name());
-        nemesis.inject(&mut cluster).unwrap();
-        tokio::time::sleep(FAULT).await;
-        nemesis.undo(&mut cluster).await.unwrap();
-        load.mark(&format!("after {}", nemesis.name()));
-        let recovered = recovery(&cluster).await;
-        let recovered = match recovered {
-            Ok(d) => d,
-            Err(e) => panic!("{}: {e}\n{}", nemesis.name(), cluster.logs()),
+    ] {
+        run.fault(nemesis, FAULT, Duration::from_secs(2)).await;
+    }
+    run.finish().await;
+}
+
+/// Randomly scheduled faults for `CAUSEWAY_SOAK_SECONDS` (default 600), the schedule drawn from
+/// `CAUSEWAY_SOAK_SEED` (default: a random one, printed) so that a run can be replayed; the
+/// report goes to `CAUSEWAY_SOAK_REPORT` when set. `scripts/soak.sh` runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a soak of many minutes: scripts/soak.sh runs it"]
+async fn soak() {
+    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    let seconds = env("CAUSEWAY_SOAK_SECONDS").unwrap_or(600);
+    let seed = env("CAUSEWAY_SOAK_SEED").unwrap_or_else(rand::random);
+    println!("soak: {seconds} s, seed {seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut run = Run::start().await;
+    let nodes = run.cluster.node_ids();
+    let apis = run.cluster.api_urls().len();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(seconds) {
+        let nemesis = match rng.random_range(0..4) {
+            0 => Nemesis::KillStoreNode(nodes[rng.random_range(0..nodes.len())]),
+            1 => Nemesis::PauseStoreNode(nodes[rng.random_range(0..nodes.len())]),
+            2 => Nemesis::KillConfigManager,
+            _ => Nemesis::KillApiServer(rng.random_range(0..apis)),
         };
-        recoveries.push((nemesis.name(), recovered));
-        // A quiet moment between faults, so that each phase is the fault's alone.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        let lasted = Duration::from_millis(rng.random_range(1_000..10_000));
+        let quiet = Duration::from_millis(rng.random_range(1_000..8_000));
+        run.fault(nemesis, lasted, quiet).await;
     }
-    let report = load.stop().await;
-    println!("{report}");
-    for (name, took) in &recoveries {
-        println!("recovery after {name}: {took:?}");
-    }
-    assert!(
-        report.consistency.is_clean(),
-        "anomalies:\n{}",
-        report.consistency
-    );
-    assert_eq!(report.violation_count, 0, "{report}");
-    assert!(report.consistency.ops > 500, "{report}");
-    if let Err(e) = check_final_state(&cluster).await {
-        panic!("{e}");
+    let text = run.finish().await;
+    if let Ok(path) = std::env::var("CAUSEWAY_SOAK_REPORT") {
+        let header = format!("Soak: {seconds} s, seed {seed}.\n\n");
+        std::fs::write(path, header + &text).unwrap();
     }
 }
 
