@@ -147,7 +147,8 @@ impl Run {
     /// `nemesis` for `lasted`, undone, then the wait until the cluster serves again, then
     /// `quiet`, so that each phase of the load's report is one fault's alone.
     async fn fault(&mut self, nemesis: Nemesis, lasted: Duration, quiet: Duration) {
-        let name = nemesis.name();
+        // Numbered, so that each is a phase of its own in the load's report.
+        let name = format!("{}. {}", self.faults.len() + 1, nemesis.name());
         self.load.mark(&name);
         nemesis.inject(&mut self.cluster).unwrap();
         tokio::time::sleep(lasted).await;
