@@ -103,6 +103,15 @@ pub(crate) fn is_too_old(s: &Status) -> bool {
     s.code() == tonic::Code::FailedPrecondition && s.message().starts_with(SNAPSHOT_TOO_OLD)
 }
 
+/// When a sub-read to a slow peer is also sent to the partition's next replica.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Hedge {
+    /// After the hedge delay (point reads: cheap to run twice).
+    Always,
+    /// After the hedge delay, if the peer has sent no gossip since it was asked.
+    WhenSilent,
+}
+
 /// Why one coordinated attempt did not complete.
 pub(crate) enum Attempt {
     /// Some replica had already pruned the snapshot: retry at a fresh timestamp.
@@ -158,6 +167,11 @@ impl Server {
         Ok(clients[&node].1.clone())
     }
 
+    /// When (in the node's clock) `node`'s gossip last arrived.
+    fn heard_at_ms(&self, node: NodeId) -> Option<u64> {
+        lock(&self.shared.protocol).table.heard_at_ms(node)
+    }
+
     pub(crate) fn timeout(&self, requested_ms: u32) -> Duration {
         let ceiling = self.shared.tuning.read_timeout_ms;
         let ms = if requested_ms == 0 {
@@ -203,7 +217,8 @@ impl Server {
         Ok((at, config))
     }
 
-    /// The replicas to try for each partition, this node first.
+    /// The replicas to try for each partition: this node first, peers whose gossip has gone
+    /// quiet last.
     ///
     /// The read timestamp may come from a peer's UST view (views are shared so that no node
     /// lags its peers), computed from gossip this node has not received yet: then the replicas
@@ -229,18 +244,30 @@ impl Server {
                 Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
             }
         };
-        let spin = self.shared.now_ms() as usize;
+        let now = self.shared.now_ms();
+        // A peer whose gossip stopped (paused, cut off, dying) is asked last: it still counts
+        // until the liveness timeout, but a read should not wait for it meanwhile.
+        let quiet_ms = (tuning.gossip_interval_ms * 4).max(tuning.sub_read_hedge_ms);
+        let quiet = |n: NodeId| {
+            n != self.shared.node
+                && self
+                    .heard_at_ms(n)
+                    .is_none_or(|h| now.saturating_sub(h) > quiet_ms)
+        };
         for nodes in readable.values_mut() {
             let len = nodes.len();
-            nodes.rotate_left(spin % len);
+            nodes.rotate_left(now as usize % len);
             if let Some(i) = nodes.iter().position(|&n| n == self.shared.node) {
                 nodes.swap(0, i);
             }
+            // Stable: the spread over the others stays.
+            nodes.sort_by_key(|&n| quiet(n));
         }
         Ok(readable)
     }
 
-    /// Reads `keys` (all of one partition) at `at` from the first replica that can serve them.
+    /// Reads `keys` (all of one partition) at `at` from the first replica that can serve them;
+    /// point reads are cheap, so a slow peer is hedged after the hedge delay whatever its gossip.
     async fn get_from(
         &self,
         config: &ClusterConfig,
@@ -249,9 +276,11 @@ impl Server {
         keys: Vec<pb::DocumentKey>,
         with_automerge: bool,
     ) -> Result<Vec<pb::Document>, Attempt> {
-        self.first_replica(
+        self.hedged(
             config,
             replicas,
+            Hedge::Always,
+            Duration::from_millis(self.shared.tuning.peer_rpc_timeout_ms),
             || local_get(&self.shared, at.ts, &keys, with_automerge),
             |mut client| {
                 let request = pb::GetAtRequest {
@@ -271,8 +300,8 @@ impl Server {
     }
 
     /// One sub-read on the first of `replicas` that serves it: this node's storage through
-    /// `local`, a peer through `remote` (bounded by the peer RPC timeout). A replica that has
-    /// pruned the snapshot ends the attempt; any other failure tries the next replica.
+    /// `local`, a peer through `remote` (bounded by the peer RPC timeout). A peer that goes
+    /// silent in gossip while it is asked is hedged (see [`Server::hedged`]).
     pub(crate) async fn first_replica<T, L, LF, R, RF>(
         &self,
         config: &ClusterConfig,
@@ -286,32 +315,139 @@ impl Server {
         R: Fn(StoreNodeClient<Channel>) -> RF,
         RF: std::future::Future<Output = Result<T, Status>>,
     {
+        let timeout = Duration::from_millis(self.shared.tuning.peer_rpc_timeout_ms);
+        self.hedged(config, replicas, Hedge::WhenSilent, timeout, local, remote)
+            .await
+    }
+
+    /// One sub-read on `replicas` in order: this node's storage through `local`, a peer through
+    /// `remote` (each bounded by `timeout`), the first answer winning. A failure tries the next
+    /// replica at once; a peer that has not answered after `sub_read_hedge_ms` is hedged: the
+    /// next replica is asked too, at once under [`Hedge::Always`], under [`Hedge::WhenSilent`]
+    /// only while the peer has sent no gossip since it was asked (a paused or cut-off node,
+    /// not a busy one: a scan is not run twice because it is long). This node's own storage is
+    /// never hedged. A replica that has pruned the snapshot, or refuses the request as
+    /// invalid, ends the attempt.
+    async fn hedged<T, L, LF, R, RF>(
+        &self,
+        config: &ClusterConfig,
+        replicas: &[NodeId],
+        hedge: Hedge,
+        timeout: Duration,
+        local: L,
+        remote: R,
+    ) -> Result<T, Attempt>
+    where
+        L: Fn() -> LF,
+        LF: std::future::Future<Output = Result<T, Status>>,
+        R: Fn(StoreNodeClient<Channel>) -> RF,
+        RF: std::future::Future<Output = Result<T, Status>>,
+    {
+        let me = self.shared.node;
+        let start = |node: NodeId| {
+            let local = (node == me).then(&local);
+            let remote = (node != me).then(|| self.client(node, config).map(&remote));
+            async move {
+                let started = Instant::now();
+                let result = match (local, remote) {
+                    (Some(read), _) => read.await,
+                    (None, Some(Ok(call))) => match tokio::time::timeout(timeout, call).await {
+                        Ok(r) => r,
+                        Err(_) => Err(Status::unavailable(format!(
+                            "{node} did not answer in time"
+                        ))),
+                    },
+                    (None, Some(Err(s))) => Err(s),
+                    (None, None) => unreachable!("a replica is local or remote"),
+                };
+                (node, started, result)
+            }
+        };
+        let tuning = &self.shared.tuning;
+        let delay = Duration::from_millis(tuning.sub_read_hedge_ms);
+        // With no replica left to hedge on, peers silent this long since they were asked are
+        // given up: the coordinator retries at once with the replicas it then knows (the one
+        // that had committed the read timestamp may be the one paused, its peer a few ms
+        // behind), instead of waiting out the RPC timeout.
+        let give_up_ms = (tuning.gossip_interval_ms * 10).max(tuning.sub_read_hedge_ms * 5);
+        // The peers asked and not answered yet, with when (in the node's clock).
+        let mut waiting: Vec<(NodeId, u64)> = Vec::new();
+        let mut asked = replicas.iter().copied();
+        let mut running = futures::stream::FuturesUnordered::new();
+        // The latest replica asked, when it is a peer: (who, when in the node's clock).
+        let mut newest: Option<(NodeId, u64)> = None;
+        let mut hedge_at: Option<tokio::time::Instant> = None;
         let mut last = Status::unavailable("no replica answered");
-        for &node in replicas {
-            let started = Instant::now();
-            let result = if node == self.shared.node {
-                local().await
-            } else {
-                let client = self.client(node, config)?;
-                let timeout = Duration::from_millis(self.shared.tuning.peer_rpc_timeout_ms);
-                match tokio::time::timeout(timeout, remote(client)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(Status::unavailable(format!(
-                        "{node} did not answer in time"
-                    ))),
+        let mut ask = |running: &mut futures::stream::FuturesUnordered<_>,
+                       newest: &mut Option<(NodeId, u64)>,
+                       hedge_at: &mut Option<tokio::time::Instant>,
+                       waiting: &mut Vec<(NodeId, u64)>|
+         -> bool {
+            let Some(node) = asked.next() else {
+                *hedge_at = None;
+                return false;
+            };
+            running.push(start(node));
+            *newest = (node != me).then(|| (node, self.shared.now_ms()));
+            waiting.extend(*newest);
+            *hedge_at =
+                (newest.is_some() && !delay.is_zero()).then(|| tokio::time::Instant::now() + delay);
+            true
+        };
+        ask(&mut running, &mut newest, &mut hedge_at, &mut waiting);
+        loop {
+            if running.is_empty() && !ask(&mut running, &mut newest, &mut hedge_at, &mut waiting) {
+                return Err(Attempt::Failed(last));
+            }
+            let hedge_timer = async {
+                match hedge_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
                 }
             };
-            self.shared
-                .metrics
-                .sub_read_seconds
-                .observe(started.elapsed());
-            match result {
-                Ok(v) => return Ok(v),
-                Err(s) if is_too_old(&s) => return Err(Attempt::TooOld),
-                Err(s) => last = s,
+            tokio::select! {
+                Some((node, started, result)) = running.next() => {
+                    waiting.retain(|(n, _)| *n != node);
+                    self.shared
+                        .metrics
+                        .sub_read_seconds
+                        .observe(started.elapsed());
+                    match result {
+                        Ok(v) => return Ok(v),
+                        Err(s) if is_too_old(&s) => return Err(Attempt::TooOld),
+                        Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                            return Err(Attempt::Failed(s))
+                        }
+                        Err(s) => {
+                            last = s;
+                            ask(&mut running, &mut newest, &mut hedge_at, &mut waiting);
+                        }
+                    }
+                }
+                () = hedge_timer => {
+                    let (node, asked_ms) = newest.expect("a hedge waits on a peer");
+                    let silent = |(n, at): &(NodeId, u64)| self.heard_at_ms(*n).is_none_or(|h| h < *at);
+                    if (matches!(hedge, Hedge::Always) || silent(&(node, asked_ms)))
+                        && ask(&mut running, &mut newest, &mut hedge_at, &mut waiting)
+                    {
+                        continue;
+                    }
+                    let now = self.shared.now_ms();
+                    if running.len() == waiting.len()
+                        && waiting
+                            .iter()
+                            .all(|w| silent(w) && now.saturating_sub(w.1) >= give_up_ms)
+                    {
+                        return Err(Attempt::Failed(Status::unavailable(format!(
+                            "{node} went silent during a sub-read"
+                        ))));
+                    }
+                    // Alive and busy (or not silent long enough): look again later.
+                    newest = Some((node, asked_ms));
+                    hedge_at = Some(tokio::time::Instant::now() + delay);
+                }
             }
         }
-        Err(Attempt::Failed(last))
     }
 
     /// One attempt of a coordinated multi-get at `at`.
@@ -491,30 +627,19 @@ impl Server {
         replicas: &[NodeId],
         request: pb::ScanAtRequest,
     ) -> Result<pb::ScanAtResponse, Attempt> {
-        let mut last = Status::unavailable("no replica answered");
-        for &node in replicas {
-            let result = if node == self.shared.node {
-                local_scan(&self.shared, request.clone()).await
-            } else {
-                let mut client = self.client(node, config)?;
-                let timeout = Duration::from_millis(self.shared.tuning.peer_rpc_timeout_ms * 4);
-                match tokio::time::timeout(timeout, client.scan_at(request.clone())).await {
-                    Ok(r) => r.map(Response::into_inner),
-                    Err(_) => Err(Status::unavailable(format!(
-                        "{node} did not answer in time"
-                    ))),
-                }
-            };
-            match result {
-                Ok(page) => return Ok(page),
-                Err(s) if is_too_old(&s) => return Err(Attempt::TooOld),
-                Err(s) if s.code() == tonic::Code::InvalidArgument => {
-                    return Err(Attempt::Failed(s))
-                }
-                Err(s) => last = s,
-            }
-        }
-        Err(Attempt::Failed(last))
+        let timeout = Duration::from_millis(self.shared.tuning.peer_rpc_timeout_ms * 4);
+        self.hedged(
+            config,
+            replicas,
+            Hedge::WhenSilent,
+            timeout,
+            || local_scan(&self.shared, request.clone()),
+            |mut client| {
+                let request = request.clone();
+                async move { client.scan_at(request).await.map(Response::into_inner) }
+            },
+        )
+        .await
     }
 }
 

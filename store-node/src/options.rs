@@ -47,6 +47,11 @@ pub struct Tuning {
     pub liveness_timeout_ms: u64,
     /// Timeout of one gossip or sub-read RPC to a peer (default 2 000 ms).
     pub peer_rpc_timeout_ms: u64,
+    /// A sub-read to a peer that has not answered after this long goes to the partition's next
+    /// replica as well, the first answer winning: at once for a point read, for a scan only
+    /// while the peer has sent no gossip since it was asked (a paused or cut-off node). About a
+    /// sub-read's p99 (default 20 ms; 0 = never hedge).
+    pub sub_read_hedge_ms: u64,
     /// Most log records applied as one WriteBatch and fsync (default 512).
     pub apply_batch_records: usize,
     /// Most payload bytes applied as one WriteBatch and fsync (default 8 MiB).
@@ -88,6 +93,7 @@ impl Default for Tuning {
             gossip_interval_ms: 10,
             liveness_timeout_ms: 1_000,
             peer_rpc_timeout_ms: 2_000,
+            sub_read_hedge_ms: 20,
             apply_batch_records: 512,
             apply_batch_bytes: 8 << 20,
             gc_interval_ms: 200,
