@@ -2,7 +2,8 @@
 //! sampler that feeds the [`Ratekeeper`], and the gate every write passes before its append.
 //!
 //! Every `admission.sample_ms` the sampler asks each store node of the routing configurations
-//! for its status at once (within `sample_ms` × 10): the highest UST view of the nodes that
+//! for its status at once (within `sample_ms` × 10, and at most `sample_ms` after the first
+//! coordinating node answered): the highest UST view of the nodes that
 //! coordinate reads (views differ by a few gossip steps; the highest is the cluster's apply
 //! progress, and one node cut off from its peers cannot hold every write back), and the
 //! highest log end any of them has read, make one [`Sample`]. Each append
@@ -123,8 +124,13 @@ pub(crate) async fn sample_loop(shared: Arc<Shared>, mut stop: watch::Receiver<b
 }
 
 /// One sample: the highest UST view of the coordinating nodes that answered within `deadline`,
-/// and the highest log end known. `None` when no coordinating node answered.
+/// and the highest log end known. `None` when no coordinating node answered. Once one
+/// coordinating node has answered, the others get one more sampling period: a node that does
+/// not answer (paused, cut off) must not stretch every round to `deadline`, which made the
+/// samples ten times sparser, the UST look `deadline` old, and admission throttle writes
+/// that the other replicas applied at once.
 async fn sample(shared: &Shared, deadline: Duration) -> Option<Sample> {
+    let straggle = deadline / 10;
     let mut calls: FuturesUnordered<_> = shared
         .store
         .routing_nodes()
@@ -140,13 +146,28 @@ async fn sample(shared: &Shared, deadline: Duration) -> Option<Sample> {
         .collect();
     let mut log_next = shared.log_next.load(Ordering::Relaxed);
     let mut ust: Option<u64> = None;
-    while let Some(answer) = calls.next().await {
+    let mut until: Option<Instant> = None;
+    loop {
+        let cutoff = async {
+            match until {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let answer = tokio::select! {
+            a = calls.next() => match a {
+                Some(a) => a,
+                None => break,
+            },
+            () = cutoff => break,
+        };
         let Some(status) = answer else { continue };
         log_next = log_next.max(status.log_next);
         // The highest view: views differ by a few gossip steps, and one node whose view is
         // stuck (cut off from its peers' gossip) must not stop every write of the cluster.
         if status.can_coordinate {
             ust = Some(ust.map_or(status.ust, |u| u.max(status.ust)));
+            until.get_or_insert_with(|| Instant::now() + straggle);
         }
     }
     Some(Sample {

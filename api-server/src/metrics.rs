@@ -6,7 +6,7 @@
 //! - `causeway_api_requests_in_flight`: requests being served now.
 //! - `causeway_api_log_appends_total` / `causeway_api_log_append_errors_total`: transactions
 //!   appended to the log, and appends that failed.
-//! - `causeway_api_store_failovers_total`: store-node calls retried on another node.
+//! - `causeway_api_store_failovers_total`: store-node calls retried or hedged on another node.
 //! - `causeway_api_writes_throttled_total`: writes refused by admission control (429).
 //! - `causeway_api_visibility_lag_ms`, `causeway_api_visibility_backlog_records`,
 //!   `causeway_api_admitted_writes_per_second`: what admission control last measured, and the
@@ -181,7 +181,7 @@ impl Metrics {
             (
                 "causeway_api_store_failovers_total",
                 "counter",
-                "Store-node calls retried on another node.",
+                "Store-node calls retried or hedged on another node.",
                 self.store_failovers.load(Ordering::Relaxed).to_string(),
             ),
             (

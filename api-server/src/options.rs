@@ -136,6 +136,10 @@ pub struct Timeouts {
     pub store_rpc_ms: u64,
     /// How many store nodes a read tries before giving up (503). Default 3.
     pub store_tries: usize,
+    /// A read whose store node has answered nothing (to it or any other call) for this long
+    /// is sent to another store node too, the first answer winning: a frozen node (SIGSTOP, a
+    /// VM pause) fails nothing, it only stops answering. Default 50 ms; 0 = never hedge.
+    pub store_hedge_ms: u64,
     /// Deadline of one log append. Default 10000 ms.
     pub append_ms: u64,
     /// The `Retry-After` of a 503, in seconds. Default 1.
@@ -151,6 +155,7 @@ impl Default for Timeouts {
             visible_wait_ms: 10_000,
             store_rpc_ms: 10_000,
             store_tries: 3,
+            store_hedge_ms: 50,
             append_ms: 10_000,
             retry_after_s: 1,
             shutdown_grace_ms: 10_000,

@@ -613,7 +613,7 @@ async fn query(
     let deadline = s.read_deadline();
     let response = s
         .store
-        .call(|mut c| {
+        .call_hedged(|mut c| {
             let mut req = tonic::Request::new(request.clone());
             req.set_timeout(deadline);
             async move { c.query(req).await.map(tonic::Response::into_inner) }
@@ -1341,7 +1341,7 @@ impl Shared {
         let deadline = self.read_deadline();
         let response = self
             .store
-            .call(|mut c| {
+            .call_hedged(|mut c| {
                 let mut req = tonic::Request::new(request.clone());
                 req.set_timeout(deadline);
                 async move { c.read(req).await.map(tonic::Response::into_inner) }

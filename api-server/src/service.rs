@@ -102,10 +102,15 @@ impl Service {
         })?;
         let metrics = Arc::new(Metrics::default());
         let shared = Arc::new(Shared {
-            store: Arc::new(Store::new(
-                options.timeouts.store_tries,
-                metrics.store_failovers.clone(),
-            )),
+            store: Arc::new(
+                Store::new(
+                    options.timeouts.store_tries,
+                    metrics.store_failovers.clone(),
+                )
+                .with_hedge_delay(std::time::Duration::from_millis(
+                    options.timeouts.store_hedge_ms,
+                )),
+            ),
             in_flight: Arc::new(Semaphore::new(options.limits.max_concurrent_requests)),
             openapi_json: crate::openapi::json(&options.limits),
             log_next: AtomicU64::new(0),

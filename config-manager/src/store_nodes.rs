@@ -8,6 +8,13 @@
 //! (unreachable, or still starting and not yet coordinating) goes to the back of the order for a
 //! while, so later requests do not wait on it. A call that fails with a transport-level status
 //! (UNAVAILABLE, UNKNOWN, CANCELLED) is retried on the next candidate, up to `store_tries` nodes.
+//!
+//! A node that stops answering without failing (SIGSTOP, a VM freeze, a one-way partition: its
+//! kernel still takes the connection and the request) is the slow case. Reads are idempotent,
+//! so [`StoreNodes::call_hedged`] sends a read that has had no answer after the hedge delay to
+//! the next candidate too, the first answer winning, when its node has answered nothing since
+//! the read was sent (a busy node answers its other calls; a frozen one answers none). A node
+//! hedged so goes to the back of the order for a while, like one that failed a call.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -30,6 +37,9 @@ const WATCH_BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long a node that failed a call is tried only after the others.
 const PENALTY: Duration = Duration::from_secs(1);
+/// The default hedge delay of [`StoreNodes::call_hedged`]: above a coordinated read's p99 on a
+/// LAN, far below any timeout.
+pub const DEFAULT_HEDGE_DELAY: Duration = Duration::from_millis(50);
 /// The largest answer a client takes from a store node, as between store nodes: a multi-get of
 /// the most keys at the largest document size, or a group of a change feed, fits (tonic's
 /// default, 4 MiB, does not).
@@ -56,6 +66,10 @@ pub struct StoreNodes {
     nodes: RwLock<Arc<Candidates>>,
     /// Nodes that failed a call recently, until when they come last.
     penalized: Mutex<HashMap<String, Instant>>,
+    /// Per node: since when it has had a call in flight without answering anything.
+    waiting: Mutex<HashMap<String, Instant>>,
+    /// How long a read waits for its node before it is hedged.
+    hedge_delay: Duration,
     pair: RwLock<Option<ConfigPair>>,
     channels: Mutex<HashMap<String, Channel>>,
     /// Spreads coordination over the candidates.
@@ -70,12 +84,20 @@ impl StoreNodes {
         StoreNodes {
             nodes: RwLock::new(Arc::new(Candidates::default())),
             penalized: Mutex::new(HashMap::new()),
+            waiting: Mutex::new(HashMap::new()),
+            hedge_delay: DEFAULT_HEDGE_DELAY,
             pair: RwLock::new(None),
             channels: Mutex::new(HashMap::new()),
             next: AtomicUsize::new(0),
             tries,
             failovers,
         }
+    }
+
+    /// Sets the hedge delay of [`StoreNodes::call_hedged`] (zero: never hedge).
+    pub fn with_hedge_delay(mut self, delay: Duration) -> StoreNodes {
+        self.hedge_delay = delay;
+        self
     }
 
     /// Installs a new (current, next) pair.
@@ -114,7 +136,7 @@ impl StoreNodes {
     }
 
     /// The nodes to try for one call, best first: each tier rotated by `start` (to spread the
-    /// load), recently failed nodes last.
+    /// load), nodes that recently failed a call or left one unanswered last.
     fn order(&self, start: usize) -> Vec<String> {
         let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner()).clone();
         let rotate = |tier: &[String]| -> Vec<String> {
@@ -130,6 +152,28 @@ impl StoreNodes {
         // A stable sort: the order within each group stays.
         order.sort_by_key(|addr| penalized.contains_key(addr));
         order
+    }
+
+    /// Whether `addr` has answered nothing since `sent`.
+    fn silent_since(&self, addr: &str, sent: Instant) -> bool {
+        let waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        waiting.get(addr).is_some_and(|since| *since <= sent)
+    }
+
+    /// A call to `addr` goes out.
+    fn sent(&self, addr: &str) -> Instant {
+        let now = Instant::now();
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        waiting.entry(addr.to_owned()).or_insert(now);
+        now
+    }
+
+    /// `addr` answered a call (with a result or a status of its own): it is not silent.
+    fn answered(&self, addr: &str) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(addr);
     }
 
     /// The addresses of the live nodes that may hold `hash`: the replicas of its partition in
@@ -200,9 +244,15 @@ impl StoreNodes {
         let mut last = Status::unavailable("no store node tried");
         for addr in nodes.iter().take(self.tries) {
             let result = match self.channel(addr) {
-                Ok(channel) => call(client(channel)).await,
+                Ok(channel) => {
+                    self.sent(addr);
+                    call(client(channel)).await
+                }
                 Err(status) => Err(status),
             };
+            if !matches!(&result, Err(s) if retryable(s.code())) {
+                self.answered(addr);
+            }
             match result {
                 Ok(v) => return Ok(v),
                 Err(status) if retryable(status.code()) => {
@@ -215,6 +265,109 @@ impl StoreNodes {
             }
         }
         Err(StoreError::Status(last))
+    }
+
+    /// Runs the idempotent `call` (a read) on a coordinating node like [`StoreNodes::call`],
+    /// and hedges: when the node has answered nothing (to this call or any other) for the hedge
+    /// delay since the call was sent, the call goes to the next candidate too, and the first
+    /// answer wins (at most two nodes at once; a transport-level failure moves on at once, up
+    /// to `tries` nodes in all). A busy node that answers other calls is not hedged, so a long
+    /// query does not run twice under load.
+    pub async fn call_hedged<T, F, Fut>(&self, call: F) -> Result<T, StoreError>
+    where
+        F: Fn(StoreNodeClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        /// Calls in flight at once: one, and one hedge.
+        const MAX_RUNNING: usize = 2;
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let nodes = self.order(start);
+        if nodes.is_empty() {
+            return Err(StoreError::NoNodes);
+        }
+        let mut candidates = nodes.into_iter().take(self.tries);
+        let mut running = futures::stream::FuturesUnordered::new();
+        // The latest call sent: to whom and when.
+        let mut newest: Option<(String, Instant)> = None;
+        let mut last = Status::unavailable("no store node tried");
+        let launch = |addr: String| {
+            let channel = self.channel(&addr);
+            let sent = channel.is_ok().then(|| self.sent(&addr));
+            let call = channel.map(|c| call(client(c)));
+            let fut = async move {
+                let result = match call {
+                    Ok(fut) => fut.await,
+                    Err(status) => Err(status),
+                };
+                (addr, result)
+            };
+            (fut, sent)
+        };
+        loop {
+            if running.is_empty() {
+                match candidates.next() {
+                    Some(addr) => {
+                        let (fut, sent) = launch(addr.clone());
+                        newest = sent.map(|at| (addr, at));
+                        running.push(fut);
+                    }
+                    None => return Err(StoreError::Status(last)),
+                }
+            }
+            let hedge_at = newest
+                .as_ref()
+                .filter(|_| running.len() < MAX_RUNNING && !self.hedge_delay.is_zero())
+                .map(|(_, at)| *at + self.hedge_delay);
+            let hedge = async {
+                match hedge_at {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Some((addr, result)) = futures::StreamExt::next(&mut running) => match result {
+                    Ok(v) => {
+                        self.answered(&addr);
+                        return Ok(v);
+                    }
+                    Err(status) if retryable(status.code()) => {
+                        self.failovers.fetch_add(1, Ordering::Relaxed);
+                        self.penalize(&addr);
+                        tracing::debug!(node = %addr, code = ?status.code(), "store node call failed, trying another");
+                        last = status;
+                        if let Some(next) = candidates.next() {
+                            let (fut, sent) = launch(next.clone());
+                            newest = sent.map(|at| (next, at));
+                            running.push(fut);
+                        }
+                    }
+                    Err(status) => {
+                        self.answered(&addr);
+                        return Err(StoreError::Status(status));
+                    }
+                },
+                () = hedge => {
+                    let (addr, at) = newest.clone().expect("a hedge waits on a call");
+                    if self.silent_since(&addr, at) {
+                        // Last for a while, like a node that failed a call.
+                        self.penalize(&addr);
+                        if let Some(next) = candidates.next() {
+                            self.failovers.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(node = %addr, "store node silent, hedging on another");
+                            let (fut, sent) = launch(next.clone());
+                            newest = sent.map(|at| (next, at));
+                            running.push(fut);
+                        } else {
+                            newest = None;
+                        }
+                    } else {
+                        // It answered something since: alive. Look again a delay later.
+                        let at = self.sent(&addr);
+                        newest = Some((addr, at));
+                    }
+                }
+            }
+        }
     }
 
     /// Follows the config manager's pair until `shutdown` says stop, reconnecting with a
@@ -349,6 +502,63 @@ mod tests {
             .await;
         assert!(matches!(r, Err(StoreError::Status(s)) if s.code() == Code::InvalidArgument));
         assert_eq!(tried.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_read_on_a_silent_node_is_hedged_and_the_node_goes_last() {
+        let store = StoreNodes::new(3, Arc::default()).with_hedge_delay(Duration::from_millis(20));
+        store.set_nodes_for_test(vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()]);
+        let tried = AtomicUsize::new(0);
+        let started = Instant::now();
+        let r = store
+            .call_hedged(|_c| {
+                let n = tried.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if n == 0 {
+                        // A frozen node: no answer, no failure.
+                        std::future::pending::<()>().await;
+                    }
+                    Ok::<usize, Status>(n)
+                }
+            })
+            .await;
+        assert!(matches!(r, Ok(1)), "{r:?}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // The silent node is tried last now, whatever the rotation.
+        let silent = store.order(0)[1].clone();
+        assert_eq!(store.order(0).last(), Some(&silent));
+        assert_eq!(store.order(1).last(), Some(&silent));
+    }
+
+    #[tokio::test]
+    async fn a_busy_node_that_answers_other_calls_is_not_hedged() {
+        let store = StoreNodes::new(3, Arc::default()).with_hedge_delay(Duration::from_millis(30));
+        store.set_nodes_for_test(vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()]);
+        let tried = AtomicUsize::new(0);
+        let slow = store.call_hedged(|_c| {
+            tried.fetch_add(1, Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Ok::<u32, Status>(1)
+            }
+        });
+        let others = async {
+            // Calls alternate between the nodes: each answers every 10 ms.
+            for _ in 0..24 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                store
+                    .call(|_c| async { Ok::<u32, Status>(2) })
+                    .await
+                    .unwrap();
+            }
+        };
+        let (r, ()) = tokio::join!(slow, others);
+        assert!(matches!(r, Ok(1)));
+        assert_eq!(
+            tried.load(Ordering::SeqCst),
+            1,
+            "one node: nothing to hedge on"
+        );
     }
 
     #[test]
