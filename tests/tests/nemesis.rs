@@ -2,7 +2,8 @@
 //! api-servers, and the load (`causeway_tests::load`: unique writes and their reads, bank
 //! transfers and snapshot reads, causal sessions) recording every operation, while nemeses act
 //! one after the other, each undone before the next: kill -9 and restart of a store node, a
-//! SIGSTOP pause of one, kill -9 and restart of the config manager and of an api-server. The run
+//! SIGSTOP pause of one, kill -9 and restart of the config manager and of an api-server, and a
+//! transition to 3×2 and back (the highest node ids drained) with the load running. The run
 //! ends with final reads through both api-servers, and the history is judged by
 //! `causeway_tests::history::check`: any anomaly fails the test. Requests that fail during a
 //! fault (unavailability, not an anomaly) are counted per fault and printed with the time the
@@ -24,6 +25,8 @@ use serde_json::json;
 const FAULT: Duration = Duration::from_secs(5);
 /// The longest the cluster may take to serve again after a fault is undone.
 const RECOVERY: Duration = Duration::from_secs(60);
+/// The longest a transition may take to install.
+const TRANSITION: Duration = Duration::from_secs(120);
 
 /// One fault: what it does and how it is undone.
 #[derive(Debug, Clone, Copy)]
@@ -32,6 +35,8 @@ enum Nemesis {
     PauseStoreNode(NodeId),
     KillConfigManager,
     KillApiServer(usize),
+    /// A transition to `partitions × replicas`, running until it is installed.
+    Scale(u32, u32),
 }
 
 impl Nemesis {
@@ -41,24 +46,32 @@ impl Nemesis {
             Nemesis::PauseStoreNode(n) => format!("SIGSTOP store node {n}"),
             Nemesis::KillConfigManager => "kill -9 config manager".into(),
             Nemesis::KillApiServer(i) => format!("kill -9 api-server {}", i + 1),
+            Nemesis::Scale(p, r) => format!("transition to {p}×{r}"),
         }
     }
 
-    fn inject(self, cluster: &mut LocalCluster) -> Result<()> {
+    async fn inject(self, cluster: &mut LocalCluster) -> Result<()> {
         match self {
             Nemesis::KillStoreNode(n) => cluster.kill(n),
             Nemesis::PauseStoreNode(n) => cluster.pause(n),
             Nemesis::KillConfigManager => cluster.kill_config_manager(),
             Nemesis::KillApiServer(i) => cluster.kill_api_server(i),
+            Nemesis::Scale(p, r) => {
+                let cm = cluster.config_manager().await?;
+                cm.propose_shape(p, r).await?;
+                Ok(())
+            }
         }
     }
 
+    /// Undoes the fault; a transition is waited for until it is installed.
     async fn undo(self, cluster: &mut LocalCluster) -> Result<()> {
         match self {
             Nemesis::KillStoreNode(n) => cluster.restart(n),
             Nemesis::PauseStoreNode(n) => cluster.resume(n),
             Nemesis::KillConfigManager => cluster.restart_config_manager(),
             Nemesis::KillApiServer(i) => cluster.restart_api_server(i).await,
+            Nemesis::Scale(..) => cluster.wait_stable(TRANSITION).await.map(|_| ()),
         }
     }
 }
@@ -124,7 +137,12 @@ struct Run {
 
 impl Run {
     async fn start() -> Run {
-        let mut cluster = LocalCluster::start(ClusterSpec::new(2, 2)).await.unwrap();
+        // Two spare store nodes, for the transition to 3×2.
+        let spec = ClusterSpec {
+            spares: 2,
+            ..ClusterSpec::new(2, 2)
+        };
+        let mut cluster = LocalCluster::start(spec).await.unwrap();
         cluster.start_api_servers(2).await.unwrap();
         let spec = LoadSpec {
             request_timeout: Duration::from_secs(3),
@@ -150,7 +168,7 @@ impl Run {
         // Numbered, so that each is a phase of its own in the load's report.
         let name = format!("{}. {}", self.faults.len() + 1, nemesis.name());
         self.load.mark(&name);
-        nemesis.inject(&mut self.cluster).unwrap();
+        nemesis.inject(&mut self.cluster).await.unwrap();
         tokio::time::sleep(lasted).await;
         nemesis.undo(&mut self.cluster).await.unwrap();
         self.load.mark(&format!("after {name}"));
@@ -206,6 +224,8 @@ async fn every_nemesis_under_load_leaves_no_anomaly() {
         Nemesis::PauseStoreNode(nodes[3]),
         Nemesis::KillConfigManager,
         Nemesis::KillApiServer(1),
+        Nemesis::Scale(3, 2),
+        Nemesis::Scale(2, 2),
     ] {
         run.fault(nemesis, FAULT, Duration::from_secs(2)).await;
     }
@@ -224,15 +244,19 @@ async fn soak() {
     println!("soak: {seconds} s, seed {seed}");
     let mut rng = StdRng::seed_from_u64(seed);
     let mut run = Run::start().await;
-    let nodes = run.cluster.node_ids();
     let apis = run.cluster.api_urls().len();
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(seconds) {
-        let nemesis = match rng.random_range(0..4) {
-            0 => Nemesis::KillStoreNode(nodes[rng.random_range(0..nodes.len())]),
-            1 => Nemesis::PauseStoreNode(nodes[rng.random_range(0..nodes.len())]),
-            2 => Nemesis::KillConfigManager,
-            _ => Nemesis::KillApiServer(rng.random_range(0..apis)),
+        // Store nodes of the current shape, and now and then a transition between 2×2 and 3×2.
+        let shape = run.cluster.current_config().await.unwrap();
+        let nodes: Vec<NodeId> = shape.node_ids().into_iter().collect();
+        let nemesis = match rng.random_range(0..9) {
+            0..=1 => Nemesis::KillStoreNode(nodes[rng.random_range(0..nodes.len())]),
+            2..=3 => Nemesis::PauseStoreNode(nodes[rng.random_range(0..nodes.len())]),
+            4..=5 => Nemesis::KillConfigManager,
+            6..=7 => Nemesis::KillApiServer(rng.random_range(0..apis)),
+            _ if shape.replicas.len() == 2 => Nemesis::Scale(3, 2),
+            _ => Nemesis::Scale(2, 2),
         };
         let lasted = Duration::from_millis(rng.random_range(1_000..10_000));
         let quiet = Duration::from_millis(rng.random_range(1_000..8_000));
