@@ -136,21 +136,24 @@ impl StoreNodes {
     }
 
     /// The nodes to try for one call, best first: each tier rotated by `start` (to spread the
-    /// load), nodes that recently failed a call or left one unanswered last.
+    /// load), and within each tier the nodes that recently failed a call or left one unanswered
+    /// last. A penalized node of the preferred tier still comes before the others (nodes that
+    /// are leaving in a transition, which may no longer serve).
     fn order(&self, start: usize) -> Vec<String> {
         let nodes = self.nodes.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let rotate = |tier: &[String]| -> Vec<String> {
-            (0..tier.len())
-                .map(|i| tier[(start + i) % tier.len()].clone())
-                .collect()
-        };
-        let mut order = rotate(&nodes.preferred);
-        order.extend(rotate(&nodes.others));
         let now = Instant::now();
         let mut penalized = self.penalized.lock().unwrap_or_else(|e| e.into_inner());
         penalized.retain(|_, until| *until > now);
-        // A stable sort: the order within each group stays.
-        order.sort_by_key(|addr| penalized.contains_key(addr));
+        let ordered = |tier: &[String]| -> Vec<String> {
+            let mut rotated: Vec<String> = (0..tier.len())
+                .map(|i| tier[(start + i) % tier.len()].clone())
+                .collect();
+            // A stable sort: the rotation stays within each group.
+            rotated.sort_by_key(|addr| penalized.contains_key(addr));
+            rotated
+        };
+        let mut order = ordered(&nodes.preferred);
+        order.extend(ordered(&nodes.others));
         order
     }
 
@@ -341,6 +344,12 @@ impl StoreNodes {
                             running.push(fut);
                         }
                     }
+                    // The other call may still answer (a hedged node's connection can break
+                    // when the node resumes): a read is idempotent, so wait for it.
+                    Err(status) if !running.is_empty() => {
+                        self.answered(&addr);
+                        last = status;
+                    }
                     Err(status) => {
                         self.answered(&addr);
                         return Err(StoreError::Status(status));
@@ -349,7 +358,7 @@ impl StoreNodes {
                 () = hedge => {
                     let (addr, at) = newest.clone().expect("a hedge waits on a call");
                     if self.silent_since(&addr, at) {
-                        // Last for a while, like a node that failed a call.
+                        // Last of its tier for a while, like a node that failed a call.
                         self.penalize(&addr);
                         if let Some(next) = candidates.next() {
                             self.failovers.fetch_add(1, Ordering::Relaxed);
@@ -362,8 +371,7 @@ impl StoreNodes {
                         }
                     } else {
                         // It answered something since: alive. Look again a delay later.
-                        let at = self.sent(&addr);
-                        newest = Some((addr, at));
+                        newest = Some((addr, Instant::now()));
                     }
                 }
             }
@@ -562,7 +570,7 @@ mod tests {
     }
 
     #[test]
-    fn nodes_of_both_configurations_come_first_and_failed_nodes_last() {
+    fn nodes_of_both_configurations_come_first_and_failed_nodes_last_of_their_tier() {
         use causeway_core::{ClusterConfig, NodeId, NodeInfo};
         let info = |i: u64| NodeInfo {
             id: NodeId(i),
@@ -590,7 +598,11 @@ mod tests {
         let store = StoreNodes::new(4, Arc::default());
         store.set_pair(pair);
         assert_eq!(store.order(1), ["n2", "n1", "n4", "n3"]);
+        // A node that failed goes last of its tier: a node of both configurations still comes
+        // before one that is leaving (which may no longer serve).
         store.penalize("n2");
-        assert_eq!(store.order(1), ["n1", "n4", "n3", "n2"]);
+        assert_eq!(store.order(1), ["n1", "n2", "n4", "n3"]);
+        store.penalize("n4");
+        assert_eq!(store.order(1), ["n1", "n2", "n3", "n4"]);
     }
 }
