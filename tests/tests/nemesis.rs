@@ -185,8 +185,9 @@ impl Run {
     }
 
     /// Stops the load, judges the history (any anomaly fails) and checks the replicas agree;
-    /// the report, as text (markdown).
-    async fn finish(self) -> String {
+    /// the report, as text (markdown), is written first to `report_to` (a path and a header)
+    /// when given, so that a failed run keeps it.
+    async fn finish(self, report_to: Option<(String, String)>) {
         let report = self.load.stop().await;
         let mut text = format!("```\n{report}```\n\n| fault | lasted | requests | failed | served again after |\n|---|---|---|---|---|\n");
         for fault in &self.faults {
@@ -198,6 +199,9 @@ impl Run {
             ));
         }
         println!("{text}");
+        if let Some((path, header)) = report_to {
+            std::fs::write(path, header + &text).unwrap();
+        }
         assert!(
             report.consistency.is_clean(),
             "anomalies:\n{}",
@@ -211,7 +215,6 @@ impl Run {
         if let Err(e) = check_final_state(&self.cluster).await {
             panic!("{e}");
         }
-        text
     }
 }
 
@@ -229,7 +232,7 @@ async fn every_nemesis_under_load_leaves_no_anomaly() {
     ] {
         run.fault(nemesis, FAULT, Duration::from_secs(2)).await;
     }
-    run.finish().await;
+    run.finish(None).await;
 }
 
 /// Randomly scheduled faults for `CAUSEWAY_SOAK_SECONDS` (default 600), the schedule drawn from
@@ -262,11 +265,10 @@ async fn soak() {
         let quiet = Duration::from_millis(rng.random_range(1_000..8_000));
         run.fault(nemesis, lasted, quiet).await;
     }
-    let text = run.finish().await;
-    if let Ok(path) = std::env::var("CAUSEWAY_SOAK_REPORT") {
-        let header = format!("Soak: {seconds} s, seed {seed}.\n\n");
-        std::fs::write(path, header + &text).unwrap();
-    }
+    let report_to = std::env::var("CAUSEWAY_SOAK_REPORT")
+        .ok()
+        .map(|path| (path, format!("Soak: {seconds} s, seed {seed}.\n\n")));
+    run.finish(report_to).await;
 }
 
 /// Every replica of every partition agrees once the faults are over.
