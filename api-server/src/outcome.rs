@@ -80,6 +80,11 @@ async fn ask(store: &Store, addrs: &[String], ts: Timestamp, wait_ms: u32) -> Lo
 
 /// Waits (until `timeout`) for the outcome of the transaction at `ts` that writes the document
 /// at `hash`. `None` when no replica told it in time.
+///
+/// Each replica is asked again as soon as it answers without the decision (it has not applied
+/// the ts yet, or it waits at it for votes), so that the answer of a live replica is never held
+/// back by a silent one: a paused node answers nothing until its call's deadline. The replicas
+/// are looked up again every round, which follows a transition.
 pub async fn wait(
     store: &Store,
     ts: Timestamp,
@@ -88,21 +93,48 @@ pub async fn wait(
 ) -> Option<pb::TxOutcome> {
     let deadline = Instant::now() + timeout;
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let round = u32::try_from(left.as_millis())
-            .unwrap_or(u32::MAX)
-            .min(ROUND_MS);
-        let holders = store.holders(hash);
-        match ask(store, &holders, ts, round).await {
-            Lookup::Decided(outcome) => return Some(outcome),
-            Lookup::Pending | Lookup::Unknown { .. } => {}
+        let round_end = deadline.min(Instant::now() + Duration::from_millis(ROUND_MS.into()));
+        let mut asks: FuturesUnordered<_> = store
+            .holders(hash)
+            .into_iter()
+            .map(|addr| keep_asking(store, addr, ts, round_end))
+            .collect();
+        while let Some(answer) = asks.next().await {
+            if answer.is_some() {
+                return answer;
+            }
         }
         if Instant::now() >= deadline {
             return None;
         }
         // A round that failed fast (nodes down) is not repeated at once.
-        tokio::time::sleep(Duration::from_millis(20).min(left)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Asks the node at `addr` for the outcome of `ts` until it tells it or `end` passes.
+async fn keep_asking(
+    store: &Store,
+    addr: String,
+    ts: Timestamp,
+    end: Instant,
+) -> Option<pb::TxOutcome> {
+    let addrs = [addr];
+    let asking = async {
+        loop {
+            let asked = Instant::now();
+            let left = end.saturating_duration_since(asked);
+            let wait_ms = u32::try_from(left.as_millis()).unwrap_or(u32::MAX);
+            if let Lookup::Decided(outcome) = ask(store, &addrs, ts, wait_ms).await {
+                return outcome;
+            }
+            // An answer at once without the decision (the node waits at ts for votes, or the
+            // call failed): ask again after a pause, not in a spin.
+            let pause = Duration::from_millis(10).saturating_sub(asked.elapsed());
+            tokio::time::sleep(pause).await;
+        }
+    };
+    tokio::time::timeout_at(end, asking).await.ok()
 }
 
 /// What the live nodes know of `ts` now (each waits a moment to reach it).

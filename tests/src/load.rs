@@ -48,6 +48,8 @@ use crate::history::{Op, OpKind, OpResult};
 /// Collections of the load's documents.
 const WRITES: &str = "load_writes";
 const BANK: &str = "load_bank";
+/// The bank of conditional transfers: no balance there may go below zero.
+const CONDITIONAL_BANK: &str = "load_cbank";
 const SESSIONS: &str = "load_sessions";
 /// How many times a request refused with 429 is sent again before the 429 counts as a failure.
 const MAX_THROTTLED_RETRIES: u32 = 10;
@@ -66,6 +68,11 @@ pub struct LoadSpec {
     pub transfers_per_s: u32,
     /// Snapshot reads of every account per second.
     pub bank_reads_per_s: u32,
+    /// Conditional transfers per second, in a bank of their own whose accounts start with a
+    /// tenth of `initial_balance`, so that some conditions are false.
+    pub conditional_transfers_per_s: u32,
+    /// Queries of every account of the conditional bank per second.
+    pub queries_per_s: u32,
     /// Causal sessions, each alternating between the api-servers.
     pub sessions: u32,
     /// Steps (a write, then two reads, ...) per second of each session.
@@ -90,6 +97,8 @@ impl Default for LoadSpec {
             reads_per_s: 40,
             transfers_per_s: 10,
             bank_reads_per_s: 10,
+            conditional_transfers_per_s: 10,
+            queries_per_s: 5,
             sessions: 4,
             session_steps_per_s: 10,
             accounts: 8,
@@ -104,13 +113,20 @@ impl Default for LoadSpec {
 
 impl LoadSpec {
     /// The requests sent open-loop, with their rates.
-    fn open_loop_rates(&self) -> [(u32, Kind); 4] {
+    fn open_loop_rates(&self) -> [(u32, Kind); 6] {
         [
             (self.writes_per_s, Kind::Write),
             (self.reads_per_s, Kind::Read),
             (self.transfers_per_s, Kind::Transfer),
             (self.bank_reads_per_s, Kind::BankRead),
+            (self.conditional_transfers_per_s, Kind::ConditionalTransfer),
+            (self.queries_per_s, Kind::Query),
         ]
+    }
+
+    /// The balance each account of the conditional bank starts with.
+    fn conditional_balance(&self) -> i64 {
+        self.initial_balance / 10
     }
 }
 
@@ -297,6 +313,8 @@ async fn open_loop(shared: Arc<Shared>, rate: u32, kind: Kind, mut stopped: watc
                         Kind::Read => shared.read().await,
                         Kind::Transfer => shared.transfer().await,
                         Kind::BankRead => shared.bank_read().await,
+                        Kind::ConditionalTransfer => shared.conditional_transfer().await,
+                        Kind::Query => shared.query(shared.api()).await,
                         Kind::Setup | Kind::SessionWrite | Kind::SessionRead => {
                             unreachable!("{kind} is not an open-loop request")
                         }
@@ -425,6 +443,9 @@ impl Shared {
             }
             let outcome = if status.is_success() {
                 Outcome::Ok
+            } else if status == StatusCode::PRECONDITION_FAILED && kind == Kind::ConditionalTransfer
+            {
+                Outcome::ConditionFailed
             } else if status.is_client_error() {
                 Outcome::ClientError(status.as_u16())
             } else {
@@ -462,10 +483,17 @@ impl Shared {
 
     /// Creates every account with the initial balance in one transaction; its commit ts.
     async fn create_accounts(&self) -> Result<u64> {
-        let mutations: Vec<Value> = (0..self.spec.accounts)
-            .map(|i| {
-                json!({"op": "replace", "collection": BANK, "id": self.account(i),
-                       "document": {"balance": self.spec.initial_balance}})
+        let banks = [
+            (BANK, self.spec.initial_balance),
+            (CONDITIONAL_BANK, self.spec.conditional_balance()),
+        ];
+        let mutations: Vec<Value> = banks
+            .iter()
+            .flat_map(|&(bank, balance)| {
+                (0..self.spec.accounts).map(move |i| {
+                    json!({"op": "replace", "collection": bank, "id": self.account(i),
+                           "document": {"balance": balance, "run": self.run}})
+                })
             })
             .collect();
         let body = json!({ "mutations": mutations });
@@ -489,8 +517,11 @@ impl Shared {
         let Some(answer) = sent.answer.filter(|a| a.status.is_success()) else {
             return Err(failed(&history));
         };
-        history.ops.bank = (0..self.spec.accounts)
-            .map(|i| (key(BANK, &self.account(i)), self.spec.initial_balance))
+        history.ops.bank = banks
+            .iter()
+            .flat_map(|&(bank, balance)| {
+                (0..self.spec.accounts).map(move |i| (key(bank, &self.account(i)), balance))
+            })
             .collect();
         commit_ts(&answer.body).context("the accounts' commit ts")
     }
@@ -576,20 +607,36 @@ impl Shared {
     }
 
     async fn transfer(&self) {
+        self.transfer_in(BANK, Kind::Transfer).await;
+    }
+
+    /// A transfer in the conditional bank, only if the source's balance covers it (else 412).
+    async fn conditional_transfer(&self) {
+        self.transfer_in(CONDITIONAL_BANK, Kind::ConditionalTransfer)
+            .await;
+    }
+
+    async fn transfer_in(&self, bank: &str, kind: Kind) {
         let (from, to, amount) = {
             let mut rng = rand::rng();
             let from = rng.random_range(0..self.spec.accounts);
             let to = (from + rng.random_range(1..self.spec.accounts.max(2))) % self.spec.accounts;
             (from, to, rng.random_range(1..=100i64))
         };
-        let body = json!({"mutations": [
-            {"op": "increment", "collection": BANK, "id": self.account(from), "path": "balance", "delta": -amount},
-            {"op": "increment", "collection": BANK, "id": self.account(to), "path": "balance", "delta": amount},
+        let (from, to) = (self.account(from), self.account(to));
+        let conditional = kind == Kind::ConditionalTransfer;
+        let mut body = json!({"mutations": [
+            {"op": "increment", "collection": bank, "id": from, "path": "balance", "delta": -amount},
+            {"op": "increment", "collection": bank, "id": to, "path": "balance", "delta": amount},
         ]});
+        if conditional {
+            body["conditions"] =
+                json!([{"collection": bank, "id": from, "filter": {"balance": {"$gte": amount}}}]);
+        }
         let api = self.api();
         let sent = self
             .send(
-                Kind::Transfer,
+                kind,
                 api,
                 Method::POST,
                 "/v1/transactions",
@@ -601,11 +648,69 @@ impl Shared {
             self.open_loop_client(),
             &sent,
             OpKind::Transfer {
-                from: key(BANK, &self.account(from)),
-                to: key(BANK, &self.account(to)),
+                from: key(bank, &from),
+                to: key(bank, &to),
                 amount,
-                conditional: false,
+                conditional,
                 commit_ts: acknowledged_ts(&sent),
+            },
+        );
+    }
+
+    /// A query of every account of the conditional bank: one page at one read timestamp,
+    /// judged as a snapshot read of the bank (the balances at its ts, their total, none below
+    /// zero).
+    async fn query(&self, api: usize) {
+        let body = json!({"filter": {"run": self.run}, "limit": self.spec.accounts});
+        let path = format!("/v1/collections/{CONDITIONAL_BANK}/query");
+        let sent = self
+            .send(
+                Kind::Query,
+                api,
+                Method::POST,
+                &path,
+                Some(self.bank_ts),
+                Some(&body),
+            )
+            .await;
+        let Some(answer) = sent.answer.as_ref().filter(|a| a.status.is_success()) else {
+            return;
+        };
+        let documents = answer.body["documents"].as_array();
+        let balances: Vec<(String, i64)> = documents
+            .into_iter()
+            .flatten()
+            .filter_map(|d| {
+                let id = d["id"].as_str()?;
+                Some((
+                    key(CONDITIONAL_BANK, id),
+                    d["document"]["balance"].as_i64()?,
+                ))
+            })
+            .collect();
+        if balances.len() != self.spec.accounts as usize || answer.body["partial"] == true {
+            self.malformed(
+                Kind::Query,
+                api,
+                &format!(
+                    "a query of {} accounts answered {} of them: {}",
+                    self.spec.accounts,
+                    balances.len(),
+                    answer
+                        .body
+                        .to_string()
+                        .chars()
+                        .take(300)
+                        .collect::<String>()
+                ),
+            );
+        }
+        self.op(
+            self.open_loop_client(),
+            &sent,
+            OpKind::BankRead {
+                read_ts: answer.body["read_timestamp"].as_str().and_then(ts_of),
+                balances,
             },
         );
     }
@@ -740,6 +845,7 @@ impl Shared {
             }
             if self.spec.accounts > 0 {
                 self.bank_read_via(api).await;
+                self.query(api).await;
             }
         }
     }

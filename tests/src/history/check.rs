@@ -12,8 +12,9 @@
 //!   - one transaction's value on one key and an older value on another of its keys in the same
 //!     read: a **partial transaction**;
 //!   - any other: a **snapshot** violation (a stale or a future value).
-//! - **Bank**: a read of every account whose total is not the bank's, a balance below zero when
-//!   every transfer is conditional, and a balance that is not the one its read ts gives (the
+//! - **Bank** (each bank is the accounts of one collection): a read of every account of a bank
+//!   whose total is not the bank's, a balance below zero in a bank whose every transfer is
+//!   conditional, and a balance that is not the one its read ts gives (the
 //!   transfers acknowledged at or below it, each unknown one counted or not).
 //! - **Sessions** (per client, in its order): a read carrying `Causeway-After` reads at or after
 //!   every ts the client saw before (**read-your-writes** for its writes, **monotonic reads**
@@ -125,6 +126,7 @@ pub fn check(history: &History) -> Report {
         ..Report::default()
     };
     let writes = Writes::index(history);
+    let banks = Banks::index(history);
     for (id, op) in history.ops.iter().enumerate() {
         if op.result != OpResult::Ok {
             continue;
@@ -144,7 +146,7 @@ pub fn check(history: &History) -> Report {
                 read_ts: Some(read_ts),
                 balances,
             } => {
-                for anomaly in check_bank_read(history, id, *read_ts, balances) {
+                for anomaly in check_bank_read(history, &banks, id, *read_ts, balances) {
                     report.add(anomaly);
                 }
             }
@@ -365,37 +367,123 @@ fn check_read(
     found
 }
 
+/// The bank of a history, indexed: each bank is the accounts of one collection (a workload may
+/// run several, say one with conditional transfers and one without).
+struct Banks<'h> {
+    /// Each account's acknowledged transfers by commit ts, with the running balance after each.
+    acknowledged: HashMap<&'h str, Vec<(u64, i64)>>,
+    /// Each account's transfers of unknown outcome: the sum of their debits, of their credits,
+    /// and how many.
+    unknown: HashMap<&'h str, (i64, i64, usize)>,
+    /// Collections with an unconditional transfer (a balance there may go below zero).
+    unconditional: HashSet<&'h str>,
+    /// Each bank's accounts and its total.
+    banks: HashMap<&'h str, (usize, i64)>,
+}
+
+/// The collection of a key, `collection/id`.
+fn collection(key: &str) -> &str {
+    key.split_once('/').map_or(key, |(c, _)| c)
+}
+
+impl<'h> Banks<'h> {
+    fn index(history: &'h History) -> Banks<'h> {
+        let mut banks = Banks {
+            acknowledged: HashMap::new(),
+            unknown: HashMap::new(),
+            unconditional: HashSet::new(),
+            banks: HashMap::new(),
+        };
+        for (account, balance) in &history.bank {
+            let bank = banks.banks.entry(collection(account)).or_default();
+            bank.0 += 1;
+            bank.1 += balance;
+        }
+        let mut effects: HashMap<&str, Vec<(u64, i64)>> = HashMap::new();
+        for op in &history.ops {
+            let OpKind::Transfer {
+                from,
+                to,
+                amount,
+                conditional,
+                commit_ts,
+            } = &op.kind
+            else {
+                continue;
+            };
+            if !conditional {
+                banks.unconditional.insert(collection(from));
+            }
+            for (account, effect) in [(from, -amount), (to, *amount)] {
+                match (op.result, commit_ts) {
+                    (OpResult::Ok, Some(ts)) => {
+                        effects.entry(account).or_default().push((*ts, effect))
+                    }
+                    (OpResult::Unknown, _) => {
+                        let unknown = banks.unknown.entry(account).or_default();
+                        unknown.0 += effect.min(0);
+                        unknown.1 += effect.max(0);
+                        unknown.2 += 1;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for (account, mut list) in effects {
+            list.sort_unstable();
+            let mut balance = history.bank.get(account).copied().unwrap_or(0);
+            for entry in &mut list {
+                balance += entry.1;
+                entry.1 = balance;
+            }
+            banks.acknowledged.insert(account, list);
+        }
+        banks
+    }
+
+    /// The balance of `account` after the acknowledged transfers at or below `ts`.
+    fn acknowledged_at(&self, history: &History, account: &str, ts: u64) -> i64 {
+        let start = history.bank.get(account).copied().unwrap_or(0);
+        let Some(list) = self.acknowledged.get(account) else {
+            return start;
+        };
+        match list.partition_point(|&(at, _)| at <= ts) {
+            0 => start,
+            n => list[n - 1].1,
+        }
+    }
+}
+
 fn check_bank_read(
     history: &History,
+    banks: &Banks<'_>,
     read: OpId,
     read_ts: u64,
     balances: &[(Key, i64)],
 ) -> Vec<Anomaly> {
     let mut found = Vec::new();
-    let all_conditional = history.ops.iter().all(|op| {
-        !matches!(
-            op.kind,
-            OpKind::Transfer {
-                conditional: false,
-                ..
+    // A read of every account of one bank: their total is the bank's.
+    if let Some((first, _)) = balances.first() {
+        let bank = collection(first);
+        let total: i64 = balances.iter().map(|(_, b)| b).sum();
+        let one_bank = balances
+            .iter()
+            .all(|(k, _)| collection(k) == bank && history.bank.contains_key(k));
+        if let Some(&(accounts, bank_total)) = banks.banks.get(bank) {
+            if one_bank && balances.len() == accounts && total != bank_total {
+                found.push(Anomaly {
+                    class: Class::BankTotal,
+                    ops: vec![read],
+                    explanation: format!(
+                        "read {read} at ts {read_ts}: the accounts of {bank} total {total}, not \
+                         {bank_total}"
+                    ),
+                });
             }
-        )
-    });
-    let covers_bank = balances.len() == history.bank.len()
-        && balances.iter().all(|(k, _)| history.bank.contains_key(k));
-    let total: i64 = balances.iter().map(|(_, b)| b).sum();
-    let bank_total: i64 = history.bank.values().sum();
-    if covers_bank && total != bank_total {
-        found.push(Anomaly {
-            class: Class::BankTotal,
-            ops: vec![read],
-            explanation: format!(
-                "read {read} at ts {read_ts}: the accounts total {total}, not {bank_total}"
-            ),
-        });
+        }
     }
     for (account, balance) in balances {
-        if all_conditional && *balance < 0 {
+        if *balance < 0 && !banks.unconditional.contains(collection(account)) {
             found.push(Anomaly {
                 class: Class::NegativeBalance,
                 ops: vec![read],
@@ -407,50 +495,23 @@ fn check_bank_read(
         }
         // The balance at the read ts: the start, the acknowledged transfers at or below it, and
         // each transfer of unknown outcome either way.
-        let Some(start) = history.bank.get(account) else {
+        if !history.bank.contains_key(account) {
             continue;
-        };
-        let (mut low, mut high) = (*start, *start);
-        let mut involved = Vec::new();
-        for (id, op) in history.ops.iter().enumerate() {
-            let OpKind::Transfer {
-                from,
-                to,
-                amount,
-                commit_ts,
-                ..
-            } = &op.kind
-            else {
-                continue;
-            };
-            let effect = if from == account {
-                -amount
-            } else if to == account {
-                *amount
-            } else {
-                continue;
-            };
-            match (op.result, commit_ts) {
-                (OpResult::Ok, Some(ts)) if *ts <= read_ts => {
-                    low += effect;
-                    high += effect;
-                }
-                (OpResult::Unknown, _) => {
-                    low += effect.min(0);
-                    high += effect.max(0);
-                    involved.push(id);
-                }
-                _ => {}
-            }
         }
+        let at = banks.acknowledged_at(history, account, read_ts);
+        let (debits, credits, unknown) = banks
+            .unknown
+            .get(account.as_str())
+            .copied()
+            .unwrap_or_default();
+        let (low, high) = (at + debits, at + credits);
         if !(low..=high).contains(balance) {
             found.push(Anomaly {
                 class: Class::BankBalance,
                 ops: vec![read],
                 explanation: format!(
                     "read {read} at ts {read_ts}: {account} has {balance}, the transfers give \
-                     {low}..={high} ({} of unknown outcome)",
-                    involved.len()
+                     {low}..={high} ({unknown} of unknown outcome)"
                 ),
             });
         }
@@ -676,12 +737,12 @@ mod tests {
         h.read(1, Some(2), 3, &[("a", v(2)), ("b", v(1))]);
         h.read(1, Some(3), 4, &[("a", v(2)), ("b", v(9))]);
         h.read_op(1, None, 5, &[("a", v(2)), ("c", None)], true);
-        h.0.bank = [("x".to_string(), 10), ("y".to_string(), 10)].into();
-        h.transfer(OpResult::Ok, Some(6), "x", "y", 3);
-        h.transfer(OpResult::Unknown, None, "y", "x", 1);
-        h.transfer(OpResult::Fail, None, "x", "y", 50);
-        h.bank_read(7, &[("x", 7), ("y", 13)]);
-        h.bank_read(8, &[("x", 8), ("y", 12)]);
+        h.0.bank = [("bank/x".to_string(), 10), ("bank/y".to_string(), 10)].into();
+        h.transfer(OpResult::Ok, Some(6), "bank/x", "bank/y", 3);
+        h.transfer(OpResult::Unknown, None, "bank/y", "bank/x", 1);
+        h.transfer(OpResult::Fail, None, "bank/x", "bank/y", 50);
+        h.bank_read(7, &[("bank/x", 7), ("bank/y", 13)]);
+        h.bank_read(8, &[("bank/x", 8), ("bank/y", 12)]);
         let report = h.only(&[]);
         assert!(report.to_string().contains("no anomaly"));
         let again = History::from_json_lines(&h.0.to_json_lines()).unwrap();
@@ -691,10 +752,10 @@ mod tests {
     #[test]
     fn bank_total_and_a_negative_balance() {
         let mut h = Make::new();
-        h.0.bank = [("x".to_string(), 10), ("y".to_string(), 10)].into();
-        h.transfer(OpResult::Ok, Some(1), "x", "y", 10);
-        h.bank_read(2, &[("x", 0), ("y", 20)]);
-        h.bank_read(3, &[("x", -1), ("y", 20)]);
+        h.0.bank = [("bank/x".to_string(), 10), ("bank/y".to_string(), 10)].into();
+        h.transfer(OpResult::Ok, Some(1), "bank/x", "bank/y", 10);
+        h.bank_read(2, &[("bank/x", 0), ("bank/y", 20)]);
+        h.bank_read(3, &[("bank/x", -1), ("bank/y", 20)]);
         let report = h.only(&[Class::BankTotal, Class::NegativeBalance, Class::BankBalance]);
         assert_eq!(report.count(Class::BankTotal), 1);
         assert_eq!(report.anomalies[&Class::BankTotal].1.ops, vec![2]);
@@ -703,15 +764,34 @@ mod tests {
     #[test]
     fn a_bank_read_missing_an_acknowledged_transfer_or_showing_a_refused_one() {
         let mut h = Make::new();
-        h.0.bank = [("x".to_string(), 10), ("y".to_string(), 10)].into();
-        h.transfer(OpResult::Ok, Some(1), "x", "y", 4);
-        h.transfer(OpResult::Fail, None, "y", "x", 2);
+        h.0.bank = [("bank/x".to_string(), 10), ("bank/y".to_string(), 10)].into();
+        h.transfer(OpResult::Ok, Some(1), "bank/x", "bank/y", 4);
+        h.transfer(OpResult::Fail, None, "bank/y", "bank/x", 2);
         // The total holds, but the balances are those before the acknowledged transfer, then
         // after the refused one.
-        h.bank_read(2, &[("x", 10), ("y", 10)]);
-        h.bank_read(3, &[("x", 8), ("y", 12)]);
+        h.bank_read(2, &[("bank/x", 10), ("bank/y", 10)]);
+        h.bank_read(3, &[("bank/x", 8), ("bank/y", 12)]);
         let report = h.only(&[Class::BankBalance]);
         assert_eq!(report.count(Class::BankBalance), 4);
+    }
+
+    #[test]
+    fn a_negative_balance_counts_only_in_a_bank_of_conditional_transfers() {
+        let mut h = Make::new();
+        h.0.bank = [("c/x", 10), ("c/y", 10), ("u/x", 10), ("u/y", 10)]
+            .map(|(k, b)| (k.to_string(), b))
+            .into();
+        h.transfer(OpResult::Ok, Some(1), "c/x", "c/y", 10);
+        let unconditional = h.transfer(OpResult::Ok, Some(2), "u/x", "u/y", 15);
+        if let OpKind::Transfer { conditional, .. } = &mut h.0.ops[unconditional].kind {
+            *conditional = false;
+        }
+        let wrong = h.bank_read(3, &[("c/x", -5), ("c/y", 25)]);
+        h.bank_read(4, &[("u/x", -5), ("u/y", 25)]);
+        let report = h.only(&[Class::NegativeBalance, Class::BankBalance]);
+        assert_eq!(report.count(Class::NegativeBalance), 1);
+        assert_eq!(report.anomalies[&Class::NegativeBalance].1.ops, vec![wrong]);
+        assert_eq!(report.count(Class::BankBalance), 2);
     }
 
     #[test]

@@ -25,6 +25,11 @@ pub enum Kind {
     Transfer,
     /// A snapshot read of every account in one request.
     BankRead,
+    /// A transfer between two accounts of the conditional bank, only if the source's balance
+    /// covers it: one transaction of two increments and a condition.
+    ConditionalTransfer,
+    /// A query of every account of the conditional bank (one page, one read timestamp).
+    Query,
     /// A causal session's write of its own document.
     SessionWrite,
     /// A causal session's read of its own document with its token.
@@ -39,6 +44,8 @@ impl fmt::Display for Kind {
             Kind::Read => "read",
             Kind::Transfer => "transfer",
             Kind::BankRead => "bank read",
+            Kind::ConditionalTransfer => "conditional transfer",
+            Kind::Query => "query",
             Kind::SessionWrite => "session write",
             Kind::SessionRead => "session read",
         };
@@ -64,6 +71,9 @@ pub enum Outcome {
     /// Not sent: the load already had its maximum of requests in flight, so the servers were
     /// too slow for the rate asked.
     Saturated,
+    /// 412: a conditional transfer's condition was false and it aborted, as it may: an answer,
+    /// not a failure.
+    ConditionFailed,
     /// 429: admission control refused a write (it changed nothing); the load sends it again
     /// after its `Retry-After`, so this is counted, not failed.
     Throttled,
@@ -71,7 +81,7 @@ pub enum Outcome {
 
 impl Outcome {
     pub fn is_ok(&self) -> bool {
-        *self == Outcome::Ok
+        matches!(self, Outcome::Ok | Outcome::ConditionFailed)
     }
 }
 
@@ -80,6 +90,7 @@ impl fmt::Display for Outcome {
         match self {
             Outcome::Ok => f.write_str("ok"),
             Outcome::Throttled => f.write_str("429 (throttled, sent again)"),
+            Outcome::ConditionFailed => f.write_str("412 (condition false, aborted)"),
             Outcome::ClientError(s) => write!(f, "{s} (4xx)"),
             Outcome::ServerError(s) => write!(f, "{s} (5xx)"),
             Outcome::Timeout => f.write_str("timeout"),
