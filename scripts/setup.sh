@@ -2,8 +2,8 @@
 # Installs what building and testing Causeway needs on a Debian machine, skipping what is there:
 # the C/C++ toolchain and libclang (RocksDB, librdkafka), and, with --broker, a JDK, Maven and the
 # Apache Kafka broker the Kafka tests run against (its jars, from Maven Central through `mvn`, into
-# ~/.cache/causeway-kafka/<version>/libs; CAUSEWAY_KAFKA_LIBS overrides the place). Safe to run
-# again.
+# ~/.cache/causeway-kafka/<version>/libs; CAUSEWAY_KAFKA_LIBS overrides the place), and iptables
+# and Debian's fiu-utils for the fault suite (partitions, failing fsyncs). Safe to run again.
 set -euo pipefail
 
 want_broker=false
@@ -29,6 +29,8 @@ if $want_broker; then
   command -v java >/dev/null 2>&1 || [[ -x "${JAVA_HOME:-/nonexistent}/bin/java" ]] || jdk+=(openjdk-17-jre-headless)
   command -v mvn >/dev/null 2>&1 || jdk+=(maven)
   if ((${#jdk[@]})); then apt_install setup "${jdk[@]}"; fi
+  # The fault suite: iptables cuts the network between processes, libfiu fails their fsyncs.
+  apt_install setup iptables fiu-utils
   if [[ ! -f "$libs/kafka_2.13-$kafka_version.jar" ]]; then
     echo "setup: fetching the Kafka $kafka_version broker from Maven Central into $libs"
     pom="$(cd "$(dirname "$0")/.." && pwd)/txlog/kafka-broker/pom.xml"

@@ -55,6 +55,7 @@ impl LocalCluster {
             .arg(&log)
             .arg("--tokens-file")
             .arg(self.root.join("tokens.json"));
+        crate::with_gid(&mut command, self.gid(crate::Member::ApiServer(i - 1)));
         Proc::spawn(command, self.root.join(format!("api-server-{i}.log")))
     }
 

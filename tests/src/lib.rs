@@ -15,6 +15,9 @@
 //! - [`cdc`]: `causeway-cdc` processes of a cluster ([`LocalCluster::start_cdc`]) and a webhook
 //!   endpoint that verifies signatures and records every event.
 //! - `process`: child processes, their logs, free ports.
+//! - `network`: partitions between processes ([`LocalCluster::partition`]).
+//! - `disk`: a store node's disk filling up and its fsyncs failing ([`LocalCluster::fill_disk`],
+//!   [`LocalCluster::fail_syncs`]).
 //! - [`history`]: recorded histories of client operations and the checkers of every anomaly
 //!   class (the fault and consistency suite's).
 //! - [`load`]: a steady mixed load through the HTTP API that records every request, and the
@@ -23,8 +26,10 @@
 
 mod api;
 pub mod cdc;
+mod disk;
 pub mod history;
 pub mod load;
+mod network;
 mod process;
 
 pub use api::API_TOKEN;
@@ -40,12 +45,15 @@ use causeway_config_manager::{Client as ConfigClient, ConfigPair};
 use causeway_core::{ClusterConfig, Interval, NodeId, Timestamp};
 use causeway_proto::v1::store_node_client::StoreNodeClient;
 use causeway_proto::v1::{self as pb, Transaction};
+use causeway_store_node::storage::StoreOptions;
 use causeway_store_node::{Options as NodeOptions, Tuning};
 use causeway_txlog::testing::Broker;
 use causeway_txlog::{LogOptions, TxLog};
 use tonic::transport::Channel;
 
 use crate::api::ApiServer;
+use crate::disk::SmallDisk;
+use crate::network::Firewall;
 use crate::process::{binary, free_addr, Proc};
 
 /// The shape of a cluster to start.
@@ -59,6 +67,21 @@ pub struct ClusterSpec {
     pub spares: u32,
     /// Node tuning (gossip interval, liveness timeout, GC cadence, ...).
     pub tuning: Tuning,
+    /// Every store node's storage options.
+    pub store: StoreOptions,
+    /// Kafka: 0 for the single-node broker this test process shares; `n` for a KRaft cluster of
+    /// `n` nodes of this cluster's own (replication factor `min(n, 3)`), which a test may kill
+    /// and restart ([`LocalCluster::kill_broker`]).
+    pub brokers: usize,
+    /// Every process with a group id of its own, so that [`LocalCluster::partition`] can cut
+    /// the network between them (needs root and iptables).
+    pub isolated: bool,
+    /// Each store node's data on a tmpfs of this many MiB, which [`LocalCluster::fill_disk`]
+    /// fills (needs root).
+    pub node_disk_mb: Option<u64>,
+    /// Store nodes run under libfiu's `fiu-run`, so that [`LocalCluster::fail_syncs`] can make
+    /// their fsyncs fail.
+    pub fsync_faults: bool,
 }
 
 impl ClusterSpec {
@@ -74,6 +97,11 @@ impl ClusterSpec {
             replicas,
             spares: 0,
             tuning,
+            store: StoreOptions::default(),
+            brokers: 0,
+            isolated: false,
+            node_disk_mb: None,
+            fsync_faults: false,
         }
     }
 }
@@ -86,18 +114,43 @@ struct Node {
     config: PathBuf,
 }
 
+/// A process of a cluster, as a side of a network partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Member {
+    ConfigManager,
+    Node(NodeId),
+    /// The `i`-th api-server, in start order.
+    ApiServer(usize),
+    /// Kafka node `i` (0-based). Only a destination: nothing partitions a broker's own sends.
+    Broker(usize),
+}
+
+/// The Kafka of a cluster: the shared broker, or a KRaft cluster of its own.
+#[derive(Debug)]
+enum Kafka {
+    Shared(&'static Broker),
+    Own(Broker),
+}
+
 /// A cluster of real processes. Dropping it kills them all.
 #[derive(Debug)]
 pub struct LocalCluster {
     root: PathBuf,
     _tmp: Option<tempfile::TempDir>,
-    broker: &'static Broker,
+    kafka: Kafka,
+    /// With `ClusterSpec::isolated`: the first of the group ids of this cluster's processes.
+    gid_base: Option<u32>,
+    firewall: Firewall,
+    node_disk_mb: Option<u64>,
+    disks: BTreeMap<NodeId, SmallDisk>,
+    fsync_faults: bool,
     log: TxLog,
     cm: Proc,
     cm_addr: SocketAddr,
     /// What every store node and api-server is given: the log topic, the node tuning.
     log_options: LogOptions,
     tuning: Tuning,
+    store: StoreOptions,
     nodes: BTreeMap<NodeId, Node>,
     api_servers: Vec<ApiServer>,
 }
@@ -134,24 +187,43 @@ impl LocalCluster {
         } else {
             (tmp.path().to_path_buf(), Some(tmp))
         };
-        let broker = tokio::task::block_in_place(Broker::shared).context("starting Kafka")?;
+        let kafka = tokio::task::block_in_place(|| match spec.brokers {
+            0 => Broker::shared().map(Kafka::Shared),
+            n => Broker::start_cluster(n).map(Kafka::Own),
+        })
+        .context("starting Kafka")?;
         static CLUSTERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let broker = match &kafka {
+            Kafka::Shared(b) => *b,
+            Kafka::Own(b) => b,
+        };
         let log_options = LogOptions::Kafka(broker.log_options(&format!("causeway-tx-{n}")));
         let log = TxLog::open(log_options.clone()).await?;
+        // Group ids of this cluster's processes: spread by the process id and the cluster.
+        let gid_base = spec
+            .isolated
+            .then(|| 3_000_000 + (std::process::id() % 100_000) * 2048 + (n as u32 % 2) * 1024);
 
         let cm_addr = free_addr()?;
-        let cm = spawn_config_manager(&root, cm_addr)?;
+        let cm_gid = gid_base.map(|base| base + Member::ConfigManager.gid_offset());
+        let cm = spawn_config_manager(&root, cm_addr, cm_gid)?;
 
         let mut cluster = LocalCluster {
             root,
             _tmp: tmp,
-            broker,
+            kafka,
+            gid_base,
+            firewall: Firewall::new(),
+            node_disk_mb: spec.node_disk_mb,
+            disks: BTreeMap::new(),
+            fsync_faults: spec.fsync_faults,
             log,
             cm,
             cm_addr,
             log_options,
             tuning: spec.tuning.clone(),
+            store: spec.store.clone(),
             nodes: BTreeMap::new(),
             api_servers: Vec::new(),
         };
@@ -188,6 +260,10 @@ impl LocalCluster {
         let admin = free_addr()?;
         let dir = self.root.join(format!("node-{}", id.0));
         std::fs::create_dir_all(&dir)?;
+        if let Some(mb) = self.node_disk_mb {
+            self.disks
+                .insert(id, SmallDisk::mount(&dir.join("data"), mb)?);
+        }
         let options = NodeOptions {
             node_id: id,
             listen: addr,
@@ -196,12 +272,12 @@ impl LocalCluster {
             data_dir: dir.join("data"),
             config_manager: self.cm_addr.to_string(),
             log: self.log_options.clone(),
-            store: Default::default(),
+            store: self.store.clone(),
             tuning: self.tuning.clone(),
         };
         let config = dir.join("options.json");
         std::fs::write(&config, serde_json::to_vec_pretty(&options)?)?;
-        let proc = spawn_node(&config, &self.root, id)?;
+        let proc = self.spawn_node(&config, id)?;
         self.nodes.insert(
             id,
             Node {
@@ -246,7 +322,28 @@ impl LocalCluster {
     }
 
     pub fn broker(&self) -> &Broker {
-        self.broker
+        match &self.kafka {
+            Kafka::Shared(b) => b,
+            Kafka::Own(b) => b,
+        }
+    }
+
+    fn own_broker(&mut self) -> Result<&mut Broker> {
+        match &mut self.kafka {
+            Kafka::Own(b) => Ok(b),
+            Kafka::Shared(_) => bail!("the cluster shares its broker: start it with `brokers`"),
+        }
+    }
+
+    /// kill -9 of Kafka node `i` (0-based) of the cluster's own brokers.
+    pub fn kill_broker(&mut self, i: usize) -> Result<()> {
+        Ok(self.own_broker()?.kill(i)?)
+    }
+
+    /// Starts Kafka node `i` again on its data, and waits until it answers.
+    pub fn restart_broker(&mut self, i: usize) -> Result<()> {
+        let broker = self.own_broker()?;
+        Ok(tokio::task::block_in_place(|| broker.restart_node(i))?)
     }
 
     pub fn node_ids(&self) -> Vec<NodeId> {
@@ -480,7 +577,7 @@ impl LocalCluster {
         if self.cm.is_running() {
             bail!("the config manager is running");
         }
-        self.cm = spawn_config_manager(&self.root, self.cm_addr)?;
+        self.cm = spawn_config_manager(&self.root, self.cm_addr, self.gid(Member::ConfigManager))?;
         Ok(())
     }
 
@@ -490,10 +587,12 @@ impl LocalCluster {
             .nodes
             .get_mut(&node)
             .ok_or_else(|| anyhow!("no {node}"))?;
-        if n.proc.is_running() {
+        if n.proc.reap_running() {
             bail!("{node} is running");
         }
-        n.proc = spawn_node(&n.config, &self.root, node)?;
+        let config = n.config.clone();
+        let proc = self.spawn_node(&config, node)?;
+        self.nodes.get_mut(&node).expect("the node").proc = proc;
         Ok(())
     }
 
@@ -529,25 +628,155 @@ impl LocalCluster {
                 a.proc.tail()
             ));
         }
-        out.push_str(&self.broker.log_tail(2048));
+        out.push_str(&self.broker().log_tail(2048));
         out
+    }
+
+    /// A store node process on its options file: under `fiu-run` with `fsync_faults`.
+    fn spawn_node(&self, config: &Path, id: NodeId) -> Result<Proc> {
+        let program = binary("causeway-store-node")?;
+        let mut command = if self.fsync_faults {
+            disk::under_fiu(&program, &disk::fiu_control(&self.root))
+        } else {
+            Command::new(program)
+        };
+        command.arg("--config").arg(config);
+        with_gid(&mut command, self.gid(Member::Node(id)));
+        Proc::spawn(command, self.root.join(format!("{id}.log")))
+    }
+
+    /// The group id of `member`'s process, with `isolated`.
+    fn gid(&self, member: Member) -> Option<u32> {
+        self.gid_base.map(|base| base + member.gid_offset())
+    }
+
+    /// The ports `member` listens on.
+    fn ports(&self, member: Member) -> Vec<u16> {
+        match member {
+            Member::ConfigManager => vec![self.cm_addr.port()],
+            Member::Node(id) => self
+                .nodes
+                .get(&id)
+                .map_or(Vec::new(), |n| vec![n.addr.port(), n.admin.port()]),
+            Member::ApiServer(i) => self
+                .api_servers
+                .get(i)
+                .map_or(Vec::new(), |a| vec![a.addr.port()]),
+            Member::Broker(i) => vec![self.broker().port(i)],
+        }
+    }
+
+    /// Cuts the network between every process of `a` and every process of `b`, both ways,
+    /// until [`LocalCluster::heal`]. Needs `ClusterSpec::isolated`.
+    pub fn partition(&mut self, a: &[Member], b: &[Member]) -> Result<()> {
+        if self.gid_base.is_none() {
+            bail!("partitions need a cluster started with `isolated`");
+        }
+        for (from, to) in [(a, b), (b, a)] {
+            let ports: Vec<u16> = to.iter().flat_map(|m| self.ports(*m)).collect();
+            for member in from {
+                if let Some(gid) = self
+                    .gid(*member)
+                    .filter(|_| !matches!(member, Member::Broker(_)))
+                {
+                    self.firewall.cut(gid, &ports)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends every partition.
+    pub fn heal(&mut self) -> Result<()> {
+        self.firewall.heal()
+    }
+
+    /// Every process of the cluster, the Kafka nodes too, as partition sides.
+    pub fn members(&self) -> Vec<Member> {
+        let mut all = vec![Member::ConfigManager];
+        all.extend(self.nodes.keys().map(|&id| Member::Node(id)));
+        all.extend((0..self.api_servers.len()).map(Member::ApiServer));
+        all.extend((0..self.broker().node_count()).map(Member::Broker));
+        all
+    }
+
+    /// Fills store node `node`'s disk (`ClusterSpec::node_disk_mb`) to the last byte.
+    pub fn fill_disk(&self, node: NodeId) -> Result<()> {
+        self.disks
+            .get(&node)
+            .ok_or_else(|| anyhow!("{node} has no disk of its own: `node_disk_mb`"))?
+            .fill()
+    }
+
+    /// Frees what [`LocalCluster::fill_disk`] took.
+    pub fn free_disk(&self, node: NodeId) -> Result<()> {
+        self.disks
+            .get(&node)
+            .ok_or_else(|| anyhow!("{node} has no disk of its own: `node_disk_mb`"))?
+            .free()
+    }
+
+    /// Makes every fsync of store node `node` fail with EIO (`fail`), or succeed again; needs
+    /// `ClusterSpec::fsync_faults`.
+    pub fn fail_syncs(&self, node: NodeId, fail: bool) -> Result<()> {
+        if !self.fsync_faults {
+            bail!("fsync faults need a cluster started with `fsync_faults`");
+        }
+        let pid = self
+            .nodes
+            .get(&node)
+            .and_then(|n| n.proc.pid())
+            .ok_or_else(|| anyhow!("{node} is not running"))?;
+        disk::fail_syncs(&disk::fiu_control(&self.root), pid, fail)
+    }
+
+    /// Whether store node `node` runs (a node that exited by itself is reaped).
+    pub fn is_running(&mut self, node: NodeId) -> bool {
+        self.nodes
+            .get_mut(&node)
+            .is_some_and(|n| n.proc.reap_running())
     }
 }
 
-fn spawn_config_manager(root: &Path, addr: SocketAddr) -> Result<Proc> {
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        // The processes first, then their disks and the partitions.
+        self.api_servers.clear();
+        self.nodes.clear();
+        self.cm.kill();
+        self.disks.clear();
+        let _ = self.firewall.heal();
+    }
+}
+
+impl Member {
+    /// Where `member`'s group id is, from the cluster's first.
+    fn gid_offset(self) -> u32 {
+        match self {
+            Member::ConfigManager => 0,
+            Member::Node(id) => 1 + (id.0 as u32 % 511),
+            Member::ApiServer(i) => 512 + i as u32 % 256,
+            Member::Broker(i) => 768 + i as u32 % 256,
+        }
+    }
+}
+
+/// Runs `command` with group id `gid`, when given.
+pub(crate) fn with_gid(command: &mut Command, gid: Option<u32>) {
+    if let Some(gid) = gid {
+        std::os::unix::process::CommandExt::gid(command, gid);
+    }
+}
+
+fn spawn_config_manager(root: &Path, addr: SocketAddr, gid: Option<u32>) -> Result<Proc> {
     let mut command = Command::new(binary("causeway-config-manager")?);
     command
         .arg("--listen")
         .arg(addr.to_string())
         .arg("--data-dir")
         .arg(root.join("config-manager"));
+    with_gid(&mut command, gid);
     Proc::spawn(command, root.join("config-manager.log"))
-}
-
-fn spawn_node(config: &Path, root: &Path, id: NodeId) -> Result<Proc> {
-    let mut command = Command::new(binary("causeway-store-node")?);
-    command.arg("--config").arg(config);
-    Proc::spawn(command, root.join(format!("{id}.log")))
 }
 
 /// Builders of transaction records for tests.

@@ -39,6 +39,20 @@ impl Proc {
         self.child.is_some()
     }
 
+    /// Whether the process still runs; one that exited by itself is reaped first.
+    pub(crate) fn reap_running(&mut self) -> bool {
+        if let Some(child) = &mut self.child {
+            if !matches!(child.try_wait(), Ok(None)) {
+                self.child = None;
+            }
+        }
+        self.child.is_some()
+    }
+
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Sends a signal (`KILL`, `STOP`, `CONT`, ...) with the `kill` command.
     pub(crate) fn signal(&self, signal: &str) -> Result<()> {
         let child = self

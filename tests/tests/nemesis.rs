@@ -1,22 +1,33 @@
-//! The fault and consistency suite, bounded for CI: one 2×2 cluster on the real broker, two
+//! The fault and consistency suite, bounded for CI: one 2×2 cluster on three Kafka nodes, two
 //! api-servers, and the load (`causeway_tests::load`: unique writes and their reads, bank
-//! transfers and snapshot reads, causal sessions) recording every operation, while nemeses act
-//! one after the other, each undone before the next: kill -9 and restart of a store node, a
-//! SIGSTOP pause of one, kill -9 and restart of the config manager and of an api-server, and a
-//! transition to 3×2 and back (the highest node ids drained) with the load running. The run
-//! ends with final reads through both api-servers, and the history is judged by
-//! `causeway_tests::history::check`: any anomaly fails the test. Requests that fail during a
-//! fault (unavailability, not an anomaly) are counted per fault and printed with the time the
-//! cluster took to serve a causal write and read again through every api-server, the figures
-//! of RELIABILITY.md. The same faults, drawn at random from a seed for as long as asked, are
-//! the soak (`scripts/soak.sh`).
+//! transfers with and without conditions, snapshot reads and queries of the banks, causal
+//! sessions) recording every operation, while nemeses act one after the other, each undone
+//! before the next:
+//! - kill -9 and restart of a store node, of the config manager, of an api-server and of a
+//!   Kafka node; a SIGSTOP pause of a store node;
+//! - a transition to 3×2 and back (the highest node ids drained) with the load running;
+//! - network partitions (iptables, `causeway_tests::network`): a store node cut off from every
+//!   other process, and one cut off from its peers only;
+//! - a store node's disk full (a small tmpfs) and its fsyncs failing (libfiu): the node stops
+//!   rather than go on with a store it could not write, and starts again on it.
+//!
+//! The run ends with final reads through both api-servers, and the history is judged by
+//! `causeway_tests::history::check`: any anomaly fails the test, and so does a replica that
+//! differs from its partition's others. Requests that fail during a fault (unavailability, not
+//! an anomaly) are counted per fault and printed with the time the cluster took to serve a
+//! causal write and read again through every api-server, the figures of RELIABILITY.md. The
+//! same faults, drawn at random from a seed for as long as asked, are the soak
+//! (`scripts/soak.sh`).
+//!
+//! It needs root (group ids, iptables, tmpfs mounts), as `.ci/run` has.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use causeway_core::NodeId;
+use causeway_store_node::storage::StoreOptions;
 use causeway_tests::load::{Load, LoadSpec};
-use causeway_tests::{until, ClusterSpec, LocalCluster, API_TOKEN};
+use causeway_tests::{until, ClusterSpec, LocalCluster, Member, API_TOKEN};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -37,6 +48,17 @@ enum Nemesis {
     KillApiServer(usize),
     /// A transition to `partitions × replicas`, running until it is installed.
     Scale(u32, u32),
+    /// kill -9 of Kafka node `i` of three (replication factor 3, `min.insync.replicas` 2).
+    KillBroker(usize),
+    /// The store node cut off from every other process, Kafka included.
+    Isolate(NodeId),
+    /// The store node cut off from the other store nodes only: the api-servers, the config
+    /// manager and Kafka still reach it.
+    CutFromPeers(NodeId),
+    /// The store node's disk full.
+    DiskFull(NodeId),
+    /// Every fsync of the store node fails (EIO).
+    FsyncFails(NodeId),
 }
 
 impl Nemesis {
@@ -47,6 +69,11 @@ impl Nemesis {
             Nemesis::KillConfigManager => "kill -9 config manager".into(),
             Nemesis::KillApiServer(i) => format!("kill -9 api-server {}", i + 1),
             Nemesis::Scale(p, r) => format!("transition to {p}×{r}"),
+            Nemesis::KillBroker(i) => format!("kill -9 Kafka node {}", i + 1),
+            Nemesis::Isolate(n) => format!("store node {n} cut off from all"),
+            Nemesis::CutFromPeers(n) => format!("store node {n} cut off from its peers"),
+            Nemesis::DiskFull(n) => format!("disk full on store node {n}"),
+            Nemesis::FsyncFails(n) => format!("fsync fails on store node {n}"),
         }
     }
 
@@ -61,6 +88,26 @@ impl Nemesis {
                 cm.propose_shape(p, r).await?;
                 Ok(())
             }
+            Nemesis::KillBroker(i) => cluster.kill_broker(i),
+            Nemesis::Isolate(n) => {
+                let others: Vec<Member> = cluster
+                    .members()
+                    .into_iter()
+                    .filter(|m| *m != Member::Node(n))
+                    .collect();
+                cluster.partition(&[Member::Node(n)], &others)
+            }
+            Nemesis::CutFromPeers(n) => {
+                let peers: Vec<Member> = cluster
+                    .node_ids()
+                    .into_iter()
+                    .filter(|p| *p != n)
+                    .map(Member::Node)
+                    .collect();
+                cluster.partition(&[Member::Node(n)], &peers)
+            }
+            Nemesis::DiskFull(n) => cluster.fill_disk(n),
+            Nemesis::FsyncFails(n) => cluster.fail_syncs(n, true),
         }
     }
 
@@ -72,8 +119,31 @@ impl Nemesis {
             Nemesis::KillConfigManager => cluster.restart_config_manager(),
             Nemesis::KillApiServer(i) => cluster.restart_api_server(i).await,
             Nemesis::Scale(..) => cluster.wait_stable(TRANSITION).await.map(|_| ()),
+            Nemesis::KillBroker(i) => cluster.restart_broker(i),
+            Nemesis::Isolate(_) | Nemesis::CutFromPeers(_) => cluster.heal(),
+            // A node that stopped on the fault starts again on its store.
+            Nemesis::DiskFull(n) => {
+                cluster.free_disk(n)?;
+                restart_if_stopped(cluster, n)
+            }
+            Nemesis::FsyncFails(n) => {
+                if cluster.is_running(n) {
+                    cluster.fail_syncs(n, false)?;
+                }
+                restart_if_stopped(cluster, n)
+            }
         }
     }
+}
+
+/// Starts store node `n` again if it exited, as a node must rather than go on with a store it
+/// could not write; says so.
+fn restart_if_stopped(cluster: &mut LocalCluster, n: NodeId) -> Result<()> {
+    if !cluster.is_running(n) {
+        println!("{n} stopped on the fault; restarting it");
+        cluster.restart(n)?;
+    }
+    Ok(())
 }
 
 /// How long until a write through each api-server is read back through every api-server at
@@ -137,9 +207,21 @@ struct Run {
 
 impl Run {
     async fn start() -> Run {
-        // Two spare store nodes, for the transition to 3×2.
+        // Two spare store nodes, for the transition to 3×2; three Kafka nodes; every process
+        // in a group of its own, for partitions; store nodes on small disks of their own and
+        // under libfiu.
         let spec = ClusterSpec {
             spares: 2,
+            brokers: 3,
+            isolated: true,
+            node_disk_mb: Some(512),
+            fsync_faults: true,
+            // Small memtables, so that a full disk bites within a fault: a flush and a new
+            // write-ahead log need space every few seconds.
+            store: StoreOptions {
+                write_buffer_bytes: 256 << 10,
+                ..StoreOptions::default()
+            },
             ..ClusterSpec::new(2, 2)
         };
         let mut cluster = LocalCluster::start(spec).await.unwrap();
@@ -229,6 +311,11 @@ async fn every_nemesis_under_load_leaves_no_anomaly() {
         Nemesis::KillApiServer(1),
         Nemesis::Scale(3, 2),
         Nemesis::Scale(2, 2),
+        Nemesis::KillBroker(0),
+        Nemesis::Isolate(nodes[1]),
+        Nemesis::CutFromPeers(nodes[2]),
+        Nemesis::DiskFull(nodes[0]),
+        Nemesis::FsyncFails(nodes[3]),
     ] {
         run.fault(nemesis, FAULT, Duration::from_secs(2)).await;
     }
@@ -253,11 +340,17 @@ async fn soak() {
         // Store nodes of the current shape, and now and then a transition between 2×2 and 3×2.
         let shape = run.cluster.current_config().await.unwrap();
         let nodes: Vec<NodeId> = shape.node_ids().into_iter().collect();
-        let nemesis = match rng.random_range(0..9) {
-            0..=1 => Nemesis::KillStoreNode(nodes[rng.random_range(0..nodes.len())]),
-            2..=3 => Nemesis::PauseStoreNode(nodes[rng.random_range(0..nodes.len())]),
-            4..=5 => Nemesis::KillConfigManager,
-            6..=7 => Nemesis::KillApiServer(rng.random_range(0..apis)),
+        let node = nodes[rng.random_range(0..nodes.len())];
+        let nemesis = match rng.random_range(0..12) {
+            0 => Nemesis::KillStoreNode(node),
+            1 => Nemesis::PauseStoreNode(node),
+            2 => Nemesis::KillConfigManager,
+            3 => Nemesis::KillApiServer(rng.random_range(0..apis)),
+            4 => Nemesis::KillBroker(rng.random_range(0..3)),
+            5 => Nemesis::Isolate(node),
+            6 => Nemesis::CutFromPeers(node),
+            7 => Nemesis::DiskFull(node),
+            8 => Nemesis::FsyncFails(node),
             _ if shape.replicas.len() == 2 => Nemesis::Scale(3, 2),
             _ => Nemesis::Scale(2, 2),
         };

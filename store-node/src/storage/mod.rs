@@ -115,6 +115,9 @@ pub struct StoreOptions {
     pub sync_writes: bool,
     /// RocksDB block cache (default 128 MiB).
     pub block_cache_bytes: usize,
+    /// RocksDB memtable of each column family (default 64 MiB): what is written before a flush
+    /// to a table file, and the space preallocated for the write-ahead log.
+    pub write_buffer_bytes: usize,
     /// Threads that apply a group's documents in parallel (default 0: one per core). The
     /// versions written are the same for any count.
     pub apply_threads: usize,
@@ -128,6 +131,7 @@ impl Default for StoreOptions {
             snapshot_every_versions: 64,
             sync_writes: true,
             block_cache_bytes: 128 << 20,
+            write_buffer_bytes: 64 << 20,
             apply_threads: 0,
         }
     }
@@ -409,6 +413,7 @@ impl Store {
             let mut o = DbOptions::default();
             o.set_compression_type(DBCompressionType::Lz4);
             o.set_block_based_table_factory(&block);
+            o.set_write_buffer_size(options.write_buffer_bytes);
             o
         };
         let mut db_options = cf_options();
