@@ -33,6 +33,7 @@ mod network;
 mod process;
 
 pub use api::API_TOKEN;
+pub use process::binary;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -54,7 +55,7 @@ use tonic::transport::Channel;
 use crate::api::ApiServer;
 use crate::disk::SmallDisk;
 use crate::network::Firewall;
-use crate::process::{binary, free_addr, Proc};
+use crate::process::{free_addr, Proc};
 
 /// The shape of a cluster to start.
 #[derive(Debug, Clone)]

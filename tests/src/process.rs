@@ -95,7 +95,7 @@ impl Drop for Proc {
 }
 
 /// Where the workspace's binaries are: next to the test executable's `deps` directory.
-pub(crate) fn binary(name: &str) -> Result<PathBuf> {
+pub fn binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let dir = exe
         .parent()

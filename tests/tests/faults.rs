@@ -1,5 +1,7 @@
 //! Fault tests on 2P × 2R with the Kafka backend: a store node paused (SIGSTOP) under a steady
-//! read load must not stall the reads, since the other replica of its partition is current.
+//! read load must not stall the reads, since the other replica of its partition is current; and
+//! a store node killed and restarted under a heavy write load must not hold the UST back nor
+//! stall causal reads while it catches up.
 //!
 //! A paused node is the worst kind of failure for a client: its kernel still accepts
 //! connections and buffers requests, so nothing fails fast, and its peers only call it dead
@@ -34,6 +36,9 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(8);
 const MAX_LATENCY: Duration = Duration::from_millis(1_000);
 /// During the pause, reads must complete at least at this share of the rate before it.
 const MIN_SHARE: f64 = 0.5;
+
+/// The tests of this file measure rates on two cores: one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// One request of a reader: when it started and ended (since the test's origin), and how.
 #[derive(Debug, Clone)]
@@ -469,6 +474,7 @@ fn check(results: &[(String, Window, Window)], label: &str, problems: &mut Vec<S
 /// or more, none may fail, and after each resume every node coordinates again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reads_keep_flowing_while_a_store_node_is_paused() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let mut cluster = LocalCluster::start(ClusterSpec::new(2, 2)).await.unwrap();
     cluster.wait_ready(WAIT).await.unwrap();
     cluster.start_api_servers(2).await.unwrap();
@@ -571,5 +577,141 @@ async fn reads_keep_flowing_while_a_store_node_is_paused() {
         "{}\n{}",
         problems.join("\n"),
         cluster.logs()
+    );
+}
+
+/// Kills (on drop) a child process started by a test.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The lag of the UST behind the log, in records: the highest committed ts of the running
+/// nodes less the lowest UST among them.
+async fn ust_lag(cluster: &LocalCluster, running: &[NodeId]) -> Option<u64> {
+    let mut committed = 0;
+    let mut ust = u64::MAX;
+    for &node in running {
+        let s = cluster.status(node).await.ok()?;
+        committed = committed.max(s.committed);
+        ust = ust.min(s.ust);
+    }
+    Some(committed.saturating_sub(ust))
+}
+
+/// A store node killed -9 and restarted under a heavy closed-loop write load (`causeway bench`,
+/// 32 writers, thousands of writes/s): while it is down and while it catches up on the log, the
+/// UST follows the other replica of its partition (it stays within a second of writes of the
+/// log) and causal sessions (a write through one api-server, a read of it at `Causeway-After`
+/// through the other) keep going at half their rate or more with no failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_node_restarted_under_heavy_writes_holds_back_neither_the_ust_nor_causal_reads() {
+    /// The most the UST may lag the log, in records (a second of this load's writes or so).
+    const MAX_LAG: u64 = 1_500;
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let mut cluster = LocalCluster::start(ClusterSpec::new(2, 2)).await.unwrap();
+    cluster.start_api_servers(2).await.unwrap();
+    let urls = cluster.api_urls();
+    let node = cluster.node_ids()[0];
+    let _bench = Child(
+        std::process::Command::new(causeway_tests::binary("causeway").unwrap())
+            .args(["bench", "--url", &urls[0], "--token", API_TOKEN])
+            .args(["--workload", "write", "--concurrency", "32", "--no-load"])
+            .args(["--duration", "300", "--collection", "heavy"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let rec = Arc::new(Recorder {
+        origin: Instant::now(),
+        done: Mutex::new(Vec::new()),
+    });
+    let http = reqwest::Client::builder()
+        .timeout(CLIENT_TIMEOUT)
+        .build()
+        .unwrap();
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..2 {
+        tasks.spawn(causal_session(
+            Arc::clone(&rec),
+            http.clone(),
+            urls.clone(),
+            stopped.clone(),
+        ));
+    }
+    let all = cluster.node_ids();
+    let others: Vec<NodeId> = all.iter().copied().filter(|n| *n != node).collect();
+    let mut lags = Vec::new();
+    let sample = |lags: &mut Vec<u64>, lag: Option<u64>| lags.extend(lag);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before = rec.window("causal", Duration::ZERO, rec.now());
+    let applied_before = cluster.status(others[0]).await.unwrap().committed;
+
+    let killed_at = rec.now();
+    cluster.kill(node).unwrap();
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        sample(&mut lags, ust_lag(&cluster, &others).await);
+    }
+    cluster.restart(node).unwrap();
+    // Until the restarted node has caught up with the log (its committed ts reaches where the
+    // others were when it restarted), then a little more.
+    let target = cluster.status(others[0]).await.unwrap().committed;
+    let caught_up = until(
+        "the restarted node to catch up",
+        Duration::from_secs(90),
+        || {
+            let cluster = &cluster;
+            async move {
+                let s = cluster.status(node).await.ok()?;
+                (s.committed >= target).then_some(())
+            }
+        },
+    );
+    let sampling = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let lag = ust_lag(&cluster, &others).await;
+            lags.push(lag.unwrap_or(0));
+        }
+    };
+    tokio::select! {
+        r = caught_up => r.unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs())),
+        () = sampling => unreachable!(),
+    }
+    let caught_up_at = rec.now();
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        sample(&mut lags, ust_lag(&cluster, &all).await);
+    }
+    let _ = stop.send(true);
+    while tasks.join_next().await.is_some() {}
+    let during = rec.window("causal", killed_at, caught_up_at);
+    let written = cluster.status(others[0]).await.unwrap().committed - applied_before;
+    let max_lag = lags.iter().copied().max().unwrap_or(0);
+    eprintln!(
+        "{written} records written from the kill on; the restarted node caught up {:.1} s after \
+         the kill; UST lag samples (records): max {max_lag}, {lags:?}; causal sessions before: \
+         {before}; from the kill until caught up: {during}",
+        (caught_up_at - killed_at).as_secs_f64()
+    );
+    let failures = rec.failures("causal", 10);
+    assert!(failures.is_empty(), "causal failures: {failures:?}");
+    assert!(
+        during.rate() >= MIN_SHARE * before.rate(),
+        "causal sessions stalled: {during}, against {before} before"
+    );
+    assert!(
+        max_lag <= MAX_LAG,
+        "the UST fell {max_lag} records behind the log: {lags:?}"
+    );
+    assert!(
+        written > 5_000,
+        "the write load was light: {written} records"
     );
 }

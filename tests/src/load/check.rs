@@ -300,11 +300,11 @@ impl Report {
                 self.throttled += 1;
                 continue;
             }
+            // The phases are in time order.
             let phase = self
                 .phases
-                .iter()
-                .rposition(|p| p.from <= r.sent_at)
-                .unwrap_or(0);
+                .partition_point(|p| p.from <= r.sent_at)
+                .saturating_sub(1);
             self.phases[phase].requests += 1;
             let stats = self.per_kind.entry(r.kind).or_default();
             if r.outcome.is_ok() {
