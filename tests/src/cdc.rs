@@ -207,6 +207,39 @@ impl Cdc {
     }
 }
 
+/// The spec of a webhook feed of `collections` to `url`, signed with [`WEBHOOK_SECRET`], at
+/// most `max_events` per request, retried briefly and blocking when retries run out; `extra`'s
+/// fields are set over it.
+pub fn webhook_feed(
+    name: &str,
+    url: &str,
+    collections: &[&str],
+    max_events: usize,
+    extra: Json,
+) -> Json {
+    let mut spec = json!({
+        "name": name,
+        "collections": collections,
+        "sink": {
+            "type": "webhook",
+            "url": url,
+            "secrets": [WEBHOOK_SECRET],
+            "max_events": max_events,
+            "max_delay_ms": 20,
+            "max_attempts": 3,
+            "backoff_first_ms": 100,
+            "backoff_max_ms": 1000,
+            "on_exhausted": {"mode": "block"},
+        },
+    });
+    if let Some(extra) = extra.as_object() {
+        for (k, val) in extra {
+            spec[k] = val.clone();
+        }
+    }
+    spec
+}
+
 /// How a [`Receiver`] answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {

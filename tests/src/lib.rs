@@ -336,6 +336,16 @@ impl LocalCluster {
         }
     }
 
+    /// The Kafka node (0-based) that leads the partition of the cluster's log.
+    pub fn log_leader(&self) -> Result<usize> {
+        let LogOptions::Kafka(kafka) = &self.log_options else {
+            bail!("the cluster's log is not on Kafka");
+        };
+        let broker = self.broker();
+        tokio::task::block_in_place(|| broker.leader(&kafka.topic, 0))?
+            .ok_or_else(|| anyhow!("the log's partition has no leader"))
+    }
+
     /// kill -9 of Kafka node `i` (0-based) of the cluster's own brokers.
     pub fn kill_broker(&mut self, i: usize) -> Result<()> {
         Ok(self.own_broker()?.kill(i)?)

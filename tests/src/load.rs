@@ -45,8 +45,8 @@ pub use check::{
 
 use crate::history::{Op, OpKind, OpResult};
 
-/// Collections of the load's documents.
-const WRITES: &str = "load_writes";
+/// Collections of the load's documents: `WRITES` holds its unique documents, each written once.
+pub const WRITES: &str = "load_writes";
 const BANK: &str = "load_bank";
 /// The bank of conditional transfers: no balance there may go below zero.
 const CONDITIONAL_BANK: &str = "load_cbank";

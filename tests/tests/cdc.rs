@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use causeway_core::cdc::Position;
-use causeway_tests::cdc::{Cdc, Delivery, Receiver, WEBHOOK_SECRET};
+use causeway_tests::cdc::{Cdc, Delivery, Receiver};
 use causeway_tests::{until, ClusterSpec, LocalCluster, API_TOKEN};
 use rand::{Rng, SeedableRng};
 use reqwest::StatusCode;
@@ -648,25 +648,7 @@ async fn store_state(api: &str, after: u64) -> Result<BTreeMap<Key, Json>> {
 }
 
 fn webhook_feed(name: &str, url: &str, collections: &[&str], extra: Json) -> Json {
-    let mut spec = json!({
-        "name": name,
-        "collections": collections,
-        "sink": {
-            "type": "webhook",
-            "url": url,
-            "secrets": [WEBHOOK_SECRET],
-            "max_events": MAX_EVENTS,
-            "max_delay_ms": 20,
-            "max_attempts": 3,
-            "backoff_first_ms": 100,
-            "backoff_max_ms": 1000,
-            "on_exhausted": {"mode": "block"},
-        },
-    });
-    for (k, val) in extra.as_object().unwrap() {
-        spec[k] = val.clone();
-    }
-    spec
+    causeway_tests::cdc::webhook_feed(name, url, collections, MAX_EVENTS, extra)
 }
 
 /// The checkpoint (start position) of a running feed.
