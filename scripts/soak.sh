@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The fault suite's soak: randomly scheduled faults (kill -9 and restart of a store node, of the
-# config manager and of an api-server; SIGSTOP pauses of a store node) under the recording load on
-# a 2×2 cluster with two api-servers, for DURATION seconds, the schedule drawn from SEED (random
-# when not given; printed, so that a run can be replayed). Fails on any anomaly in the history.
+# config manager, of an api-server, of a Kafka node and of the cdc service; SIGSTOP pauses of a
+# store node; a store node cut off from all or from its peers; a full disk; failing fsyncs;
+# transitions between 2×2 and 3×2) under the recording load on a 2×2 cluster with two
+# api-servers and three Kafka nodes, for DURATION seconds, the schedule drawn from SEED (random
+# when not given; printed, so that a run can be replayed). Fails on any anomaly in the history
+# or the change feed. Needs root (iptables, tmpfs mounts, group ids), as the bounded run does.
 # Writes the report (operations by kind and result, each fault with its failed requests and the
 # time to serve again, anomalies) to REPORT and the history (JSON lines) next to it.
 #

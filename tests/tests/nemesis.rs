@@ -221,7 +221,9 @@ struct Run {
 const FEED: &str = "writes";
 
 impl Run {
-    async fn start() -> Run {
+    /// A cluster whose store nodes have disks of `disk_mb` MiB and memtables of
+    /// `write_buffer_bytes`, under the load.
+    async fn start(disk_mb: u64, write_buffer_bytes: usize) -> Run {
         // Two spare store nodes, for the transition to 3×2; three Kafka nodes; every process
         // in a group of its own, for partitions; store nodes on small disks of their own and
         // under libfiu.
@@ -229,12 +231,10 @@ impl Run {
             spares: 2,
             brokers: 3,
             isolated: true,
-            node_disk_mb: Some(512),
+            node_disk_mb: Some(disk_mb),
             fsync_faults: true,
-            // Small memtables, so that a full disk bites within a fault: a flush and a new
-            // write-ahead log need space every few seconds.
             store: StoreOptions {
-                write_buffer_bytes: 64 << 10,
+                write_buffer_bytes,
                 ..StoreOptions::default()
             },
             ..ClusterSpec::new(2, 2)
@@ -336,7 +336,9 @@ impl Run {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_nemesis_under_load_leaves_no_anomaly() {
-    let mut run = Run::start().await;
+    // Small memtables, so that a full disk bites within a fault: a flush and a new write-ahead
+    // log need space every second or so.
+    let mut run = Run::start(512, 64 << 10).await;
     let nodes = run.cluster.node_ids();
     // The Kafka node that leads the log: its loss moves the leadership.
     let leader = run.cluster.log_leader().unwrap();
@@ -375,7 +377,8 @@ async fn soak() {
     let seed = env("CAUSEWAY_SOAK_SEED").unwrap_or_else(rand::random);
     println!("soak: {seconds} s, seed {seed}");
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut run = Run::start().await;
+    // Room for an hour of the load's data, and memtables that still flush every few seconds.
+    let mut run = Run::start(2048, 1 << 20).await;
     let apis = run.cluster.api_urls().len();
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(seconds) {
