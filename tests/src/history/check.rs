@@ -77,6 +77,8 @@ pub struct Anomaly {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Report {
     pub ops: usize,
+    /// Operations by kind: how many ended ok, refused and unknown.
+    pub by_kind: BTreeMap<&'static str, [usize; 3]>,
     pub anomalies: BTreeMap<Class, (usize, Anomaly)>,
 }
 
@@ -104,10 +106,22 @@ impl Report {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kinds: Vec<String> = self
+            .by_kind
+            .iter()
+            .map(|(kind, [ok, fail, unknown])| {
+                format!("{kind} {ok} ok, {fail} refused, {unknown} unknown")
+            })
+            .collect();
         if self.is_clean() {
-            return write!(f, "{} operations, no anomaly", self.ops);
+            return write!(
+                f,
+                "{} operations ({}), no anomaly",
+                self.ops,
+                kinds.join("; ")
+            );
         }
-        writeln!(f, "{} operations:", self.ops)?;
+        writeln!(f, "{} operations ({}):", self.ops, kinds.join("; "))?;
         for (class, (n, smallest)) in &self.anomalies {
             writeln!(
                 f,
@@ -125,6 +139,23 @@ pub fn check(history: &History) -> Report {
         ops: history.ops.len(),
         ..Report::default()
     };
+    for op in &history.ops {
+        let kind = match &op.kind {
+            OpKind::Write { .. } => "write",
+            OpKind::Transfer {
+                conditional: true, ..
+            } => "conditional transfer",
+            OpKind::Transfer { .. } => "transfer",
+            OpKind::Read { .. } => "read",
+            OpKind::BankRead { .. } => "bank read",
+        };
+        let counts = report.by_kind.entry(kind).or_default();
+        counts[match op.result {
+            OpResult::Ok => 0,
+            OpResult::Fail => 1,
+            OpResult::Unknown => 2,
+        }] += 1;
+    }
     let writes = Writes::index(history);
     let banks = Banks::index(history);
     for (id, op) in history.ops.iter().enumerate() {
