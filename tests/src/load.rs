@@ -676,18 +676,7 @@ impl Shared {
         let Some(answer) = sent.answer.as_ref().filter(|a| a.status.is_success()) else {
             return;
         };
-        let documents = answer.body["documents"].as_array();
-        let balances: Vec<(String, i64)> = documents
-            .into_iter()
-            .flatten()
-            .filter_map(|d| {
-                let id = d["id"].as_str()?;
-                Some((
-                    key(CONDITIONAL_BANK, id),
-                    d["document"]["balance"].as_i64()?,
-                ))
-            })
-            .collect();
+        let balances = balances(CONDITIONAL_BANK, &answer.body);
         if balances.len() != self.spec.accounts as usize || answer.body["partial"] == true {
             self.malformed(
                 Kind::Query,
@@ -705,13 +694,19 @@ impl Shared {
                 ),
             );
         }
+        self.bank_read_op(&sent, balances);
+    }
+
+    /// Keeps a snapshot read of a bank, `balances` as it answered, in the recorded history.
+    fn bank_read_op(&self, sent: &Sent, balances: Vec<(String, i64)>) {
+        let read_ts = sent
+            .answer
+            .as_ref()
+            .and_then(|a| a.body["read_timestamp"].as_str().and_then(ts_of));
         self.op(
             self.open_loop_client(),
-            &sent,
-            OpKind::BankRead {
-                read_ts: answer.body["read_timestamp"].as_str().and_then(ts_of),
-                balances,
-            },
+            sent,
+            OpKind::BankRead { read_ts, balances },
         );
     }
 
@@ -737,24 +732,7 @@ impl Shared {
         let Some(answer) = sent.answer.as_ref().filter(|a| a.status.is_success()) else {
             return;
         };
-        let balances = answer.body["documents"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|d| d["found"] == Value::Bool(true))
-            .filter_map(|d| {
-                let id = d["id"].as_str()?;
-                Some((key(BANK, id), d["document"]["balance"].as_i64()?))
-            })
-            .collect();
-        self.op(
-            self.open_loop_client(),
-            &sent,
-            OpKind::BankRead {
-                read_ts: answer.body["read_timestamp"].as_str().and_then(ts_of),
-                balances,
-            },
-        );
+        self.bank_read_op(&sent, balances(BANK, &answer.body));
         let answer = sent.answer.expect("a 2xx answer");
         let read_timestamp = answer.body["read_timestamp"]
             .as_str()
@@ -978,6 +956,23 @@ impl Shared {
 }
 
 /// The `ts` of a write's answer.
+/// The balances of the accounts of `bank` that a multi-get or a query answered (`documents`;
+/// a multi-get's missing accounts are left out).
+fn balances(bank: &str, body: &Value) -> Vec<(String, i64)> {
+    body["documents"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["found"] != Value::Bool(false))
+        .filter_map(|d| {
+            Some((
+                key(bank, d["id"].as_str()?),
+                d["document"]["balance"].as_i64()?,
+            ))
+        })
+        .collect()
+}
+
 fn commit_ts(body: &Value) -> Option<u64> {
     body["ts"].as_u64()
 }

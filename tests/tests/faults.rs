@@ -183,6 +183,24 @@ fn ids_per_partition(config: &ClusterConfig, per: usize) -> BTreeMap<PartitionId
     unreachable!()
 }
 
+/// What readers share: the recorder, an HTTP client with the client timeout, and the switch
+/// that stops them.
+fn readers() -> (
+    Arc<Recorder>,
+    reqwest::Client,
+    (watch::Sender<bool>, watch::Receiver<bool>),
+) {
+    let rec = Arc::new(Recorder {
+        origin: Instant::now(),
+        done: Mutex::new(Vec::new()),
+    });
+    let http = reqwest::Client::builder()
+        .timeout(CLIENT_TIMEOUT)
+        .build()
+        .unwrap();
+    (rec, http, watch::channel(false))
+}
+
 /// One key of each partition, at random.
 fn keys_across(ids: &BTreeMap<PartitionId, Vec<String>>) -> Vec<String> {
     let mut rng = rand::rng();
@@ -494,15 +512,7 @@ async fn reads_keep_flowing_while_a_store_node_is_paused() {
     let partitions: Vec<&Vec<NodeId>> = config.replicas.values().collect();
     let (first, second) = (partitions[0][1], partitions[1][1]);
 
-    let rec = Arc::new(Recorder {
-        origin: Instant::now(),
-        done: Mutex::new(Vec::new()),
-    });
-    let http = reqwest::Client::builder()
-        .timeout(CLIENT_TIMEOUT)
-        .build()
-        .unwrap();
-    let (stop, stopped) = watch::channel(false);
+    let (rec, http, (stop, stopped)) = readers();
     let mut tasks = tokio::task::JoinSet::new();
     for r in 0..HTTP_READERS {
         tasks.spawn(http_reader(
@@ -626,15 +636,7 @@ async fn a_store_node_restarted_under_heavy_writes_holds_back_neither_the_ust_no
             .spawn()
             .unwrap(),
     );
-    let rec = Arc::new(Recorder {
-        origin: Instant::now(),
-        done: Mutex::new(Vec::new()),
-    });
-    let http = reqwest::Client::builder()
-        .timeout(CLIENT_TIMEOUT)
-        .build()
-        .unwrap();
-    let (stop, stopped) = watch::channel(false);
+    let (rec, http, (stop, stopped)) = readers();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..2 {
         tasks.spawn(causal_session(
