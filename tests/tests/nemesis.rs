@@ -300,12 +300,22 @@ impl Run {
     /// when given, so that a failed run keeps it.
     async fn finish(self, report_to: Option<(String, String)>) {
         let report = self.load.stop().await;
-        let mut text = format!("```\n{report}```\n\n| fault | lasted | requests | failed | served again after | a node stopped |\n|---|---|---|---|---|---|\n");
+        let mut text = format!(
+            "```\n{report}```\n\n| fault | lasted | reads failed / sent | writes failed / sent | \
+             served again after | a node stopped |\n|---|---|---|---|---|---|\n"
+        );
         for fault in &self.faults {
             let phase = report.phases.iter().find(|p| p.label == fault.name);
-            let (requests, failures) = phase.map_or((0, 0), |p| (p.requests, p.failures));
+            let [reads, read_failures, writes, write_failures] = phase.map_or([0; 4], |p| {
+                [
+                    p.requests - p.writes,
+                    p.failures - p.write_failures,
+                    p.writes,
+                    p.write_failures,
+                ]
+            });
             text.push_str(&format!(
-                "| {} | {:?} | {requests} | {failures} | {:?} | {} |\n",
+                "| {} | {:?} | {read_failures} / {reads} | {write_failures} / {writes} | {:?} | {} |\n",
                 fault.name,
                 fault.lasted,
                 fault.recovered_in,

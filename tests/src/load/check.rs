@@ -36,6 +36,20 @@ pub enum Kind {
     SessionRead,
 }
 
+impl Kind {
+    /// Whether requests of this kind write (the others read).
+    pub fn is_write(self) -> bool {
+        matches!(
+            self,
+            Kind::Setup
+                | Kind::Write
+                | Kind::Transfer
+                | Kind::ConditionalTransfer
+                | Kind::SessionWrite
+        )
+    }
+}
+
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let name = match self {
@@ -191,6 +205,9 @@ pub struct PhaseStats {
     pub from: Duration,
     pub requests: usize,
     pub failures: usize,
+    /// Of those, the writes (writes, transfers, session writes) and how many failed.
+    pub writes: usize,
+    pub write_failures: usize,
 }
 
 /// The phase label before any mark.
@@ -260,6 +277,8 @@ impl Report {
                 from,
                 requests: 0,
                 failures: 0,
+                writes: 0,
+                write_failures: 0,
             })
             .collect();
         report.count_requests(&history.requests);
@@ -306,6 +325,7 @@ impl Report {
                 .partition_point(|p| p.from <= r.sent_at)
                 .saturating_sub(1);
             self.phases[phase].requests += 1;
+            self.phases[phase].writes += usize::from(r.kind.is_write());
             let stats = self.per_kind.entry(r.kind).or_default();
             if r.outcome.is_ok() {
                 stats.ok += 1;
@@ -313,6 +333,7 @@ impl Report {
                 stats.failed += 1;
                 self.failures += 1;
                 self.phases[phase].failures += 1;
+                self.phases[phase].write_failures += usize::from(r.kind.is_write());
                 if self.first_failures.len() < FIRST_FAILURES {
                     self.first_failures.push(format!(
                         "{} via {} at {:?} ({}): {} after {:?}: {}",
