@@ -24,6 +24,8 @@ report="$(realpath -m "${3:-soak-$seed.md}")"
 scripts/setup.sh --broker
 cargo build --workspace --bins --locked
 echo "soak: $duration s, seed $seed, report $report"
-CAUSEWAY_SOAK_SECONDS="$duration" CAUSEWAY_SOAK_SEED="$seed" CAUSEWAY_SOAK_REPORT="$report" \
+# The cluster's directory (every process's log) is kept; its path is printed.
+CAUSEWAY_KEEP_TEST_DIR=1 \
+  CAUSEWAY_SOAK_SECONDS="$duration" CAUSEWAY_SOAK_SEED="$seed" CAUSEWAY_SOAK_REPORT="$report" \
   CAUSEWAY_HISTORY_FILE="${report%.md}.history.jsonl" \
   cargo test --locked -p causeway-tests --test nemesis soak -- --ignored --nocapture

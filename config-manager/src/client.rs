@@ -311,7 +311,7 @@ impl ConfigWatch {
     }
 }
 
-fn endpoint(addr: &str) -> Result<Endpoint, Error> {
+pub(crate) fn endpoint(addr: &str) -> Result<Endpoint, Error> {
     let uri = if addr.contains("://") {
         addr.to_string()
     } else {

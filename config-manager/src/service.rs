@@ -500,10 +500,10 @@ impl EventLoop {
 
     async fn register(&mut self, node: NodeInfo, now: Instant) -> Result<Registration, Error> {
         let addr = node.addr.as_str();
-        if addr.is_empty()
-            || addr.len() > self.options.max_addr_len
+        if addr.len() > self.options.max_addr_len
             || addr.chars().any(char::is_whitespace)
-            || !addr.contains(':')
+            || !is_host_port(addr)
+            || crate::client::endpoint(addr).is_err()
         {
             return Err(Error::InvalidAddr(node.addr));
         }
@@ -671,4 +671,16 @@ impl EventLoop {
         self.state = state;
         Ok(())
     }
+}
+
+/// Whether `addr` is `host:port` (after an optional `http://` or `https://`): a host, and a port
+/// that is a number. Every node dials every other at it, so an address that is not one must not
+/// enter a configuration.
+fn is_host_port(addr: &str) -> bool {
+    let rest = addr
+        .strip_prefix("http://")
+        .or_else(|| addr.strip_prefix("https://"))
+        .unwrap_or(addr);
+    rest.rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
 }

@@ -24,21 +24,27 @@ use crate::state::{lock, Shared};
 use crate::storage::{self, ScanCursor};
 
 /// A channel that connects on first use and reconnects after failures.
-pub fn lazy_channel(addr: &str) -> Channel {
-    endpoint(addr).connect_lazy()
+pub fn lazy_channel(addr: &str) -> Result<Channel, InvalidAddr> {
+    Ok(endpoint(addr)?.connect_lazy())
 }
 
+/// A peer's address that is not a valid URI. The config manager refuses such an address at
+/// registration; a node still never trusts that it did.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("invalid node address {0:?}")]
+pub struct InvalidAddr(pub String);
+
 /// The endpoint of a peer's gRPC server.
-pub fn endpoint(addr: &str) -> Endpoint {
+pub fn endpoint(addr: &str) -> Result<Endpoint, InvalidAddr> {
     let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
         addr.to_owned()
     } else {
         format!("http://{addr}")
     };
-    Endpoint::from_shared(uri)
-        .expect("node addresses are valid URIs")
+    Ok(Endpoint::from_shared(uri)
+        .map_err(|_| InvalidAddr(addr.to_owned()))?
         .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
+        .tcp_nodelay(true))
 }
 
 pub fn gossip_to_proto(g: &Gossip) -> pb::GossipMessage {
@@ -159,7 +165,8 @@ impl Server {
             .addr;
         let mut clients = lock(&self.clients);
         if clients.get(&node).is_none_or(|(a, _)| a != addr) {
-            let client = StoreNodeClient::new(lazy_channel(addr))
+            let channel = lazy_channel(addr).map_err(|e| Status::internal(e.to_string()))?;
+            let client = StoreNodeClient::new(channel)
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20);
             clients.insert(node, (addr.clone(), client));
@@ -1292,5 +1299,19 @@ impl pb::store_node_server::StoreNode for Server {
             backfill: crate::backfill::status(s),
             drained: s.drained.load(Ordering::Relaxed),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_address_that_is_no_uri_is_an_error_not_a_panic() {
+        assert!(endpoint("127.0.0.1:7401").is_ok());
+        assert!(endpoint("https://node-0.store.svc:7401").is_ok());
+        let bad = endpoint("127.0.0.1:80|x").unwrap_err();
+        assert_eq!(bad.to_string(), "invalid node address \"127.0.0.1:80|x\"");
+        assert!(lazy_channel("[::1:80").is_err());
     }
 }

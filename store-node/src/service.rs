@@ -690,8 +690,13 @@ async fn gossip_loop(
         };
         for config in peers_to_tell.into_iter().flatten() {
             for (&node, info) in &config.nodes {
-                let peer = peers.get(node, &info.addr);
-                if node == shared.node || peer.in_flight.swap(true, Ordering::AcqRel) {
+                if node == shared.node {
+                    continue;
+                }
+                let Some(peer) = peers.get(node, &info.addr) else {
+                    continue;
+                };
+                if peer.in_flight.swap(true, Ordering::AcqRel) {
                     continue;
                 }
                 let client = peer.client.clone();
@@ -740,17 +745,25 @@ struct Peer {
 }
 
 impl Peers {
-    /// The client of `node` and its in-flight flag, (re)connecting if its address changed.
-    fn get(&mut self, node: NodeId, addr: &str) -> &Peer {
+    /// The client of `node` and its in-flight flag, (re)connecting if its address changed;
+    /// `None` (logged) for an address that is not a valid URI.
+    fn get(&mut self, node: NodeId, addr: &str) -> Option<&Peer> {
         if self.clients.get(&node).is_none_or(|p| p.addr != addr) {
+            let channel = match crate::grpc::lazy_channel(addr) {
+                Ok(channel) => channel,
+                Err(e) => {
+                    warn!(%node, error = %e, "not gossiping to a peer");
+                    return None;
+                }
+            };
             let peer = Peer {
                 addr: addr.to_owned(),
-                client: StoreNodeClient::new(crate::grpc::lazy_channel(addr)),
+                client: StoreNodeClient::new(channel),
                 in_flight: Arc::new(AtomicBool::new(false)),
             };
             self.clients.insert(node, peer);
         }
-        &self.clients[&node]
+        self.clients.get(&node)
     }
 }
 

@@ -42,14 +42,14 @@ pub struct Askers {
 }
 
 impl Askers {
-    fn client(&mut self, node: NodeId, addr: &str) -> StoreNodeClient<Channel> {
+    /// `None` for an address that is not a valid URI.
+    fn client(&mut self, node: NodeId, addr: &str) -> Option<StoreNodeClient<Channel>> {
         if self.clients.get(&node).is_none_or(|(a, _)| a != addr) {
-            self.clients.insert(
-                node,
-                (addr.to_owned(), StoreNodeClient::new(lazy_channel(addr))),
-            );
+            let channel = lazy_channel(addr).ok()?;
+            self.clients
+                .insert(node, (addr.to_owned(), StoreNodeClient::new(channel)));
         }
-        self.clients[&node].1.clone()
+        Some(self.clients[&node].1.clone())
     }
 }
 
@@ -92,21 +92,19 @@ pub async fn gather(
     let ts = blocked.ts;
     let mut asks: FuturesUnordered<_> = peers
         .into_iter()
-        .map(|(node, addr)| {
-            let mut client = askers.client(node, &addr);
-            async move {
-                let mut request = tonic::Request::new(pb::OutcomeRequest {
-                    ts: ts.0,
-                    wait_ms: ASK_WAIT_MS,
-                    following: FOLLOWING,
-                });
-                request.set_timeout(Duration::from_millis(u64::from(ASK_WAIT_MS) + 2_000));
-                match client.outcome(request).await {
-                    Ok(answer) => Some(answer.into_inner()),
-                    Err(status) => {
-                        tracing::debug!(%node, %ts, %status, "asking for votes failed");
-                        None
-                    }
+        .filter_map(|(node, addr)| Some((node, askers.client(node, &addr)?)))
+        .map(|(node, mut client)| async move {
+            let mut request = tonic::Request::new(pb::OutcomeRequest {
+                ts: ts.0,
+                wait_ms: ASK_WAIT_MS,
+                following: FOLLOWING,
+            });
+            request.set_timeout(Duration::from_millis(u64::from(ASK_WAIT_MS) + 2_000));
+            match client.outcome(request).await {
+                Ok(answer) => Some(answer.into_inner()),
+                Err(status) => {
+                    tracing::debug!(%node, %ts, %status, "asking for votes failed");
+                    None
                 }
             }
         })

@@ -369,7 +369,7 @@ impl LocalCluster {
             .ok_or_else(|| anyhow!("no {node}"))?
             .addr;
         Ok(
-            StoreNodeClient::new(causeway_store_node::grpc::lazy_channel(&addr.to_string()))
+            StoreNodeClient::new(causeway_store_node::grpc::lazy_channel(&addr.to_string())?)
                 .max_decoding_message_size(64 << 20),
         )
     }

@@ -265,6 +265,11 @@ impl Load {
         h.marks.push((at, label.to_owned()));
     }
 
+    /// Since the load started.
+    pub fn elapsed(&self) -> Duration {
+        self.shared.started.elapsed()
+    }
+
     /// Requests sent so far, whatever their outcome.
     pub fn sent(&self) -> usize {
         self.shared

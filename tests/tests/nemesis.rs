@@ -38,6 +38,8 @@ use serde_json::json;
 const FAULT: Duration = Duration::from_secs(5);
 /// The longest the cluster may take to serve again after a fault is undone.
 const RECOVERY: Duration = Duration::from_secs(60);
+/// How long a store node that failed a write may take to exit.
+const STOPPING: Duration = Duration::from_secs(5);
 /// The longest a transition may take to install.
 const TRANSITION: Duration = Duration::from_secs(120);
 
@@ -132,26 +134,32 @@ impl Nemesis {
             // A node that stopped on the fault starts again on its store.
             Nemesis::DiskFull(n) => {
                 cluster.free_disk(n)?;
-                restart_if_stopped(cluster, n)
+                restart_if_stopped(cluster, n).await
             }
             Nemesis::FsyncFails(n) => {
                 if cluster.is_running(n) {
                     cluster.fail_syncs(n, false)?;
                 }
-                restart_if_stopped(cluster, n)
+                restart_if_stopped(cluster, n).await
             }
         }
     }
 }
 
 /// Starts store node `n` again if it exited, as a node must rather than go on with a store it
-/// could not write; answers whether it had.
-fn restart_if_stopped(cluster: &mut LocalCluster, n: NodeId) -> Result<bool> {
-    let stopped = !cluster.is_running(n);
-    if stopped {
+/// could not write; answers whether it had. A node that failed a write just before the fault
+/// ended may still be on its way out: it is given a few seconds.
+async fn restart_if_stopped(cluster: &mut LocalCluster, n: NodeId) -> Result<bool> {
+    let exited = until(&format!("{n} to stop"), STOPPING, || {
+        let running = cluster.is_running(n);
+        async move { (!running).then_some(()) }
+    })
+    .await
+    .is_ok();
+    if exited {
         cluster.restart(n)?;
     }
-    Ok(stopped)
+    Ok(exited)
 }
 
 /// How long until a write through each api-server is read back through every api-server at
@@ -270,16 +278,25 @@ impl Run {
     async fn fault(&mut self, nemesis: Nemesis, lasted: Duration, quiet: Duration) -> bool {
         // Numbered, so that each is a phase of its own in the load's report.
         let name = format!("{}. {}", self.faults.len() + 1, nemesis.name());
+        println!("{:?}: {name} for {lasted:?}", self.load.elapsed());
         self.load.mark(&name);
         nemesis
             .inject(&mut self.cluster, &mut self.cdc)
             .await
             .unwrap();
         tokio::time::sleep(lasted).await;
-        let node_stopped = nemesis
+        let mut node_stopped = nemesis
             .undo(&mut self.cluster, &mut self.cdc)
             .await
             .unwrap();
+        // A store node that stopped later than the undo looked (a write that failed at the
+        // very end of a disk fault) starts again too.
+        for n in self.cluster.node_ids() {
+            if !self.cluster.is_running(n) {
+                self.cluster.restart(n).unwrap();
+                node_stopped = true;
+            }
+        }
         self.load.mark(&format!("after {name}"));
         let recovered_in = match recovery(&self.cluster).await {
             Ok(d) => d,
