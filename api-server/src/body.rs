@@ -118,6 +118,50 @@ pub fn check_depth(bytes: &[u8], max: usize) -> Option<usize> {
     Some(deepest)
 }
 
+/// The first integer in JSON text (a number without a fraction or an exponent) that the document
+/// model cannot hold exactly: below `i64::MIN` or above `u64::MAX`. A JSON parser would turn it
+/// into the nearest double, and the document would keep another number than the one sent.
+/// Works on the raw bytes (strings skipped, escapes honoured).
+pub fn inexact_integer(bytes: &[u8]) -> Option<&str> {
+    let (mut in_string, mut escaped) = (false, false);
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            i += 1;
+            continue;
+        }
+        if b == b'"' {
+            in_string = true;
+            i += 1;
+            continue;
+        }
+        if b == b'-' || b.is_ascii_digit() {
+            let start = i;
+            while i < bytes.len()
+                && matches!(bytes[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+            {
+                i += 1;
+            }
+            let token = std::str::from_utf8(&bytes[start..i]).ok()?;
+            let integer = !token.contains(['.', 'e', 'E']);
+            if integer && token.parse::<i64>().is_err() && token.parse::<u64>().is_err() {
+                return Some(token);
+            }
+            continue;
+        }
+        i += 1;
+    }
+    None
+}
+
 /// Checks UTF-8 and depth, then parses JSON.
 pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Value, Problem> {
     std::str::from_utf8(bytes).map_err(|e| {
@@ -135,7 +179,21 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Value, Problem> {
             ),
         )
     })?;
-    serde_json::from_slice(bytes).map_err(|e| Problem::new(Kind::InvalidJson, e.to_string()))
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| Problem::new(Kind::InvalidJson, e.to_string()))?;
+    if let Some(number) = inexact_integer(bytes) {
+        return Err(Problem::new(
+            Kind::NumberOutOfRange,
+            format!(
+                "the integer {} is outside what a document holds exactly ({} to {}): send it \
+                 as a string, or as a number with a fraction or an exponent to store a double",
+                number.chars().take(64).collect::<String>(),
+                i64::MIN,
+                u64::MAX
+            ),
+        ));
+    }
+    Ok(value)
 }
 
 /// Content type, size, UTF-8, depth and parse of a JSON request body.
@@ -198,10 +256,42 @@ mod tests {
             Kind::JsonTooDeep
         );
         assert_eq!(parse(b"{\"a\": ", &l).unwrap_err().kind, Kind::InvalidJson);
+        let big = parse(b"{\"a\": 123456789012345678901234567890}", &l).unwrap_err();
+        assert_eq!(big.kind, Kind::NumberOutOfRange);
+        assert!(
+            big.detail.contains("123456789012345678901234567890"),
+            "{}",
+            big.detail
+        );
         assert_eq!(
             parse(b"{\"a\": [1]}", &l).unwrap(),
             serde_json::json!({"a": [1]})
         );
+    }
+
+    #[test]
+    fn integers_beyond_i64_and_u64_are_found_and_others_pass() {
+        for ok in [
+            r#"{"a": -9223372036854775808, "b": 18446744073709551615, "c": 0, "d": -0}"#,
+            r#"{"a": 1e300, "b": 123456789012345678901234567890.5, "c": -1.5E-7}"#,
+            r#"{"a": "123456789012345678901234567890", "b\"": "x\\"}"#,
+            r#"[1, [2, {"k": 3}]]"#,
+        ] {
+            assert_eq!(inexact_integer(ok.as_bytes()), None, "{ok}");
+        }
+        for (bad, number) in [
+            (
+                r#"{"a": 123456789012345678901234567890}"#,
+                "123456789012345678901234567890",
+            ),
+            (r#"[18446744073709551616]"#, "18446744073709551616"),
+            (
+                r#"{"s": "\"", "n": -9223372036854775809}"#,
+                "-9223372036854775809",
+            ),
+        ] {
+            assert_eq!(inexact_integer(bad.as_bytes()), Some(number), "{bad}");
+        }
     }
 
     proptest! {

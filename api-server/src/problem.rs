@@ -19,6 +19,9 @@ pub enum Kind {
     InvalidUtf8,
     /// 400: the body nests arrays and objects deeper than `max_json_depth`.
     JsonTooDeep,
+    /// 400: an integer beyond what a document holds exactly (below `i64::MIN`, above
+    /// `u64::MAX`).
+    NumberOutOfRange,
     /// 400: a collection name or document id is refused (length, characters, `.`/`..`).
     InvalidKey,
     /// 400: a path segment is not valid percent-encoded UTF-8.
@@ -88,6 +91,7 @@ impl Kind {
             Kind::InvalidJson => "invalid_json",
             Kind::InvalidUtf8 => "invalid_utf8",
             Kind::JsonTooDeep => "json_too_deep",
+            Kind::NumberOutOfRange => "number_out_of_range",
             Kind::InvalidKey => "invalid_key",
             Kind::InvalidPath => "invalid_path",
             Kind::InvalidDocument => "invalid_document",
@@ -124,6 +128,7 @@ impl Kind {
             Kind::InvalidJson
             | Kind::InvalidUtf8
             | Kind::JsonTooDeep
+            | Kind::NumberOutOfRange
             | Kind::InvalidKey
             | Kind::InvalidPath
             | Kind::InvalidDocument
@@ -158,6 +163,7 @@ impl Kind {
             Kind::InvalidJson => "the body is not valid JSON of the expected shape",
             Kind::InvalidUtf8 => "the body is not UTF-8",
             Kind::JsonTooDeep => "the JSON nests too deep",
+            Kind::NumberOutOfRange => "an integer a document cannot hold exactly",
             Kind::InvalidKey => "invalid collection name or document id",
             Kind::InvalidPath => "invalid path",
             Kind::InvalidDocument => "invalid document",

@@ -330,6 +330,12 @@ async fn bad_input_table(backend: Backend) -> Result<()> {
         .send()
         .await?;
     expect_problem(r, 400, "invalid_utf8", "utf-8 body").await?;
+    // An integer a document cannot hold exactly: refused, never stored rounded.
+    let r = put(doc("orders", "a"))
+        .body(r#"{"n": 123456789012345678901234567890}"#)
+        .send()
+        .await?;
+    expect_problem(r, 400, "number_out_of_range", "big integer").await?;
     // Invalid UTF-8 in the path, percent-encoded and raw.
     let r = put(doc("orders", "%FF%FE")).body("{}").send().await?;
     expect_problem(r, 400, "invalid_path", "utf-8 path").await?;
