@@ -1382,3 +1382,38 @@ fn idempotency_rows_move_with_their_document_and_go_after_the_bound() {
     let after = target.raw_versions(&Interval::FULL).unwrap().len();
     assert!(after < before, "rows dropped: {before} → {after}");
 }
+
+/// A read at a ts that becomes applied while the read starts sees that ts's writes, or is told
+/// the ts is not applied yet: never a snapshot from before it. (The snapshot was once taken
+/// before the applied position was read, so a ts applied in between read as if it were not.)
+#[test]
+fn a_read_at_a_ts_applied_while_it_starts_sees_that_ts() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(open(&dir, small_options()));
+    const LAST: u64 = 3_000;
+    let writer = {
+        let store = std::sync::Arc::clone(&store);
+        std::thread::spawn(move || {
+            for ts in 1..=LAST {
+                let record = tx(vec![replace("c", "k", &json!({ "ts": ts }))], ts);
+                store.apply(&[(Timestamp(ts), record)], &full()).unwrap();
+            }
+        })
+    };
+    let mut seen = 0;
+    // Bounded: the writer applies LAST records and stops.
+    while store.applied().get() < LAST {
+        let ts = Timestamp(store.applied().get() + 1);
+        match store.get("c", "k", ts) {
+            Ok(doc) => {
+                let found = doc.map(|d| d.json["ts"].clone());
+                assert_eq!(found, Some(json!(ts.get())), "the read at {ts}");
+                seen += 1;
+            }
+            Err(Error::NotYetApplied { .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    writer.join().unwrap();
+    eprintln!("{seen} reads found their ts applied as they started");
+}

@@ -520,17 +520,21 @@ impl Store {
     /// Takes a snapshot, then checks `ts` against the watermark and the applied position (in
     /// that order: GC raises the watermark before it prunes).
     fn snapshot_at(&self, ts: Timestamp) -> Result<rocksdb::Snapshot<'_>, Error> {
-        let snapshot = self.db.snapshot();
-        let gc = self.gc_watermark();
-        if ts < gc {
-            return Err(Error::SnapshotTooOld { requested: ts, gc });
-        }
+        // The applied position before the snapshot: apply moves it after its batch is written,
+        // so everything up to it is in the snapshot. The GC watermark after the snapshot: GC
+        // moves it before it prunes, so if it is still at or below ts, the snapshot holds every
+        // version ts needs.
         let applied = self.applied();
         if ts > applied {
             return Err(Error::NotYetApplied {
                 requested: ts,
                 applied,
             });
+        }
+        let snapshot = self.db.snapshot();
+        let gc = self.gc_watermark();
+        if ts < gc {
+            return Err(Error::SnapshotTooOld { requested: ts, gc });
         }
         Ok(snapshot)
     }
