@@ -224,6 +224,44 @@ impl Server {
         Ok((at, config))
     }
 
+    /// Registers a read at `at` (it then holds the GC timestamp), and only then checks that the
+    /// GC timestamp has not passed it: one chosen before could be passed before it registers.
+    fn hold_read(&self, at: ReadTimestamp) -> Result<crate::state::ReadGuard, Status> {
+        let held = self.shared.reads.register(at);
+        let gc = self
+            .shared
+            .decided()
+            .decisions
+            .gc
+            .max(self.shared.store.gc_watermark());
+        if at.ts < gc {
+            return Err(storage_status(storage::Error::SnapshotTooOld {
+                requested: at.ts,
+                gc,
+            }));
+        }
+        Ok(held)
+    }
+
+    /// [`Self::read_timestamp`], registered as a read ([`Self::hold_read`]): chosen again, up
+    /// to a few times, if the GC timestamp passed it before it was registered (the UST moved
+    /// on meanwhile, and the GC timestamp never passes the UST).
+    async fn held_read_timestamp(
+        &self,
+        min_ts: Timestamp,
+        deadline: Instant,
+    ) -> Result<(ReadTimestamp, Arc<ClusterConfig>, crate::state::ReadGuard), Status> {
+        let mut attempts = 3;
+        loop {
+            let (at, config) = self.read_timestamp(min_ts, deadline).await?;
+            match self.hold_read(at) {
+                Ok(held) => return Ok((at, config, held)),
+                Err(passed) if attempts == 1 => return Err(passed),
+                Err(_) => attempts -= 1,
+            }
+        }
+    }
+
     /// The replicas to try for each partition: this node first, peers whose gossip has gone
     /// quiet last.
     ///
@@ -967,8 +1005,10 @@ impl pb::store_node_server::StoreNode for Server {
         let deadline = Instant::now() + self.timeout(req.timeout_ms);
         let (at, held) = match req.at {
             None => {
-                let (at, _) = self.read_timestamp(Timestamp(req.min_ts), deadline).await?;
-                (at, self.shared.reads.register(at))
+                let (at, _, held) = self
+                    .held_read_timestamp(Timestamp(req.min_ts), deadline)
+                    .await?;
+                (at, held)
             }
             Some(ts) => {
                 // A hold of the GC timestamp, not a read: it does not hold back an install.
@@ -1059,8 +1099,9 @@ impl pb::store_node_server::StoreNode for Server {
         let deadline = started + self.timeout(req.timeout_ms);
         let mut retries = Retries::new(self.shared.tuning.read_attempts, deadline);
         loop {
-            let (at, config) = self.read_timestamp(Timestamp(req.min_ts), deadline).await?;
-            let _held = self.shared.reads.register(at);
+            let (at, config, _held) = self
+                .held_read_timestamp(Timestamp(req.min_ts), deadline)
+                .await?;
             match self
                 .read_at(&config, at, &req.keys, req.with_automerge)
                 .await
@@ -1131,7 +1172,7 @@ impl pb::store_node_server::StoreNode for Server {
                     None => self.read_timestamp(Timestamp(req.min_ts), deadline).await?,
                 },
             };
-            let _held = self.shared.reads.register(at);
+            let _held = self.hold_read(at)?;
             let after = cursor.as_ref().map(|c| &c.after);
             match self
                 .query_at(&config, at, &req.collection, &query, after, max_scanned)
