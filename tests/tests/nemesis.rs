@@ -103,7 +103,8 @@ impl Nemesis {
                     .into_iter()
                     .filter(|m| *m != Member::Node(n))
                     .collect();
-                cluster.partition(&[Member::Node(n)], &others)
+                cluster.partition(&[Member::Node(n)], &others)?;
+                cut_off(cluster, n).await
             }
             Nemesis::CutFromPeers(n) => {
                 let peers: Vec<Member> = cluster
@@ -112,7 +113,8 @@ impl Nemesis {
                     .filter(|p| *p != n)
                     .map(Member::Node)
                     .collect();
-                cluster.partition(&[Member::Node(n)], &peers)
+                cluster.partition(&[Member::Node(n)], &peers)?;
+                cut_off(cluster, n).await
             }
             Nemesis::DiskFull(n) => cluster.fill_disk(n),
             Nemesis::FsyncFails(n) => cluster.fail_syncs(n, true),
@@ -144,6 +146,26 @@ impl Nemesis {
             }
         }
     }
+}
+
+/// Waits until another store node of the configuration has stopped hearing from `n` (its
+/// gossip counts it dead): the partition is real.
+async fn cut_off(cluster: &LocalCluster, n: NodeId) -> Result<()> {
+    let config = cluster.current_config().await?;
+    let peers: Vec<NodeId> = config.node_ids().into_iter().filter(|p| *p != n).collect();
+    until(&format!("a peer to count {n} dead"), RECOVERY, || {
+        let peers = peers.clone();
+        async move {
+            for peer in peers {
+                let status = cluster.status(peer).await.ok()?;
+                if status.peers.iter().any(|p| p.node_id == n.0 && !p.alive) {
+                    return Some(());
+                }
+            }
+            None
+        }
+    })
+    .await
 }
 
 /// Starts store node `n` again if it exited, as a node must rather than go on with a store it
