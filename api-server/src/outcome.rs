@@ -121,17 +121,21 @@ async fn keep_asking(
 ) -> Option<pb::TxOutcome> {
     let addrs = [addr];
     let asking = async {
+        // An answer at once without the decision (the node waits at ts for votes, or the call
+        // failed): ask again after a pause, longer each time (10 ms to 200 ms), not in a spin.
+        let mut pause = Duration::from_millis(10);
         loop {
             let asked = Instant::now();
             let left = end.saturating_duration_since(asked);
             let wait_ms = u32::try_from(left.as_millis()).unwrap_or(u32::MAX);
-            if let Lookup::Decided(outcome) = ask(store, &addrs, ts, wait_ms).await {
-                return outcome;
+            match ask(store, &addrs, ts, wait_ms).await {
+                Lookup::Decided(outcome) => return outcome,
+                // Past this node's retention window: it will never tell.
+                Lookup::Unknown { pruned: true } => std::future::pending::<()>().await,
+                Lookup::Pending | Lookup::Unknown { .. } => {}
             }
-            // An answer at once without the decision (the node waits at ts for votes, or the
-            // call failed): ask again after a pause, not in a spin.
-            let pause = Duration::from_millis(10).saturating_sub(asked.elapsed());
-            tokio::time::sleep(pause).await;
+            tokio::time::sleep(pause.saturating_sub(asked.elapsed())).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
         }
     };
     tokio::time::timeout_at(end, asking).await.ok()

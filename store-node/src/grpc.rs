@@ -1172,12 +1172,18 @@ impl pb::store_node_server::StoreNode for Server {
                     None => self.read_timestamp(Timestamp(req.min_ts), deadline).await?,
                 },
             };
-            let _held = self.hold_read(at)?;
             let after = cursor.as_ref().map(|c| &c.after);
-            match self
-                .query_at(&config, at, &req.collection, &query, after, max_scanned)
-                .await
-            {
+            // GC may have passed the timestamp before the read registered: that is a snapshot
+            // too old, handled as one below.
+            let held = self.hold_read(at).map_err(|_| Attempt::TooOld);
+            let answer = match &held {
+                Ok(_) => {
+                    self.query_at(&config, at, &req.collection, &query, after, max_scanned)
+                        .await
+                }
+                Err(_) => Err(Attempt::TooOld),
+            };
+            match answer {
                 Ok(page) => {
                     self.shared.metrics.query_seconds.observe(started.elapsed());
                     let cursor = page.cursor.map(|after| {

@@ -1416,4 +1416,8 @@ fn a_read_at_a_ts_applied_while_it_starts_sees_that_ts() {
     }
     writer.join().unwrap();
     eprintln!("{seen} reads found their ts applied as they started");
+    assert!(
+        seen > 0,
+        "no read started as its ts was applied: the race was not run"
+    );
 }

@@ -95,17 +95,33 @@ pub(crate) fn under_fiu(program: &Path, control: &Path) -> Command {
 }
 
 /// Makes every sync call of process `pid` (run [`under_fiu`]) fail with EIO, or succeed again.
+/// `fiu-ctrl` exits 0 even when the process refused the command or is gone (it says so on its
+/// output), and blocks on the control pipe of a process that exited: it runs under `timeout`,
+/// and its output is read.
 pub(crate) fn fail_syncs(control: &Path, pid: u32, fail: bool) -> Result<()> {
     let what = if fail {
         "enable name=posix/io/sync/*,failinfo=5"
     } else {
         "disable name=posix/io/sync/*"
     };
-    run(Command::new("fiu-ctrl")
+    let output = Command::new("timeout")
+        .arg("5")
+        .arg("fiu-ctrl")
         .arg("-f")
         .arg(control)
         .arg("-c")
         .arg(what)
-        .arg(pid.to_string()))
-    .context("fiu-ctrl (Debian's fiu-utils)")
+        .arg(pid.to_string())
+        .output()
+        .context("fiu-ctrl (Debian's fiu-utils)")?;
+    let said = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() || said.to_ascii_lowercase().contains("error") {
+        bail!(
+            "fiu-ctrl -c '{what}' {pid}: {} {}",
+            output.status,
+            said.trim()
+        );
+    }
+    Ok(())
 }

@@ -201,10 +201,11 @@ impl LocalCluster {
         };
         let log_options = LogOptions::Kafka(broker.log_options(&format!("causeway-tx-{n}")));
         let log = TxLog::open(log_options.clone()).await?;
-        // Group ids of this cluster's processes: spread by the process id and the cluster.
-        let gid_base = spec
-            .isolated
-            .then(|| 3_000_000 + (std::process::id() % 100_000) * 2048 + (n as u32 % 2) * 1024);
+        // Group ids of this cluster's processes: 1024 per cluster, 16 clusters per test process,
+        // spread by the process id.
+        let gid_base = spec.isolated.then(|| {
+            100_000_000 + (std::process::id() % 100_000) * 16_384 + (n as u32 % 16) * 1024
+        });
 
         let cm_addr = free_addr()?;
         let cm_gid = gid_base.map(|base| base + Member::ConfigManager.gid_offset());
@@ -215,7 +216,7 @@ impl LocalCluster {
             _tmp: tmp,
             kafka,
             gid_base,
-            firewall: Firewall::new(),
+            firewall: Firewall::new(n),
             node_disk_mb: spec.node_disk_mb,
             disks: BTreeMap::new(),
             fsync_faults: spec.fsync_faults,
@@ -713,10 +714,11 @@ impl LocalCluster {
 
     /// Fills store node `node`'s disk (`ClusterSpec::node_disk_mb`) to the last byte.
     pub fn fill_disk(&self, node: NodeId) -> Result<()> {
-        self.disks
+        let disk = self
+            .disks
             .get(&node)
-            .ok_or_else(|| anyhow!("{node} has no disk of its own: `node_disk_mb`"))?
-            .fill()
+            .ok_or_else(|| anyhow!("{node} has no disk of its own: `node_disk_mb`"))?;
+        tokio::task::block_in_place(|| disk.fill())
     }
 
     /// Frees what [`LocalCluster::fill_disk`] took.

@@ -40,11 +40,37 @@ fn iptables(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// The prefix of every test chain; the test process's id and the cluster's number follow.
+const PREFIX: &str = "CAUSEWAY-T-";
+
 impl Firewall {
-    pub(crate) fn new() -> Firewall {
+    /// The firewall of cluster `n` of this test process.
+    pub(crate) fn new(n: usize) -> Firewall {
         Firewall {
-            chain: format!("CAUSEWAY-TEST-{}", std::process::id()),
+            chain: format!("{PREFIX}{}-{n}", std::process::id()),
             installed: false,
+        }
+    }
+
+    /// Removes the chains (and their jumps) of test processes that are gone: one killed -9
+    /// had no chance to.
+    fn remove_stale() {
+        let Ok(rules) = Command::new("iptables").args(["-w", "-S"]).output() else {
+            return;
+        };
+        let rules = String::from_utf8_lossy(&rules.stdout);
+        for chain in rules
+            .lines()
+            .filter_map(|l| l.strip_prefix("-N "))
+            .filter(|c| c.starts_with(PREFIX))
+        {
+            let pid = chain[PREFIX.len()..].split('-').next().unwrap_or("");
+            if std::path::Path::new("/proc").join(pid).exists() {
+                continue;
+            }
+            let _ = iptables(&["-D", "OUTPUT", "-j", chain]);
+            let _ = iptables(&["-F", chain]);
+            let _ = iptables(&["-X", chain]);
         }
     }
 
@@ -54,9 +80,11 @@ impl Firewall {
             return Ok(());
         }
         if !self.installed {
+            Firewall::remove_stale();
             // A chain left by an earlier process of the same id is reused, emptied.
             let _ = iptables(&["-N", &self.chain]);
             iptables(&["-F", &self.chain])?;
+            let _ = iptables(&["-D", "OUTPUT", "-j", &self.chain]);
             iptables(&["-I", "OUTPUT", "-j", &self.chain])?;
             self.installed = true;
         }

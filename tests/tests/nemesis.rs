@@ -34,6 +34,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
+/// In the bounded run's list, the Kafka node that leads the log when the fault starts.
+const LOG_LEADER: usize = usize::MAX;
 /// How long each fault lasts.
 const FAULT: Duration = Duration::from_secs(5);
 /// The longest the cluster may take to serve again after a fault is undone.
@@ -54,7 +56,8 @@ enum Nemesis {
     Scale(u32, u32),
     /// kill -9 of Kafka node `i` of three (replication factor 3, `min.insync.replicas` 2).
     KillBroker(usize),
-    /// The store node cut off from every other process, Kafka included.
+    /// The store node cut off from the other store nodes, the config manager, the api-servers
+    /// and Kafka (not from the cdc service, which runs with the test's own group).
     Isolate(NodeId),
     /// The store node cut off from the other store nodes only: the api-servers, the config
     /// manager and Kafka still reach it.
@@ -68,6 +71,14 @@ enum Nemesis {
 }
 
 impl Nemesis {
+    /// The store node whose disk this fault fails.
+    fn disk_of(self) -> Option<NodeId> {
+        match self {
+            Nemesis::DiskFull(n) | Nemesis::FsyncFails(n) => Some(n),
+            _ => None,
+        }
+    }
+
     fn name(self) -> String {
         match self {
             Nemesis::KillStoreNode(n) => format!("kill -9 store node {n}"),
@@ -311,13 +322,18 @@ impl Run {
             .undo(&mut self.cluster, &mut self.cdc)
             .await
             .unwrap();
-        // A store node that stopped later than the undo looked (a write that failed at the
-        // very end of a disk fault) starts again too.
+        // No other store node may have stopped: only the one a disk fault hit, which may stop
+        // later than the undo looked (a write that failed at the very end of the fault), and
+        // starts again then.
         for n in self.cluster.node_ids() {
-            if !self.cluster.is_running(n) {
-                self.cluster.restart(n).unwrap();
-                node_stopped = true;
+            if self.cluster.is_running(n) {
+                continue;
             }
+            if nemesis.disk_of() != Some(n) {
+                panic!("{n} stopped during {name}\n{}", self.cluster.logs());
+            }
+            self.cluster.restart(n).unwrap();
+            node_stopped = true;
         }
         self.load.mark(&format!("after {name}"));
         let recovered_in = match recovery(&self.cluster).await {
@@ -389,8 +405,6 @@ async fn every_nemesis_under_load_leaves_no_anomaly() {
     // log need space every second or so.
     let mut run = Run::start(512, 64 << 10).await;
     let nodes = run.cluster.node_ids();
-    // The Kafka node that leads the log: its loss moves the leadership.
-    let leader = run.cluster.log_leader().unwrap();
     for nemesis in [
         Nemesis::KillStoreNode(nodes[0]),
         Nemesis::PauseStoreNode(nodes[3]),
@@ -398,13 +412,21 @@ async fn every_nemesis_under_load_leaves_no_anomaly() {
         Nemesis::KillApiServer(1),
         Nemesis::Scale(3, 2),
         Nemesis::Scale(2, 2),
-        Nemesis::KillBroker(leader),
+        Nemesis::KillBroker(LOG_LEADER),
         Nemesis::Isolate(nodes[1]),
         Nemesis::CutFromPeers(nodes[2]),
         Nemesis::DiskFull(nodes[0]),
         Nemesis::FsyncFails(nodes[3]),
         Nemesis::KillCdc,
     ] {
+        // The Kafka node that leads the log when the fault starts: its loss moves the
+        // leadership.
+        let nemesis = match nemesis {
+            Nemesis::KillBroker(LOG_LEADER) => {
+                Nemesis::KillBroker(run.cluster.log_leader().unwrap())
+            }
+            other => other,
+        };
         let stopped = run.fault(nemesis, FAULT, Duration::from_secs(2)).await;
         // The disk faults bit: the node stopped rather than go on with a store it could not
         // write (and the history shows it started again on that store without an anomaly).
