@@ -102,10 +102,28 @@ impl From<FollowError> for Stop {
     fn from(e: FollowError) -> Stop {
         match e {
             FollowError::HistoryLost { .. } => Stop::HistoryLost,
-            e @ FollowError::Log(_) => Stop::Fatal(e.to_string()),
-            e @ FollowError::Refused(_) => Stop::Retry(e.to_string()),
+            FollowError::Log(ref log) if log_error_is_permanent(log) => Stop::Fatal(e.to_string()),
+            e @ (FollowError::Log(_) | FollowError::Refused(_)) => Stop::Retry(e.to_string()),
         }
     }
+}
+
+/// Whether a log error will not pass by itself: a configuration that cannot work, or a log that
+/// is not the one the feed follows. Any other (a broker down or electing a leader, which librdkafka
+/// reports under many codes) may pass: the feed starts again after a pause. A feed stopped for
+/// good on a Kafka failover once lost its history: its checkpoint fell below the GC timestamp
+/// while it waited for a restart.
+fn log_error_is_permanent(e: &causeway_txlog::Error) -> bool {
+    use causeway_txlog::Error::*;
+    matches!(
+        e,
+        Config { .. }
+            | TooManyPartitions { .. }
+            | BeyondEnd { .. }
+            | Corrupt { .. }
+            | UnknownFormatVersion { .. }
+            | RecordTooLarge { .. }
+    )
 }
 
 /// Batches events within the sink's limits and delivers them with the checkpoint after them.
@@ -409,6 +427,40 @@ async fn lost(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_feed_retries_after_a_log_error_that_may_pass_and_stops_on_one_that_cannot() {
+        use causeway_txlog::Error;
+        let stop = |e| Stop::from(FollowError::Log(e));
+        for passing in [
+            Error::Unavailable {
+                what: "fetch watermarks: leader not available".into(),
+                source: None,
+            },
+            Error::Closed,
+            Error::UnknownTopic { topic: "t".into() },
+            // What a feed once stopped on for good, during a Kafka failover.
+            Error::Kafka {
+                op: "fetch watermarks",
+                source: rdkafka::error::KafkaError::MetadataFetch(
+                    rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition,
+                ),
+            },
+        ] {
+            assert!(matches!(stop(passing), Stop::Retry(_)));
+        }
+        assert!(matches!(
+            stop(Error::Config { what: "x".into() }),
+            Stop::Fatal(_)
+        ));
+        assert!(matches!(
+            stop(Error::BeyondEnd {
+                position: Timestamp(9),
+                next: Timestamp(3)
+            }),
+            Stop::Fatal(_)
+        ));
+    }
 
     #[test]
     fn the_lag_in_time_is_since_the_ust_first_passed_the_resolved_ts() {
