@@ -255,7 +255,8 @@ async fn wrong_answers_to_a_running_load_are_violations() {
         let write = (200, "", r#"{"ts":5}"#.to_owned());
         match (method, path) {
             ("POST", "/v1/transactions") | ("PUT", _) => write,
-            ("POST", "/v1/documents:get") => {
+            // A multi-get or a query of a bank.
+            ("POST", p) if p == "/v1/documents:get" || p.ends_with("/query") => {
                 // Eight accounts of 1 each: a total of 8, not 8 × 1000.
                 let doc = r#"{"collection":"b","id":"a","found":true,"version_ts":2,"document":{"balance":1}}"#;
                 let docs = [doc; 8].join(",");
