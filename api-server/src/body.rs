@@ -86,12 +86,11 @@ pub async fn read(headers: &HeaderMap, body: Body, max_bytes: usize) -> Result<B
     Ok(buf.freeze())
 }
 
-/// The deepest nesting of arrays and objects in JSON text, or `None` as soon as it passes
-/// `max`. Works on the raw bytes (strings skipped, escapes honoured), without recursion.
-pub fn check_depth(bytes: &[u8], max: usize) -> Option<usize> {
-    let (mut depth, mut deepest) = (0usize, 0usize);
+/// The bytes of JSON text outside its strings, with their positions: each string, its quotes
+/// and its contents (escapes honoured), is skipped.
+fn outside_strings(bytes: &[u8]) -> impl Iterator<Item = (usize, u8)> + '_ {
     let (mut in_string, mut escaped) = (false, false);
-    for &b in bytes {
+    bytes.iter().copied().enumerate().filter(move |&(_, b)| {
         if in_string {
             if escaped {
                 escaped = false;
@@ -100,10 +99,20 @@ pub fn check_depth(bytes: &[u8], max: usize) -> Option<usize> {
             } else if b == b'"' {
                 in_string = false;
             }
-            continue;
+            false
+        } else {
+            in_string = b == b'"';
+            !in_string
         }
+    })
+}
+
+/// The deepest nesting of arrays and objects in JSON text, or `None` as soon as it passes
+/// `max`. Works on the raw bytes, without recursion.
+pub fn check_depth(bytes: &[u8], max: usize) -> Option<usize> {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    for (_, b) in outside_strings(bytes) {
         match b {
-            b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
                 if depth > max {
@@ -121,43 +130,24 @@ pub fn check_depth(bytes: &[u8], max: usize) -> Option<usize> {
 /// The first integer in JSON text (a number without a fraction or an exponent) that the document
 /// model cannot hold exactly: below `i64::MIN` or above `u64::MAX`. A JSON parser would turn it
 /// into the nearest double, and the document would keep another number than the one sent.
-/// Works on the raw bytes (strings skipped, escapes honoured).
+/// Works on the raw bytes of text that parsed.
 pub fn inexact_integer(bytes: &[u8]) -> Option<&str> {
-    let (mut in_string, mut escaped) = (false, false);
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
+    let in_number = |b: u8| matches!(b, b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9');
+    let mut start = None;
+    // A byte past the end closes a number that ends the text.
+    for (i, b) in outside_strings(bytes).chain([(bytes.len(), b' ')]) {
+        match start {
+            None if b == b'-' || b.is_ascii_digit() => start = Some(i),
+            Some(from) if !in_number(b) => {
+                start = None;
+                let token = std::str::from_utf8(&bytes[from..i]).ok()?;
+                let integer = !token.contains(['.', 'e', 'E']);
+                if integer && token.parse::<i64>().is_err() && token.parse::<u64>().is_err() {
+                    return Some(token);
+                }
             }
-            i += 1;
-            continue;
+            _ => {}
         }
-        if b == b'"' {
-            in_string = true;
-            i += 1;
-            continue;
-        }
-        if b == b'-' || b.is_ascii_digit() {
-            let start = i;
-            while i < bytes.len()
-                && matches!(bytes[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
-            {
-                i += 1;
-            }
-            let token = std::str::from_utf8(&bytes[start..i]).ok()?;
-            let integer = !token.contains(['.', 'e', 'E']);
-            if integer && token.parse::<i64>().is_err() && token.parse::<u64>().is_err() {
-                return Some(token);
-            }
-            continue;
-        }
-        i += 1;
     }
     None
 }
