@@ -45,6 +45,20 @@ impl Gossip {
     }
 }
 
+/// What [`GossipTable::admit`] did with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heard {
+    /// Taken in: newer than what the table held.
+    Taken,
+    /// Taken in without its committed ts (claimed: `claimed`) or UST view, which were beyond the
+    /// log's end.
+    Doubted { claimed: Timestamp },
+    /// Not newer than what the table holds: nothing changed.
+    Stale,
+    /// From a node in no configuration: ignored.
+    Stranger,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {
     latest: Gossip,
@@ -89,6 +103,46 @@ impl GossipTable {
                 true
             }
         }
+    }
+
+    /// Takes in a message from a peer, as [`GossipTable::observe`] does, but only what the
+    /// peer can be believed on. A message from a node that `is_member` denies (in no
+    /// configuration this node knows: a forgery, or a node that left) is ignored and never
+    /// enters the table. A committed ts or UST view beyond `log_end`, the newest ts the log
+    /// holds as far as this node knows, is ignored: the table keeps the node's previous value
+    /// (none: zero), while the rest of the message (liveness, epochs, reads) is taken. No node
+    /// can have committed what the log does not hold, and a UST computed from such a claim
+    /// would serve reads of writes no replica has. A node whose view of the log's end lags
+    /// believes the claim once its view catches up.
+    pub fn admit(
+        &mut self,
+        mut msg: Gossip,
+        now_ms: u64,
+        is_member: impl Fn(NodeId) -> bool,
+        log_end: Timestamp,
+    ) -> Heard {
+        if !is_member(msg.node) {
+            return Heard::Stranger;
+        }
+        let claimed = msg.committed;
+        let doubted = msg.committed > log_end || msg.ust > log_end;
+        let held = self.entries.get(&msg.node);
+        if msg.committed > log_end {
+            msg.committed = held.map_or(Timestamp::ZERO, |e| e.committed);
+        }
+        if msg.ust > log_end {
+            msg.ust = held.map_or(Timestamp::ZERO, |e| e.latest.ust);
+        }
+        match (self.observe(msg, now_ms), doubted) {
+            (false, _) => Heard::Stale,
+            (true, false) => Heard::Taken,
+            (true, true) => Heard::Doubted { claimed },
+        }
+    }
+
+    /// Forgets every node that `is_member` denies (nodes that left every configuration).
+    pub fn retain(&mut self, is_member: impl Fn(NodeId) -> bool) {
+        self.entries.retain(|&node, _| is_member(node));
     }
 
     /// The latest message from `node`, if any was heard.

@@ -37,7 +37,7 @@ pub mod vote;
 
 pub use config::{ClusterConfig, ConfigError, Gain, NodeInfo};
 pub use frontier::{Decisions, Frontiers, Phase, View};
-pub use gossip::{Gossip, GossipTable};
+pub use gossip::{Gossip, GossipTable, Heard};
 pub use key::{CollectionPattern, DocKey, KeyError, KeyHash, KeyLimits};
 pub use node::{NodeId, PartitionId};
 pub use slicing::{Interval, Movement, Slicing, SlicingError, KEYSPACE};

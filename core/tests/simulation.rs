@@ -17,6 +17,8 @@ use common::Rng;
 const TICK_MS: u64 = 10;
 const LIVENESS_TIMEOUT_MS: u64 = 150;
 const MAX_TICKS: u64 = 4_000;
+/// The id of a node in no configuration, whose gossip is forged.
+const STRANGER: u64 = 99;
 
 #[derive(Debug, Clone, Copy)]
 struct Read {
@@ -249,10 +251,20 @@ impl Sim {
         let (due, later): (Vec<Message>, Vec<Message>) =
             self.net.drain(..).partition(|m| m.deliver_at <= now);
         self.net = later;
+        let log_end = Timestamp(self.log_end);
         for m in due {
-            let node = self.nodes.get_mut(&m.to).unwrap();
-            if node.up && now >= node.paused_until {
-                node.table.observe(m.gossip, now_ms);
+            let Node {
+                up,
+                paused_until,
+                table,
+                current,
+                next,
+                ..
+            } = self.nodes.get_mut(&m.to).unwrap();
+            if *up && now >= *paused_until {
+                let is_member =
+                    |n| current.contains(n) || next.as_ref().is_some_and(|c| c.contains(n));
+                table.admit(m.gossip, now_ms, is_member, log_end);
             }
         }
     }
@@ -403,6 +415,24 @@ impl Sim {
                     deliver_at: tick + delay,
                     to: peer,
                     gossip: gossip.clone(),
+                });
+            }
+            // Forgeries: a node in no configuration, and this node claiming a committed ts and
+            // a UST beyond the log (an attacker with the cluster secret). Believed, either
+            // would let a node read at a UST above what is stable.
+            if self.rng.chance(40) {
+                let mut forged = gossip.clone();
+                forged.seq += 1;
+                // Beyond what the log can reach before it arrives (it grows by at most 3 a tick).
+                forged.committed = Timestamp(self.log_end + 100 + self.rng.below(1_000));
+                forged.ust = forged.committed;
+                if self.rng.chance(2) {
+                    forged.node = NodeId(STRANGER);
+                }
+                self.net.push(Message {
+                    deliver_at: tick + 1,
+                    to: peer,
+                    gossip: forged,
                 });
             }
         }
