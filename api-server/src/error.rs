@@ -30,6 +30,10 @@ pub enum Error {
     #[error("invalid config manager address")]
     ConfigManager(#[source] causeway_config_manager::Error),
 
+    /// The gRPC security settings cannot be used.
+    #[error("security settings")]
+    Link(#[from] causeway_proto::link::LinkError),
+
     /// The listening socket could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {

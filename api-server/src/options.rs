@@ -38,6 +38,10 @@ pub struct Options {
     pub admission: AdmissionOptions,
     /// The server-sent events of committed changes (`/v1/changes`).
     pub changes: ChangesOptions,
+    /// How the api-server's gRPC calls to the config manager and the store nodes are
+    /// authenticated (mutual TLS with an `api-server` certificate, or the cluster secret); see
+    /// `causeway_proto::link`. Default: the open mode.
+    pub security: causeway_proto::link::Security,
 }
 
 impl Default for Options {
@@ -59,6 +63,7 @@ impl Default for Options {
             timeouts: Timeouts::default(),
             admission: AdmissionOptions::default(),
             changes: ChangesOptions::default(),
+            security: Default::default(),
         }
     }
 }

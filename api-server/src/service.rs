@@ -88,7 +88,8 @@ impl Service {
                 Tokens::default()
             }
         };
-        let config_manager = ConfigClient::connect_lazy(&options.config_manager_addr)
+        let link = causeway_proto::link::Link::load(&options.security)?;
+        let config_manager = ConfigClient::connect_lazy(&options.config_manager_addr, &link)
             .map_err(Error::ConfigManager)?;
         let listener = TcpListener::bind(options.listen_addr)
             .await
@@ -106,6 +107,7 @@ impl Service {
                 Store::new(
                     options.timeouts.store_tries,
                     metrics.store_failovers.clone(),
+                    link,
                 )
                 .with_hedge_delay(std::time::Duration::from_millis(
                     options.timeouts.store_hedge_ms,

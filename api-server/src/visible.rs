@@ -225,7 +225,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refused_connection_is_recognised() {
-        let store = Store::new(3, Arc::default());
+        let store = Store::new(3, Arc::default(), causeway_proto::link::Link::open());
         let addr = closed_port();
         let deadlines = Deadlines {
             wait: Instant::now() + Duration::from_secs(2),
@@ -244,7 +244,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_reachable_nodes_nothing_is_visible() {
-        let store = Store::new(3, Arc::default());
+        let store = Store::new(3, Arc::default(), causeway_proto::link::Link::open());
         assert!(!wait_visible(&store, Timestamp(1), 100, 100).await);
         store.set_nodes_for_test(vec![closed_port(), closed_port()]);
         let started = Instant::now();

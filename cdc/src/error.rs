@@ -10,6 +10,8 @@ pub enum Error {
     Log(#[source] causeway_txlog::Error),
     #[error("cannot reach the config manager")]
     ConfigManager(#[source] causeway_config_manager::Error),
+    #[error("security settings")]
+    Link(#[from] causeway_proto::link::LinkError),
     #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,

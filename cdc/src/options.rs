@@ -39,6 +39,10 @@ pub struct Options {
     pub admin_token: Option<String>,
     /// Store nodes tried per call.
     pub store_tries: usize,
+    /// How this service's gRPC calls to the config manager and the store nodes are
+    /// authenticated (mutual TLS with a `cdc` certificate, or the cluster secret); see
+    /// `causeway_proto::link`. Default: the open mode.
+    pub security: causeway_proto::link::Security,
 }
 
 impl Default for Options {
@@ -62,6 +66,7 @@ impl Default for Options {
             hold_linger_ms: 10 * 60 * 1000,
             admin_token: None,
             store_tries: 3,
+            security: Default::default(),
         }
     }
 }

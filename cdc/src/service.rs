@@ -108,7 +108,8 @@ impl Service {
     /// As [`Service::bind`] with a log that is already open (`causeway dev`).
     pub async fn bind_with_log(options: Options, log: TxLog) -> Result<Service, Error> {
         options.validate()?;
-        let config_manager = ConfigClient::connect_lazy(&options.config_manager_addr)
+        let link = causeway_proto::link::Link::load(&options.security)?;
+        let config_manager = ConfigClient::connect_lazy(&options.config_manager_addr, &link)
             .map_err(Error::ConfigManager)?;
         let listener = TcpListener::bind(options.listen_addr)
             .await
@@ -157,7 +158,7 @@ impl Service {
             );
         }
         let shared = Arc::new(Shared {
-            nodes: Arc::new(StoreNodes::new(options.store_tries, Arc::default())),
+            nodes: Arc::new(StoreNodes::new(options.store_tries, Arc::default(), link)),
             options,
             log,
             feeds: tokio::sync::Mutex::new(feeds),

@@ -50,6 +50,7 @@ use causeway_api_server as api;
 use causeway_cdc as cdc;
 use causeway_config_manager as cm;
 use causeway_core::{ClusterConfig, NodeId};
+use causeway_proto::link::Security;
 use causeway_store_node as store_node;
 use causeway_txlog::{KafkaOptions, LogOptions, TxLog};
 use serde::{Deserialize, Serialize};
@@ -224,6 +225,45 @@ fn ensure_admin_token(path: &Path) -> Result<String> {
         }
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
+}
+
+/// The internal links of a dev cluster: plaintext on loopback, every call carrying the data
+/// dir's cluster secret, and the admin calls of the config manager its admin token
+/// (`causeway admin … --data-dir` reads both). Each is generated on the first start (mode 0600).
+fn dev_security(data_dir: &Path) -> Result<Security> {
+    let secret = data_dir.join(CLUSTER_SECRET_FILE);
+    let admin = data_dir.join(ADMIN_TOKEN_FILE);
+    for path in [&secret, &admin] {
+        ensure_secret_file(path)?;
+    }
+    Ok(Security {
+        cluster_secret_file: Some(secret),
+        admin_token_file: Some(admin),
+        ..Security::default()
+    })
+}
+
+/// The data dir's file of the cluster secret.
+pub const CLUSTER_SECRET_FILE: &str = "cluster-secret";
+/// The data dir's file of the admin token of the config manager.
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+
+/// Writes a new secret to `path` (mode 0600) unless it exists.
+fn ensure_secret_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
+    };
+    file.write_all(generate_token().as_bytes())?;
+    file.sync_all()?;
+    Ok(())
 }
 
 /// 192 random bits from the OS-seeded generator, hex encoded.
@@ -501,8 +541,9 @@ async fn start(
     exited: &mpsc::Sender<String>,
     cluster: &mut Cluster,
 ) -> Result<String> {
+    let security = dev_security(data_dir)?;
     let spares = DevSpares::default();
-    let cm_service = bind_config_manager(data_dir, existing)
+    let cm_service = bind_config_manager(data_dir, existing, &security)
         .await?
         .with_spare_nodes(Arc::new(spares.clone()));
     let cm_addr = cm_service.local_addr();
@@ -536,6 +577,7 @@ async fn start(
         data_dir: data_dir.to_path_buf(),
         config_manager: cm_addr.to_string(),
         log_options: log_options.clone(),
+        security: security.clone(),
         log: log.clone(),
         exited: exited.clone(),
         nodes: Arc::clone(&cluster.nodes),
@@ -595,6 +637,7 @@ async fn start(
             config_manager_addr: cm_addr.to_string(),
             log: log_options.clone(),
             tokens_file: Some(tokens_file.clone()),
+            security: security.clone(),
             ..api::Options::default()
         },
         log.clone(),
@@ -625,6 +668,7 @@ async fn start(
             log: log_options,
             state_dir: data_dir.join("cdc"),
             admin_token: Some(token.clone()),
+            security: security.clone(),
             ..cdc::Options::default()
         },
         log,
@@ -663,10 +707,15 @@ async fn start(
 /// The config manager: at its address of the last run when it can have it (never a store node's:
 /// they were all bound beside it), else on a free port that no store node of the manifest must
 /// take back.
-async fn bind_config_manager(data_dir: &Path, existing: Option<&Manifest>) -> Result<cm::Service> {
+async fn bind_config_manager(
+    data_dir: &Path,
+    existing: Option<&Manifest>,
+    security: &Security,
+) -> Result<cm::Service> {
     let options = |listen_addr| cm::Options {
         listen_addr,
         data_dir: data_dir.join("config-manager"),
+        security: security.clone(),
         ..cm::Options::default()
     };
     if let Some(m) = existing {
@@ -698,6 +747,7 @@ struct NodeContext {
     data_dir: PathBuf,
     config_manager: String,
     log_options: LogOptions,
+    security: Security,
     log: TxLog,
     exited: mpsc::Sender<String>,
     nodes: StoreNodes,
@@ -717,6 +767,7 @@ impl NodeContext {
             log: self.log_options.clone(),
             store: Default::default(),
             tuning: Default::default(),
+            security: self.security.clone(),
         };
         let service = store_node::Service::bind_with_log(options, self.log.clone())
             .await

@@ -424,6 +424,20 @@ fn admin(args: &[&str]) -> Result<(bool, String, String)> {
     ))
 }
 
+/// `causeway admin …` with the cluster secret and the admin token of the dev data dir.
+fn admin_of(data_dir: &Path, args: &[&str]) -> Result<(bool, String, String)> {
+    let secret = data_dir.join("cluster-secret");
+    let token = data_dir.join("admin-token");
+    let mut all = args.to_vec();
+    all.extend([
+        "--cluster-secret-file",
+        secret.to_str().context("path")?,
+        "--admin-token-file",
+        token.to_str().context("path")?,
+    ]);
+    admin(&all)
+}
+
 fn manifest(data_dir: &Path) -> Result<Value> {
     Ok(serde_json::from_slice(&std::fs::read(
         data_dir.join("dev.json"),
@@ -479,22 +493,43 @@ async fn admin_scale_against_dev_starts_the_spare_node_it_needs() -> Result<()> 
         .context("config_manager")?
         .to_string();
 
+    // Without the data dir's cluster secret and admin token, the config manager refuses.
+    let (ok, _, err) = admin(&["scale", "--partitions", "2", "--config-manager", &cm])?;
+    assert!(!ok && err.contains("cluster secret"), "{err}");
+    let secret = data_dir.join("cluster-secret");
+    let (ok, _, err) = admin(&[
+        "scale",
+        "--partitions",
+        "2",
+        "--config-manager",
+        &cm,
+        "--cluster-secret-file",
+        secret.to_str().context("path")?,
+    ])?;
+    assert!(!ok && err.contains("admin token"), "{err}");
+
     // Bad input is refused and changes nothing.
-    let (ok, _, err) = admin(&["scale", "--partitions", "0", "--config-manager", &cm])?;
+    let (ok, _, err) = admin_of(
+        &data_dir,
+        &["scale", "--partitions", "0", "--config-manager", &cm],
+    )?;
     assert!(!ok && err.contains("--partitions"), "{err}");
-    let (ok, _, err) = admin(&["scale", "--config-manager", &cm])?;
+    let (ok, _, err) = admin_of(&data_dir, &["scale", "--config-manager", &cm])?;
     assert!(!ok && err.contains("nothing to scale"), "{err}");
-    let (ok, _, err) = admin(&["scale", "--partitions", "1", "--config-manager", &cm])?;
+    let (ok, _, err) = admin_of(
+        &data_dir,
+        &["scale", "--partitions", "1", "--config-manager", &cm],
+    )?;
     assert!(
         !ok && err.contains("already has 1 partition(s) × 1 replica(s)"),
         "{err}"
     );
-    let (ok, _, err) = admin(&["replace", "n9", "--config-manager", &cm])?;
+    let (ok, _, err) = admin_of(&data_dir, &["replace", "n9", "--config-manager", &cm])?;
     assert!(
         !ok && err.contains("n9 is not in the current configuration"),
         "{err}"
     );
-    let (ok, _, err) = admin(&["abort", "--config-manager", &cm])?;
+    let (ok, _, err) = admin_of(&data_dir, &["abort", "--config-manager", &cm])?;
     assert!(!ok && err.contains("no transition is running"), "{err}");
     let status = status_json(&data_dir)?;
     assert_eq!(status["next_epoch"], Value::Null, "{status}");
@@ -519,16 +554,19 @@ async fn admin_scale_against_dev_starts_the_spare_node_it_needs() -> Result<()> 
 
     // 1 × 1 → 2 × 1: dev starts node 2, which registers; the proposal is made and --wait
     // follows it until it is installed.
-    let (ok, out, err) = admin(&[
-        "scale",
-        "--partitions",
-        "2",
-        "--wait",
-        "--timeout",
-        "60s",
-        "--config-manager",
-        &cm,
-    ])?;
+    let (ok, out, err) = admin_of(
+        &data_dir,
+        &[
+            "scale",
+            "--partitions",
+            "2",
+            "--wait",
+            "--timeout",
+            "60s",
+            "--config-manager",
+            &cm,
+        ],
+    )?;
     ensure!(ok, "admin scale --wait: {err}\n{}", dev.output());
     assert!(
         out.contains("proposed epoch 2: 2 partition(s) × 1 replica(s)")
@@ -591,7 +629,7 @@ async fn admin_scale_against_dev_starts_the_spare_node_it_needs() -> Result<()> 
     let ensure = |extra: &[&str]| {
         let mut args = vec!["scale", "--ensure", "--config-manager", &cm];
         args.extend_from_slice(extra);
-        admin(&args)
+        admin_of(&data_dir, &args)
     };
     let (ok, out, err) = ensure(&["--partitions", "2"])?;
     assert!(

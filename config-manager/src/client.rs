@@ -5,10 +5,11 @@ use std::future::Future;
 use std::time::Duration;
 
 use causeway_core::{ClusterConfig, Epoch, NodeId, NodeInfo};
+use causeway_proto::link::{Channel, Link, Role};
 use causeway_proto::v1 as pb;
 use causeway_proto::v1::config_manager_client::ConfigManagerClient;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::error::Error;
 use crate::registry::{NodeStatus, Registration};
@@ -38,20 +39,22 @@ pub struct ConfigWatch {
 }
 
 impl Client {
-    /// Connects to `addr` (`host:port` or `http://host:port`).
-    pub async fn connect(addr: &str) -> Result<Client, Error> {
-        let endpoint = endpoint(addr)?;
+    /// Connects to `addr` (`host:port` or `http://host:port`) over `link`.
+    pub async fn connect(addr: &str, link: &Link) -> Result<Client, Error> {
+        let endpoint = endpoint(addr, link)?;
         let channel = endpoint.connect().await.map_err(|source| Error::Connect {
             addr: addr.to_string(),
             source,
         })?;
-        Ok(Client::from_channel(channel))
+        Ok(Client::from_channel(link.channel(channel)))
     }
 
     /// A client that connects on first use (and reconnects after failures), for a node that
     /// may start before the config manager.
-    pub fn connect_lazy(addr: &str) -> Result<Client, Error> {
-        Ok(Client::from_channel(endpoint(addr)?.connect_lazy()))
+    pub fn connect_lazy(addr: &str, link: &Link) -> Result<Client, Error> {
+        Ok(Client::from_channel(
+            link.channel(endpoint(addr, link)?.connect_lazy()),
+        ))
     }
 
     /// A client over an existing channel.
@@ -311,14 +314,10 @@ impl ConfigWatch {
     }
 }
 
-pub(crate) fn endpoint(addr: &str) -> Result<Endpoint, Error> {
-    let uri = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    Ok(Endpoint::from_shared(uri)
-        .map_err(|_| Error::InvalidEndpoint(addr.to_string()))?
+fn endpoint(addr: &str, link: &Link) -> Result<Endpoint, Error> {
+    Ok(link
+        .endpoint(addr, Role::ConfigManager)
+        .map_err(Error::InvalidEndpoint)?
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_while_idle(true))

@@ -35,6 +35,8 @@ pub enum Error {
     },
     #[error("the gRPC server failed")]
     Serve(#[source] tonic::transport::Error),
+    #[error("security settings: {0}")]
+    Link(#[from] causeway_proto::link::LinkError),
     #[error("the config manager has stopped")]
     Stopped,
 
@@ -180,6 +182,7 @@ impl Error {
             | Error::Corrupt { .. }
             | Error::Bind { .. }
             | Error::Serve(_)
+            | Error::Link(_)
             | Error::BadConfigJson(_) => Code::Internal,
         }
     }

@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use causeway_core::{ClusterConfig, Epoch, NodeId, NodeInfo};
+use causeway_proto::link::Caller;
 use causeway_proto::v1 as pb;
 use causeway_proto::v1::config_manager_server::ConfigManager;
 use futures::{Stream, StreamExt};
@@ -69,6 +70,7 @@ impl ConfigManager for GrpcService {
         &self,
         request: Request<pb::RegisterNodeRequest>,
     ) -> Result<Response<pb::NodeRegistration>, Status> {
+        Caller::of(&request).check_store_node(request.get_ref().node_id)?;
         let r = request.into_inner();
         let info = NodeInfo {
             id: NodeId(r.node_id),
@@ -87,6 +89,7 @@ impl ConfigManager for GrpcService {
         &self,
         request: Request<pb::NodeHeartbeatRequest>,
     ) -> Result<Response<pb::NodeHeartbeatResponse>, Status> {
+        Caller::of(&request).check_store_node(request.get_ref().node_id)?;
         let r = request.into_inner();
         let revision = self
             .handle
@@ -124,6 +127,7 @@ impl ConfigManager for GrpcService {
         &self,
         request: Request<pb::BootstrapRequest>,
     ) -> Result<Response<pb::ConfigState>, Status> {
+        Caller::of(&request).check_admin()?;
         let r = request.into_inner();
         let pair = self.handle.bootstrap(r.partitions, r.replicas).await?;
         Ok(Response::new(pair_to_proto(&pair)))
@@ -133,6 +137,7 @@ impl ConfigManager for GrpcService {
         &self,
         request: Request<pb::ProposeShapeRequest>,
     ) -> Result<Response<pb::ConfigState>, Status> {
+        Caller::of(&request).check_admin()?;
         let r = request.into_inner();
         let pair = self.handle.propose_shape(r.partitions, r.replicas).await?;
         Ok(Response::new(pair_to_proto(&pair)))
@@ -142,6 +147,7 @@ impl ConfigManager for GrpcService {
         &self,
         request: Request<pb::MarkFailedRequest>,
     ) -> Result<Response<pb::ConfigState>, Status> {
+        Caller::of(&request).check_admin()?;
         let r = request.into_inner();
         let pair = self.handle.mark_failed(NodeId(r.node_id)).await?;
         Ok(Response::new(pair_to_proto(&pair)))
@@ -151,6 +157,7 @@ impl ConfigManager for GrpcService {
         &self,
         request: Request<pb::ReplaceNodeRequest>,
     ) -> Result<Response<pb::ConfigState>, Status> {
+        Caller::of(&request).check_admin()?;
         let r = request.into_inner();
         let failed = NodeId(r.failed_node_id);
         let pair = if r.any_free_node {
@@ -179,6 +186,7 @@ impl ConfigManager for GrpcService {
         &self,
         request: Request<pb::AbortTransitionRequest>,
     ) -> Result<Response<pb::ConfigState>, Status> {
+        Caller::of(&request).check_admin()?;
         let r = request.into_inner();
         let pair = self.handle.abort_transition(Epoch(r.epoch)).await?;
         Ok(Response::new(pair_to_proto(&pair)))

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use causeway_proto::link::Security;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
@@ -44,6 +45,10 @@ pub struct Options {
     /// How long a proposal waits for the store nodes a spare-node provider starts to register.
     /// Default 30000 ms.
     pub spare_nodes_wait_ms: u64,
+    /// How the gRPC links are authenticated: mutual TLS, the cluster secret, and the admin
+    /// token admin calls need (see `causeway_proto::link`). Default: the open mode, on
+    /// loopback only.
+    pub security: Security,
 }
 
 impl Default for Options {
@@ -63,6 +68,7 @@ impl Default for Options {
             max_concurrent_requests_per_connection: 256,
             veto_timeout_ms: 2000,
             spare_nodes_wait_ms: 30_000,
+            security: Security::default(),
         }
     }
 }

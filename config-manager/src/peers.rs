@@ -11,10 +11,10 @@ use std::fmt;
 use std::time::Duration;
 
 use causeway_core::{Epoch, NodeInfo};
+use causeway_proto::link::{Link, Role};
 use causeway_proto::v1 as pb;
 use causeway_proto::v1::store_node_client::StoreNodeClient;
 use futures::future::BoxFuture;
-use tonic::transport::Endpoint;
 
 /// A node's answer to `VetoBackfill(epoch)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,20 +51,24 @@ pub trait Veto: Send + Sync + fmt::Debug {
 #[derive(Debug, Clone)]
 pub struct GrpcVeto {
     pub timeout: Duration,
+    pub link: Link,
 }
 
 impl Veto for GrpcVeto {
     fn veto(&self, node: &NodeInfo, epoch: Epoch) -> BoxFuture<'static, VetoAnswer> {
         let addr = node.addr.clone();
+        let node_id = node.id.0;
         let timeout = self.timeout;
+        let link = self.link.clone();
         Box::pin(async move {
             let call = async {
-                let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-                    .map_err(|e| e.to_string())?
+                let endpoint = link
+                    .endpoint(&addr, Role::StoreNode(node_id))
+                    .map_err(|e| format!("invalid address {e}"))?
                     .connect_timeout(timeout)
                     .timeout(timeout);
                 let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
-                StoreNodeClient::new(channel)
+                StoreNodeClient::new(link.channel(channel))
                     .veto_backfill(pb::VetoBackfillRequest { epoch: epoch.0 })
                     .await
                     .map(tonic::Response::into_inner)

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use causeway_core::{ConfigError, Epoch, NodeId, NodeInfo};
+use causeway_proto::link::{Link, Role};
 use causeway_proto::v1::config_manager_server::ConfigManagerServer;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -38,6 +39,7 @@ use crate::state::{Completion, ConfigPair, HistoryEntry, State};
 #[derive(Debug)]
 pub struct Service {
     options: Options,
+    link: Link,
     listener: TcpListener,
     local_addr: SocketAddr,
     state: State,
@@ -101,6 +103,7 @@ impl Service {
     /// Loads and validates the state in `options.data_dir` and binds `options.listen_addr`.
     pub async fn bind(options: Options) -> Result<Service, Error> {
         options.validate()?;
+        let link = Link::load(&options.security)?;
         let dir = options.data_dir.clone();
         let state = tokio::task::spawn_blocking(move || disk::load(&dir))
             .await
@@ -115,6 +118,7 @@ impl Service {
             addr: options.listen_addr,
             source,
         })?;
+        link.check_listen(local_addr)?;
         let (commands_tx, commands) = mpsc::channel(options.command_queue_capacity);
         let (published, published_rx) = watch::channel(state.pair());
         tracing::info!(
@@ -128,12 +132,14 @@ impl Service {
         let peers = Arc::new(Peers {
             veto: Arc::new(GrpcVeto {
                 timeout: Duration::from_millis(options.veto_timeout_ms),
+                link: link.clone(),
             }),
             spares: None,
             spare_nodes_wait: Duration::from_millis(options.spare_nodes_wait_ms),
         });
         Ok(Service {
             options,
+            link,
             listener,
             local_addr,
             state,
@@ -180,6 +186,7 @@ impl Service {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), Error> {
         let Service {
             options,
+            link,
             listener,
             local_addr,
             state,
@@ -205,7 +212,8 @@ impl Service {
             Arc::new(Semaphore::new(options.max_watchers)),
             options.max_watchers,
         );
-        let served = tonic::transport::Server::builder()
+        let served = link
+            .server()?
             .http2_keepalive_interval(Some(Duration::from_millis(
                 options.http2_keepalive_interval_ms,
             )))
@@ -213,7 +221,10 @@ impl Service {
                 options.http2_keepalive_interval_ms,
             )))
             .concurrency_limit_per_connection(options.max_concurrent_requests_per_connection)
-            .add_service(ConfigManagerServer::new(grpc))
+            .add_service(ConfigManagerServer::with_interceptor(
+                grpc,
+                link.interceptor(),
+            ))
             .serve_with_incoming_shutdown(causeway_proto::incoming(listener), async move {
                 shutdown.await;
                 tracing::info!(addr = %local_addr, "config manager shutting down");
@@ -503,7 +514,9 @@ impl EventLoop {
         if addr.len() > self.options.max_addr_len
             || addr.chars().any(char::is_whitespace)
             || !is_host_port(addr)
-            || crate::client::endpoint(addr).is_err()
+            || Link::open()
+                .endpoint(addr, Role::StoreNode(node.id.0))
+                .is_err()
         {
             return Err(Error::InvalidAddr(node.addr));
         }

@@ -23,9 +23,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::{Client as ConfigClient, ConfigPair};
+use causeway_proto::link::{Channel, Link, Role};
 use causeway_proto::v1::store_node_client::StoreNodeClient;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 /// Connecting to a store node may take this long.
@@ -72,6 +72,7 @@ pub struct StoreNodes {
     hedge_delay: Duration,
     pair: RwLock<Option<ConfigPair>>,
     channels: Mutex<HashMap<String, Channel>>,
+    link: Link,
     /// Spreads coordination over the candidates.
     next: AtomicUsize,
     tries: usize,
@@ -80,7 +81,8 @@ pub struct StoreNodes {
 }
 
 impl StoreNodes {
-    pub fn new(tries: usize, failovers: Arc<AtomicU64>) -> StoreNodes {
+    /// Calls go over `link`.
+    pub fn new(tries: usize, failovers: Arc<AtomicU64>, link: Link) -> StoreNodes {
         StoreNodes {
             nodes: RwLock::new(Arc::new(Candidates::default())),
             penalized: Mutex::new(HashMap::new()),
@@ -88,6 +90,7 @@ impl StoreNodes {
             hedge_delay: DEFAULT_HEDGE_DELAY,
             pair: RwLock::new(None),
             channels: Mutex::new(HashMap::new()),
+            link,
             next: AtomicUsize::new(0),
             tries,
             failovers,
@@ -217,17 +220,16 @@ impl StoreNodes {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let uri = if addr.contains("://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
-        };
-        let channel = Endpoint::from_shared(uri)
-            .map_err(|_| Status::unavailable(format!("invalid store node address {addr:?}")))?
+        let endpoint = self
+            .link
+            .endpoint(addr, Role::StoreNode(0))
+            .map_err(|_| Status::unavailable(format!("invalid store node address {addr:?}")))?;
+        let channel = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_while_idle(true)
             .connect_lazy();
+        let channel = self.link.channel(channel);
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }
@@ -479,7 +481,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_nodes_calls_fail_fast() {
-        let store = StoreNodes::new(3, Arc::default());
+        let store = StoreNodes::new(3, Arc::default(), Link::open());
         assert!(!store.has_nodes());
         let r = store.call(|_c| async { Ok::<u32, Status>(1) }).await;
         assert!(matches!(r, Err(StoreError::NoNodes)));
@@ -487,7 +489,7 @@ mod tests {
 
     #[tokio::test]
     async fn calls_fail_over_on_unavailable_and_stop_on_other_errors() {
-        let store = StoreNodes::new(2, Arc::default());
+        let store = StoreNodes::new(2, Arc::default(), Link::open());
         *store.nodes.write().unwrap() = Arc::new(Candidates {
             preferred: vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()],
             others: vec!["127.0.0.1:3".into()],
@@ -514,7 +516,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_read_on_a_silent_node_is_hedged_and_the_node_goes_last() {
-        let store = StoreNodes::new(3, Arc::default()).with_hedge_delay(Duration::from_millis(20));
+        let store = StoreNodes::new(3, Arc::default(), Link::open())
+            .with_hedge_delay(Duration::from_millis(20));
         store.set_nodes_for_test(vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()]);
         let tried = AtomicUsize::new(0);
         let started = Instant::now();
@@ -540,7 +543,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_busy_node_that_answers_other_calls_is_not_hedged() {
-        let store = StoreNodes::new(3, Arc::default()).with_hedge_delay(Duration::from_millis(30));
+        let store = StoreNodes::new(3, Arc::default(), Link::open())
+            .with_hedge_delay(Duration::from_millis(30));
         store.set_nodes_for_test(vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()]);
         let tried = AtomicUsize::new(0);
         let slow = store.call_hedged(|_c| {
@@ -595,7 +599,7 @@ mod tests {
         assert_eq!(stable.preferred.len(), 2);
         assert!(stable.others.is_empty());
 
-        let store = StoreNodes::new(4, Arc::default());
+        let store = StoreNodes::new(4, Arc::default(), Link::open());
         store.set_pair(pair);
         assert_eq!(store.order(1), ["n2", "n1", "n4", "n3"]);
         // A node that failed goes last of its tier: a node of both configurations still comes

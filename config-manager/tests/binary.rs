@@ -1,6 +1,7 @@
 //! The `causeway-config-manager` binary: starts from flags or a JSON file, serves, keeps its state
 //! across restarts, and exits cleanly on SIGTERM.
 
+use causeway_proto::link::Link;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,7 +30,7 @@ fn spawn(args: &[&str], log: &Path) -> Child {
 async fn connect(addr: &str) -> Client {
     let start = Instant::now();
     loop {
-        if let Ok(c) = Client::connect(addr).await {
+        if let Ok(c) = Client::connect(addr, &Link::open()).await {
             if c.get_config().await.is_ok() {
                 return c;
             }

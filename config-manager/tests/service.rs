@@ -1,5 +1,6 @@
 //! The config manager over real gRPC on loopback, with its state in real temp dirs.
 
+use causeway_proto::link::Link;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -55,7 +56,7 @@ async fn start_with(options: Options) -> Running {
     let task = tokio::spawn(service.run(async {
         let _ = stopped.await;
     }));
-    let client = within("connect", Client::connect(&addr.to_string()))
+    let client = within("connect", Client::connect(&addr.to_string(), &Link::open()))
         .await
         .expect("connect");
     Running {
@@ -531,7 +532,7 @@ async fn keep_registered_heartbeats_and_registers_again_after_a_restart() {
     };
     let cm = start_with(fast("127.0.0.1:0".parse().unwrap())).await;
     let addr = cm.addr;
-    let client = Client::connect_lazy(&addr.to_string()).unwrap();
+    let client = Client::connect_lazy(&addr.to_string(), &Link::open()).unwrap();
     let (incarnations, mut seen) = tokio::sync::watch::channel(None);
     let (stop_keeper, keeper_stopped) = oneshot::channel::<()>();
     let keeper = tokio::spawn(async move {

@@ -3,6 +3,7 @@
 //! real gRPC call to an address where no node listens); spare nodes from a provider that
 //! registers them the way a started store node would.
 
+use causeway_proto::link::Link;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -55,7 +56,7 @@ impl Running {
         let task = tokio::spawn(service.run(async {
             let _ = stopped.await;
         }));
-        let client = within("connect", Client::connect(&addr.to_string()))
+        let client = within("connect", Client::connect(&addr.to_string(), &Link::open()))
             .await
             .expect("connect");
         Running {

@@ -98,14 +98,23 @@ fn a_forged_committed_beyond_the_log_is_ignored() {
         Heard::Taken
     );
     assert_eq!(
-        table.admit(gossip(1, 1, 2, u64::MAX, u64::MAX), 1, members, Timestamp(50)),
+        table.admit(
+            gossip(1, 1, 2, u64::MAX, u64::MAX),
+            1,
+            members,
+            Timestamp(50)
+        ),
         Heard::Doubted {
             claimed: Timestamp(u64::MAX)
         }
     );
     assert_eq!(table.committed(NodeId(1)), Some(Timestamp(40)));
     assert_eq!(table.get(NodeId(1)).unwrap().ust, Timestamp(30));
-    assert_eq!(table.heard_at_ms(NodeId(1)), Some(1), "the node is still heard");
+    assert_eq!(
+        table.heard_at_ms(NodeId(1)),
+        Some(1),
+        "the node is still heard"
+    );
     assert_eq!(
         table.admit(gossip(9, 1, 1, 10, 10), 2, members, Timestamp(50)),
         Heard::Stranger

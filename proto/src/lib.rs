@@ -5,6 +5,10 @@
 //!   (`cluster.proto`): registration, heartbeats, `GetConfig`, `Watch` and the admin calls; the
 //!   `StoreNode` service (`node.proto`): gossip, replica sub-reads and coordinated reads.
 //! - [`incoming`]: the connections a gRPC server of ours accepts.
+//! - [`link`]: how our processes authenticate each other (mutual TLS, the cluster secret, the
+//!   admin token).
+
+pub mod link;
 
 /// Version 1 of the wire formats.
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]

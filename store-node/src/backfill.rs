@@ -455,7 +455,7 @@ async fn stream_from(
     // The HTTP/2 window is what the source may send ahead of what this node has taken: about
     // two chunks, so a stream holds little memory and the rate bound reaches the source.
     let window = (2 * tuning.backfill_chunk_bytes).clamp(64 << 10, 16 << 20);
-    let endpoint = match endpoint(addr) {
+    let endpoint = match endpoint(&shared.link, addr) {
         Ok(endpoint) => endpoint,
         Err(e) => return Ok(Err(Failure::Retry(e.to_string()))),
     };
@@ -463,7 +463,8 @@ async fn stream_from(
         .initial_stream_window_size(window)
         .initial_connection_window_size(window)
         .connect_lazy();
-    let mut client = StoreNodeClient::new(channel).max_decoding_message_size(256 << 20);
+    let mut client =
+        StoreNodeClient::new(shared.link.channel(channel)).max_decoding_message_size(256 << 20);
     let request = pb::BackfillRequest {
         epoch: epoch.get(),
         interval: Some(interval_to_proto(&entry.interval)),

@@ -9,23 +9,24 @@ use std::time::{Duration, Instant};
 
 use causeway_core::query::{Filter, Query, QueryLimits};
 use causeway_core::{
-    ClusterConfig, DocKey, Epoch, Gossip, Interval, KeyHash, KeyLimits, NodeId, PartitionId,
+    ClusterConfig, DocKey, Epoch, Gossip, Heard, Interval, KeyHash, KeyLimits, NodeId, PartitionId,
     ReadTimestamp, Timestamp,
 };
+use causeway_proto::link::{Caller, Channel, Link, Role};
 use causeway_proto::v1 as pb;
 use causeway_proto::v1::store_node_client::StoreNodeClient;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status};
 
 use crate::state::{lock, Shared};
 use crate::storage::{self, ScanCursor};
 
-/// A channel that connects on first use and reconnects after failures.
-pub fn lazy_channel(addr: &str) -> Result<Channel, InvalidAddr> {
-    Ok(endpoint(addr)?.connect_lazy())
+/// A channel to a peer over `link` that connects on first use and reconnects after failures.
+pub fn lazy_channel(link: &Link, addr: &str) -> Result<Channel, InvalidAddr> {
+    Ok(link.channel(endpoint(link, addr)?.connect_lazy()))
 }
 
 /// A peer's address that is not a valid URI. The config manager refuses such an address at
@@ -34,14 +35,10 @@ pub fn lazy_channel(addr: &str) -> Result<Channel, InvalidAddr> {
 #[error("invalid node address {0:?}")]
 pub struct InvalidAddr(pub String);
 
-/// The endpoint of a peer's gRPC server.
-pub fn endpoint(addr: &str) -> Result<Endpoint, InvalidAddr> {
-    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    Ok(Endpoint::from_shared(uri)
+/// The endpoint of a peer's gRPC server over `link`.
+pub fn endpoint(link: &Link, addr: &str) -> Result<Endpoint, InvalidAddr> {
+    Ok(link
+        .endpoint(addr, Role::StoreNode(0))
         .map_err(|_| InvalidAddr(addr.to_owned()))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true))
@@ -165,7 +162,8 @@ impl Server {
             .addr;
         let mut clients = lock(&self.clients);
         if clients.get(&node).is_none_or(|(a, _)| a != addr) {
-            let channel = lazy_channel(addr).map_err(|e| Status::internal(e.to_string()))?;
+            let channel = lazy_channel(&self.shared.link, addr)
+                .map_err(|e| Status::internal(e.to_string()))?;
             let client = StoreNodeClient::new(channel)
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20);
@@ -1001,6 +999,22 @@ impl pb::store_node_server::StoreNode for Server {
         &self,
         request: Request<pb::HoldSnapshotRequest>,
     ) -> Result<Response<HoldStream>, Status> {
+        let caller = match Caller::of(&request).role {
+            Some(role) => role.uri(),
+            None => request
+                .remote_addr()
+                .map_or_else(String::new, |a| a.ip().to_string()),
+        };
+        let max = self.shared.tuning.max_holds_per_caller;
+        let slot = self
+            .shared
+            .hold_callers
+            .enter(caller.clone(), max)
+            .ok_or_else(|| {
+                Status::resource_exhausted(format!(
+                    "{caller} holds {max} snapshots already (tuning.max_holds_per_caller)"
+                ))
+            })?;
         let req = request.into_inner();
         let deadline = Instant::now() + self.timeout(req.timeout_ms);
         let (at, held) = match req.at {
@@ -1026,7 +1040,10 @@ impl pb::store_node_server::StoreNode for Server {
                 (at, held)
             }
         };
-        let max_hold = Duration::from_millis(req.max_hold_ms.clamp(1, 3_600_000));
+        let max_hold = Duration::from_millis(
+            req.max_hold_ms
+                .clamp(1, self.shared.tuning.max_hold_ms.max(1)),
+        );
         // A named hold may outlive its stream (see `hold`): the guard decides when it ends.
         let linger = Duration::from_millis(req.linger_ms.min(crate::hold::MAX_LINGER_MS));
         let owner = req.owner.chars().take(256).collect::<String>();
@@ -1038,6 +1055,7 @@ impl pb::store_node_server::StoreNode for Server {
             async move {
                 tokio::time::sleep(max_hold).await;
                 held.release();
+                drop(slot);
                 Err(Status::deadline_exceeded(
                     "the snapshot hold reached its maximum duration",
                 ))
@@ -1050,7 +1068,15 @@ impl pb::store_node_server::StoreNode for Server {
         &self,
         request: Request<pb::GossipMessage>,
     ) -> Result<Response<pb::GossipAck>, Status> {
-        self.shared.observe(gossip_from_proto(request.into_inner()));
+        // Under mutual TLS, a node gossips as itself only.
+        Caller::of(&request).check_store_node(request.get_ref().node_id)?;
+        let heard = self.shared.observe(gossip_from_proto(request.into_inner()));
+        if heard == Heard::Stranger {
+            self.shared
+                .metrics
+                .gossip_strangers
+                .fetch_add(1, Ordering::Relaxed);
+        }
         Ok(Response::new(pb::GossipAck {}))
     }
 
@@ -1355,10 +1381,11 @@ mod tests {
 
     #[test]
     fn a_peer_address_that_is_no_uri_is_an_error_not_a_panic() {
-        assert!(endpoint("127.0.0.1:7401").is_ok());
-        assert!(endpoint("https://node-0.store.svc:7401").is_ok());
-        let bad = endpoint("127.0.0.1:80|x").unwrap_err();
+        let link = Link::open();
+        assert!(endpoint(&link, "127.0.0.1:7401").is_ok());
+        assert!(endpoint(&link, "https://node-0.store.svc:7401").is_ok());
+        let bad = endpoint(&link, "127.0.0.1:80|x").unwrap_err();
         assert_eq!(bad.to_string(), "invalid node address \"127.0.0.1:80|x\"");
-        assert!(lazy_channel("[::1:80").is_err());
+        assert!(lazy_channel(&link, "[::1:80").is_err());
     }
 }

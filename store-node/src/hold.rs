@@ -223,3 +223,73 @@ mod tests {
         assert_eq!(owners.lingering(), 0);
     }
 }
+
+/// The `HoldSnapshot` streams each caller has open, bounded per caller
+/// (`Tuning::max_holds_per_caller`), so that one client cannot pin the GC timestamp with
+/// holds without end.
+#[derive(Debug, Default)]
+pub struct PerCaller {
+    open: Mutex<HashMap<String, usize>>,
+}
+
+impl PerCaller {
+    /// A slot for one more stream of `caller`, or `None` if it has `max` open already.
+    pub fn enter(self: &Arc<Self>, caller: String, max: usize) -> Option<CallerSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(caller.clone()).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(CallerSlot {
+            owner: Arc::clone(self),
+            caller,
+        })
+    }
+
+    /// The streams `caller` has open.
+    pub fn open(&self, caller: &str) -> usize {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.get(caller).copied().unwrap_or(0)
+    }
+}
+
+/// One open stream of a caller: dropping it frees the slot.
+#[derive(Debug)]
+pub struct CallerSlot {
+    owner: Arc<PerCaller>,
+    caller: String,
+}
+
+impl Drop for CallerSlot {
+    fn drop(&mut self) {
+        let mut open = self.owner.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.caller) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.caller);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod per_caller_tests {
+    use super::*;
+
+    #[test]
+    fn a_caller_gets_at_most_max_slots_and_a_dropped_slot_frees_one() {
+        let holds = Arc::new(PerCaller::default());
+        let a: Vec<_> = (0..3)
+            .map(|_| holds.enter("a".into(), 3).expect("a slot"))
+            .collect();
+        assert!(holds.enter("a".into(), 3).is_none());
+        let b = holds.enter("b".into(), 3);
+        assert!(b.is_some(), "another caller is not limited by a");
+        drop(a.into_iter().next());
+        assert_eq!(holds.open("a"), 2);
+        assert!(holds.enter("a".into(), 3).is_some());
+        drop(b);
+        assert_eq!(holds.open("b"), 0);
+    }
+}

@@ -66,6 +66,7 @@ pub struct Metrics {
     pub gc_pruned_versions_total: AtomicU64,
     pub gossip_sent_total: AtomicU64,
     pub gossip_send_errors_total: AtomicU64,
+    pub gossip_strangers: AtomicU64,
     pub snapshot_too_old_retries_total: AtomicU64,
     pub backfill_chunks_sent_total: AtomicU64,
     pub backfill_records_sent_total: AtomicU64,
@@ -199,6 +200,11 @@ impl Metrics {
                 "gossip_send_errors_total",
                 &self.gossip_send_errors_total,
                 "gossip messages that failed",
+            ),
+            (
+                "gossip_strangers_total",
+                &self.gossip_strangers,
+                "gossip messages ignored: from a node in no configuration",
             ),
             (
                 "snapshot_too_old_retries_total",

@@ -35,6 +35,10 @@ pub struct Options {
     pub store: StoreOptions,
     #[serde(default)]
     pub tuning: Tuning,
+    /// How the gRPC links are authenticated (mutual TLS, or the cluster secret); see
+    /// `causeway_proto::link`. Default: the open mode, which serves on loopback only.
+    #[serde(default)]
+    pub security: causeway_proto::link::Security,
 }
 
 /// Timings and limits. Every field has a default suited to a LAN cluster.
@@ -69,8 +73,20 @@ pub struct Tuning {
     pub query_max_scanned: u32,
     /// Documents one page of a query returns at most (default 1 000).
     pub query_max_limit: u32,
-    /// Concurrent gRPC requests served (default 1 024).
+    /// Concurrent gRPC requests served over all connections; more wait for a slot (default
+    /// 1 024).
     pub max_concurrent_requests: usize,
+    /// The largest gRPC message the node takes or sends (default 64 MiB: a query page of
+    /// 1 000 large documents, or a multi-get of the most keys, fits).
+    pub max_message_bytes: usize,
+    /// HTTP/2 keepalive pings on every gRPC connection, and how long a ping may go unanswered
+    /// before the connection is closed (default 10 000 ms).
+    pub http2_keepalive_ms: u64,
+    /// `HoldSnapshot` streams one caller may hold open at once (default 64). A caller is the
+    /// node or role its certificate names under mutual TLS, else its IP address.
+    pub max_holds_per_caller: usize,
+    /// The longest a `HoldSnapshot` stream may hold its snapshot (default 3 600 000 ms).
+    pub max_hold_ms: u64,
     /// Most version records in one backfill chunk (default 2 000).
     pub backfill_chunk_records: u32,
     /// Most bytes of keys and values in one backfill chunk (default 4 MiB).
@@ -103,6 +119,10 @@ impl Default for Tuning {
             query_max_scanned: 100_000,
             query_max_limit: 1_000,
             max_concurrent_requests: 1_024,
+            max_message_bytes: 64 << 20,
+            http2_keepalive_ms: 10_000,
+            max_holds_per_caller: 64,
+            max_hold_ms: 3_600_000,
             backfill_chunk_records: 2_000,
             backfill_chunk_bytes: 4 << 20,
             backfill_wait_ms: 10_000,

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use axum::serve::ListenerExt;
 use causeway_config_manager::Client as ConfigClient;
 use causeway_core::{Epoch, NodeId, NodeInfo, Timestamp};
+use causeway_proto::link::{Channel, Link};
 use causeway_proto::v1::store_node_client::StoreNodeClient;
 use causeway_proto::v1::store_node_server::StoreNodeServer;
 use causeway_proto::v1::{Transaction, TRANSACTION_FORMAT_VERSION};
@@ -19,7 +20,6 @@ use prost::Message;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tonic::transport::Channel;
 use tracing::{debug, error, info, instrument, warn};
 
 use crate::metrics::{Gauges, Metrics};
@@ -46,6 +46,8 @@ pub enum Error {
     Server(#[from] tonic::transport::Error),
     #[error("the node cannot apply the log: {0}")]
     Apply(String),
+    #[error("security settings")]
+    Link(#[from] causeway_proto::link::LinkError),
 }
 
 /// A store node, bound and ready to run.
@@ -96,6 +98,8 @@ impl Service {
             addr: options.listen,
             source,
         })?;
+        let link = Link::load(&options.security)?;
+        link.check_listen(local)?;
         let addr = options
             .advertise
             .clone()
@@ -110,6 +114,7 @@ impl Service {
         let shared = Arc::new(Shared {
             node: options.node_id,
             addr,
+            link,
             tuning: options.tuning.clone(),
             store: Arc::new(store),
             started: Instant::now(),
@@ -119,6 +124,7 @@ impl Service {
             decided: watch::Sender::new(Decided::default()),
             reads: Arc::new(ActiveReads::default()),
             holds: Arc::default(),
+            hold_callers: Arc::default(),
             log_next: AtomicU64::new(0),
             metrics: Metrics::default(),
             plan: Mutex::new(None),
@@ -133,6 +139,7 @@ impl Service {
             committed_moved: tokio::sync::Notify::new(),
             applied_moved: tokio::sync::Notify::new(),
             peers_moved: tokio::sync::Notify::new(),
+            log_end_wanted: tokio::sync::Notify::new(),
         });
         if let Some(configs) = Configs::saved(&shared.store).map_err(Error::Apply)? {
             info!(
@@ -183,13 +190,14 @@ impl Service {
             admin,
         } = self;
         let (stop_tx, stop) = watch::channel(false);
-        let cm = ConfigClient::connect_lazy(&options.config_manager)?;
+        let cm = ConfigClient::connect_lazy(&options.config_manager, &shared.link)?;
         let mut tasks: JoinSet<Result<(), Error>> = JoinSet::new();
         tasks.spawn(membership(Arc::clone(&shared), cm.clone(), stop.clone()));
         tasks.spawn(apply_loop(Arc::clone(&shared), log.clone(), stop.clone()));
         tasks.spawn(sync_loop(Arc::clone(&shared), stop.clone()));
         tasks.spawn(gossip_loop(Arc::clone(&shared), cm, stop.clone()));
         tasks.spawn(gc_loop(Arc::clone(&shared), stop.clone()));
+        tasks.spawn(log_end_loop(Arc::clone(&shared), log.clone(), stop.clone()));
         tasks.spawn(crate::backfill::transition_loop(
             Arc::clone(&shared),
             log.clone(),
@@ -198,14 +206,26 @@ impl Service {
         let server = crate::grpc::Server::new(Arc::clone(&shared));
         let incoming = causeway_proto::incoming(grpc);
         let mut grpc_stop = stop.clone();
+        let tuning = &options.tuning;
+        let mut builder = shared
+            .link
+            .server()?
+            .concurrency_limit_per_connection(256)
+            .http2_keepalive_interval(Some(Duration::from_millis(tuning.http2_keepalive_ms)))
+            .http2_keepalive_timeout(Some(Duration::from_millis(tuning.http2_keepalive_ms)))
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                tuning.max_concurrent_requests,
+            ));
+        let service = StoreNodeServer::new(server)
+            .max_decoding_message_size(tuning.max_message_bytes)
+            .max_encoding_message_size(tuning.max_message_bytes);
+        let service = tonic::service::interceptor::InterceptedService::new(
+            service,
+            shared.link.interceptor(),
+        );
         tasks.spawn(async move {
-            tonic::transport::Server::builder()
-                .concurrency_limit_per_connection(256)
-                .add_service(
-                    StoreNodeServer::new(server)
-                        .max_decoding_message_size(64 << 20)
-                        .max_encoding_message_size(64 << 20),
-                )
+            builder
+                .add_service(service)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = grpc_stop.wait_for(|s| *s).await;
                 })
@@ -693,7 +713,7 @@ async fn gossip_loop(
                 if node == shared.node {
                     continue;
                 }
-                let Some(peer) = peers.get(node, &info.addr) else {
+                let Some(peer) = peers.get(&shared.link, node, &info.addr) else {
                     continue;
                 };
                 if peer.in_flight.swap(true, Ordering::AcqRel) {
@@ -747,9 +767,9 @@ struct Peer {
 impl Peers {
     /// The client of `node` and its in-flight flag, (re)connecting if its address changed;
     /// `None` (logged) for an address that is not a valid URI.
-    fn get(&mut self, node: NodeId, addr: &str) -> Option<&Peer> {
+    fn get(&mut self, link: &Link, node: NodeId, addr: &str) -> Option<&Peer> {
         if self.clients.get(&node).is_none_or(|p| p.addr != addr) {
-            let channel = match crate::grpc::lazy_channel(addr) {
+            let channel = match crate::grpc::lazy_channel(link, addr) {
                 Ok(channel) => channel,
                 Err(e) => {
                     warn!(%node, error = %e, "not gossiping to a peer");
@@ -764,6 +784,33 @@ impl Peers {
             self.clients.insert(node, peer);
         }
         self.clients.get(&node)
+    }
+}
+
+/// Looks at the log's end when a peer's gossip claimed more than this node had seen (see
+/// [`Shared::observe`]), at most every 100 ms.
+async fn log_end_loop(
+    shared: Arc<Shared>,
+    log: TxLog,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    loop {
+        tokio::select! {
+            () = shared.log_end_wanted.notified() => {}
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+        match log.bounds().await {
+            Ok(bounds) => {
+                shared
+                    .log_next
+                    .fetch_max(bounds.next.get(), Ordering::Relaxed);
+            }
+            Err(e) => debug!(error = %e, "cannot read the log's end"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
     }
 }
 

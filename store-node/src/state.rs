@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use causeway_core::frontier::Eligibility;
 use causeway_core::{
-    ClusterConfig, Decisions, Epoch, Frontiers, Gossip, GossipTable, Interval, NodeId, Phase,
-    ReadTimestamp, Timestamp, View,
+    ClusterConfig, Decisions, Epoch, Frontiers, Gossip, GossipTable, Heard, Interval, NodeId,
+    Phase, ReadTimestamp, Timestamp, View,
 };
 use tokio::sync::watch;
 
@@ -213,7 +213,10 @@ pub struct Shared {
     pub reads: Arc<ActiveReads>,
     /// Named holds (change feeds) and those that outlive their stream.
     pub holds: Arc<crate::hold::Owners>,
-    /// The log's next ts as last seen by the apply loop (for lag).
+    /// `HoldSnapshot` streams open per caller.
+    pub hold_callers: Arc<crate::hold::PerCaller>,
+    /// The log's next ts as last seen by the apply loop and the log-end task (for lag, and to
+    /// doubt gossip of a committed ts beyond it).
     pub log_next: AtomicU64,
     pub metrics: Metrics,
     /// This node's plan for the next configuration (see `backfill`), as last saved.
@@ -241,6 +244,11 @@ pub struct Shared {
     /// A peer's gossip arrived: the gossip loop steps (without sending), so this node's UST view
     /// takes it in at once.
     pub peers_moved: tokio::sync::Notify,
+    /// How this node reaches its peers and the config manager, and checks its callers.
+    pub link: causeway_proto::link::Link,
+    /// A peer's gossip claimed a committed ts beyond the log's end as this node last saw it:
+    /// the log-end task looks again (`log_next`).
+    pub log_end_wanted: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -266,6 +274,9 @@ impl Shared {
         let next = configs.transition();
         let now_ms = self.now_ms();
         let mut p = lock(&self.protocol);
+        // Nodes that left both configurations are forgotten.
+        p.table
+            .retain(|n| current.contains(n) || next.is_some_and(|c| c.contains(n)));
         let lowest_read = self.reads.lowest(p.frontiers.routing_epoch());
         p.seq += 1;
         let next_epoch = next.map(|n| n.epoch);
@@ -323,11 +334,37 @@ impl Shared {
         }
     }
 
-    /// Takes in a peer's gossip.
-    pub fn observe(&self, gossip: Gossip) {
+    /// Takes in a peer's gossip, believing only what the core's `GossipTable::admit` allows: a
+    /// node in neither configuration is ignored, and a committed ts or UST beyond the newest ts
+    /// this node knows the log holds is not believed (this node then looks at the log's end
+    /// again, so that a peer ahead of it is believed soon).
+    pub fn observe(&self, gossip: Gossip) -> Heard {
         let now_ms = self.now_ms();
-        lock(&self.protocol).table.observe(gossip, now_ms);
-        self.peers_moved.notify_one();
+        let configs = self.configs();
+        let is_member = |n| {
+            configs.current.as_ref().is_some_and(|c| c.contains(n))
+                || configs.transition().is_some_and(|c| c.contains(n))
+        };
+        let log_end = self.log_end();
+        let heard = lock(&self.protocol)
+            .table
+            .admit(gossip, now_ms, is_member, log_end);
+        match heard {
+            Heard::Taken => self.peers_moved.notify_one(),
+            Heard::Doubted { .. } => {
+                self.log_end_wanted.notify_one();
+                self.peers_moved.notify_one();
+            }
+            Heard::Stale | Heard::Stranger => {}
+        }
+        heard
+    }
+
+    /// The newest ts this node knows the log holds: the end the apply loop and the log-end task
+    /// last saw, or its own committed ts if higher.
+    pub fn log_end(&self) -> Timestamp {
+        let seen = Timestamp(self.log_next.load(Ordering::Relaxed).saturating_sub(1));
+        seen.max(self.store.committed())
     }
 
     /// For each partition of `config`, the replicas that may serve a read at `at` now.

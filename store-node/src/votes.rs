@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use causeway_core::{NodeId, Timestamp};
+use causeway_proto::link::Channel;
 use causeway_proto::v1::{self as pb, store_node_client::StoreNodeClient};
-use tonic::transport::Channel;
 
 use crate::grpc::lazy_channel;
 use crate::state::Shared;
@@ -43,9 +43,14 @@ pub struct Askers {
 
 impl Askers {
     /// `None` for an address that is not a valid URI.
-    fn client(&mut self, node: NodeId, addr: &str) -> Option<StoreNodeClient<Channel>> {
+    fn client(
+        &mut self,
+        link: &causeway_proto::link::Link,
+        node: NodeId,
+        addr: &str,
+    ) -> Option<StoreNodeClient<Channel>> {
         if self.clients.get(&node).is_none_or(|(a, _)| a != addr) {
-            let channel = lazy_channel(addr).ok()?;
+            let channel = lazy_channel(link, addr).ok()?;
             self.clients
                 .insert(node, (addr.to_owned(), StoreNodeClient::new(channel)));
         }
@@ -92,7 +97,7 @@ pub async fn gather(
     let ts = blocked.ts;
     let mut asks: FuturesUnordered<_> = peers
         .into_iter()
-        .filter_map(|(node, addr)| Some((node, askers.client(node, &addr)?)))
+        .filter_map(|(node, addr)| Some((node, askers.client(&shared.link, node, &addr)?)))
         .map(|(node, mut client)| async move {
             let mut request = tonic::Request::new(pb::OutcomeRequest {
                 ts: ts.0,

@@ -46,6 +46,7 @@ fn one_node_options(data: PathBuf, log: LogOptions, store: StoreOptions) -> Opti
         log,
         store,
         tuning: Default::default(),
+        security: Default::default(),
     }
 }
 

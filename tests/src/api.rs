@@ -45,8 +45,15 @@ impl LocalCluster {
     /// An api-server process, the `i`-th, listening on `addr`.
     fn spawn_api_server(&self, i: usize, addr: SocketAddr) -> Result<Proc> {
         let log = serde_json::to_string(&self.log_options)?;
+        let config = self.root.join(format!("api-server-{i}.json"));
+        std::fs::write(
+            &config,
+            serde_json::to_vec_pretty(&serde_json::json!({ "security": self.security }))?,
+        )?;
         let mut command = Command::new(binary("causeway-api-server")?);
         command
+            .arg("--config")
+            .arg(&config)
             .arg("--listen")
             .arg(addr.to_string())
             .arg("--config-manager")

@@ -44,13 +44,13 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use causeway_config_manager::{Client as ConfigClient, ConfigPair};
 use causeway_core::{ClusterConfig, Interval, NodeId, Timestamp};
+use causeway_proto::link::{Channel, Link, Security};
 use causeway_proto::v1::store_node_client::StoreNodeClient;
 use causeway_proto::v1::{self as pb, Transaction};
 use causeway_store_node::storage::StoreOptions;
 use causeway_store_node::{Options as NodeOptions, Tuning};
 use causeway_txlog::testing::Broker;
 use causeway_txlog::{LogOptions, TxLog};
-use tonic::transport::Channel;
 
 use crate::api::ApiServer;
 use crate::disk::SmallDisk;
@@ -154,6 +154,11 @@ pub struct LocalCluster {
     store: StoreOptions,
     nodes: BTreeMap<NodeId, Node>,
     api_servers: Vec<ApiServer>,
+    /// What every process is given: the cluster secret and the config manager's admin token,
+    /// in files of the cluster directory.
+    pub(crate) security: Security,
+    /// The test's own credentials: the secret and the admin token.
+    link: Link,
 }
 
 /// Retries `f` every 20 ms until it gives `Some` or `deadline` passes.
@@ -207,9 +212,10 @@ impl LocalCluster {
             100_000_000 + (std::process::id() % 100_000) * 16_384 + (n as u32 % 16) * 1024
         });
 
+        let (security, link) = cluster_security(&root)?;
         let cm_addr = free_addr()?;
         let cm_gid = gid_base.map(|base| base + Member::ConfigManager.gid_offset());
-        let cm = spawn_config_manager(&root, cm_addr, cm_gid)?;
+        let cm = spawn_config_manager(&root, cm_addr, cm_gid, &security)?;
 
         let mut cluster = LocalCluster {
             root,
@@ -228,6 +234,8 @@ impl LocalCluster {
             store: spec.store.clone(),
             nodes: BTreeMap::new(),
             api_servers: Vec::new(),
+            security,
+            link,
         };
         let count = u64::from(spec.partitions * spec.replicas);
         for i in 1..=count {
@@ -276,6 +284,7 @@ impl LocalCluster {
             log: self.log_options.clone(),
             store: self.store.clone(),
             tuning: self.tuning.clone(),
+            security: self.security.clone(),
         };
         let config = dir.join("options.json");
         std::fs::write(&config, serde_json::to_vec_pretty(&options)?)?;
@@ -313,7 +322,7 @@ impl LocalCluster {
         let addr = self.cm_addr.to_string();
         until("the config manager", Duration::from_secs(30), || {
             let addr = addr.clone();
-            async move { ConfigClient::connect(&addr).await.ok() }
+            async move { ConfigClient::connect(&addr, &self.link).await.ok() }
         })
         .await
     }
@@ -370,8 +379,11 @@ impl LocalCluster {
             .ok_or_else(|| anyhow!("no {node}"))?
             .addr;
         Ok(
-            StoreNodeClient::new(causeway_store_node::grpc::lazy_channel(&addr.to_string())?)
-                .max_decoding_message_size(64 << 20),
+            StoreNodeClient::new(causeway_store_node::grpc::lazy_channel(
+                &self.link,
+                &addr.to_string(),
+            )?)
+            .max_decoding_message_size(64 << 20),
         )
     }
 
@@ -589,7 +601,12 @@ impl LocalCluster {
         if self.cm.is_running() {
             bail!("the config manager is running");
         }
-        self.cm = spawn_config_manager(&self.root, self.cm_addr, self.gid(Member::ConfigManager))?;
+        self.cm = spawn_config_manager(
+            &self.root,
+            self.cm_addr,
+            self.gid(Member::ConfigManager),
+            &self.security,
+        )?;
         Ok(())
     }
 
@@ -781,15 +798,47 @@ pub(crate) fn with_gid(command: &mut Command, gid: Option<u32>) {
     }
 }
 
-fn spawn_config_manager(root: &Path, addr: SocketAddr, gid: Option<u32>) -> Result<Proc> {
+fn spawn_config_manager(
+    root: &Path,
+    addr: SocketAddr,
+    gid: Option<u32>,
+    security: &Security,
+) -> Result<Proc> {
+    let config = root.join("config-manager.json");
+    std::fs::write(
+        &config,
+        serde_json::to_vec_pretty(&serde_json::json!({ "security": security }))?,
+    )?;
     let mut command = Command::new(binary("causeway-config-manager")?);
     command
+        .arg("--config")
+        .arg(&config)
         .arg("--listen")
         .arg(addr.to_string())
         .arg("--data-dir")
         .arg(root.join("config-manager"));
     with_gid(&mut command, gid);
     Proc::spawn(command, root.join("config-manager.log"))
+}
+
+/// The cluster secret and the admin token of a test cluster, written into `root`: every
+/// process is given both files (so every test runs with authenticated internal calls), and the
+/// test's own clients carry both.
+fn cluster_security(root: &Path) -> Result<(Security, Link)> {
+    let secret = root.join("cluster-secret");
+    let admin = root.join("admin-token");
+    for path in [&secret, &admin] {
+        let bytes: [u8; 24] = rand::random();
+        let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(path, text)?;
+    }
+    let security = Security {
+        cluster_secret_file: Some(secret),
+        admin_token_file: Some(admin),
+        ..Security::default()
+    };
+    let link = Link::load(&security)?;
+    Ok((security, link))
 }
 
 /// Builders of transaction records for tests.

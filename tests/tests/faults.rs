@@ -262,7 +262,9 @@ async fn http_reader(
 /// `node`.
 async fn grpc_reader(
     rec: Arc<Recorder>,
-    mut client: causeway_proto::v1::store_node_client::StoreNodeClient<tonic::transport::Channel>,
+    mut client: causeway_proto::v1::store_node_client::StoreNodeClient<
+        causeway_proto::link::Channel,
+    >,
     ids: Arc<BTreeMap<PartitionId, Vec<String>>>,
     mut stop: watch::Receiver<bool>,
 ) {

@@ -115,7 +115,7 @@ impl Cluster {
         }
 
         // Bootstrap once every node has registered.
-        let client = cm::Client::connect(&cm_addr).await?;
+        let client = cm::Client::connect(&cm_addr, &causeway_proto::link::Link::open()).await?;
         within("store nodes registering", async {
             loop {
                 let live = client.list_nodes().await?.iter().filter(|n| n.live).count();

@@ -18,6 +18,8 @@ pub struct BootstrapArgs {
         default_value = "127.0.0.1:7400"
     )]
     config_manager: String,
+    #[command(flatten)]
+    credentials: super::Credentials,
     #[arg(long)]
     partitions: u32,
     #[arg(long)]
@@ -31,7 +33,7 @@ pub struct BootstrapArgs {
 /// installs the first configuration. A cluster already bootstrapped with this shape is left as
 /// it is (so scripts may run it on every start); another shape is an error.
 pub async fn bootstrap(args: BootstrapArgs) -> Result<()> {
-    let client = connect(&args.config_manager).await?;
+    let client = connect(&args.config_manager, &args.credentials.link(None)?).await?;
     let pair = bounded("GetConfig", client.get_config()).await?;
     if let Some(current) = &pair.current {
         let shape = shape_of(current);

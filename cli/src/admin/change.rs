@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use causeway_config_manager as cm;
 use causeway_core::{ClusterConfig, Epoch, NodeId};
+use causeway_proto::link::Link;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::progress::{self, Outcome};
@@ -34,6 +35,8 @@ pub struct Target {
         default_value = "127.0.0.1:7400"
     )]
     pub config_manager: String,
+    #[command(flatten)]
+    pub credentials: super::Credentials,
 }
 
 /// How `--wait` behaves.
@@ -262,7 +265,8 @@ async fn admin_call<T>(
 
 /// Runs `causeway admin scale`.
 pub async fn scale(args: ScaleArgs) -> Result<()> {
-    let client = connect(&args.target.config_manager).await?;
+    let link = args.target.credentials.link(None)?;
+    let client = connect(&args.target.config_manager, &link).await?;
     let pair = bounded("GetConfig", client.get_config()).await?;
     let (partitions, replicas) = if args.ensure {
         match ensure_step(&pair, args.partitions, args.replicas, args.only)? {
@@ -272,7 +276,7 @@ pub async fn scale(args: ScaleArgs) -> Result<()> {
             }
             Step::Follow(next) => {
                 println!("following the running transition to epoch {}", next.epoch);
-                return follow(&client, next, &args.wait).await;
+                return follow(&client, &link, next, &args.wait).await;
             }
             Step::Propose((p, r)) => {
                 if args.wait.wait {
@@ -294,12 +298,13 @@ pub async fn scale(args: ScaleArgs) -> Result<()> {
         "proposed epoch {}: {partitions} partition(s) × {replicas} replica(s)",
         next.epoch
     );
-    follow(&client, next, &args.wait).await
+    follow(&client, &link, next, &args.wait).await
 }
 
 /// Runs `causeway admin replace`.
 pub async fn replace(args: ReplaceArgs) -> Result<()> {
-    let client = connect(&args.target.config_manager).await?;
+    let link = args.target.credentials.link(None)?;
+    let client = connect(&args.target.config_manager, &link).await?;
     let pair = bounded("GetConfig", client.get_config()).await?;
     let current = idle_current(&pair)?;
     if !current.contains(args.node) {
@@ -333,12 +338,13 @@ pub async fn replace(args: ReplaceArgs) -> Result<()> {
         "proposed epoch {}: {} replaced by {with}",
         next.epoch, args.node
     );
-    follow(&client, next, &args.wait).await
+    follow(&client, &link, next, &args.wait).await
 }
 
 /// Runs `causeway admin abort`.
 pub async fn abort(args: AbortArgs) -> Result<()> {
-    let client = connect(&args.target.config_manager).await?;
+    let link = args.target.credentials.link(None)?;
+    let client = connect(&args.target.config_manager, &link).await?;
     let epoch = Epoch(args.epoch.unwrap_or(0));
     let pair = admin_call("AbortTransition", client.abort_transition(epoch)).await?;
     println!(
@@ -349,7 +355,12 @@ pub async fn abort(args: AbortArgs) -> Result<()> {
 }
 
 /// Prints the proposal, or with `--wait` follows it to its end.
-async fn follow(client: &cm::Client, proposed: ClusterConfig, wait: &Wait) -> Result<()> {
+async fn follow(
+    client: &cm::Client,
+    link: &Link,
+    proposed: ClusterConfig,
+    wait: &Wait,
+) -> Result<()> {
     if !wait.wait {
         print!("{}", progress::render_config(&proposed));
         println!("follow it with: causeway admin status");
@@ -374,7 +385,7 @@ async fn follow(client: &cm::Client, proposed: ClusterConfig, wait: &Wait) -> Re
     let mut last_line: Option<(Instant, String)> = None;
     let mut previous: Option<(Instant, progress::Totals)> = None;
     let result = loop {
-        let snapshot = match Snapshot::take(client).await {
+        let snapshot = match Snapshot::take(client, link).await {
             Ok(s) => s,
             Err(e) if Instant::now() < deadline => {
                 tracing::warn!(error = %format!("{e:#}"), "cannot look at the cluster; retrying");

@@ -18,10 +18,12 @@ pub mod progress;
 pub mod status;
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use causeway_config_manager as cm;
+use causeway_proto::link::{Link, Role, Security, TlsFiles};
 use causeway_proto::v1::store_node_client::StoreNodeClient;
 use causeway_proto::v1::{NodeStatus as ProtoNodeStatus, StatusRequest};
 
@@ -44,10 +46,60 @@ async fn bounded<T, E: std::error::Error + Send + Sync + 'static>(
         .with_context(|| what.to_string())
 }
 
+/// How an admin command authenticates its gRPC calls: mutual TLS with an `admin` certificate,
+/// or the cluster secret and the admin token (what the cluster's processes are given; see
+/// `causeway_proto::link`). A dev cluster's `--data-dir` provides the latter two.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Credentials {
+    /// The cluster CA certificate (PEM), for mutual TLS.
+    #[arg(long, env = "CAUSEWAY_TLS_CA", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// An `admin` certificate of the cluster CA (PEM).
+    #[arg(long, env = "CAUSEWAY_TLS_CERT", requires = "tls_ca")]
+    pub tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "CAUSEWAY_TLS_KEY", requires = "tls_ca")]
+    pub tls_key: Option<PathBuf>,
+    /// A file holding the cluster secret (without TLS).
+    #[arg(long, env = "CAUSEWAY_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// A file holding the config manager's admin token.
+    #[arg(long, env = "CAUSEWAY_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+impl Credentials {
+    /// The link these flags give; the files of a dev cluster's `data_dir` fill in the secret
+    /// and the admin token not given.
+    pub fn link(&self, data_dir: Option<&Path>) -> Result<Link> {
+        let from_dir = |name: &str| data_dir.map(|d| d.join(name)).filter(|p| p.exists());
+        let security = Security {
+            tls: match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+                (Some(ca), Some(cert), Some(key)) => Some(TlsFiles {
+                    ca: ca.clone(),
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }),
+                _ => None,
+            },
+            cluster_secret_file: self
+                .cluster_secret_file
+                .clone()
+                .or_else(|| from_dir(crate::dev::CLUSTER_SECRET_FILE)),
+            admin_token_file: self
+                .admin_token_file
+                .clone()
+                .or_else(|| from_dir(crate::dev::ADMIN_TOKEN_FILE)),
+            allow_open_non_loopback: false,
+        };
+        Link::load(&security).context("the admin command's credentials")
+    }
+}
+
 /// A client of the config manager at `addr`.
-async fn connect(addr: &str) -> Result<cm::Client> {
+async fn connect(addr: &str, link: &Link) -> Result<cm::Client> {
     bounded("connecting to the config manager", async {
-        cm::Client::connect(addr).await
+        cm::Client::connect(addr, link).await
     })
     .await
     .with_context(|| format!("config manager at {addr}"))
@@ -71,17 +123,14 @@ async fn wait_for_live_nodes(client: &cm::Client, needed: u64, timeout: Duration
 }
 
 /// A node's `Status`.
-async fn node_status(addr: &str) -> Result<ProtoNodeStatus> {
-    let url = if addr.starts_with("http") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let endpoint = tonic::transport::Endpoint::from_shared(url)?
+async fn node_status(addr: &str, link: &Link) -> Result<ProtoNodeStatus> {
+    let endpoint = link
+        .endpoint(addr, Role::StoreNode(0))
+        .map_err(|e| anyhow::anyhow!("invalid store node address {e}"))?
         .connect_timeout(RPC_TIMEOUT)
         .timeout(RPC_TIMEOUT);
     let channel = bounded("connecting", endpoint.connect()).await?;
-    let mut client = StoreNodeClient::new(channel);
+    let mut client = StoreNodeClient::new(link.channel(channel));
     let answer = bounded("Status", client.status(StatusRequest {})).await?;
     Ok(answer.into_inner())
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use causeway_config_manager as cm;
 use causeway_core::{ClusterConfig, NodeId, KEYSPACE};
+use causeway_proto::link::Link;
 use causeway_proto::v1::{BackfillStatus, NodeStatus as ProtoNodeStatus};
 use serde::Serialize;
 
@@ -35,6 +36,8 @@ pub struct Args {
     /// Instead of --config-manager: the data dir of a running `causeway dev`.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    credentials: super::Credentials,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -178,7 +181,7 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Takes one.
-    pub async fn take(client: &cm::Client) -> Result<Snapshot> {
+    pub async fn take(client: &cm::Client, link: &Link) -> Result<Snapshot> {
         let pair = bounded("GetConfig", client.get_config()).await?;
         let registered = bounded("ListNodes", client.list_nodes()).await?;
         let mut addrs: BTreeMap<NodeId, String> = registered
@@ -192,7 +195,10 @@ impl Snapshot {
         }
         let queries: Vec<_> = addrs
             .into_iter()
-            .map(|(id, addr)| tokio::spawn(async move { (id, node_status(&addr).await) }))
+            .map(|(id, addr)| {
+                let link = link.clone();
+                tokio::spawn(async move { (id, node_status(&addr, &link).await) })
+            })
             .collect();
         let mut statuses = BTreeMap::new();
         for q in queries {
@@ -238,15 +244,15 @@ impl Snapshot {
 
 /// Gathers the status of the cluster behind `config_manager`; while a transition runs, a second
 /// sample `sample` later gives the time left.
-pub async fn gather(config_manager: &str, sample: Duration) -> Result<Status> {
-    let client = connect(config_manager).await?;
-    let first = Snapshot::take(&client).await?;
+pub async fn gather(config_manager: &str, link: &Link, sample: Duration) -> Result<Status> {
+    let client = connect(config_manager, link).await?;
+    let first = Snapshot::take(&client, link).await?;
     let taken = Instant::now();
     let mut seconds_left = None;
     let snapshot = match first.backfill_totals() {
         Some(before) if !sample.is_zero() => {
             tokio::time::sleep(sample).await;
-            let second = Snapshot::take(&client).await?;
+            let second = Snapshot::take(&client, link).await?;
             let same_epoch = second.pair.next_epoch() == first.pair.next_epoch();
             if let (true, Some(after)) = (same_epoch, second.backfill_totals()) {
                 seconds_left =
@@ -482,7 +488,8 @@ pub async fn status(args: Args) -> Result<()> {
             .to_string(),
         None => args.config_manager.clone(),
     };
-    let status = gather(&addr, Duration::from_millis(args.sample_ms)).await?;
+    let link = args.credentials.link(args.data_dir.as_deref())?;
+    let status = gather(&addr, &link, Duration::from_millis(args.sample_ms)).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
