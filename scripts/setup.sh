@@ -22,6 +22,12 @@ if ! command -v cargo >/dev/null 2>&1; then
   fi
 fi
 
+# The fuzz targets (scripts/fuzz.sh) run through cargo-fuzz.
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+  echo "setup: installing cargo-fuzz"
+  cargo install --locked cargo-fuzz
+fi
+
 if $want_broker; then
   kafka_version=4.4.0
   libs="${CAUSEWAY_KAFKA_LIBS:-$HOME/.cache/causeway-kafka/$kafka_version/libs}"

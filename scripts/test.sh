@@ -21,6 +21,8 @@ echo "== cargo build (the binaries the cluster tests start)"
 cargo build --workspace --bins --locked
 echo "== cargo test"
 cargo test --workspace --locked
+echo "== fuzz targets (10 s each; scripts/fuzz.sh 600 for a longer run)"
+scripts/fuzz.sh 10
 echo "== schemathesis"
 scripts/schemathesis.sh
 echo "== the Helm chart and the container image"

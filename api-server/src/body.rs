@@ -9,6 +9,8 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use serde_json::Value;
 
+use crate::body_checks::{self as checks, Refusal};
+pub use crate::body_checks::{check_depth, inexact_integer};
 use crate::options::Limits;
 use crate::problem::{Kind, Problem};
 
@@ -33,21 +35,7 @@ pub fn content_type(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .ok_or_else(unsupported)?;
-    let mut parts = value.split(';');
-    let essence = parts.next().unwrap_or("").trim().to_ascii_lowercase();
-    for param in parts {
-        let (name, val) = param.split_once('=').unwrap_or((param, ""));
-        if name.trim().eq_ignore_ascii_case("charset")
-            && !val.trim().trim_matches('"').eq_ignore_ascii_case("utf-8")
-        {
-            return Err(unsupported());
-        }
-    }
-    accepted
-        .iter()
-        .copied()
-        .find(|a| *a == essence)
-        .ok_or_else(unsupported)
+    checks::media_type(value, accepted).ok_or_else(unsupported)
 }
 
 /// Reads the whole body, refusing more than `max_bytes` whether or not a `Content-Length` says
@@ -86,93 +74,22 @@ pub async fn read(headers: &HeaderMap, body: Body, max_bytes: usize) -> Result<B
     Ok(buf.freeze())
 }
 
-/// The bytes of JSON text outside its strings, with their positions: each string, its quotes
-/// and its contents (escapes honoured), is skipped.
-fn outside_strings(bytes: &[u8]) -> impl Iterator<Item = (usize, u8)> + '_ {
-    let (mut in_string, mut escaped) = (false, false);
-    bytes.iter().copied().enumerate().filter(move |&(_, b)| {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-            false
-        } else {
-            in_string = b == b'"';
-            !in_string
-        }
-    })
-}
-
-/// The deepest nesting of arrays and objects in JSON text, or `None` as soon as it passes
-/// `max`. Works on the raw bytes, without recursion.
-pub fn check_depth(bytes: &[u8], max: usize) -> Option<usize> {
-    let (mut depth, mut deepest) = (0usize, 0usize);
-    for (_, b) in outside_strings(bytes) {
-        match b {
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > max {
-                    return None;
-                }
-                deepest = deepest.max(depth);
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    Some(deepest)
-}
-
-/// The first integer in JSON text (a number without a fraction or an exponent) that the document
-/// model cannot hold exactly: below `i64::MIN` or above `u64::MAX`. A JSON parser would turn it
-/// into the nearest double, and the document would keep another number than the one sent.
-/// Works on the raw bytes of text that parsed.
-pub fn inexact_integer(bytes: &[u8]) -> Option<&str> {
-    let in_number = |b: u8| matches!(b, b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9');
-    let mut start = None;
-    // A byte past the end closes a number that ends the text.
-    for (i, b) in outside_strings(bytes).chain([(bytes.len(), b' ')]) {
-        match start {
-            None if b == b'-' || b.is_ascii_digit() => start = Some(i),
-            Some(from) if !in_number(b) => {
-                start = None;
-                let token = std::str::from_utf8(&bytes[from..i]).ok()?;
-                let integer = !token.contains(['.', 'e', 'E']);
-                if integer && token.parse::<i64>().is_err() && token.parse::<u64>().is_err() {
-                    return Some(token);
-                }
-            }
-            _ => {}
-        }
-    }
-    None
-}
-
-/// Checks UTF-8 and depth, then parses JSON.
+/// Checks UTF-8 and depth, then parses JSON, then refuses integers a document cannot hold.
 pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Value, Problem> {
-    std::str::from_utf8(bytes).map_err(|e| {
-        Problem::new(
+    checks::parse(bytes, limits.max_json_depth).map_err(|refusal| match refusal {
+        Refusal::Utf8 { valid_up_to } => Problem::new(
             Kind::InvalidUtf8,
-            format!("the body is not UTF-8 (at byte {})", e.valid_up_to()),
-        )
-    })?;
-    check_depth(bytes, limits.max_json_depth).ok_or_else(|| {
-        Problem::new(
+            format!("the body is not UTF-8 (at byte {valid_up_to})"),
+        ),
+        Refusal::TooDeep => Problem::new(
             Kind::JsonTooDeep,
             format!(
                 "the body nests arrays and objects deeper than {}",
                 limits.max_json_depth
             ),
-        )
-    })?;
-    let value: Value = serde_json::from_slice(bytes)
-        .map_err(|e| Problem::new(Kind::InvalidJson, e.to_string()))?;
-    if let Some(number) = inexact_integer(bytes) {
-        return Err(Problem::new(
+        ),
+        Refusal::Syntax(e) => Problem::new(Kind::InvalidJson, e.to_string()),
+        Refusal::InexactInteger(number) => Problem::new(
             Kind::NumberOutOfRange,
             format!(
                 "the integer {} is outside what a document holds exactly ({} to {}): send it \
@@ -181,9 +98,8 @@ pub fn parse(bytes: &[u8], limits: &Limits) -> Result<Value, Problem> {
                 i64::MIN,
                 u64::MAX
             ),
-        ));
-    }
-    Ok(value)
+        ),
+    })
 }
 
 /// Content type, size, UTF-8, depth and parse of a JSON request body.

@@ -11,6 +11,7 @@
 //! - [`problem`]: [`Problem`], the error answer of a request, with a stable `type` per kind.
 //! - [`auth`]: bearer tokens from a file, per-collection permissions, constant-time comparison.
 //! - [`body`]: reading bodies within the limits: content type, size, UTF-8, depth, then JSON.
+//! - [`body_checks`]: the pure checks `body` makes on the media type and the JSON text.
 //! - [`headers`]: the `Causeway-*` headers.
 //! - [`admission`]: admission control of writes: the cluster's progress sampled, the gate.
 //! - `visible`: `?wait=visible`: every store node of the routing configurations is asked.
@@ -23,6 +24,7 @@
 pub mod admission;
 pub mod auth;
 pub mod body;
+pub mod body_checks;
 pub mod changes;
 pub mod error;
 pub mod headers;

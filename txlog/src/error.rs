@@ -4,6 +4,15 @@ use std::path::PathBuf;
 
 use causeway_core::Timestamp;
 
+/// The cause of a Kafka failure: librdkafka's error, or nothing that can exist when the crate is
+/// built without its Kafka backend.
+#[cfg(feature = "kafka")]
+pub type KafkaCause = rdkafka::error::KafkaError;
+/// The cause of a Kafka failure: librdkafka's error, or nothing that can exist when the crate is
+/// built without its Kafka backend.
+#[cfg(not(feature = "kafka"))]
+pub type KafkaCause = std::convert::Infallible;
+
 /// What can go wrong with the transaction log.
 ///
 /// `Display` describes this error only; the cause (an IO or librdkafka error) is its `source`.
@@ -16,7 +25,7 @@ pub enum Error {
     Unavailable {
         what: String,
         #[source]
-        source: Option<rdkafka::error::KafkaError>,
+        source: Option<KafkaCause>,
     },
 
     /// A record is larger than the log accepts (`max_record_bytes`). Nothing of the batch was
@@ -79,7 +88,7 @@ pub enum Error {
     Kafka {
         op: &'static str,
         #[source]
-        source: rdkafka::error::KafkaError,
+        source: KafkaCause,
     },
 
     /// The log was closed, or its writer stopped after an earlier failure.

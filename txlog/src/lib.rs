@@ -12,8 +12,8 @@
 //! - [`codec`]: encode and decode the `causeway.v1.Transaction` record, refusing unknown formats.
 //! - [`embedded`]: [`EmbeddedLog`], CRC-framed segment files with group fsync, torn-tail recovery
 //!   and size-based retention.
-//! - [`kafka`]: [`KafkaLog`], rdkafka with an idempotent `acks=all` producer and consumers
-//!   assigned to partition 0 at an explicit offset.
+//! - [`kafka`] (feature `kafka`, on by default): [`KafkaLog`], rdkafka with an idempotent
+//!   `acks=all` producer and consumers assigned to partition 0 at an explicit offset.
 //! - `testing` (feature `testing`): `Broker`, Apache Kafka (KRaft, one node or a replicated
 //!   three) on loopback ports with its own temp dir, for tests and benchmarks.
 //!
@@ -32,12 +32,14 @@ pub use causeway_core::Timestamp;
 pub mod codec;
 pub mod embedded;
 pub mod error;
+#[cfg(feature = "kafka")]
 pub mod kafka;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use embedded::{EmbeddedLog, EmbeddedOptions};
 pub use error::{Error, Result};
+#[cfg(feature = "kafka")]
 pub use kafka::{KafkaLog, KafkaOptions};
 
 /// One record of the log: its position and its payload (an encoded `Transaction`, see [`codec`]).
@@ -84,6 +86,7 @@ impl Bounds {
 #[serde(tag = "backend", rename_all = "snake_case")]
 pub enum LogOptions {
     Embedded(EmbeddedOptions),
+    #[cfg(feature = "kafka")]
     Kafka(KafkaOptions),
 }
 
@@ -91,6 +94,7 @@ pub enum LogOptions {
 #[derive(Debug, Clone)]
 pub enum TxLog {
     Embedded(EmbeddedLog),
+    #[cfg(feature = "kafka")]
     Kafka(KafkaLog),
 }
 
@@ -99,6 +103,7 @@ impl TxLog {
     pub async fn open(options: LogOptions) -> Result<TxLog> {
         Ok(match options {
             LogOptions::Embedded(o) => TxLog::Embedded(EmbeddedLog::open(o).await?),
+            #[cfg(feature = "kafka")]
             LogOptions::Kafka(o) => TxLog::Kafka(KafkaLog::open(o).await?),
         })
     }
@@ -113,6 +118,7 @@ impl TxLog {
     pub async fn append(&self, records: Vec<Bytes>) -> Result<Vec<Timestamp>> {
         match self {
             TxLog::Embedded(log) => log.append(records).await,
+            #[cfg(feature = "kafka")]
             TxLog::Kafka(log) => log.append(records).await,
         }
     }
@@ -127,6 +133,7 @@ impl TxLog {
     pub fn read_from(&self, position: Timestamp) -> RecordStream {
         match self {
             TxLog::Embedded(log) => RecordStream::Embedded(log.read_from(position)),
+            #[cfg(feature = "kafka")]
             TxLog::Kafka(log) => RecordStream::Kafka(log.read_from(position)),
         }
     }
@@ -135,6 +142,7 @@ impl TxLog {
     pub async fn bounds(&self) -> Result<Bounds> {
         match self {
             TxLog::Embedded(log) => log.bounds().await,
+            #[cfg(feature = "kafka")]
             TxLog::Kafka(log) => log.bounds().await,
         }
     }
@@ -143,6 +151,7 @@ impl TxLog {
     pub fn max_record_bytes(&self) -> usize {
         match self {
             TxLog::Embedded(log) => log.max_record_bytes(),
+            #[cfg(feature = "kafka")]
             TxLog::Kafka(log) => log.max_record_bytes(),
         }
     }
@@ -152,6 +161,7 @@ impl TxLog {
     pub async fn close(&self) -> Result<()> {
         match self {
             TxLog::Embedded(log) => log.close().await,
+            #[cfg(feature = "kafka")]
             TxLog::Kafka(log) => log.close().await,
         }
     }
@@ -161,6 +171,7 @@ impl TxLog {
 #[derive(Debug)]
 pub enum RecordStream {
     Embedded(embedded::Reader),
+    #[cfg(feature = "kafka")]
     Kafka(kafka::Reader),
 }
 
@@ -170,6 +181,7 @@ impl Stream for RecordStream {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         match self.get_mut() {
             RecordStream::Embedded(r) => Pin::new(r).poll_next(cx),
+            #[cfg(feature = "kafka")]
             RecordStream::Kafka(r) => Pin::new(r).poll_next(cx),
         }
     }
