@@ -298,7 +298,7 @@ async fn ordered_pages_visit_every_document_once_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ordered_query_beyond_the_scan_budget_pages_partially_and_completely() {
     let node = Node::start(Tuning {
-        query_max_cursor_bytes: 600,
+        query_max_cursor_bytes: 300,
         ..Tuning::default()
     })
     .await;
