@@ -564,8 +564,10 @@ fn compare_int_float(i: i128, f: f64) -> Ordering {
     }
 }
 
-/// The order of a query's results: by the value at `path`, documents without it first
-/// (ascending) or last (descending). Ties are broken by the store (by key).
+/// The order of a query's results: by the value at `path` (numeric segments index arrays, as
+/// in filters), in the total order of [`compare_values`]. A document without the field sorts
+/// before every value, `null` included, when ascending, and so after every value when
+/// descending. Ties are broken by the store (by key, ascending either way).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Order {
@@ -578,8 +580,19 @@ pub struct Order {
 impl Order {
     /// Compares two documents in this order.
     pub fn compare(&self, a: &Value, b: &Value) -> Ordering {
-        let path = FieldPath(self.path.split('.').map(str::to_owned).collect());
-        let o = match (path.lookup(a), path.lookup(b)) {
+        let path = self.field_path();
+        self.compare_keys(path.lookup(a), path.lookup(b))
+    }
+
+    /// The path as segments, to look a document's sort key up with [`FieldPath::lookup`].
+    pub fn field_path(&self) -> FieldPath {
+        FieldPath(self.path.split('.').map(str::to_owned).collect())
+    }
+
+    /// Compares two sort keys (the values at the path, `None` for a document without it) in
+    /// this order: `None` first ascending, last descending.
+    pub fn compare_keys(&self, a: Option<&Value>, b: Option<&Value>) -> Ordering {
+        let o = match (a, b) {
             (None, None) => Ordering::Equal,
             (None, Some(_)) => Ordering::Less,
             (Some(_), None) => Ordering::Greater,
@@ -817,6 +830,32 @@ mod tests {
             d.compare(&json!({"x": 2}), &json!({"x": 10})),
             Ordering::Greater
         );
+    }
+
+    #[test]
+    fn order_indexes_arrays_and_puts_missing_before_null() {
+        let o = Order {
+            path: "items.1.qty".into(),
+            descending: false,
+        };
+        let doc = |q: Value| json!({"items": [{"qty": 100}, {"qty": q}]});
+        assert_eq!(o.compare(&doc(json!(2)), &doc(json!(10))), Ordering::Less);
+        assert_eq!(
+            o.compare(&json!({"items": [1]}), &doc(json!(null))),
+            Ordering::Less
+        );
+        assert_eq!(
+            o.compare(&doc(json!(null)), &doc(json!(false))),
+            Ordering::Less
+        );
+        assert_eq!(o.field_path().lookup(&doc(json!("x"))), Some(&json!("x")));
+        assert_eq!(o.compare_keys(None, Some(&Value::Null)), Ordering::Less);
+        let d = Order {
+            descending: true,
+            ..o
+        };
+        assert_eq!(d.compare_keys(None, Some(&Value::Null)), Ordering::Greater);
+        assert_eq!(d.compare_keys(None, None), Ordering::Equal);
     }
 
     #[test]

@@ -1,13 +1,12 @@
 //! The `StoreNode` gRPC service: gossip in, replica sub-reads from local storage, and reads
-//! coordinated across partitions at one read timestamp.
+//! coordinated across partitions at one read timestamp. Collection queries and replica scans
+//! are in [`query`].
 
-use std::cmp::Ordering as CmpOrdering;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use causeway_core::query::{Filter, Query, QueryLimits};
 use causeway_core::{
     ClusterConfig, DocKey, Epoch, Gossip, Heard, Interval, KeyHash, KeyLimits, NodeId, PartitionId,
     ReadTimestamp, Timestamp,
@@ -16,13 +15,13 @@ use causeway_proto::link::{Caller, Channel, Link, Role};
 use causeway_proto::v1 as pb;
 use causeway_proto::v1::store_node_client::StoreNodeClient;
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
-use serde_json::Value as Json;
 use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status};
 
 use crate::state::{lock, Shared};
-use crate::storage::{self, ScanCursor};
+use crate::storage;
+
+mod query;
 
 /// A channel to a peer over `link` that connects on first use and reconnects after failures.
 pub fn lazy_channel(link: &Link, addr: &str) -> Result<Channel, InvalidAddr> {
@@ -523,226 +522,6 @@ impl Server {
             .map(|d| d.expect("every key read"))
             .collect())
     }
-
-    /// One page of a query over every partition at `at`.
-    async fn query_at(
-        &self,
-        config: &ClusterConfig,
-        at: ReadTimestamp,
-        collection: &str,
-        query: &Query,
-        after: Option<&Position>,
-        max_scanned: u32,
-    ) -> Result<Page, Attempt> {
-        let replicas = self.replicas(config, at).await?;
-        let limit = query
-            .limit
-            .unwrap_or(self.shared.tuning.query_max_limit)
-            .min(self.shared.tuning.query_max_limit) as usize;
-        let parts = config.slicing.partitions().count() as u32;
-        let per_partition = (max_scanned / parts.max(1)).max(1);
-        let filter = serde_json::to_string(&query.filter).expect("filters serialize");
-        // Ordered queries need every match of every partition; unordered ones walk key order.
-        let (scan_limit, start) = match (&query.order, after) {
-            (Some(_), _) => (per_partition, None),
-            (None, Some(p)) => (limit as u32, Some((p.hash, p.id.clone()))),
-            (None, None) => (limit as u32, None),
-        };
-        let scans = config.slicing.partitions().map(|p| {
-            let request = pb::ScanAtRequest {
-                at: Some(read_ts_to_proto(at)),
-                collection: collection.to_owned(),
-                intervals: config
-                    .slicing
-                    .intervals_of(p)
-                    .iter()
-                    .map(interval_to_proto)
-                    .collect(),
-                filter: filter.clone(),
-                after_hash: start.as_ref().map(|s| s.0),
-                after_id: start.as_ref().map(|s| s.1.clone()).unwrap_or_default(),
-                limit: scan_limit,
-                max_scanned: per_partition,
-                with_automerge: false,
-            };
-            self.scan_from(config, &replicas[&p], request)
-        });
-        let results = futures::future::join_all(scans).await;
-        let mut docs: Vec<(Position, pb::Document, Json)> = Vec::new();
-        let mut scanned = 0u32;
-        // The first position not yet covered by every partition: results past it may miss
-        // documents of a partition that stopped early.
-        let mut frontier: Option<(u64, String)> = None;
-        for result in results {
-            let page = result?;
-            scanned += page.scanned;
-            if !page.done {
-                let stop = (page.last_hash, page.last_id.clone());
-                if frontier.as_ref().is_none_or(|f| stop < *f) {
-                    frontier = Some(stop);
-                }
-            }
-            for d in page.documents {
-                let json: Json = serde_json::from_slice(&d.json)
-                    .map_err(|e| Attempt::Failed(Status::internal(format!("stored json: {e}"))))?;
-                let pos = Position {
-                    hash: KeyHash::of(&d.collection, &d.id).get(),
-                    id: d.id.clone(),
-                    sort: None,
-                };
-                docs.push((pos, d, json));
-            }
-        }
-        match &query.order {
-            None => {
-                docs.sort_by(|a, b| (a.0.hash, &a.0.id).cmp(&(b.0.hash, &b.0.id)));
-                if let Some(f) = &frontier {
-                    docs.retain(|(p, _, _)| (p.hash, &p.id) <= (f.0, &f.1));
-                }
-                let more = docs.len() > limit || frontier.is_some();
-                let partial = frontier.is_some() && docs.len() < limit;
-                docs.truncate(limit);
-                let cursor = if more {
-                    docs.last().map(|(p, _, _)| p.clone()).or_else(|| {
-                        frontier.map(|(hash, id)| Position {
-                            hash,
-                            id,
-                            sort: None,
-                        })
-                    })
-                } else {
-                    None
-                };
-                Ok(Page {
-                    documents: docs.into_iter().map(|(_, d, _)| d).collect(),
-                    cursor,
-                    partial,
-                    scanned,
-                })
-            }
-            Some(order) => {
-                if frontier.is_some() {
-                    return Err(Attempt::Failed(Status::resource_exhausted(format!(
-                        "an ordered query may examine at most {max_scanned} documents; add a filter, or drop the order and page through the results"
-                    ))));
-                }
-                let key = |(p, _, json): &(Position, pb::Document, Json)| {
-                    (json.clone(), p.hash, p.id.clone())
-                };
-                docs.sort_by(|a, b| {
-                    order
-                        .compare(&a.2, &b.2)
-                        .then_with(|| (a.0.hash, &a.0.id).cmp(&(b.0.hash, &b.0.id)))
-                });
-                if let Some(after) = after {
-                    let sort = after.sort.clone().unwrap_or(Json::Null);
-                    docs.retain(|d| {
-                        let (json, hash, id) = key(d);
-                        let by_value = order.compare(&json, &sort_doc(order, &sort));
-                        by_value == CmpOrdering::Greater
-                            || (by_value == CmpOrdering::Equal
-                                && (hash, &id) > (after.hash, &after.id))
-                    });
-                }
-                let more = docs.len() > limit;
-                docs.truncate(limit);
-                let cursor = more
-                    .then(|| docs.last())
-                    .flatten()
-                    .map(|(p, _, json)| Position {
-                        hash: p.hash,
-                        id: p.id.clone(),
-                        sort: Some(lookup(&order.path, json).cloned().unwrap_or(Json::Null)),
-                    });
-                Ok(Page {
-                    documents: docs.into_iter().map(|(_, d, _)| d).collect(),
-                    cursor,
-                    partial: false,
-                    scanned,
-                })
-            }
-        }
-    }
-
-    async fn scan_from(
-        &self,
-        config: &ClusterConfig,
-        replicas: &[NodeId],
-        request: pb::ScanAtRequest,
-    ) -> Result<pb::ScanAtResponse, Attempt> {
-        let timeout = Duration::from_millis(self.shared.tuning.peer_rpc_timeout_ms * 4);
-        self.hedged(
-            config,
-            replicas,
-            Hedge::WhenSilent,
-            timeout,
-            || local_scan(&self.shared, request.clone()),
-            |mut client| {
-                let request = request.clone();
-                async move { client.scan_at(request).await.map(Response::into_inner) }
-            },
-        )
-        .await
-    }
-}
-
-/// A document stand-in holding `sort` at the order's path, to compare a cursor's sort value
-/// with documents by the same rule.
-fn sort_doc(order: &causeway_core::query::Order, sort: &Json) -> Json {
-    let mut doc = sort.clone();
-    for segment in order.path.split('.').rev() {
-        let mut m = serde_json::Map::new();
-        m.insert(segment.to_owned(), doc);
-        doc = Json::Object(m);
-    }
-    doc
-}
-
-fn lookup<'a>(path: &str, json: &'a Json) -> Option<&'a Json> {
-    path.split('.').try_fold(json, |v, s| v.get(s))
-}
-
-/// Where the next page starts, bound to the read timestamp of the first page.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Position {
-    hash: u64,
-    id: String,
-    /// The sort value of the last document, for ordered queries.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    sort: Option<Json>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Cursor {
-    epoch: u64,
-    ts: u64,
-    collection: String,
-    after: Position,
-}
-
-impl Cursor {
-    fn encode(&self) -> String {
-        let json = serde_json::to_vec(self).expect("cursor serializes");
-        json.iter().map(|b| format!("{b:02x}")).collect()
-    }
-
-    fn decode(text: &str) -> Option<Cursor> {
-        if !text.len().is_multiple_of(2) || text.len() > 64 * 1024 {
-            return None;
-        }
-        let bytes: Option<Vec<u8>> = (0..text.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-            .collect();
-        serde_json::from_slice(&bytes?).ok()
-    }
-}
-
-struct Page {
-    documents: Vec<pb::Document>,
-    cursor: Option<Position>,
-    partial: bool,
-    scanned: u32,
 }
 
 /// What a coordinated read does after an attempt that failed: a snapshot pruned under it is
@@ -884,82 +663,6 @@ async fn local_get(
     })
     .await
     .map_err(|e| Status::internal(format!("read task: {e}")))?
-}
-
-/// A scan of this node's own storage, restricted to the request's intervals.
-async fn local_scan(
-    shared: &Arc<Shared>,
-    req: pb::ScanAtRequest,
-) -> Result<pb::ScanAtResponse, Status> {
-    let ts = Timestamp(req.at.map_or(0, |a| a.ts));
-    let intervals: Vec<Interval> = req
-        .intervals
-        .iter()
-        .map(interval_from_proto)
-        .collect::<Result<_, _>>()?;
-    let filter = if req.filter.is_empty() {
-        Filter::default()
-    } else {
-        Filter::parse_str(&req.filter, &QueryLimits::default())
-            .map_err(|e| Status::invalid_argument(format!("filter: {e}")))?
-    };
-    causeway_core::key::validate_collection(&req.collection, &KeyLimits::default())
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let store = Arc::clone(&shared.store);
-    let max_scanned =
-        (req.max_scanned.max(1) as usize).min(shared.tuning.query_max_scanned as usize);
-    let limit = req.limit.max(1) as usize;
-    tokio::task::spawn_blocking(move || {
-        let collection = req.collection.as_str();
-        let mut cursor = req
-            .after_hash
-            .map(|h| ScanCursor(storage::collection_key(collection, h, &req.after_id)));
-        let mut out = pb::ScanAtResponse::default();
-        let in_range = |c: &str, id: &str| {
-            let h = KeyHash::of(c, id);
-            intervals.iter().any(|i| i.contains(h))
-        };
-        // Pages of the whole collection, keeping the documents of our intervals, until the
-        // limit, the scan budget or the end.
-        loop {
-            let budget = max_scanned.saturating_sub(out.scanned as usize);
-            let want = limit - out.documents.len();
-            let page = store
-                .scan(
-                    collection,
-                    ts,
-                    &|d| filter.matches(d),
-                    want,
-                    cursor.as_ref(),
-                    budget,
-                )
-                .map_err(storage_status)?;
-            out.scanned += page.scanned as u32;
-            for d in page.documents {
-                if in_range(collection, &d.id) {
-                    let id = d.id.clone();
-                    out.documents.push(document(collection, &id, Some(d)));
-                }
-            }
-            match page.next {
-                None => {
-                    out.done = true;
-                    return Ok(out);
-                }
-                Some(next) => {
-                    let (_, hash, id) = storage::collection_key_parts(&next.0);
-                    out.last_hash = hash;
-                    out.last_id = id.to_owned();
-                    cursor = Some(next);
-                }
-            }
-            if out.documents.len() >= limit || out.scanned as usize >= max_scanned {
-                return Ok(out);
-            }
-        }
-    })
-    .await
-    .map_err(|e| Status::internal(format!("scan task: {e}")))?
 }
 
 fn validate_keys(keys: &[pb::DocumentKey]) -> Result<(), Status> {
@@ -1112,7 +815,7 @@ impl pb::store_node_server::StoreNode for Server {
         if req.at.is_none() {
             return Err(Status::invalid_argument("missing read timestamp"));
         }
-        Ok(Response::new(local_scan(&self.shared, req).await?))
+        Ok(Response::new(query::local_scan(&self.shared, req).await?))
     }
 
     async fn read(
@@ -1148,101 +851,9 @@ impl pb::store_node_server::StoreNode for Server {
         &self,
         request: Request<pb::QueryRequest>,
     ) -> Result<Response<pb::QueryResponse>, Status> {
-        let req = request.into_inner();
-        causeway_core::key::validate_collection(&req.collection, &KeyLimits::default())
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let query = if req.query.is_empty() {
-            Query::default()
-        } else {
-            Query::parse_str(&req.query, &QueryLimits::default())
-                .map_err(|e| Status::invalid_argument(format!("query: {e}")))?
-        };
-        let cursor = if req.cursor.is_empty() {
-            None
-        } else {
-            let c = Cursor::decode(&req.cursor)
-                .ok_or_else(|| Status::invalid_argument("invalid cursor"))?;
-            if c.collection != req.collection {
-                return Err(Status::invalid_argument(
-                    "the cursor belongs to another collection",
-                ));
-            }
-            Some(c)
-        };
-        let max_scanned = if req.max_scanned == 0 {
-            self.shared.tuning.query_max_scanned
-        } else {
-            req.max_scanned.min(self.shared.tuning.query_max_scanned)
-        };
-        let started = Instant::now();
-        let deadline = started + self.timeout(req.timeout_ms);
-        let mut retries = Retries::new(self.shared.tuning.read_attempts, deadline);
-        loop {
-            // A cursor binds the read timestamp of the first page.
-            let (at, config) = match &cursor {
-                Some(c) => {
-                    let at = ReadTimestamp::new(Epoch(c.epoch), Timestamp(c.ts));
-                    let config = self.shared.configs().at(at.epoch).cloned().ok_or_else(|| {
-                        Status::failed_precondition(
-                            "the cursor's configuration is gone; start the query again",
-                        )
-                    })?;
-                    (at, config)
-                }
-                None => match req.at_ts {
-                    // An exact snapshot (an initial scan over several collections).
-                    Some(ts) => {
-                        let (at, config) = self.read_timestamp(Timestamp(ts), deadline).await?;
-                        (ReadTimestamp::new(at.epoch, Timestamp(ts)), config)
-                    }
-                    None => self.read_timestamp(Timestamp(req.min_ts), deadline).await?,
-                },
-            };
-            let after = cursor.as_ref().map(|c| &c.after);
-            // GC may have passed the timestamp before the read registered: that is a snapshot
-            // too old, handled as one below.
-            let held = self.hold_read(at).map_err(|_| Attempt::TooOld);
-            let answer = match &held {
-                Ok(_) => {
-                    self.query_at(&config, at, &req.collection, &query, after, max_scanned)
-                        .await
-                }
-                Err(_) => Err(Attempt::TooOld),
-            };
-            match answer {
-                Ok(page) => {
-                    self.shared.metrics.query_seconds.observe(started.elapsed());
-                    let cursor = page.cursor.map(|after| {
-                        Cursor {
-                            epoch: at.epoch.get(),
-                            ts: at.ts.get(),
-                            collection: req.collection.clone(),
-                            after,
-                        }
-                        .encode()
-                    });
-                    return Ok(Response::new(pb::QueryResponse {
-                        at: Some(read_ts_to_proto(at)),
-                        documents: page.documents,
-                        cursor,
-                        partial: page.partial,
-                        scanned: page.scanned,
-                    }));
-                }
-                Err(Attempt::TooOld) if req.at_ts.is_some() && cursor.is_none() => {
-                    return Err(storage_status(storage::Error::SnapshotTooOld {
-                        requested: at.ts,
-                        gc: at.ts,
-                    }));
-                }
-                Err(Attempt::TooOld) if cursor.is_some() => {
-                    return Err(Status::failed_precondition(
-                        "the cursor's snapshot was garbage collected; start the query again",
-                    ));
-                }
-                Err(attempt) => retries.after(attempt, &self.shared.metrics).await?,
-            }
-        }
+        self.query_page(request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn digest(

@@ -280,13 +280,13 @@ mod per_caller_tests {
     #[test]
     fn a_caller_gets_at_most_max_slots_and_a_dropped_slot_frees_one() {
         let holds = Arc::new(PerCaller::default());
-        let a: Vec<_> = (0..3)
+        let mut a: Vec<_> = (0..3)
             .map(|_| holds.enter("a".into(), 3).expect("a slot"))
             .collect();
         assert!(holds.enter("a".into(), 3).is_none());
         let b = holds.enter("b".into(), 3);
         assert!(b.is_some(), "another caller is not limited by a");
-        drop(a.into_iter().next());
+        drop(a.pop());
         assert_eq!(holds.open("a"), 2);
         assert!(holds.enter("a".into(), 3).is_some());
         drop(b);

@@ -14,7 +14,8 @@
 //! - [`state`]: the shared state: configurations, gossip table and frontiers, active reads.
 //! - [`service`]: [`Service`] (bind, run) with its tasks (membership, apply, gossip, GC, servers)
 //!   and the clonable [`Handle`].
-//! - [`grpc`]: the `StoreNode` gRPC server: gossip, replica sub-reads, coordinated reads.
+//! - [`grpc`]: the `StoreNode` gRPC server: gossip, replica sub-reads, coordinated reads;
+//!   collection queries (pages, cursors, their leases and work limits) in `grpc/query.rs`.
 //! - [`changes`]: what the transactions wrote, for change data capture (`Changes`, `ChangesAt`).
 //! - [`hold`]: named snapshot holds that outlive their stream (a change feed's GC hold).
 //! - [`metrics`]: the node's Prometheus metrics.

@@ -73,6 +73,24 @@ pub struct Tuning {
     pub query_max_scanned: u32,
     /// Documents one page of a query returns at most (default 1 000).
     pub query_max_limit: u32,
+    /// Bytes of document JSON one page of a query gathers at most, over all partitions: a page
+    /// stops there (with at least one document) and returns a cursor for the rest
+    /// (default 8 MiB).
+    pub query_max_page_bytes: u64,
+    /// Milliseconds one page of a query scans at most before it returns what it has with a
+    /// cursor for the rest (default 1 000 ms).
+    pub query_max_page_ms: u32,
+    /// How long a query cursor holds its read timestamp after each page: the GC timestamp does
+    /// not pass it meanwhile, and each page renews it. Past it the cursor may answer "gone"
+    /// (default 60 000 ms).
+    pub query_cursor_lease_ms: u64,
+    /// Cursor leases one node keeps at most (one per read timestamp); past it a page is served
+    /// and its cursor holds no lease (default 10 000).
+    pub query_max_cursor_leases: usize,
+    /// Longest encoded cursor a page returns: an ordered query whose pass over the collection
+    /// spans pages carries its best candidates so far in the cursor, as many as fit (at least
+    /// one). The api-server must accept cursors this long (default 4 096 bytes).
+    pub query_max_cursor_bytes: usize,
     /// Concurrent gRPC requests served over all connections; more wait for a slot (default
     /// 1 024).
     pub max_concurrent_requests: usize,
@@ -118,6 +136,11 @@ impl Default for Tuning {
             read_attempts: 3,
             query_max_scanned: 100_000,
             query_max_limit: 1_000,
+            query_max_page_bytes: 8 << 20,
+            query_max_page_ms: 1_000,
+            query_cursor_lease_ms: 60_000,
+            query_max_cursor_leases: 10_000,
+            query_max_cursor_bytes: 4_096,
             max_concurrent_requests: 1_024,
             max_message_bytes: 64 << 20,
             http2_keepalive_ms: 10_000,

@@ -3,7 +3,7 @@
 //! Every protocol decision is made by `causeway_core::Frontiers` from this state; this module
 //! only keeps it and hands it out under short locks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -101,6 +101,18 @@ struct SavedConfigs {
 pub struct ActiveReads {
     next_id: AtomicU64,
     reads: Mutex<BTreeMap<u64, Active>>,
+    /// Query cursors' holds: a client pages at its own pace, so between its pages nothing runs
+    /// that would hold the cursor's read timestamp. Locked before `reads` when both are.
+    leases: Mutex<Leases>,
+}
+
+/// Holds of the GC timestamp that end at a deadline unless renewed, one per read timestamp
+/// (the cursors of one timestamp share it).
+#[derive(Debug, Default)]
+struct Leases {
+    by_ts: BTreeMap<Timestamp, (Instant, ReadGuard)>,
+    /// The same leases by deadline, to end the expired ones without looking at the others.
+    by_deadline: BTreeSet<(Instant, Timestamp)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -149,6 +161,52 @@ impl ActiveReads {
 
     pub fn count(&self) -> usize {
         lock(&self.reads).len()
+    }
+
+    /// Holds the GC timestamp at `ts` until `until` (a hold of the GC timestamp, not a read: it
+    /// does not hold back an install). A lease at `ts` already held is renewed, never shortened.
+    /// False, and nothing held, when `max` leases are held already.
+    pub fn lease(self: &Arc<Self>, ts: Timestamp, until: Instant, max: usize) -> bool {
+        let mut leases = lock(&self.leases);
+        let Leases { by_ts, by_deadline } = &mut *leases;
+        if let Some((deadline, _)) = by_ts.get_mut(&ts) {
+            if until > *deadline {
+                by_deadline.remove(&(*deadline, ts));
+                by_deadline.insert((until, ts));
+                *deadline = until;
+            }
+            return true;
+        }
+        if by_ts.len() >= max {
+            return false;
+        }
+        by_ts.insert(ts, (until, self.register_gc_hold(ts)));
+        by_deadline.insert((until, ts));
+        true
+    }
+
+    /// Ends the leases whose deadline is at or before `now`; returns how many ended.
+    pub fn expire_leases(&self, now: Instant) -> usize {
+        let ended: Vec<ReadGuard> = {
+            let mut leases = lock(&self.leases);
+            let Leases { by_ts, by_deadline } = &mut *leases;
+            let mut ended = Vec::new();
+            while let Some(&(deadline, ts)) = by_deadline.first() {
+                if deadline > now {
+                    break;
+                }
+                by_deadline.pop_first();
+                ended.extend(by_ts.remove(&ts).map(|(_, guard)| guard));
+            }
+            ended
+        };
+        // Dropped outside the leases lock: each guard takes the reads lock.
+        ended.len()
+    }
+
+    /// How many cursor leases are held.
+    pub fn leases(&self) -> usize {
+        lock(&self.leases).by_ts.len()
     }
 }
 
@@ -273,6 +331,7 @@ impl Shared {
         let current = configs.current.as_ref()?;
         let next = configs.transition();
         let now_ms = self.now_ms();
+        self.reads.expire_leases(Instant::now());
         let mut p = lock(&self.protocol);
         // Nodes that left both configurations are forgotten.
         p.table
@@ -435,5 +494,28 @@ mod tests {
         drop(read);
         assert_eq!(reads.lowest(routing), None);
         assert_eq!(reads.count(), 0);
+    }
+
+    #[test]
+    fn cursor_leases_hold_the_gc_timestamp_until_they_expire_and_are_bounded() {
+        let reads = Arc::new(ActiveReads::default());
+        let t0 = Instant::now();
+        let s = std::time::Duration::from_secs;
+        assert!(reads.lease(Timestamp(10), t0 + s(5), 2));
+        assert!(reads.lease(Timestamp(20), t0 + s(3), 2));
+        // A lease holds only the GC timestamp: the epoch follows the routing epoch.
+        assert_eq!(reads.lowest(Epoch(4)), Some(at(4, 10)));
+        // Full: a third timestamp is not leased, renewing one held is.
+        assert!(!reads.lease(Timestamp(30), t0 + s(5), 2));
+        assert!(reads.lease(Timestamp(10), t0 + s(8), 2));
+        // A renewal never shortens a lease.
+        assert!(reads.lease(Timestamp(10), t0 + s(1), 2));
+        assert_eq!(reads.expire_leases(t0 + s(2)), 0);
+        assert_eq!(reads.expire_leases(t0 + s(5)), 1);
+        assert_eq!(reads.lowest(Epoch(4)), Some(at(4, 10)));
+        assert_eq!(reads.leases(), 1);
+        assert_eq!(reads.expire_leases(t0 + s(8)), 1);
+        assert_eq!(reads.lowest(Epoch(4)), None);
+        assert_eq!((reads.leases(), reads.count()), (0, 0));
     }
 }

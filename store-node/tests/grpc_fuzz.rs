@@ -66,6 +66,7 @@ fn options(data: PathBuf, log: LogOptions) -> Options {
             peer_rpc_timeout_ms: 200,
             ..Tuning::default()
         },
+        security: Default::default(),
     }
 }
 
@@ -304,6 +305,8 @@ async fn call(c: &mut StoreNodeClient<Channel>, g: &mut Gen) -> Result<String, S
                 limit: g.u32(),
                 max_scanned: g.u32(),
                 with_automerge: g.below(2) == 0,
+                max_bytes: g.u64(),
+                max_ms: g.u32(),
             })
         ),
         3 => unary!(
