@@ -497,7 +497,7 @@ mod tests {
             "sha256:",
             "sha256:abc",
             &format!("{hash}00"),
-            &hash.replace('a', "g"),
+            &format!("{}g", &hash[..hash.len() - 1]),
         ] {
             assert!(
                 matches!(
