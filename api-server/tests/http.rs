@@ -1492,3 +1492,26 @@ async fn the_tokens_file_is_reloaded_and_a_bad_one_keeps_the_tokens() -> Result<
     ensure!(status(SHOP).await? == 401);
     server.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_wait_until_one_closes() -> Result<()> {
+    let server = Server::start(|o| o.limits.max_connections = 1).await?;
+    let request = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    // The only connection: served, and kept open.
+    let mut first = tokio::io::BufReader::new(TcpStream::connect(server.addr).await?);
+    first.get_mut().write_all(request).await?;
+    let (status, _, _) = read_answer(&mut first).await?;
+    ensure!(status == 200);
+    // A second one is not served while the first is open...
+    let mut second = tokio::io::BufReader::new(TcpStream::connect(server.addr).await?);
+    second.get_mut().write_all(request).await?;
+    let waited = tokio::time::timeout(Duration::from_millis(300), read_answer(&mut second)).await;
+    ensure!(waited.is_err(), "a connection past the cap was served");
+    // ...and is once the first closes.
+    drop(first);
+    let (status, _, _) = tokio::time::timeout(Duration::from_secs(10), read_answer(&mut second))
+        .await
+        .context("the waiting connection was never served")??;
+    ensure!(status == 200);
+    server.stop().await
+}
