@@ -959,7 +959,8 @@ async fn observe(State(s): State<AppState>, request: Request, next: Next) -> Res
             return refuse(response);
         }
     };
-    if let Ok(principal) = s.tokens.authenticate(request.headers()) {
+    let rated = s.options.limits.token_requests_per_s > 0;
+    if let Some(Ok(principal)) = rated.then(|| s.tokens.authenticate(request.headers())) {
         if let Err(wait) = s.rate.take(&principal.name, Instant::now()) {
             let retry_s = u32::try_from(wait.as_secs() + 1).unwrap_or(u32::MAX);
             let rate = s.options.limits.token_requests_per_s;
