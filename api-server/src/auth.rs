@@ -13,12 +13,22 @@
 //! `admin` may read and write every collection. Write does not imply read. Tokens are at least
 //! 16 bytes, distinct, and compared in constant time (`subtle`): every configured token is
 //! compared, whatever matches, so the time taken does not tell which bytes were right.
+//!
+//! A `token` may instead be stored as `"sha256:<64 hex digits>"`, the SHA-256 of the token
+//! ([`token_hash`]; `causeway admin tokens create` prints both): the file then holds no secret
+//! that opens the API. The presented token is hashed once and its digest compared in constant
+//! time with every hashed entry. Hash only high-entropy tokens (the generated ones have 256
+//! bits): a fast hash of a guessable token can be reversed by trying guesses.
+//!
+//! [`TokenStore`] holds the tokens in use and reloads the file when its contents change, so
+//! tokens rotate without a restart; a file that does not load keeps the tokens in use.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 
 use axum::http::{header, HeaderMap};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use subtle::{Choice, ConstantTimeEq};
 
 use crate::problem::{Kind, Problem};
@@ -26,6 +36,17 @@ use causeway_core::key::CollectionPattern as Pattern;
 
 /// The shortest token accepted in a tokens file.
 pub const MIN_TOKEN_BYTES: usize = 16;
+/// The prefix of a hashed entry's `token`.
+pub const SHA256_PREFIX: &str = "sha256:";
+
+/// The tokens file's form of a hashed token: `sha256:` and the SHA-256 of `token` in lowercase
+/// hex.
+pub fn token_hash(token: &str) -> String {
+    format!(
+        "{SHA256_PREFIX}{}",
+        hex::encode(Sha256::digest(token.as_bytes()))
+    )
+}
 
 /// Why a tokens file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +63,8 @@ pub enum TokensError {
     Duplicate { name: String },
     #[error("token {name:?} has an invalid collection pattern {pattern:?}")]
     BadPattern { name: String, pattern: String },
+    #[error("token {name:?} starts with sha256: but is not 64 hex digits after it")]
+    BadHash { name: String },
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,10 +147,47 @@ impl Principal {
     }
 }
 
+/// How a token is stored.
+#[derive(PartialEq, Eq)]
+enum Secret {
+    /// The token itself.
+    Plain(Vec<u8>),
+    /// The SHA-256 of the token.
+    Sha256([u8; 32]),
+}
+
+impl Secret {
+    fn parse(name: &str, token: &str) -> Result<Secret, TokensError> {
+        let Some(hex_digest) = token.strip_prefix(SHA256_PREFIX) else {
+            if token.len() < MIN_TOKEN_BYTES {
+                return Err(TokensError::TooShort { name: name.into() });
+            }
+            if !token.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+                return Err(TokensError::BadCharacters { name: name.into() });
+            }
+            return Ok(Secret::Plain(token.as_bytes().to_vec()));
+        };
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(hex_digest, &mut digest)
+            .map_err(|_| TokensError::BadHash { name: name.into() })?;
+        Ok(Secret::Sha256(digest))
+    }
+
+    /// The digest of this secret, to find a token configured both plain and hashed.
+    fn digest(&self) -> [u8; 32] {
+        match self {
+            Secret::Plain(t) => Sha256::digest(t).into(),
+            Secret::Sha256(d) => *d,
+        }
+    }
+}
+
 /// The configured tokens.
 #[derive(Default)]
 pub struct Tokens {
-    entries: Vec<(Vec<u8>, Arc<Principal>)>,
+    entries: Vec<(Secret, Arc<Principal>)>,
+    /// Whether any entry is hashed (then the presented token is hashed once per request).
+    any_hashed: bool,
 }
 
 impl std::fmt::Debug for Tokens {
@@ -142,8 +202,12 @@ impl std::fmt::Debug for Tokens {
 impl Tokens {
     /// Loads and validates a tokens file.
     pub fn load(path: &Path) -> Result<Tokens, TokensError> {
-        let text = std::fs::read(path).map_err(TokensError::Read)?;
-        let file: TokensFile = serde_json::from_slice(&text).map_err(TokensError::Parse)?;
+        Tokens::parse(&std::fs::read(path).map_err(TokensError::Read)?)
+    }
+
+    /// Parses and validates the contents of a tokens file.
+    pub fn parse(bytes: &[u8]) -> Result<Tokens, TokensError> {
+        let file: TokensFile = serde_json::from_slice(bytes).map_err(TokensError::Parse)?;
         Tokens::from_entries(file.tokens)
     }
 
@@ -151,13 +215,9 @@ impl Tokens {
     pub fn from_entries(entries: Vec<TokenEntry>) -> Result<Tokens, TokensError> {
         let mut tokens = Tokens::default();
         for e in entries {
-            if e.token.len() < MIN_TOKEN_BYTES {
-                return Err(TokensError::TooShort { name: e.name });
-            }
-            if !e.token.bytes().all(|b| (0x21..0x7f).contains(&b)) {
-                return Err(TokensError::BadCharacters { name: e.name });
-            }
-            if tokens.entries.iter().any(|(t, _)| t == e.token.as_bytes()) {
+            let secret = Secret::parse(&e.name, &e.token)?;
+            let digest = secret.digest();
+            if tokens.entries.iter().any(|(s, _)| s.digest() == digest) {
                 return Err(TokensError::Duplicate { name: e.name });
             }
             let patterns = |ps: &[String]| -> Result<Vec<Pattern>, TokensError> {
@@ -176,11 +236,19 @@ impl Tokens {
                 name: e.name.clone(),
                 admin: e.admin,
             };
-            tokens
-                .entries
-                .push((e.token.into_bytes(), Arc::new(principal)));
+            tokens.any_hashed |= matches!(secret, Secret::Sha256(_));
+            tokens.entries.push((secret, Arc::new(principal)));
         }
         Ok(tokens)
+    }
+
+    /// How many tokens are configured.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 
     /// The principal of a request's `Authorization: Bearer <token>`, or 401.
@@ -200,13 +268,84 @@ impl Tokens {
     /// Compares `presented` with every token in constant time (per token length) and answers the
     /// principal of the one that matches.
     fn find(&self, presented: &[u8]) -> Option<Arc<Principal>> {
+        let digest: [u8; 32] = if self.any_hashed {
+            Sha256::digest(presented).into()
+        } else {
+            [0; 32]
+        };
         let mut found = None;
-        for (token, principal) in &self.entries {
-            if bool::from(ct_equal(token, presented)) {
+        for (secret, principal) in &self.entries {
+            let equal = match secret {
+                Secret::Plain(token) => ct_equal(token, presented),
+                Secret::Sha256(d) => d.ct_eq(&digest),
+            };
+            if bool::from(equal) {
                 found = Some(principal.clone());
             }
         }
         found
+    }
+}
+
+/// The tokens in use, and the file they come from: [`TokenStore::reload`] replaces them when
+/// the file's contents change.
+#[derive(Debug)]
+pub struct TokenStore {
+    path: Option<PathBuf>,
+    current: RwLock<Arc<Tokens>>,
+    /// The contents of the file last tried (loaded or refused), so an unchanged file is not
+    /// parsed again and a bad one is reported once.
+    last_seen: Mutex<Option<Vec<u8>>>,
+}
+
+impl TokenStore {
+    /// Loads the tokens of `path` (none: no token is valid). A file that does not load is an
+    /// error here: a server does not start without the tokens it was given.
+    pub fn open(path: Option<PathBuf>) -> Result<TokenStore, TokensError> {
+        let (tokens, seen) = match &path {
+            Some(p) => {
+                let bytes = std::fs::read(p).map_err(TokensError::Read)?;
+                (Tokens::parse(&bytes)?, Some(bytes))
+            }
+            None => (Tokens::default(), None),
+        };
+        Ok(TokenStore {
+            path,
+            current: RwLock::new(Arc::new(tokens)),
+            last_seen: Mutex::new(seen),
+        })
+    }
+
+    /// The tokens in use.
+    pub fn current(&self) -> Arc<Tokens> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The principal of a request's `Authorization: Bearer <token>`, or 401.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Principal>, Problem> {
+        self.current().authenticate(headers)
+    }
+
+    /// Reads the file again and, when its contents changed and load, uses its tokens. `Ok(true)`
+    /// when the tokens were replaced; an `Err` (the tokens in use are kept) once per change.
+    pub fn reload(&self) -> Result<bool, TokensError> {
+        let Some(path) = &self.path else {
+            return Ok(false);
+        };
+        let bytes = std::fs::read(path).map_err(TokensError::Read)?;
+        {
+            let mut seen = self.last_seen.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.as_deref() == Some(&bytes[..]) {
+                return Ok(false);
+            }
+            *seen = Some(bytes.clone());
+        }
+        let tokens = Tokens::parse(&bytes)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(tokens);
+        Ok(true)
     }
 }
 
@@ -324,6 +463,57 @@ mod tests {
             .unwrap();
         let p = all.find(b"ok-token-0123456789").unwrap();
         assert!(p.allows(Access::Read, "x") && !p.allows(Access::Write, "x"));
+    }
+
+    #[test]
+    fn a_hashed_entry_authenticates_its_token_and_refuses_others() {
+        let token = "a-high-entropy-token-0123456789abcdef";
+        let hash = token_hash(token);
+        assert!(hash.starts_with("sha256:") && hash.len() == 7 + 64);
+        let t = Tokens::from_entries(vec![
+            entry("hashed", &hash, false, &["orders"], &[]),
+            entry("plain", "plain-token-0123456789", true, &[], &[]),
+        ])
+        .unwrap();
+        assert_eq!(t.find(token.as_bytes()).unwrap().name, "hashed");
+        assert_eq!(t.find(b"plain-token-0123456789").unwrap().name, "plain");
+        for other in [
+            &hash[..],
+            "a-high-entropy-token-0123456789abcdeF",
+            "a-high-entropy-token-0123456789abcde",
+            "",
+        ] {
+            assert!(t.find(other.as_bytes()).is_none(), "{other:?} was accepted");
+        }
+        // Uppercase hex is the same digest; a bad one, or the same token twice, is refused.
+        let upper = format!("sha256:{}", hash[7..].to_uppercase());
+        assert!(
+            Tokens::from_entries(vec![entry("u", &upper, true, &[], &[])])
+                .unwrap()
+                .find(token.as_bytes())
+                .is_some()
+        );
+        for bad in [
+            "sha256:",
+            "sha256:abc",
+            &format!("{hash}00"),
+            &format!("{}g", &hash[..hash.len() - 1]),
+        ] {
+            assert!(
+                matches!(
+                    Tokens::from_entries(vec![entry("b", bad, true, &[], &[])]),
+                    Err(TokensError::BadHash { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            Tokens::from_entries(vec![
+                entry("a", token, true, &[], &[]),
+                entry("b", &hash, true, &[], &[]),
+            ]),
+            Err(TokensError::Duplicate { .. })
+        ));
     }
 
     #[test]

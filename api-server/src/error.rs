@@ -22,6 +22,10 @@ pub enum Error {
         source: crate::auth::TokensError,
     },
 
+    /// The HTTPS certificate or key could not be loaded.
+    #[error("cannot load the HTTPS certificate")]
+    Tls(#[source] crate::tls::TlsError),
+
     /// The transaction log could not be opened.
     #[error("cannot open the transaction log")]
     Log(#[source] causeway_txlog::Error),

@@ -9,7 +9,12 @@
 //! - [`options`]: [`Options`], [`Limits`] and [`Timeouts`], with documented defaults.
 //! - [`error`]: [`Error`], why the service could not start or keep serving.
 //! - [`problem`]: [`Problem`], the error answer of a request, with a stable `type` per kind.
-//! - [`auth`]: bearer tokens from a file, per-collection permissions, constant-time comparison.
+//! - [`auth`]: bearer tokens from a file (plain or SHA-256), reloaded when it changes,
+//!   per-collection permissions, constant-time comparison.
+//! - [`rate`]: the request rate of each token (a token bucket per token).
+//! - [`tls`]: HTTPS: the certificate, reloaded when its files change.
+//! - `server`: the accept loop (connection cap, TLS, header timeout, graceful stop), and
+//!   problem+json bodies for hyper's own answers to unparsable requests.
 //! - [`body`]: reading bodies within the limits: content type, size, UTF-8, depth, then JSON.
 //! - [`body_checks`]: the pure checks `body` makes on the media type and the JSON text.
 //! - [`headers`]: the `Causeway-*` headers.
@@ -33,11 +38,14 @@ pub mod openapi;
 pub mod options;
 pub mod outcome;
 pub mod problem;
+pub mod rate;
 pub mod routes;
+mod server;
 pub mod service;
+pub mod tls;
 mod visible;
 
 pub use error::Error;
-pub use options::{ChangesOptions, Limits, Options, Timeouts};
+pub use options::{ChangesOptions, HttpsOptions, Limits, Options, Timeouts};
 pub use problem::{Kind, Problem};
 pub use service::{Handle, Service};

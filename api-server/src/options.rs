@@ -28,6 +28,13 @@ pub struct Options {
     pub log: LogOptions,
     /// The bearer tokens file (JSON, see [`crate::auth`]). Default none: no token is valid.
     pub tokens_file: Option<PathBuf>,
+    /// How often the tokens file is read again, in ms: a file whose contents changed is loaded
+    /// and replaces the tokens (rotation without a restart); a file that does not load keeps
+    /// the tokens in use and logs an error. Default 2000.
+    pub tokens_reload_ms: u64,
+    /// HTTPS: when set, the API serves TLS only (HTTP/1.1 and HTTP/2 by ALPN). Default none:
+    /// plain HTTP.
+    pub https: Option<HttpsOptions>,
     /// Input limits.
     pub limits: Limits,
     /// Timeouts of reads and waits.
@@ -59,6 +66,8 @@ impl Default for Options {
                 read_buffer_records: 1024,
             }),
             tokens_file: None,
+            tokens_reload_ms: 2000,
+            https: None,
             limits: Limits::default(),
             timeouts: Timeouts::default(),
             admission: AdmissionOptions::default(),
@@ -66,6 +75,25 @@ impl Default for Options {
             security: Default::default(),
         }
     }
+}
+
+/// The certificate of the HTTPS API: PEM files, reloaded when they change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpsOptions {
+    /// The certificate chain, PEM: the server's certificate first, then its intermediates.
+    pub cert_chain_file: PathBuf,
+    /// The private key of the certificate, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// How often the two files are read again, in ms. Files whose contents changed are loaded
+    /// and serve every new connection; files that do not load (or whose key does not match the
+    /// certificate) keep the certificate in use and log an error. Default 5000.
+    #[serde(default = "default_https_reload_ms")]
+    pub reload_ms: u64,
+}
+
+fn default_https_reload_ms() -> u64 {
+    5000
 }
 
 /// Limits on what a request may ask. Past one, the request gets its 4xx and changes nothing.
@@ -88,8 +116,23 @@ pub struct Limits {
     pub max_mutations_per_transaction: usize,
     /// Most keys in one multi-get. Default 256.
     pub max_keys_per_get: usize,
-    /// Most requests served at once; more get 503 `overloaded` at once. Default 1024.
+    /// Most requests served at once; more get 503 `overloaded` at once. A request takes its
+    /// place only once its body has been read, so clients that send their bodies slowly hold
+    /// none. Default 1024.
     pub max_concurrent_requests: usize,
+    /// Most connections open at once (TCP, with or without TLS). A connection past it waits
+    /// in the listen backlog, not accepted, until one closes. Default 4096.
+    pub max_connections: usize,
+    /// Requests per second each token may send (a token bucket per token name, refilled at
+    /// this rate); past it a request gets 429 `rate_limited` with `Retry-After`. Default 0:
+    /// no rate limit.
+    pub token_requests_per_s: u32,
+    /// How many requests a token may send at once above its rate (the bucket's size). Default
+    /// 0: as many as one second of the rate.
+    pub token_burst: u32,
+    /// Largest answer the api-server takes from a store node, in bytes (a query page of
+    /// `max_query_limit` documents of up to `max_document_bytes` each must fit). Default 64 MiB.
+    pub max_store_message_bytes: usize,
     /// Largest page of a query (its `limit`, and the default when it gives none). Default 1000.
     pub max_query_limit: u32,
     /// Most documents a query page may examine over all partitions; past it the page is partial
@@ -118,6 +161,10 @@ impl Default for Limits {
             max_mutations_per_transaction: 256,
             max_keys_per_get: 256,
             max_concurrent_requests: 1024,
+            max_connections: 4096,
+            token_requests_per_s: 0,
+            token_burst: 0,
+            max_store_message_bytes: 64 << 20,
             max_query_limit: 1000,
             max_query_scanned: 10_000,
             query: QueryLimits::default(),
@@ -151,6 +198,14 @@ pub struct Timeouts {
     pub retry_after_s: u32,
     /// How long a graceful shutdown waits for in-flight requests. Default 10000 ms.
     pub shutdown_grace_ms: u64,
+    /// How long a request head (HTTP/1) may take to arrive, from the first moment the server
+    /// waits for it: a connection that sends no complete head for this long is closed, whether
+    /// it trickles one or sits idle between requests. It also bounds a TLS handshake.
+    /// Default 10000 ms.
+    pub header_read_ms: u64,
+    /// How long a request body may take to arrive, whole; past it the request gets 408
+    /// `request_timeout` and the connection is closed. Default 10000 ms.
+    pub body_read_ms: u64,
 }
 
 impl Default for Timeouts {
@@ -164,6 +219,8 @@ impl Default for Timeouts {
             append_ms: 10_000,
             retry_after_s: 1,
             shutdown_grace_ms: 10_000,
+            header_read_ms: 10_000,
+            body_read_ms: 10_000,
         }
     }
 }
@@ -182,8 +239,21 @@ impl Options {
         if l.max_mutations_per_transaction == 0 || l.max_keys_per_get == 0 {
             return bad("max_mutations_per_transaction and max_keys_per_get must be positive");
         }
-        if l.max_concurrent_requests == 0 {
-            return bad("max_concurrent_requests must be positive");
+        if l.max_concurrent_requests == 0 || l.max_connections == 0 {
+            return bad("max_concurrent_requests and max_connections must be positive");
+        }
+        if l.max_store_message_bytes < 4 << 20 {
+            return bad("max_store_message_bytes must be at least 4 MiB");
+        }
+        let t = &self.timeouts;
+        if t.header_read_ms == 0 || t.body_read_ms == 0 {
+            return bad("header_read_ms and body_read_ms must be positive");
+        }
+        if self.tokens_reload_ms == 0 {
+            return bad("tokens_reload_ms must be positive");
+        }
+        if self.https.as_ref().is_some_and(|h| h.reload_ms == 0) {
+            return bad("https.reload_ms must be positive");
         }
         if l.max_query_limit == 0 || l.max_query_scanned == 0 {
             return bad("max_query_limit and max_query_scanned must be positive");

@@ -82,6 +82,17 @@ pub enum Kind {
     NoSuchTransaction,
     /// 503: the transaction is in the log but its outcome was not known in time.
     OutcomeUnknown,
+    /// 400: the request is not valid HTTP (a malformed header such as `Content-Length: abc`,
+    /// method, target or version); the connection is closed.
+    MalformedRequest,
+    /// 408: the body did not arrive within `body_read_ms`; the connection is closed.
+    RequestTimeout,
+    /// 414: the request target is longer than the server reads; the connection is closed.
+    UriTooLong,
+    /// 431: the request head is larger than the server reads; the connection is closed.
+    HeadersTooLarge,
+    /// 429: the token sent more requests than its rate (`token_requests_per_s`) allows.
+    RateLimited,
 }
 
 impl Kind {
@@ -120,6 +131,11 @@ impl Kind {
             Kind::ChangesRefused => "changes_refused",
             Kind::NoSuchTransaction => "no_such_transaction",
             Kind::OutcomeUnknown => "outcome_unknown",
+            Kind::MalformedRequest => "malformed_request",
+            Kind::RequestTimeout => "request_timeout",
+            Kind::UriTooLong => "uri_too_long",
+            Kind::HeadersTooLarge => "headers_too_large",
+            Kind::RateLimited => "rate_limited",
         }
     }
 
@@ -134,7 +150,8 @@ impl Kind {
             | Kind::InvalidDocument
             | Kind::InvalidQuery
             | Kind::InvalidParameter
-            | Kind::TooManyItems => StatusCode::BAD_REQUEST,
+            | Kind::TooManyItems
+            | Kind::MalformedRequest => StatusCode::BAD_REQUEST,
             Kind::Unauthorized => StatusCode::UNAUTHORIZED,
             Kind::Forbidden => StatusCode::FORBIDDEN,
             Kind::NotFound | Kind::NoSuchRoute => StatusCode::NOT_FOUND,
@@ -154,7 +171,10 @@ impl Kind {
             Kind::ResultTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Kind::ChangesRefused => StatusCode::UNPROCESSABLE_ENTITY,
             Kind::NoSuchTransaction => StatusCode::NOT_FOUND,
-            Kind::Throttled => StatusCode::TOO_MANY_REQUESTS,
+            Kind::Throttled | Kind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Kind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Kind::UriTooLong => StatusCode::URI_TOO_LONG,
+            Kind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
 
@@ -194,6 +214,11 @@ impl Kind {
             }
             Kind::NoSuchTransaction => "no retained transaction at this ts",
             Kind::OutcomeUnknown => "the outcome of the transaction is not known yet",
+            Kind::MalformedRequest => "the request is not valid HTTP",
+            Kind::RequestTimeout => "the request body did not arrive in time",
+            Kind::UriTooLong => "the request target is too long",
+            Kind::HeadersTooLarge => "the request head is too large",
+            Kind::RateLimited => "too many requests for this token",
         }
     }
 }

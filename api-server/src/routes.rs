@@ -917,8 +917,15 @@ async fn method_not_allowed() -> Problem {
     )
 }
 
-/// Counts and times every request by route pattern and status, and refuses `/v1` requests past
-/// `max_concurrent_requests` with 503 at once (load shedding rather than queueing).
+/// Counts and times every request by route pattern and status, and bounds it, in this order:
+///
+/// 1. The body is read whole first (at most `max_body_bytes`, within `body_read_ms`: 413 or
+///    408, and the connection is closed, since the rest of the body is not read). A handler
+///    that refuses a request before looking at its body (401, 403) so leaves no unread bytes on
+///    a keep-alive connection, and the request holds no place while its body trickles in.
+/// 2. A token's request rate (`token_requests_per_s`): 429 `rate_limited`.
+/// 3. `/v1` requests past `max_concurrent_requests` get 503 at once (load shedding rather than
+///    queueing).
 async fn observe(State(s): State<AppState>, request: Request, next: Next) -> Response {
     let start = Instant::now();
     let route = request
@@ -936,18 +943,50 @@ async fn observe(State(s): State<AppState>, request: Request, next: Next) -> Res
         Method::OPTIONS => "OPTIONS",
         _ => "other",
     };
+    let refuse = |response: Response| {
+        s.metrics
+            .observe(&route, method, response.status().as_u16(), start.elapsed());
+        response
+    };
+    let request = match whole_body(&s, request).await {
+        Ok(request) => request,
+        Err(problem) => {
+            // The rest of the body was not read: the connection cannot carry another request.
+            let mut response = problem.into_response();
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return refuse(response);
+        }
+    };
+    let rated = s.options.limits.token_requests_per_s > 0;
+    if let Some(Ok(principal)) = rated.then(|| s.tokens.authenticate(request.headers())) {
+        if let Err(wait) = s.rate.take(&principal.name, Instant::now()) {
+            let retry_s = u32::try_from(wait.as_secs() + 1).unwrap_or(u32::MAX);
+            let rate = s.options.limits.token_requests_per_s;
+            return refuse(
+                Problem::new(
+                    Kind::RateLimited,
+                    format!(
+                        "token {:?} may send {rate} requests per second: retry after {retry_s} s",
+                        principal.name
+                    ),
+                )
+                .retry_after(retry_s)
+                .into_response(),
+            );
+        }
+    }
     let limited = route.starts_with("/v1/") && route != "/v1/openapi.json";
     let permit = if limited {
         match s.in_flight.clone().try_acquire_owned() {
             Ok(p) => Some(p),
             Err(_) => {
-                let response =
+                return refuse(
                     Problem::new(Kind::Overloaded, "too many requests in flight; retry later")
                         .retry_after(s.options.timeouts.retry_after_s)
-                        .into_response();
-                s.metrics
-                    .observe(&route, method, response.status().as_u16(), start.elapsed());
-                return response;
+                        .into_response(),
+                );
             }
         }
     } else {
@@ -959,6 +998,27 @@ async fn observe(State(s): State<AppState>, request: Request, next: Next) -> Res
     s.metrics
         .observe(&route, method, response.status().as_u16(), start.elapsed());
     response
+}
+
+/// `request` with its body read whole (a request without a body as it is): at most
+/// `max_body_bytes` (413), within `body_read_ms` (408).
+async fn whole_body(s: &Shared, request: Request) -> Result<Request, Problem> {
+    use axum::body::HttpBody;
+    let (parts, body) = request.into_parts();
+    if body.is_end_stream() {
+        return Ok(Request::from_parts(parts, body));
+    }
+    let limit = s.options.timeouts.body_read_ms;
+    let read = body::read(&parts.headers, body, s.options.limits.max_body_bytes);
+    let bytes = tokio::time::timeout(std::time::Duration::from_millis(limit), read)
+        .await
+        .map_err(|_| {
+            Problem::new(
+                Kind::RequestTimeout,
+                format!("the request body did not arrive within {limit} ms"),
+            )
+        })??;
+    Ok(Request::from_parts(parts, Body::from(bytes)))
 }
 
 /// Keeps the in-flight gauge right when a request's future is dropped (client gone).

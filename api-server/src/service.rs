@@ -1,23 +1,24 @@
 //! [`Service`]: binds the listener, opens the log, loads the tokens, and runs the HTTP server
 //! and the config watch until shutdown; [`Handle`]: a cheap clonable view of a running service.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use causeway_config_manager::Client as ConfigClient;
 use causeway_txlog::TxLog;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 use crate::admission::Admission;
-use crate::auth::Tokens;
+use crate::auth::TokenStore;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::options::Options;
+use crate::rate::RateLimiter;
+use crate::tls::Certificate;
 use causeway_config_manager::StoreNodes as Store;
 
 /// What every request shares.
@@ -26,7 +27,12 @@ pub(crate) struct Shared {
     pub(crate) options: Options,
     pub(crate) log: TxLog,
     pub(crate) store: Arc<Store>,
-    pub(crate) tokens: Tokens,
+    /// The tokens in use, reloaded when their file changes.
+    pub(crate) tokens: TokenStore,
+    /// The request rate of each token.
+    pub(crate) rate: RateLimiter,
+    /// The HTTPS certificate, reloaded when its files change; `None`: plain HTTP.
+    pub(crate) certificate: Option<Arc<Certificate>>,
     pub(crate) metrics: Arc<Metrics>,
     /// Permits for `/v1` requests in flight (`max_concurrent_requests`).
     pub(crate) in_flight: Arc<Semaphore>,
@@ -78,15 +84,17 @@ impl Service {
     /// embedded log between the api-server and the store nodes). `options.log` is ignored.
     pub async fn bind_with_log(options: Options, log: TxLog) -> Result<Service, Error> {
         options.validate()?;
-        let tokens = match &options.tokens_file {
-            Some(path) => Tokens::load(path).map_err(|source| Error::Tokens {
-                path: path.clone(),
+        let tokens =
+            TokenStore::open(options.tokens_file.clone()).map_err(|source| Error::Tokens {
+                path: options.tokens_file.clone().unwrap_or_default(),
                 source,
-            })?,
-            None => {
-                tracing::warn!("no tokens file: every /v1 request will be refused with 401");
-                Tokens::default()
-            }
+            })?;
+        if options.tokens_file.is_none() {
+            tracing::warn!("no tokens file: every /v1 request will be refused with 401");
+        }
+        let certificate = match &options.https {
+            Some(https) => Some(Certificate::open(https).map_err(Error::Tls)?),
+            None => None,
         };
         let link = causeway_proto::link::Link::load(&options.security)?;
         let config_manager = ConfigClient::connect_lazy(&options.config_manager_addr, &link)
@@ -111,7 +119,8 @@ impl Service {
                 )
                 .with_hedge_delay(std::time::Duration::from_millis(
                     options.timeouts.store_hedge_ms,
-                )),
+                ))
+                .with_max_message_bytes(options.limits.max_store_message_bytes),
             ),
             in_flight: Arc::new(Semaphore::new(options.limits.max_concurrent_requests)),
             openapi_json: crate::openapi::json(&options.limits),
@@ -120,6 +129,11 @@ impl Service {
             change_streams: Arc::new(Semaphore::new(options.changes.max_streams)),
             stopping: watch::channel(false).0,
             log_ends: Default::default(),
+            rate: RateLimiter::new(
+                options.limits.token_requests_per_s,
+                options.limits.token_burst,
+            ),
+            certificate,
             options,
             log,
             tokens,
@@ -166,22 +180,21 @@ impl Service {
             shared.clone(),
             stop_rx.clone(),
         ));
+        let reloader = tokio::spawn(reload_loop(shared.clone(), stop_rx.clone()));
         let app = crate::routes::router(shared.clone());
-        let mut stopped = stop_rx.clone();
-        let mut server = tokio::spawn(
-            axum::serve(
-                listener.tap_io(|tcp| {
-                    // Small responses must not wait for the client's delayed ACK.
-                    let _ = tcp.set_nodelay(true);
-                }),
-                app,
-            )
-            .with_graceful_shutdown(async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            })
-            .into_future(),
-        );
-        tracing::info!(addr = %local_addr, "api-server listening");
+        let tls = match &shared.certificate {
+            Some(certificate) => Some(certificate.server_config().map_err(Error::Tls)?),
+            None => None,
+        };
+        let https = tls.is_some();
+        let listener = crate::server::Listener {
+            listener,
+            tls,
+            max_connections: shared.options.limits.max_connections,
+            header_read: Duration::from_millis(shared.options.timeouts.header_read_ms),
+        };
+        let mut server = tokio::spawn(crate::server::serve(listener, app, stop_rx.clone()));
+        tracing::info!(addr = %local_addr, https, "api-server listening");
         let early = tokio::select! {
             () = shutdown => None,
             r = &mut server => Some(r),
@@ -205,6 +218,7 @@ impl Service {
         };
         let _ = follower.await;
         let _ = sampler.await;
+        let _ = reloader.await;
         if owns_log {
             if let Err(e) = shared.log.close().await {
                 tracing::warn!(error = %e, "closing the log failed");
@@ -214,6 +228,52 @@ impl Service {
         match result {
             Ok(r) => r.map_err(Error::Serve),
             Err(join) => Err(Error::Serve(std::io::Error::other(join))),
+        }
+    }
+}
+
+/// Reads the tokens file and the HTTPS files again every `tokens_reload_ms` and
+/// `https.reload_ms`, until `stop` says stop. A file that does not load keeps what is in use and
+/// logs an error once per change.
+async fn reload_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut tokens = tokio::time::interval(Duration::from_millis(shared.options.tokens_reload_ms));
+    let https_ms = shared
+        .options
+        .https
+        .as_ref()
+        .map_or(u64::MAX / 4, |h| h.reload_ms);
+    let mut https = tokio::time::interval(Duration::from_millis(https_ms));
+    for ticker in [&mut tokens, &mut https] {
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.reset();
+    }
+    loop {
+        tokio::select! {
+            _ = tokens.tick() => match shared.tokens.reload() {
+                Ok(true) => tracing::info!(
+                    tokens = shared.tokens.current().len(),
+                    "the tokens file changed: its tokens are in use"
+                ),
+                Ok(false) => {}
+                Err(e) => tracing::error!(
+                    error = %e,
+                    source = ?std::error::Error::source(&e),
+                    "the tokens file changed but does not load: the tokens in use are kept"
+                ),
+            },
+            _ = https.tick() => {
+                let Some(certificate) = &shared.certificate else { continue };
+                match certificate.reload() {
+                    Ok(true) => tracing::info!("the HTTPS certificate files changed: the new certificate is in use"),
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        source = ?std::error::Error::source(&e),
+                        "the HTTPS certificate files changed but do not load: the certificate in use is kept"
+                    ),
+                }
+            }
+            _ = stop.wait_for(|s| *s) => return,
         }
     }
 }

@@ -985,35 +985,26 @@ async fn metrics_count_requests_by_route_and_status() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_past_the_concurrency_limit_are_shed_with_503() -> Result<()> {
-    let server = Server::start(|o| o.limits.max_concurrent_requests = 1).await?;
-    // Hold the only permit: a request whose body never finishes arriving.
-    let mut held = TcpStream::connect(server.addr).await?;
-    held.write_all(&raw_head(
-        "PUT",
-        b"/v1/collections/orders/documents/a",
-        "Content-Type: application/json\r\nContent-Length: 100\r\n",
-    ))
+    let server = Server::start(|o| {
+        o.limits.max_concurrent_requests = 1;
+        // Without store nodes a write that waits for its outcome waits this long.
+        o.timeouts.visible_wait_ms = 5000;
+    })
     .await?;
-    held.write_all(b"{\"a\":").await?;
-    // Wait (bounded) until the server counts it in flight.
     let http = client();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = http
-            .get(server.url("/metrics"))
-            .send()
-            .await?
-            .text()
-            .await?;
-        if text.contains("causeway_api_requests_in_flight 2") {
-            break; // the held request and this /metrics request
+    // Hold the only place: a write waiting for an outcome no store node will tell.
+    let held = tokio::spawn({
+        let http = http.clone();
+        let url = server.url("/v1/collections/orders/documents/a?wait=outcome");
+        async move {
+            http.put(url)
+                .bearer_auth(ADMIN)
+                .json(&json!({"a": 1}))
+                .send()
+                .await
         }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the held request never started"
-        );
-        tokio::task::yield_now().await;
-    }
+    });
+    wait_in_flight(&server, 2).await?; // the held request and the /metrics request
     let r = http
         .get(server.url("/v1/collections/orders/documents/a"))
         .bearer_auth(ADMIN)
@@ -1023,6 +1014,504 @@ async fn requests_past_the_concurrency_limit_are_shed_with_503() -> Result<()> {
     expect_problem(r, 503, "overloaded", "over the limit").await?;
     // Health and metrics are not limited.
     ensure!(http.get(server.url("/healthz")).send().await?.status() == 200);
-    drop(held);
+    held.abort();
+    server.stop().await
+}
+
+/// Waits (bounded) until the server counts `n` requests in flight, the `/metrics` request
+/// that asks included.
+async fn wait_in_flight(server: &Server, n: usize) -> Result<()> {
+    let http = client();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = http
+            .get(server.url("/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        if text.contains(&format!("causeway_api_requests_in_flight {n}\n")) {
+            return Ok(());
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{n} requests never were in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_sending_its_body_slowly_does_not_block_others() -> Result<()> {
+    let server = Server::start(|o| o.limits.max_concurrent_requests = 1).await?;
+    // A body that trickles in, one byte every 50 ms, for the whole test.
+    let mut slow = TcpStream::connect(server.addr).await?;
+    let body = br#"{"slow": "0123456789012345678901234567890123456789"}"#;
+    slow.write_all(&raw_head(
+        "PUT",
+        b"/v1/collections/orders/documents/slow",
+        &format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ),
+    ))
+    .await?;
+    let trickle = tokio::spawn(async move {
+        for b in body {
+            if slow.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        slow
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // While it trickles (about 2.6 s), other clients' writes are served.
+    let http = client();
+    for i in 0..5 {
+        let r = http
+            .put(server.url(&format!("/v1/collections/orders/documents/fast-{i}")))
+            .bearer_auth(ADMIN)
+            .json(&json!({"i": i}))
+            .send()
+            .await?;
+        let status = r.status();
+        ensure!(
+            status == 200,
+            "write {i} during a slow body: {status} {}",
+            r.text().await?
+        );
+    }
+    ensure!(
+        !trickle.is_finished(),
+        "the slow body finished before the other writes"
+    );
+    // The slow request itself is served once its body is in.
+    let mut slow = tokio::time::timeout(Duration::from_secs(10), trickle).await??;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer);
+    ensure!(
+        answer.starts_with("HTTP/1.1 200"),
+        "the slow write: {answer}"
+    );
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_closes() -> Result<()> {
+    let server = Server::start(|o| o.timeouts.body_read_ms = 300).await?;
+    let mut stream = TcpStream::connect(server.addr).await?;
+    let mut head = raw_head(
+        "PUT",
+        b"/v1/collections/orders/documents/a",
+        "Content-Type: application/json\r\nContent-Length: 100\r\n",
+    );
+    // Keep-alive: the server must close the connection itself.
+    let text = String::from_utf8(head.clone())?.replace("Connection: close\r\n", "");
+    head = text.into_bytes();
+    stream.write_all(&head).await?;
+    stream.write_all(b"{\"a\":").await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .context("the connection was not closed")??;
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n").context("no answer")?;
+    ensure!(head.starts_with("HTTP/1.1 408"), "{answer}");
+    ensure!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    ensure!(head.contains("application/problem+json"), "{head}");
+    ensure!(
+        problem_type(body) == "urn:causeway:problem:request_timeout",
+        "{body}"
+    );
+    let records = server.records_after(Timestamp::ZERO).await?;
+    ensure!(records.is_empty(), "a timed-out write reached the log");
+    server.stop().await
+}
+
+/// One answer read off a keep-alive connection: status, lowercased headers, body. Every answer
+/// of the server has a `Content-Length`.
+async fn read_answer(
+    stream: &mut tokio::io::BufReader<TcpStream>,
+) -> Result<(u16, Vec<(String, String)>, String)> {
+    use tokio::io::AsyncBufReadExt;
+    let mut status_line = String::new();
+    stream.read_line(&mut status_line).await?;
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .with_context(|| format!("no status line: {status_line:?}"))?;
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        stream.read_line(&mut line).await?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        let (name, value) = line.split_once(':').context("a malformed header")?;
+        headers.push((name.to_ascii_lowercase(), value.trim().to_owned()));
+    }
+    let len: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .context("an answer without content-length")?
+        .1
+        .parse()?;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
+    Ok((status, headers, String::from_utf8(body)?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_refusals_leave_a_keep_alive_connection_healthy() -> Result<()> {
+    let server = Server::start(|_| {}).await?;
+    let stream = TcpStream::connect(server.addr).await?;
+    let mut stream = tokio::io::BufReader::new(stream);
+    let request = |method: &str, path: &str, token: &str, body: &str| {
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let big = format!("{{\"pad\": \"{}\"}}", "x".repeat(MAX_DOC + 10));
+    for i in 0..30 {
+        // (request, status, problem slug or "" for a success)
+        let (text, status, slug) = match i % 5 {
+            0 => (
+                request(
+                    "PUT",
+                    &format!("/v1/collections/orders/documents/d{i}"),
+                    ADMIN,
+                    "{\"ok\": 1}",
+                ),
+                200,
+                "",
+            ),
+            // Refused on the token, before the body is looked at.
+            1 => (
+                request(
+                    "PUT",
+                    "/v1/collections/orders/documents/x",
+                    "wrong-token-0123456789",
+                    "{\"a\": \"GET /healthz HTTP/1.1\"}",
+                ),
+                401,
+                "unauthorized",
+            ),
+            // Refused on the permission, before the body is looked at.
+            2 => (
+                request(
+                    "PUT",
+                    "/v1/collections/users/documents/x",
+                    SHOP,
+                    "{\"a\": 2}",
+                ),
+                403,
+                "forbidden",
+            ),
+            // Refused on the document's size.
+            3 => (
+                request("PUT", "/v1/collections/orders/documents/x", ADMIN, &big),
+                413,
+                "document_too_large",
+            ),
+            // Refused on the route, with a body.
+            _ => (
+                request("POST", "/nowhere", ADMIN, "{\"a\": 3}"),
+                404,
+                "no_such_route",
+            ),
+        };
+        stream.get_mut().write_all(text.as_bytes()).await?;
+        let (got, headers, body) =
+            tokio::time::timeout(Duration::from_secs(10), read_answer(&mut stream))
+                .await
+                .with_context(|| format!("request {i}: no answer"))?
+                .with_context(|| format!("request {i}: the answer does not parse"))?;
+        ensure!(got == status, "request {i}: {got}, want {status}: {body}");
+        ensure!(
+            !headers
+                .iter()
+                .any(|(n, v)| n == "connection" && v == "close"),
+            "request {i}: the connection is closed"
+        );
+        if slug.is_empty() {
+            let v: Value = serde_json::from_str(&body)?;
+            ensure!(v["ts"].as_u64().is_some(), "request {i}: {body}");
+        } else {
+            ensure!(
+                problem_type(&body) == format!("urn:causeway:problem:{slug}"),
+                "request {i}: {body}"
+            );
+        }
+    }
+    // A body declared larger than the limit is not read: 413, and the connection closes.
+    let head = format!(
+        "PUT /v1/collections/orders/documents/x HTTP/1.1\r\nHost: localhost\r\n\
+         Authorization: Bearer {ADMIN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        MAX_BODY + 1
+    );
+    stream.get_mut().write_all(head.as_bytes()).await?;
+    let (got, headers, body) = read_answer(&mut stream).await?;
+    ensure!(
+        got == 413 && problem_type(&body) == "urn:causeway:problem:body_too_large",
+        "{got} {body}"
+    );
+    ensure!(
+        headers
+            .iter()
+            .any(|(n, v)| n == "connection" && v == "close"),
+        "{headers:?}"
+    );
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_hyper_cannot_parse_get_problem_bodies() -> Result<()> {
+    let server = Server::start(|_| {}).await?;
+    // A 64 KiB document id: longer than any request target the server reads.
+    let mut target = b"/v1/collections/orders/documents/".to_vec();
+    target.extend(std::iter::repeat_n(b'a', 64 << 10));
+    let (status, body) = raw(server.addr, raw_head("GET", &target, ""), vec![]).await?;
+    ensure!(status == 414, "a 64 KiB id: {status}");
+    ensure!(
+        problem_type(&body) == "urn:causeway:problem:uri_too_long",
+        "{body}"
+    );
+    // A Content-Length that is not a number.
+    let head = raw_head(
+        "PUT",
+        b"/v1/collections/orders/documents/a",
+        "Content-Type: application/json\r\nContent-Length: abc\r\n",
+    );
+    let (status, body) = raw(server.addr, head, vec![b"{}".to_vec()]).await?;
+    ensure!(status == 400, "Content-Length: abc: {status}");
+    ensure!(
+        problem_type(&body) == "urn:causeway:problem:malformed_request",
+        "{body}"
+    );
+    // Headers beyond what the server reads.
+    let huge = format!("X-Pad: {}\r\n", "p".repeat(1 << 20));
+    let (status, body) = raw(server.addr, raw_head("GET", b"/healthz", &huge), vec![]).await?;
+    ensure!(status == 431, "a 1 MiB header: {status}");
+    ensure!(
+        problem_type(&body) == "urn:causeway:problem:headers_too_large",
+        "{body}"
+    );
+    ensure!(server.records_after(Timestamp::ZERO).await?.is_empty());
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_past_its_rate_gets_429_with_retry_after() -> Result<()> {
+    let server = Server::start(|o| {
+        o.limits.token_requests_per_s = 1;
+        o.limits.token_burst = 3;
+    })
+    .await?;
+    let http = client();
+    let get = |token: &'static str| {
+        http.get(server.url("/v1/collections/orders/documents/a"))
+            .bearer_auth(token)
+            .send()
+    };
+    // The burst goes (503: no store node, but served), then the bucket is empty.
+    for i in 0..3 {
+        let status = get(ADMIN).await?.status();
+        ensure!(status == 503, "request {i} of the burst: {status}");
+    }
+    let r = get(ADMIN).await?;
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u32>().ok());
+    ensure!(retry == Some(1), "Retry-After {retry:?}");
+    expect_problem(r, 429, "rate_limited", "past the rate").await?;
+    // Another token has its own bucket.
+    ensure!(get(SHOP).await?.status() == 503);
+    server.stop().await
+}
+
+/// A test CA and a certificate for `localhost` and 127.0.0.1 signed by it: (chain PEM, key PEM,
+/// the certificate's DER).
+fn leaf(ca: &rcgen::Certificate, ca_key: &rcgen::KeyPair) -> Result<(String, String, Vec<u8>)> {
+    let key = rcgen::KeyPair::generate()?;
+    let params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+    let cert = params.signed_by(&key, ca, ca_key)?;
+    Ok((cert.pem(), key.serialize_pem(), cert.der().to_vec()))
+}
+
+/// Connects over TLS trusting only `ca`, asks `/healthz` and answers the server's certificate
+/// (DER) and the status.
+async fn https_healthz(addr: SocketAddr, ca: &rcgen::Certificate) -> Result<(Vec<u8>, u16)> {
+    use rustls::pki_types::ServerName;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone())?;
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = TcpStream::connect(addr).await?;
+    let mut tls = tokio::time::timeout(
+        Duration::from_secs(10),
+        connector.connect(ServerName::try_from("localhost")?, tcp),
+    )
+    .await??;
+    let served = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .context("no server certificate")?
+        .to_vec();
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut answer = Vec::new();
+    // A server that closes without close_notify is an error here, after the answer.
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut answer)).await?;
+    let text = String::from_utf8_lossy(&answer);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no answer: {text:?}"))?;
+    Ok((served, status))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_serves_its_certificate_and_a_replaced_one_on_new_connections() -> Result<()> {
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key)?;
+    let dir = tempfile::tempdir()?;
+    let (chain_file, key_file) = (dir.path().join("chain.pem"), dir.path().join("key.pem"));
+    let (chain, key, first) = leaf(&ca, &ca_key)?;
+    std::fs::write(&chain_file, chain)?;
+    std::fs::write(&key_file, key)?;
+    let server = Server::start(|o| {
+        o.https = Some(causeway_api_server::HttpsOptions {
+            cert_chain_file: chain_file.clone(),
+            key_file: key_file.clone(),
+            reload_ms: 50,
+        })
+    })
+    .await?;
+    let (served, status) = https_healthz(server.addr, &ca).await?;
+    ensure!(
+        status == 200 && served == first,
+        "the first certificate: {status}"
+    );
+    // Plain HTTP is not served.
+    let plain = client().get(server.url("/healthz")).send().await;
+    ensure!(plain.is_err(), "plain HTTP was answered: {plain:?}");
+
+    // Replace both files: new connections get the new certificate.
+    let (chain, key, second) = leaf(&ca, &ca_key)?;
+    std::fs::write(&key_file, key)?;
+    std::fs::write(&chain_file, chain)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (served, status) = https_healthz(server.addr, &ca).await?;
+        ensure!(status == 200);
+        if served == second {
+            break;
+        }
+        ensure!(served == first, "a certificate that is neither");
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the new certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A bad file (a key of another certificate, then garbage) keeps the certificate in use.
+    let (_, other_key, _) = leaf(&ca, &ca_key)?;
+    std::fs::write(&key_file, other_key)?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(&chain_file, "not a certificate")?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (served, status) = https_healthz(server.addr, &ca).await?;
+    ensure!(
+        status == 200 && served == second,
+        "a bad file replaced the certificate"
+    );
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tokens_file_is_reloaded_and_a_bad_one_keeps_the_tokens() -> Result<()> {
+    const NEW: &str = "new-token-with-enough-entropy-0123456789abcdef";
+    let server = Server::start(|o| o.tokens_reload_ms = 50).await?;
+    let tokens_file = server._dir.path().join("tokens.json");
+    let http = client();
+    let status = |token: &'static str| {
+        let request = http
+            .get(server.url("/v1/collections/orders/documents/a"))
+            .bearer_auth(token)
+            .send();
+        async move { Ok::<_, anyhow::Error>(request.await?.status().as_u16()) }
+    };
+    // Served (503: no store node) or refused (401).
+    ensure!(status(SHOP).await? == 503 && status(NEW).await? == 401);
+    // Rotate: SHOP goes, NEW comes, stored as its hash.
+    std::fs::write(
+        &tokens_file,
+        serde_json::to_vec(&json!({"tokens": [
+            {"name": "ops", "token": ADMIN, "admin": true},
+            {"name": "new", "token": causeway_api_server::auth::token_hash(NEW), "read": ["orders"]},
+        ]}))?,
+    )?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while status(NEW).await? != 503 {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the new token was never accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ensure!(status(SHOP).await? == 401, "a removed token still works");
+    // The hash itself is not a token.
+    let hash: &'static str = Box::leak(causeway_api_server::auth::token_hash(NEW).into_boxed_str());
+    ensure!(status(hash).await? == 401, "the stored hash opened the API");
+    // A file that does not load keeps the tokens in use.
+    std::fs::write(&tokens_file, b"{\"tokens\": [")?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ensure!(status(NEW).await? == 503 && status(ADMIN).await? == 503);
+    ensure!(status(SHOP).await? == 401);
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_wait_until_one_closes() -> Result<()> {
+    let server = Server::start(|o| o.limits.max_connections = 1).await?;
+    let request = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    // The only connection: served, and kept open.
+    let mut first = tokio::io::BufReader::new(TcpStream::connect(server.addr).await?);
+    first.get_mut().write_all(request).await?;
+    let (status, _, _) = read_answer(&mut first).await?;
+    ensure!(status == 200);
+    // A second one is not served while the first is open...
+    let mut second = tokio::io::BufReader::new(TcpStream::connect(server.addr).await?);
+    second.get_mut().write_all(request).await?;
+    let waited = tokio::time::timeout(Duration::from_millis(300), read_answer(&mut second)).await;
+    ensure!(waited.is_err(), "a connection past the cap was served");
+    // ...and is once the first closes.
+    drop(first);
+    let (status, _, _) = tokio::time::timeout(Duration::from_secs(10), read_answer(&mut second))
+        .await
+        .context("the waiting connection was never served")??;
+    ensure!(status == 200);
     server.stop().await
 }

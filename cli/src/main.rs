@@ -7,7 +7,8 @@
 //! - `causeway admin status`: the configuration, the frontiers, the replicas' health, phase and
 //!   backfill progress, as a table or as JSON; `causeway admin bootstrap`: the first
 //!   configuration of a cluster; `causeway admin scale|replace|abort`: transitions, followed to
-//!   their end with `--wait`; `causeway admin feeds …`: the feeds of a cdc service.
+//!   their end with `--wait`; `causeway admin feeds …`: the feeds of a cdc service;
+//!   `causeway admin tokens create`: a new bearer token and its (hashed) tokens file entry.
 //! - `causeway cdc tail`: an api-server's change stream (server-sent events) in the terminal.
 //! - `causeway bench`: HTTP workloads against an api-server (closed or open loop) and a raw
 //!   log-append baseline, reporting throughput, latency percentiles, errors and visibility lag.
@@ -89,6 +90,8 @@ enum AdminCommand {
     Abort(admin::AbortArgs),
     /// The change data capture feeds of a cdc service.
     Feeds(admin::FeedsArgs),
+    /// Bearer tokens of the api-servers' tokens file.
+    Tokens(admin::TokensArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -117,6 +120,7 @@ fn main() -> anyhow::Result<()> {
                 AdminCommand::Replace(args) => admin::replace(args).await,
                 AdminCommand::Abort(args) => admin::abort(args).await,
                 AdminCommand::Feeds(args) => admin::feeds(args).await,
+                AdminCommand::Tokens(args) => admin::tokens(args).await,
             },
             Command::Cdc {
                 command: CdcCommand::Tail(args),
@@ -187,6 +191,28 @@ mod tests {
         parse(&["admin", "replace", "n3", "--with", "7"]).unwrap();
         parse(&["admin", "replace", "3", "--wait"]).unwrap();
         parse(&["admin", "abort", "--epoch", "4"]).unwrap();
+        parse(&["admin", "tokens", "create"]).unwrap();
+        parse(&[
+            "admin",
+            "tokens",
+            "create",
+            "--name",
+            "shop",
+            "--role",
+            "read-write",
+        ])
+        .unwrap();
+        parse(&[
+            "admin",
+            "tokens",
+            "create",
+            "--role",
+            "read",
+            "--collections",
+            "a,b_*",
+        ])
+        .unwrap();
+        assert!(parse(&["admin", "tokens", "create", "--role", "owner"]).is_err());
         parse(&["admin", "abort"]).unwrap();
     }
 

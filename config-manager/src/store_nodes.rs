@@ -40,14 +40,12 @@ const PENALTY: Duration = Duration::from_secs(1);
 /// The default hedge delay of [`StoreNodes::call_hedged`]: above a coordinated read's p99 on a
 /// LAN, far below any timeout.
 pub const DEFAULT_HEDGE_DELAY: Duration = Duration::from_millis(50);
-/// The largest answer a client takes from a store node, as between store nodes: a multi-get of
-/// the most keys at the largest document size, or a group of a change feed, fits (tonic's
-/// default, 4 MiB, does not).
+/// The default of the largest answer a client takes from a store node
+/// ([`StoreNodes::with_max_message_bytes`]), as between store nodes: a multi-get of the most
+/// keys at the largest document size, a query page of 1,000 large documents, or a group of a
+/// change feed, fits (tonic's default, 4 MiB, does not). Store nodes send answers up to this
+/// size too.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
-
-fn client(channel: Channel) -> StoreNodeClient<Channel> {
-    StoreNodeClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES)
-}
 
 /// Why a call to the store nodes failed.
 #[derive(Debug)]
@@ -70,6 +68,8 @@ pub struct StoreNodes {
     waiting: Mutex<HashMap<String, Instant>>,
     /// How long a read waits for its node before it is hedged.
     hedge_delay: Duration,
+    /// The largest answer taken from a store node.
+    max_message_bytes: usize,
     pair: RwLock<Option<ConfigPair>>,
     channels: Mutex<HashMap<String, Channel>>,
     link: Link,
@@ -88,6 +88,7 @@ impl StoreNodes {
             penalized: Mutex::new(HashMap::new()),
             waiting: Mutex::new(HashMap::new()),
             hedge_delay: DEFAULT_HEDGE_DELAY,
+            max_message_bytes: MAX_MESSAGE_BYTES,
             pair: RwLock::new(None),
             channels: Mutex::new(HashMap::new()),
             link,
@@ -101,6 +102,17 @@ impl StoreNodes {
     pub fn with_hedge_delay(mut self, delay: Duration) -> StoreNodes {
         self.hedge_delay = delay;
         self
+    }
+
+    /// Sets the largest answer taken from a store node, in bytes (default
+    /// [`MAX_MESSAGE_BYTES`]); a larger one fails its call with `OutOfRange`.
+    pub fn with_max_message_bytes(mut self, bytes: usize) -> StoreNodes {
+        self.max_message_bytes = bytes;
+        self
+    }
+
+    fn client_of(&self, channel: Channel) -> StoreNodeClient<Channel> {
+        StoreNodeClient::new(channel).max_decoding_message_size(self.max_message_bytes)
     }
 
     /// Installs a new (current, next) pair.
@@ -203,7 +215,7 @@ impl StoreNodes {
 
     /// A client of the node at `addr`.
     pub fn client(&self, addr: &str) -> Result<StoreNodeClient<Channel>, Status> {
-        self.channel(addr).map(client)
+        self.channel(addr).map(|c| self.client_of(c))
     }
 
     /// Puts `addr` last in the order of calls for a while.
@@ -251,7 +263,7 @@ impl StoreNodes {
             let result = match self.channel(addr) {
                 Ok(channel) => {
                     self.sent(addr);
-                    call(client(channel)).await
+                    call(self.client_of(channel)).await
                 }
                 Err(status) => Err(status),
             };
@@ -298,7 +310,7 @@ impl StoreNodes {
         let launch = |addr: String| {
             let channel = self.channel(&addr);
             let sent = channel.is_ok().then(|| self.sent(&addr));
-            let call = channel.map(|c| call(client(c)));
+            let call = channel.map(|c| call(self.client_of(c)));
             let fut = async move {
                 let result = match call {
                     Ok(fut) => fut.await,

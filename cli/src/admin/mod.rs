@@ -8,6 +8,8 @@
 //! - [`change`]: `causeway admin scale|replace|abort`, and `--wait` for a transition to finish.
 //! - [`feeds`]: `causeway admin feeds list|show|create|pause|resume|delete`: a cdc service's
 //!   feeds through its admin API, as tables or JSON.
+//! - [`tokens`]: `causeway admin tokens create`: a new bearer token, printed once, and its
+//!   tokens file entry holding only its hash.
 //! - [`progress`]: pure functions behind the output: backfill totals, the time-left estimate,
 //!   progress lines, the outcome of a transition, a configuration as text.
 
@@ -16,6 +18,7 @@ pub mod change;
 pub mod feeds;
 pub mod progress;
 pub mod status;
+pub mod tokens;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -31,6 +34,7 @@ pub use bootstrap::{bootstrap, BootstrapArgs};
 pub use change::{abort, replace, scale, AbortArgs, ReplaceArgs, ScaleArgs};
 pub use feeds::{feeds, FeedsArgs};
 pub use status::{status, Args};
+pub use tokens::{tokens, TokensArgs};
 
 /// Every RPC of a command is bounded by this.
 const RPC_TIMEOUT: Duration = Duration::from_secs(3);
