@@ -9,6 +9,7 @@
 //!   configuration of a cluster; `causeway admin scale|replace|abort`: transitions, followed to
 //!   their end with `--wait`; `causeway admin feeds …`: the feeds of a cdc service;
 //!   `causeway admin tokens create`: a new bearer token and its (hashed) tokens file entry.
+//!   `causeway admin certs create`: a cluster CA and the processes' certificates.
 //! - `causeway cdc tail`: an api-server's change stream (server-sent events) in the terminal.
 //! - `causeway bench`: HTTP workloads against an api-server (closed or open loop) and a raw
 //!   log-append baseline, reporting throughput, latency percentiles, errors and visibility lag.
@@ -92,6 +93,8 @@ enum AdminCommand {
     Feeds(admin::FeedsArgs),
     /// Bearer tokens of the api-servers' tokens file.
     Tokens(admin::TokensArgs),
+    /// A cluster CA and the certificates of mutual TLS between the cluster's processes.
+    Certs(admin::CertsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -121,6 +124,7 @@ fn main() -> anyhow::Result<()> {
                 AdminCommand::Abort(args) => admin::abort(args).await,
                 AdminCommand::Feeds(args) => admin::feeds(args).await,
                 AdminCommand::Tokens(args) => admin::tokens(args).await,
+                AdminCommand::Certs(args) => admin::certs(args).await,
             },
             Command::Cdc {
                 command: CdcCommand::Tail(args),

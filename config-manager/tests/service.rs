@@ -594,3 +594,142 @@ async fn watchers_are_limited_and_a_slow_subscriber_sees_the_latest_pair() {
     assert_eq!(*slow.borrow_and_update(), last, "skips to the latest pair");
     cm.stop().await;
 }
+
+#[tokio::test]
+async fn admin_calls_need_the_admin_token_and_every_call_the_cluster_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let (secret, admin) = ("c".repeat(32), "a".repeat(32));
+    std::fs::write(dir.path().join("secret"), &secret).unwrap();
+    std::fs::write(dir.path().join("admin"), &admin).unwrap();
+    let mut o = options(&dir.path().join("state"));
+    o.security = causeway_proto::link::Security {
+        cluster_secret_file: Some(dir.path().join("secret")),
+        admin_token_file: Some(dir.path().join("admin")),
+        ..Default::default()
+    };
+    let service = Service::bind(o).await.expect("bind");
+    let addr = service.local_addr().to_string();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(service.run(async {
+        let _ = stopped.await;
+    }));
+    let connect = |link: Link| {
+        let addr = addr.clone();
+        async move {
+            within("connect", Client::connect(&addr, &link))
+                .await
+                .unwrap()
+        }
+    };
+
+    // No secret: even reads are refused.
+    let open = connect(Link::open()).await;
+    assert_eq!(code(open.get_config().await), Code::Unauthenticated);
+    assert_eq!(code(open.register(&node(1)).await), Code::Unauthenticated);
+
+    // The secret: nodes register and read; the admin calls are refused, and change nothing.
+    let member = connect(Link::with_secrets(Some(secret.clone()), None)).await;
+    register(&member, [1, 2]).await;
+    assert_eq!(code(member.bootstrap(1, 2).await), Code::Unauthenticated);
+    assert_eq!(
+        code(member.propose_shape(2, 1).await),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        code(member.mark_failed(NodeId(1)).await),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        code(member.abort_transition(Epoch(2)).await),
+        Code::Unauthenticated
+    );
+    assert!(member.get_config().await.unwrap().current.is_none());
+    // A wrong admin token is no admin token.
+    let forger = connect(Link::with_secrets(
+        Some(secret.clone()),
+        Some("b".repeat(32)),
+    ))
+    .await;
+    assert_eq!(code(forger.bootstrap(1, 2).await), Code::Unauthenticated);
+
+    // The admin token: served.
+    let operator = connect(Link::with_secrets(None, Some(admin))).await;
+    let pair = operator.bootstrap(1, 2).await.expect("an admin bootstraps");
+    assert_eq!(pair.current.map(|c| c.epoch), Some(Epoch(1)));
+
+    let _ = stop.send(());
+    within("shutdown", task).await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn under_mutual_tls_a_node_registers_as_itself_and_admin_calls_need_an_admin_certificate() {
+    use causeway_proto::link::certs::Authority;
+    use causeway_proto::link::{Role, Security, TlsFiles};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Authority::new().unwrap();
+    let files = |role: Role| {
+        let issued = ca.issue(role, &[]).unwrap();
+        let name = role.uri().replace(['/', ':'], "_");
+        let (cert, key) = (
+            dir.path().join(format!("{name}.pem")),
+            dir.path().join(format!("{name}.key")),
+        );
+        std::fs::write(&cert, issued.cert_pem).unwrap();
+        std::fs::write(&key, issued.key_pem).unwrap();
+        (cert, key)
+    };
+    std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).unwrap();
+    let (cert, key) = files(Role::ConfigManager);
+    let mut o = options(&dir.path().join("state"));
+    o.security = Security {
+        tls: Some(TlsFiles {
+            ca: dir.path().join("ca.pem"),
+            cert,
+            key,
+        }),
+        ..Default::default()
+    };
+    let service = Service::bind(o).await.expect("bind");
+    let addr = service.local_addr().to_string();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(service.run(async {
+        let _ = stopped.await;
+    }));
+    let as_role = |role: Role| {
+        let (cert, key) = files(role);
+        let link = Link::load(&Security {
+            tls: Some(TlsFiles {
+                ca: dir.path().join("ca.pem"),
+                cert,
+                key,
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        let addr = addr.clone();
+        async move {
+            within("connect", Client::connect(&addr, &link))
+                .await
+                .unwrap()
+        }
+    };
+
+    // Node 1's certificate registers node 1, not node 2.
+    let node1 = as_role(Role::StoreNode(1)).await;
+    node1
+        .register(&node(1))
+        .await
+        .expect("node 1 registers as itself");
+    assert_eq!(code(node1.register(&node(2)).await), Code::PermissionDenied);
+    let node2 = as_role(Role::StoreNode(2)).await;
+    node2.register(&node(2)).await.unwrap();
+    // An api-server reads, and may not bootstrap; the admin may.
+    let api = as_role(Role::ApiServer).await;
+    assert!(api.get_config().await.unwrap().current.is_none());
+    assert_eq!(code(api.bootstrap(1, 2).await), Code::Unauthenticated);
+    let admin = as_role(Role::Admin).await;
+    admin.bootstrap(1, 2).await.expect("the admin bootstraps");
+
+    let _ = stop.send(());
+    within("shutdown", task).await.unwrap().unwrap();
+}

@@ -14,6 +14,7 @@
 //!   progress lines, the outcome of a transition, a configuration as text.
 
 pub mod bootstrap;
+pub mod certs;
 pub mod change;
 pub mod feeds;
 pub mod progress;
@@ -31,6 +32,7 @@ use causeway_proto::v1::store_node_client::StoreNodeClient;
 use causeway_proto::v1::{NodeStatus as ProtoNodeStatus, StatusRequest};
 
 pub use bootstrap::{bootstrap, BootstrapArgs};
+pub use certs::{certs, CertsArgs};
 pub use change::{abort, replace, scale, AbortArgs, ReplaceArgs, ScaleArgs};
 pub use feeds::{feeds, FeedsArgs};
 pub use status::{status, Args};

@@ -1,0 +1,285 @@
+//! Who may call a store node: under mutual TLS only holders of a certificate of the cluster CA,
+//! and a node gossips as itself only; under the cluster secret only calls that carry it; and
+//! whatever gossip gets through, a node outside the configurations is never believed, nor a
+//! committed ts beyond the log.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use causeway_core::{ClusterConfig, NodeId, NodeInfo};
+use causeway_proto::link::certs::Authority;
+use causeway_proto::link::{Link, Role, Security, TlsFiles};
+use causeway_proto::v1 as pb;
+use causeway_proto::v1::store_node_client::StoreNodeClient;
+use causeway_store_node::state::Configs;
+use causeway_store_node::{Options, Service, Store};
+use causeway_txlog::{EmbeddedOptions, LogOptions, TxLog};
+use common::*;
+use prost::Message;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Node 1 of a 1×2 configuration (node 2 never runs), on its own embedded log with `records`
+/// records, serving with `security`.
+struct Node {
+    addr: String,
+    log: TxLog,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    running: tokio::task::JoinHandle<Result<(), causeway_store_node::ServiceError>>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl Node {
+    async fn start(security: Security, records: usize) -> Node {
+        let log_dir = tempfile::tempdir().unwrap();
+        let log_options = LogOptions::Embedded(EmbeddedOptions::new(log_dir.path()));
+        let log = TxLog::open(log_options.clone()).await.unwrap();
+        let port = |_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .to_string()
+        };
+        let infos: Vec<NodeInfo> = (1..=2)
+            .map(|n| NodeInfo {
+                id: NodeId(n),
+                addr: port(n),
+            })
+            .collect();
+        let config = Arc::new(ClusterConfig::bootstrap(1, 2, &infos).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        {
+            let store = Store::open(&data, small_options()).unwrap();
+            Configs {
+                revision: 1,
+                current: Some(config),
+                next: None,
+            }
+            .save(&store)
+            .unwrap();
+        }
+        let options = Options {
+            node_id: NodeId(1),
+            listen: infos[0].addr.parse().unwrap(),
+            advertise: None,
+            admin_listen: None,
+            data_dir: data,
+            config_manager: "127.0.0.1:1".into(),
+            log: log_options,
+            store: small_options(),
+            tuning: Default::default(),
+            security,
+        };
+        let service = Service::bind_with_log(options, log.clone()).await.unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(service.run(async {
+            let _ = stopped.await;
+        }));
+        let batch: Vec<_> = (0..records)
+            .map(|i| {
+                let json = serde_json::json!({ "i": i });
+                tx(vec![replace("c", &format!("d{i}"), &json)], 1)
+                    .encode_to_vec()
+                    .into()
+            })
+            .collect();
+        if records > 0 {
+            log.append(batch).await.unwrap();
+        }
+        Node {
+            addr: infos[0].addr.clone(),
+            log,
+            stop: Some(stop),
+            running,
+            _dirs: vec![log_dir, dir],
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        let _ = tokio::time::timeout(DEADLINE, &mut self.running).await;
+        let _ = self.log.close().await;
+    }
+}
+
+/// A client of `addr` over `link`, failing fast.
+fn client(link: &Link, addr: &str) -> StoreNodeClient<causeway_proto::link::Channel> {
+    let endpoint = link
+        .endpoint(addr, Role::StoreNode(1))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(2));
+    StoreNodeClient::new(link.channel(endpoint.connect_lazy()))
+}
+
+async fn status(
+    mut client: StoreNodeClient<causeway_proto::link::Channel>,
+) -> Result<pb::NodeStatus, tonic::Status> {
+    client
+        .status(pb::StatusRequest {})
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn gossip(node: u64, seq: u64, committed: u64) -> pb::GossipMessage {
+    pb::GossipMessage {
+        node_id: node,
+        incarnation: 1,
+        seq,
+        committed,
+        current_epoch: 1,
+        next_epoch: None,
+        backfilled: true,
+        routing_epoch: 1,
+        ust: committed,
+        lowest_read: None,
+    }
+}
+
+/// Writes the CA and `role`'s certificate into `dir`; answers the TLS settings.
+fn tls_files(dir: &Path, ca: &Authority, role: Role) -> TlsFiles {
+    let issued = ca.issue(role, &[]).unwrap();
+    let files = TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+    };
+    std::fs::write(&files.ca, ca.cert_pem()).unwrap();
+    std::fs::write(&files.cert, issued.cert_pem).unwrap();
+    std::fs::write(&files.key, issued.key_pem).unwrap();
+    files
+}
+
+fn with_tls(ca: &Authority, role: Role) -> Link {
+    let issued = ca.issue(role, &[]).unwrap();
+    Link::with_tls(ca.cert_pem(), &issued.cert_pem, &issued.key_pem)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_mutual_tls_a_call_without_a_certificate_of_the_cluster_ca_is_refused() {
+    let ca = Authority::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let security = Security {
+        tls: Some(tls_files(dir.path(), &ca, Role::StoreNode(1))),
+        ..Security::default()
+    };
+    let node = Node::start(security, 0).await;
+    let addr = node.addr.clone();
+
+    // A certificate of the cluster CA: served.
+    let api = with_tls(&ca, Role::ApiServer);
+    let s = tokio::time::timeout(DEADLINE, status(client(&api, &addr)))
+        .await
+        .unwrap()
+        .expect("a client with a certificate of the CA is served");
+    assert_eq!(s.node_id, 1);
+    // One issued later by the same CA read back from its files (to add nodes): served.
+    let again = Authority::from_pem(ca.cert_pem(), ca.key_pem()).unwrap();
+    status(client(&with_tls(&again, Role::Cdc), &addr))
+        .await
+        .expect("a certificate of the CA read back from its files is served");
+
+    // TLS without a client certificate: refused.
+    let anonymous = Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca.cert_pem()))
+                .domain_name(Role::StoreNode(1).dns_name()),
+        )
+        .unwrap()
+        .timeout(Duration::from_secs(2));
+    let refused = StoreNodeClient::new(anonymous.connect_lazy())
+        .status(pb::StatusRequest {})
+        .await;
+    assert!(
+        refused.is_err(),
+        "a client without a certificate was served"
+    );
+
+    // A certificate of another CA: refused (and the server's is not trusted by it either).
+    let other = Authority::new().unwrap();
+    let issued = other.issue(Role::ApiServer, &[]).unwrap();
+    let foreign = Link::with_tls(ca.cert_pem(), &issued.cert_pem, &issued.key_pem);
+    assert!(
+        status(client(&foreign, &addr)).await.is_err(),
+        "a certificate of another CA was served"
+    );
+
+    // Plaintext: refused.
+    assert!(
+        status(client(&Link::open(), &addr)).await.is_err(),
+        "a plaintext client was served"
+    );
+
+    // A store node gossips as itself only: node 2's certificate claiming node 1 is refused.
+    let node2 = with_tls(&ca, Role::StoreNode(2));
+    let forged = client(&node2, &addr).gossip(gossip(1, 99, 5)).await;
+    assert_eq!(
+        forged.unwrap_err().code(),
+        tonic::Code::PermissionDenied,
+        "gossip under another node's name"
+    );
+    client(&node2, &addr)
+        .gossip(gossip(2, 1, 0))
+        .await
+        .expect("node 2 gossips as itself");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_gossip_is_ignored_and_the_cluster_secret_is_required() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "s3cret-of-the-cluster-0123456789";
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, secret).unwrap();
+    let security = Security {
+        cluster_secret_file: Some(secret_file),
+        ..Security::default()
+    };
+    let node = Node::start(security, 5).await;
+    let addr = node.addr.clone();
+
+    // Without the secret, or with another: refused.
+    let err = status(client(&Link::open(), &addr)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    let wrong = Link::with_secrets(Some("x".repeat(32)), None);
+    let err = status(client(&wrong, &addr)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+
+    let link = Link::with_secrets(Some(secret.to_owned()), None);
+    let c = || client(&link, &addr);
+    // The node applies the log's 5 records.
+    tokio::time::timeout(DEADLINE, async {
+        while status(c()).await.map_or(true, |s| s.committed < 5) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the node applies the log");
+
+    // A node in no configuration: acknowledged, never in the table.
+    c().gossip(gossip(99, 1, 3)).await.unwrap();
+    // Node 2, a member: believed up to the log's end and no further.
+    c().gossip(gossip(2, 1, 4)).await.unwrap();
+    c().gossip(gossip(2, 2, u64::MAX)).await.unwrap();
+    let s = status(c()).await.unwrap();
+    let peers: Vec<(u64, u64, u64)> = s
+        .peers
+        .iter()
+        .map(|p| (p.node_id, p.committed, p.ust))
+        .collect();
+    assert_eq!(
+        peers,
+        [(2, 4, 4)],
+        "a stranger entered the table, or a committed ts beyond the log was believed"
+    );
+    assert!(s.ust <= 5, "UST {} beyond the log's end", s.ust);
+    node.stop().await;
+}
