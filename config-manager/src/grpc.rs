@@ -174,6 +174,7 @@ impl ConfigManager for GrpcService {
         &self,
         request: Request<pb::CompleteTransitionRequest>,
     ) -> Result<Response<pb::CompleteTransitionResponse>, Status> {
+        Caller::of(&request).check_store_node_or_admin()?;
         let r = request.into_inner();
         let done = self.handle.complete_transition(Epoch(r.epoch)).await?;
         Ok(Response::new(pb::CompleteTransitionResponse {

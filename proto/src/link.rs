@@ -152,6 +152,19 @@ impl Caller {
         }
     }
 
+    /// Refuses a caller whose certificate names a role other than a store node or the admin
+    /// (for the calls of the transition protocol).
+    pub fn check_store_node_or_admin(&self) -> Result<(), Status> {
+        match self.role {
+            None | Some(Role::StoreNode(_)) => Ok(()),
+            _ if self.admin => Ok(()),
+            Some(role) => Err(Status::permission_denied(format!(
+                "{} may not make this call: only store nodes and the admin",
+                role.uri()
+            ))),
+        }
+    }
+
     /// Refuses a caller without the admin right.
     pub fn check_admin(&self) -> Result<(), Status> {
         if self.admin {
@@ -532,5 +545,13 @@ mod tests {
             .check_store_node(3)
             .is_err());
         assert!(caller(Some(Role::ApiServer)).check_store_node(3).is_err());
+        assert!(caller(Some(Role::StoreNode(4))).check_store_node_or_admin().is_ok());
+        assert!(caller(Some(Role::ApiServer)).check_store_node_or_admin().is_err());
+        assert!(caller(Some(Role::Cdc)).check_store_node_or_admin().is_err());
+        let admin = Caller {
+            role: Some(Role::Admin),
+            admin: true,
+        };
+        assert!(admin.check_store_node_or_admin().is_ok());
     }
 }

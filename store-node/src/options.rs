@@ -100,8 +100,9 @@ pub struct Tuning {
     /// HTTP/2 keepalive pings on every gRPC connection, and how long a ping may go unanswered
     /// before the connection is closed (default 10 000 ms).
     pub http2_keepalive_ms: u64,
-    /// `HoldSnapshot` streams one caller may hold open at once (default 64). A caller is the
-    /// node or role its certificate names under mutual TLS, else its IP address.
+    /// `HoldSnapshot` streams one caller may hold open at once (default 1 024; a cdc service
+    /// holds one per feed, two while a feed moves its hold). A caller is the node or role its
+    /// certificate names under mutual TLS, else its IP address.
     pub max_holds_per_caller: usize,
     /// The longest a `HoldSnapshot` stream may hold its snapshot (default 3 600 000 ms).
     pub max_hold_ms: u64,
@@ -144,7 +145,7 @@ impl Default for Tuning {
             max_concurrent_requests: 1_024,
             max_message_bytes: 64 << 20,
             http2_keepalive_ms: 10_000,
-            max_holds_per_caller: 64,
+            max_holds_per_caller: 1_024,
             max_hold_ms: 3_600_000,
             backfill_chunk_records: 2_000,
             backfill_chunk_bytes: 4 << 20,
