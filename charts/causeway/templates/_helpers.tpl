@@ -37,6 +37,10 @@
 {{- default (printf "%s-tokens" (include "causeway.fullname" .)) .Values.auth.existingSecret -}}
 {{- end -}}
 
+{{- define "causeway.internalAuth.secretName" -}}
+{{- default (printf "%s-cluster" (include "causeway.fullname" .)) .Values.internalAuth.existingSecret -}}
+{{- end -}}
+
 {{/* Store nodes: the shape plus the spares. */}}
 {{- define "causeway.store.count" -}}
 {{- add (mul .Values.cluster.partitions .Values.cluster.replicas) .Values.cluster.spareNodes -}}
@@ -236,5 +240,53 @@ podAntiAffinity:
         labelSelector:
           matchLabels:
             {{- include "causeway.selectorLabels" . | nindent 12 }}
+{{- end }}
+{{- end -}}
+
+{{/* The internal links' credentials (causeway_proto::link): a component's `security` options
+     as JSON. Pass dict "root" $ "role" <role> "admin" <bool>: role is config-manager,
+     store-node, api-server, cdc or admin (the hook Jobs); admin adds the admin token. The files
+     are those of causeway.security.volumeMounts: /etc/causeway/cluster/{cluster-secret,
+     admin-token}. */}}
+{{- define "causeway.security" -}}
+{{- $s := dict "cluster_secret_file" "/etc/causeway/cluster/cluster-secret" -}}
+{{- if .admin -}}
+{{- $_ := set $s "admin_token_file" "/etc/causeway/cluster/admin-token" -}}
+{{- end -}}
+{{- toJson $s -}}
+{{- end -}}
+
+{{/* The volumes of causeway.security's files (same dict). */}}
+{{- define "causeway.security.volumes" -}}
+{{- $v := .root.Values -}}
+- name: cluster-secret
+  secret:
+    secretName: {{ include "causeway.internalAuth.secretName" .root }}
+    defaultMode: 0440
+    items:
+      - key: {{ $v.internalAuth.clusterSecretKey }}
+        path: cluster-secret
+      {{- if .admin }}
+      - key: {{ $v.internalAuth.adminTokenKey }}
+        path: admin-token
+      {{- end }}
+{{- end -}}
+
+{{/* The mounts of causeway.security.volumes (same dict). */}}
+{{- define "causeway.security.volumeMounts" -}}
+- name: cluster-secret
+  mountPath: /etc/causeway/cluster
+  readOnly: true
+{{- end -}}
+
+{{/* The env of an admin command (the hook Jobs): the files of causeway.security, for the flags
+     of `causeway admin` (same dict). */}}
+{{- define "causeway.security.env" -}}
+{{- $s := include "causeway.security" . | fromJson -}}
+- name: CAUSEWAY_CLUSTER_SECRET_FILE
+  value: {{ $s.cluster_secret_file }}
+{{- with $s.admin_token_file }}
+- name: CAUSEWAY_ADMIN_TOKEN_FILE
+  value: {{ . }}
 {{- end }}
 {{- end -}}

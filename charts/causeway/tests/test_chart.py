@@ -63,6 +63,64 @@ def accepted_findings():
     return found
 
 
+def security_files(docs):
+    """Each workload's `security` files (of its --config JSON, or of a hook Job's CAUSEWAY_*
+    variables), each as the (Secret, key) it is mounted from: {workload: {field: (secret, key)}}.
+    A key mounted by subPathExpr is given as the expression."""
+    found = {}
+    for d in docs:
+        if d["kind"] not in ("StatefulSet", "Deployment", "Job"):
+            continue
+        spec = d["spec"]["template"]["spec"]
+        container = spec["containers"][0]
+        volumes = {v["name"]: v for v in spec.get("volumes") or []}
+        mounts = container.get("volumeMounts") or []
+
+        def source(path):
+            """The (kind, name, key) the file at path comes from."""
+            for m in mounts:
+                v = volumes.get(m["name"])
+                if v is None:
+                    continue
+                kind, ref = ("Secret", v["secret"]) if "secret" in v else ("ConfigMap", v.get("configMap"))
+                if ref is None:
+                    continue
+                name = ref.get("secretName") or ref.get("name")
+                if m["mountPath"] == path:
+                    return kind, name, m.get("subPath") or m.get("subPathExpr")
+                if path.startswith(m["mountPath"].rstrip("/") + "/") and not (m.get("subPath") or m.get("subPathExpr")):
+                    rel = path[len(m["mountPath"].rstrip("/")) + 1:]
+                    items = {it["path"]: it["key"] for it in ref.get("items") or []}
+                    return kind, name, items.get(rel, rel) if ref.get("items") else rel
+            raise AssertionError(f"{d['metadata']['name']}: nothing mounted at {path}")
+
+        if d["kind"] == "Job":
+            env = {e["name"]: e.get("value") for e in container.get("env") or []}
+            security = {"cluster_secret_file": env.get("CAUSEWAY_CLUSTER_SECRET_FILE"),
+                        "admin_token_file": env.get("CAUSEWAY_ADMIN_TOKEN_FILE")}
+            if "CAUSEWAY_TLS_CA" in env:
+                security["tls"] = {"ca": env["CAUSEWAY_TLS_CA"], "cert": env["CAUSEWAY_TLS_CERT"],
+                                   "key": env["CAUSEWAY_TLS_KEY"]}
+        else:
+            config = next(a.split("=", 1)[1] for a in container["args"] if a.startswith("--config="))
+            kind, name, key = source(config)
+            obj = next(o for o in docs if o["kind"] == kind and o["metadata"]["name"] == name)
+            text = (obj.get("data") or {}).get(key) or (obj.get("stringData") or {}).get(key)
+            security = json.loads(text)["security"]
+        flat = {}
+        for field, value in security.items():
+            if isinstance(value, dict):
+                flat.update({f"{field}.{k}": v for k, v in value.items()})
+            elif value is not None:
+                flat[field] = value
+        found[d["metadata"]["name"]] = {}
+        for field, path in flat.items():
+            kind, name, key = source(path)
+            assert kind == "Secret", f"{d['metadata']['name']}: {field} from a {kind}"
+            found[d["metadata"]["name"]][field] = (name, key)
+    return found
+
+
 class Chart(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -173,6 +231,8 @@ class Chart(unittest.TestCase):
             "a bad port": (good + ["--set", "api.port=70000"], "/api/port"),
             "a bad duration": (good + ["--set", "cluster.transitionTimeout=soon"], "transitionTimeout"),
             "no memory limit": (good + ["--set", "store.resources.limits.memory=null"], "memory"),
+            "a bad Secret key": (good + ["--set", "internalAuth.adminTokenKey=a/b"], "/internalAuth/adminTokenKey"),
+            "one key for both credentials": (good + ["--set", "internalAuth.adminTokenKey=cluster-secret"], "must differ"),
             "a bad feed name": (good + ["--set-json", 'cdc.feeds=[{"name":"a b","collections":["x"],"sink":{"type":"kafka"}}]'], "name"),
         }
         for what, (args, expected) in bad.items():
@@ -253,6 +313,44 @@ class Chart(unittest.TestCase):
                     self.assertFalse(sc["allowPrivilegeEscalation"])
                     self.assertEqual(sc["capabilities"]["drop"], ["ALL"])
                     self.assertEqual(sc["runAsUser"], 10001)
+
+    def test_internal_links_have_the_cluster_secret_and_only_the_admin_side_the_admin_token(self):
+        docs = render("-f", str(CHART / "ci/default-values.yaml"), "--set", "cdc.enabled=true")
+        secret = by_kind(docs, "Secret")["rel-causeway-cluster"]
+        generated = secret["stringData"]
+        self.assertEqual(sorted(generated), ["admin-token", "cluster-secret"])
+        for value in generated.values():
+            self.assertGreaterEqual(len(value), 32)
+            self.assertRegex(value, r"^[A-Za-z0-9]+$")
+        self.assertNotEqual(generated["admin-token"], generated["cluster-secret"])
+        files = security_files(docs)
+        self.assertEqual(sorted(files), ["rel-causeway-api", "rel-causeway-bootstrap", "rel-causeway-cdc",
+                                         "rel-causeway-config-manager", "rel-causeway-scale-down",
+                                         "rel-causeway-scale-up", "rel-causeway-store"])
+        admin_side = {"rel-causeway-config-manager", "rel-causeway-bootstrap", "rel-causeway-scale-down",
+                      "rel-causeway-scale-up"}
+        for workload, found in files.items():
+            with self.subTest(workload):
+                expected = {"cluster_secret_file": ("rel-causeway-cluster", "cluster-secret")}
+                if workload in admin_side:
+                    expected["admin_token_file"] = ("rel-causeway-cluster", "admin-token")
+                self.assertEqual(found, expected)
+        # The test pod uses the document API only.
+        check = by_kind(docs, "Pod")["rel-causeway-check"]["spec"]
+        self.assertEqual([v["name"] for v in check["volumes"]], ["auth"])
+
+    def test_hook_jobs_set_only_environment_variables_their_command_reads(self):
+        """The admin commands take their credentials from CAUSEWAY_* variables: each one a Job
+        sets is one its command's --help names."""
+        target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", pathlib.Path.home() / ".cache/causeway-target")) / "debug"
+        docs = render("-f", str(CHART / "ci/default-values.yaml"))
+        for name, job in by_kind(docs, "Job").items():
+            container = job["spec"]["template"]["spec"]["containers"][0]
+            words = [a for a in container["args"] if not a.startswith("-")]
+            help_text = run(str(target / container["command"][0]), *words, "--help").stdout
+            for var in (e["name"] for e in container["env"] if e["name"].startswith("CAUSEWAY_")):
+                with self.subTest(job=name, env=var):
+                    self.assertIn(f"env: {var}", help_text)
 
     def test_store_caches_are_sized_under_the_memory_limit(self):
         docs = render("-f", str(CHART / "ci/default-values.yaml"), "--set", "store.resources.limits.memory=8Gi")

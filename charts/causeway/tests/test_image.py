@@ -565,12 +565,17 @@ class ImageRunsChartTest(unittest.TestCase):
             self.assertEqual(status, 200, f"{step}: {collection}/{key}: {body!r}")
             self.assertEqual(json.loads(body), doc, f"{step}: {collection}/{key}")
 
+    def admin_status(self, *credentials, check=True):
+        """`causeway admin status --json` (one sample) with these flags, run in the config
+        manager's container, whose /etc/hosts resolves the addresses the nodes registered."""
+        return run(["podman", "exec", self.cm_pod["container"], "causeway", "admin", "status", "--json",
+                    "--sample-ms", "0", "--config-manager", f"127.0.0.1:{self.cm_port}", *credentials],
+                   timeout=EXEC_TIMEOUT, check=check)
+
     def cluster_status(self):
-        """`causeway admin status --json` (one sample), run in the config manager's container,
-        whose /etc/hosts resolves the addresses the nodes registered."""
-        p = run(["podman", "exec", self.cm_pod["container"], "causeway", "admin", "status", "--json",
-                 "--sample-ms", "0", "--config-manager", f"127.0.0.1:{self.cm_port}"], timeout=EXEC_TIMEOUT)
-        return json.loads(p.stdout)
+        """admin_status with the cluster secret the chart mounts in the config manager's pod."""
+        security = json.loads(self.obj("ConfigMap", f"{FULLNAME}-config-manager")["data"]["config-manager.json"])["security"]
+        return json.loads(self.admin_status("--cluster-secret-file", security["cluster_secret_file"]).stdout)
 
     def assert_configuration(self, nodes, step):
         """The cluster is idle in PARTITIONS × len(nodes) with exactly these node ids, every one
@@ -591,10 +596,11 @@ class ImageRunsChartTest(unittest.TestCase):
         values = copy.deepcopy(self.values)
         values["cluster"]["replicas"] = replicas
         objects = self.render(values, f"replicas-{replicas}")
-        # The generated token is kept across upgrades by `lookup` (templates/auth-secret.yaml),
-        # which `helm template` cannot do: the release's Secret stays.
-        tokens = ("Secret", f"{FULLNAME}-tokens")
-        objects[tokens] = installed[tokens]
+        # The generated token, cluster secret and admin token are kept across upgrades by
+        # `lookup` (templates/auth-secret.yaml, templates/cluster-secret.yaml), which `helm
+        # template` cannot do: the release's Secrets stay.
+        for kept in (("Secret", f"{FULLNAME}-tokens"), ("Secret", f"{FULLNAME}-cluster")):
+            objects[kept] = installed[kept]
         changed = sorted(k for k in objects.keys() | installed.keys() if objects.get(k) != installed.get(k))
         self.assertEqual(changed, [
             ("Job", f"{FULLNAME}-bootstrap"),  # a post-install hook: not run by an upgrade
@@ -670,6 +676,20 @@ class ImageRunsChartTest(unittest.TestCase):
 
     def test_write_then_read_through_the_api(self):
         self.write_then_read("image_test", f"doc-{self.run_id}")
+
+    def test_internal_links_refuse_calls_without_the_cluster_secret(self):
+        """The chart's processes serve gRPC on every address, authenticated: a call without the
+        cluster secret, or with another one, is refused; with the mounted one it passes."""
+        self.assertGreaterEqual(self.cluster_status()["epoch"], 1)
+        refused = self.admin_status(check=False)
+        self.assertNotEqual(refused.returncode, 0, refused.stdout)
+        self.assertIn("cluster secret", refused.stderr)
+        # Another secret, in the config manager's volume (its only writable place).
+        other = "/var/lib/causeway/other-secret"
+        run(["podman", "exec", self.cm_pod["container"], "sh", "-c", f"echo {'x' * 32} > {other}"], timeout=EXEC_TIMEOUT)
+        forged = self.admin_status("--cluster-secret-file", other, check=False)
+        self.assertNotEqual(forged.returncode, 0, forged.stdout)
+        self.assertIn("cluster secret", forged.stderr)
 
     def test_containers_run_as_the_chart_user_on_a_read_only_root(self):
         pods = [self.cm_pod, *self.store_pods, self.api_pod, self.cdc_pod]
