@@ -123,6 +123,11 @@ pub struct Limits {
     /// Most connections open at once (TCP, with or without TLS). A connection past it waits
     /// in the listen backlog, not accepted, until one closes. Default 4096.
     pub max_connections: usize,
+    /// Bytes of request bodies held in memory at once, over every connection and stream: a
+    /// body reserves its `Content-Length` (`max_body_bytes` without one) before it is read, and
+    /// keeps it until its response. A body that finds no room gets 503 `overloaded` with
+    /// `Retry-After` and its connection closes. Default 256 MiB; at least `max_body_bytes`.
+    pub max_buffered_body_bytes: usize,
     /// Requests per second each token may send (a token bucket per token name, refilled at
     /// this rate); past it a request gets 429 `rate_limited` with `Retry-After`. Default 0:
     /// no rate limit.
@@ -162,6 +167,7 @@ impl Default for Limits {
             max_keys_per_get: 256,
             max_concurrent_requests: 1024,
             max_connections: 4096,
+            max_buffered_body_bytes: 256 << 20,
             token_requests_per_s: 0,
             token_burst: 0,
             max_store_message_bytes: 64 << 20,
@@ -232,6 +238,12 @@ impl Options {
         let l = &self.limits;
         if l.max_body_bytes == 0 || l.max_document_bytes == 0 {
             return bad("max_body_bytes and max_document_bytes must be positive");
+        }
+        if l.max_body_bytes > u32::MAX as usize {
+            return bad("max_body_bytes must be at most 4 GiB");
+        }
+        if l.max_buffered_body_bytes < l.max_body_bytes {
+            return bad("max_buffered_body_bytes must be at least max_body_bytes");
         }
         if l.max_json_depth == 0 || l.max_json_depth > 128 {
             return bad("max_json_depth must be between 1 and 128");

@@ -8,7 +8,9 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::OwnedSemaphorePermit;
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
@@ -948,8 +950,8 @@ async fn observe(State(s): State<AppState>, request: Request, next: Next) -> Res
             .observe(&route, method, response.status().as_u16(), start.elapsed());
         response
     };
-    let request = match whole_body(&s, request).await {
-        Ok(request) => request,
+    let (request, _body_bytes) = match whole_body(&s, request).await {
+        Ok(read) => read,
         Err(problem) => {
             // The rest of the body was not read: the connection cannot carry another request.
             let mut response = problem.into_response();
@@ -1001,13 +1003,34 @@ async fn observe(State(s): State<AppState>, request: Request, next: Next) -> Res
 }
 
 /// `request` with its body read whole (a request without a body as it is): at most
-/// `max_body_bytes` (413), within `body_read_ms` (408).
-async fn whole_body(s: &Shared, request: Request) -> Result<Request, Problem> {
+/// `max_body_bytes` (413), within `body_read_ms` (408), in room reserved of
+/// `max_buffered_body_bytes` (503 when there is none), which the answer's permit holds.
+async fn whole_body(
+    s: &Shared,
+    request: Request,
+) -> Result<(Request, Option<OwnedSemaphorePermit>), Problem> {
     use axum::body::HttpBody;
     let (parts, body) = request.into_parts();
     if body.is_end_stream() {
-        return Ok(Request::from_parts(parts, body));
+        return Ok((Request::from_parts(parts, body), None));
     }
+    let max = s.options.limits.max_body_bytes;
+    // A declared length past the limit is refused by `body::read` without reading.
+    let reserve = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .map_or(max, |n| n.min(max));
+    let room = u32::try_from(reserve.max(1))
+        .ok()
+        .and_then(|n| Arc::clone(&s.body_bytes).try_acquire_many_owned(n).ok())
+        .ok_or_else(|| {
+            Problem::new(
+                Kind::Overloaded,
+                "too many request bodies held at once (limits.max_buffered_body_bytes); retry later",
+            )
+            .retry_after(s.options.timeouts.retry_after_s)
+        })?;
     let limit = s.options.timeouts.body_read_ms;
     let read = body::read(&parts.headers, body, s.options.limits.max_body_bytes);
     let bytes = tokio::time::timeout(std::time::Duration::from_millis(limit), read)
@@ -1018,7 +1041,7 @@ async fn whole_body(s: &Shared, request: Request) -> Result<Request, Problem> {
                 format!("the request body did not arrive within {limit} ms"),
             )
         })??;
-    Ok(Request::from_parts(parts, Body::from(bytes)))
+    Ok((Request::from_parts(parts, Body::from(bytes)), Some(room)))
 }
 
 /// Keeps the in-flight gauge right when a request's future is dropped (client gone).

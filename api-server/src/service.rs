@@ -36,6 +36,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     /// Permits for `/v1` requests in flight (`max_concurrent_requests`).
     pub(crate) in_flight: Arc<Semaphore>,
+    /// Bytes of request bodies held at once (`max_buffered_body_bytes`).
+    pub(crate) body_bytes: Arc<Semaphore>,
     /// The OpenAPI document, rendered once.
     pub(crate) openapi_json: String,
     /// The highest `Bounds::next` of the log this server has seen (from its appends and from
@@ -123,6 +125,7 @@ impl Service {
                 .with_max_message_bytes(options.limits.max_store_message_bytes),
             ),
             in_flight: Arc::new(Semaphore::new(options.limits.max_concurrent_requests)),
+            body_bytes: Arc::new(Semaphore::new(options.limits.max_buffered_body_bytes)),
             openapi_json: crate::openapi::json(&options.limits),
             log_next: AtomicU64::new(0),
             admission: Admission::new(options.admission),

@@ -1099,6 +1099,59 @@ async fn a_client_sending_its_body_slowly_does_not_block_others() -> Result<()> 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_held_at_once_are_bounded_in_bytes() -> Result<()> {
+    let server = Server::start(|o| {
+        o.limits.max_body_bytes = 1000;
+        o.limits.max_buffered_body_bytes = 1500;
+    })
+    .await?;
+    // A client declares a 1000-byte body and sends a little of it: its 1000 bytes are held.
+    let mut held = TcpStream::connect(server.addr).await?;
+    held.write_all(&raw_head(
+        "PUT",
+        b"/v1/collections/orders/documents/held",
+        "Content-Type: application/json\r\nContent-Length: 1000\r\n",
+    ))
+    .await?;
+    held.write_all(b"{\"pad\": \"").await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Another 1000-byte body finds no room: 503 with Retry-After, nothing written.
+    let http = client();
+    let big = json!({"pad": "x".repeat(900)});
+    let r = http
+        .put(server.url("/v1/collections/orders/documents/big"))
+        .bearer_auth(ADMIN)
+        .json(&big)
+        .send()
+        .await?;
+    ensure!(r.status() == 503, "a body past the budget: {}", r.status());
+    ensure!(r.headers().contains_key("retry-after"), "no Retry-After");
+    // A small one fits in what is left.
+    let r = http
+        .put(server.url("/v1/collections/orders/documents/small"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"i": 1}))
+        .send()
+        .await?;
+    ensure!(r.status() == 200, "a small body: {}", r.status());
+    // Once the held body's connection goes, its room comes back.
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = http
+        .put(server.url("/v1/collections/orders/documents/big"))
+        .bearer_auth(ADMIN)
+        .json(&big)
+        .send()
+        .await?;
+    ensure!(
+        r.status() == 200,
+        "the big body after room came back: {}",
+        r.status()
+    );
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_closes() -> Result<()> {
     let server = Server::start(|o| o.timeouts.body_read_ms = 300).await?;
     let mut stream = TcpStream::connect(server.addr).await?;
