@@ -545,8 +545,12 @@ mod tests {
             .check_store_node(3)
             .is_err());
         assert!(caller(Some(Role::ApiServer)).check_store_node(3).is_err());
-        assert!(caller(Some(Role::StoreNode(4))).check_store_node_or_admin().is_ok());
-        assert!(caller(Some(Role::ApiServer)).check_store_node_or_admin().is_err());
+        assert!(caller(Some(Role::StoreNode(4)))
+            .check_store_node_or_admin()
+            .is_ok());
+        assert!(caller(Some(Role::ApiServer))
+            .check_store_node_or_admin()
+            .is_err());
         assert!(caller(Some(Role::Cdc)).check_store_node_or_admin().is_err());
         let admin = Caller {
             role: Some(Role::Admin),
