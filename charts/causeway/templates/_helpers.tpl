@@ -247,11 +247,15 @@ podAntiAffinity:
      as JSON. Pass dict "root" $ "role" <role> "admin" <bool>: role is config-manager,
      store-node, api-server, cdc or admin (the hook Jobs); admin adds the admin token. The files
      are those of causeway.security.volumeMounts: /etc/causeway/cluster/{cluster-secret,
-     admin-token}. */}}
+     admin-token} and, with internalTLS.enabled, /etc/causeway/internal-tls/{ca.crt, tls.crt,
+     tls.key}. The cluster secret is set with TLS too, where it is ignored. */}}
 {{- define "causeway.security" -}}
 {{- $s := dict "cluster_secret_file" "/etc/causeway/cluster/cluster-secret" -}}
 {{- if .admin -}}
 {{- $_ := set $s "admin_token_file" "/etc/causeway/cluster/admin-token" -}}
+{{- end -}}
+{{- if .root.Values.internalTLS.enabled -}}
+{{- $_ := set $s "tls" (dict "ca" "/etc/causeway/internal-tls/ca.crt" "cert" "/etc/causeway/internal-tls/tls.crt" "key" "/etc/causeway/internal-tls/tls.key") -}}
 {{- end -}}
 {{- toJson $s -}}
 {{- end -}}
@@ -270,13 +274,49 @@ podAntiAffinity:
       - key: {{ $v.internalAuth.adminTokenKey }}
         path: admin-token
       {{- end }}
+{{- if $v.internalTLS.enabled }}
+- name: internal-tls
+  secret:
+    secretName: {{ required "internalTLS.existingSecret is required with internalTLS.enabled" $v.internalTLS.existingSecret }}
+    defaultMode: 0440
+    {{- if ne .role "store-node" }}
+    items:
+      - key: ca.crt
+        path: ca.crt
+      - key: {{ .role }}.crt
+        path: tls.crt
+      - key: {{ .role }}.key
+        path: tls.key
+    {{- end }}
+{{- end }}
 {{- end -}}
 
-{{/* The mounts of causeway.security.volumes (same dict). */}}
+{{/* The mounts of causeway.security.volumes (same dict). A store pod mounts the files of its
+     own id, store-node-<ordinal>.crt and .key, by the pod's index label (env POD_INDEX). */}}
 {{- define "causeway.security.volumeMounts" -}}
 - name: cluster-secret
   mountPath: /etc/causeway/cluster
   readOnly: true
+{{- if .root.Values.internalTLS.enabled }}
+{{- if eq .role "store-node" }}
+- name: internal-tls
+  mountPath: /etc/causeway/internal-tls/ca.crt
+  subPath: ca.crt
+  readOnly: true
+- name: internal-tls
+  mountPath: /etc/causeway/internal-tls/tls.crt
+  subPathExpr: store-node-$(POD_INDEX).crt
+  readOnly: true
+- name: internal-tls
+  mountPath: /etc/causeway/internal-tls/tls.key
+  subPathExpr: store-node-$(POD_INDEX).key
+  readOnly: true
+{{- else }}
+- name: internal-tls
+  mountPath: /etc/causeway/internal-tls
+  readOnly: true
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{/* The env of an admin command (the hook Jobs): the files of causeway.security, for the flags
@@ -288,5 +328,13 @@ podAntiAffinity:
 {{- with $s.admin_token_file }}
 - name: CAUSEWAY_ADMIN_TOKEN_FILE
   value: {{ . }}
+{{- end }}
+{{- with $s.tls }}
+- name: CAUSEWAY_TLS_CA
+  value: {{ .ca }}
+- name: CAUSEWAY_TLS_CERT
+  value: {{ .cert }}
+- name: CAUSEWAY_TLS_KEY
+  value: {{ .key }}
 {{- end }}
 {{- end -}}

@@ -231,6 +231,7 @@ class Chart(unittest.TestCase):
             "a bad port": (good + ["--set", "api.port=70000"], "/api/port"),
             "a bad duration": (good + ["--set", "cluster.transitionTimeout=soon"], "transitionTimeout"),
             "no memory limit": (good + ["--set", "store.resources.limits.memory=null"], "memory"),
+            "internal TLS without its Secret": (good + ["--set", "internalTLS.enabled=true"], "/internalTLS/existingSecret"),
             "a bad Secret key": (good + ["--set", "internalAuth.adminTokenKey=a/b"], "/internalAuth/adminTokenKey"),
             "one key for both credentials": (good + ["--set", "internalAuth.adminTokenKey=cluster-secret"], "must differ"),
             "a bad feed name": (good + ["--set-json", 'cdc.feeds=[{"name":"a b","collections":["x"],"sink":{"type":"kafka"}}]'], "name"),
@@ -339,11 +340,41 @@ class Chart(unittest.TestCase):
         check = by_kind(docs, "Pod")["rel-causeway-check"]["spec"]
         self.assertEqual([v["name"] for v in check["volumes"]], ["auth"])
 
+    def test_internal_tls_gives_each_process_its_role_certificate(self):
+        docs = render("-f", str(CHART / "ci/internal-tls-values.yaml"))
+        self.assertNotIn("rel-causeway-cluster", by_kind(docs, "Secret"), "internalAuth.existingSecret is set")
+        roles = {"rel-causeway-api": "api-server", "rel-causeway-cdc": "cdc",
+                 "rel-causeway-config-manager": "config-manager", "rel-causeway-store": "store-node-$(POD_INDEX)",
+                 "rel-causeway-bootstrap": "admin", "rel-causeway-scale-down": "admin",
+                 "rel-causeway-scale-up": "admin"}
+        files = security_files(docs)
+        self.assertEqual(sorted(files), sorted(roles))
+        for workload, role in roles.items():
+            with self.subTest(workload):
+                found = files[workload]
+                self.assertEqual(found["cluster_secret_file"], ("causeway-cluster-credentials", "cluster-secret"))
+                self.assertEqual(found["tls.ca"], ("causeway-internal-tls", "ca.crt"))
+                self.assertEqual(found["tls.cert"], ("causeway-internal-tls", f"{role}.crt"))
+                self.assertEqual(found["tls.key"], ("causeway-internal-tls", f"{role}.key"))
+        # A store pod's id is its ordinal: POD_INDEX is the pod's index label, as --node-id is
+        # its name's ordinal.
+        store = by_kind(docs, "StatefulSet")["rel-causeway-store"]["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e for e in store["env"]}
+        self.assertEqual(env["POD_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"],
+                         "metadata.labels['apps.kubernetes.io/pod-index']")
+        self.assertIn("--node-id=$(POD_NAME)", store["args"])
+        # The hook Jobs' admin commands: the admin certificate, and the token.
+        for name in ("rel-causeway-bootstrap", "rel-causeway-scale-down", "rel-causeway-scale-up"):
+            job = by_kind(docs, "Job")[name]["spec"]["template"]["spec"]["containers"][0]
+            env = {e["name"]: e.get("value") for e in job["env"]}
+            self.assertEqual(env["CAUSEWAY_TLS_CERT"], "/etc/causeway/internal-tls/tls.crt", name)
+            self.assertEqual(env["CAUSEWAY_ADMIN_TOKEN_FILE"], "/etc/causeway/cluster/admin-token", name)
+
     def test_hook_jobs_set_only_environment_variables_their_command_reads(self):
         """The admin commands take their credentials from CAUSEWAY_* variables: each one a Job
         sets is one its command's --help names."""
         target = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", pathlib.Path.home() / ".cache/causeway-target")) / "debug"
-        docs = render("-f", str(CHART / "ci/default-values.yaml"))
+        docs = render("-f", str(CHART / "ci/internal-tls-values.yaml"))
         for name, job in by_kind(docs, "Job").items():
             container = job["spec"]["template"]["spec"]["containers"][0]
             words = [a for a in container["args"] if not a.startswith("-")]
