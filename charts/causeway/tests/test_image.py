@@ -22,6 +22,11 @@ the transition to 1×3), then 1×3 → 1×2 (scale-down Job: the transition that
 the StatefulSet removes cw-store-2; scale-up Job: nothing), documents read back after every
 step. And the cdc service (cdc.enabled with one Kafka feed) delivers a write to its feed.
 
+The internal gRPC links are authenticated with the chart's generated cluster secret: a call
+without it, or with another, is refused. All of it runs twice: the second time with
+internalTLS.enabled and a Secret of the certificates `causeway admin certs create` makes (each
+store pod mounts its ordinal's by its pod-index label, as the kubelet would).
+
 Every container uses the host's network (`--network host`): containers reach the broker on the
 host's loopback and the test reaches the containers' ports. The cluster's Service and pod DNS
 names are mapped to 127.0.0.1 with --add-host.
@@ -170,7 +175,11 @@ def http_ok(url):
 
 
 class ImageRunsChartTest(unittest.TestCase):
-    """A cluster of 1 partition × 2 replicas from the rendered chart, on localhost/causeway:dev."""
+    """A cluster of 1 partition × 2 replicas from the rendered chart, on localhost/causeway:dev,
+    its internal links authenticated by the chart's cluster secret."""
+
+    # internalTLS.enabled, with a Secret of certificates from `causeway admin certs create`.
+    INTERNAL_TLS = False
 
     @classmethod
     def setUpClass(cls):
@@ -247,6 +256,11 @@ class ImageRunsChartTest(unittest.TestCase):
                 }],
             },
         }
+        # Objects the release does not make but the cluster has (an existingSecret).
+        cls.existing = {}
+        if cls.INTERNAL_TLS:
+            cls.values["internalTLS"] = {"enabled": True, "existingSecret": f"{FULLNAME}-internal-tls"}
+            cls.existing[("Secret", f"{FULLNAME}-internal-tls")] = cls.internal_tls_secret(f"{FULLNAME}-internal-tls")
         cls.objects = cls.render(cls.values, "install")
         secret = cls.obj("Secret", f"{FULLNAME}-tokens")
         token = (secret.get("stringData") or {}).get("check-token") or base64.b64decode(secret["data"]["check-token"]).decode()
@@ -312,11 +326,26 @@ class ImageRunsChartTest(unittest.TestCase):
             timeout=120,
         ).stdout
         (cls.tmp / f"rendered-{label}.yaml").write_text(rendered)
-        objects = {}
+        objects = dict(cls.existing)
         for doc in yaml.safe_load_all(rendered):
             if doc:
                 objects[(doc["kind"], doc["metadata"]["name"])] = doc
         return objects
+
+    @classmethod
+    def internal_tls_secret(cls, name):
+        """The Secret of internalTLS.existingSecret, as the chart's README makes it: the files of
+        `causeway admin certs create` for every store node the test may start."""
+        out = cls.tmp / "certs"
+        ids = PARTITIONS * UPGRADE_REPLICAS
+        run([str(TARGET_DIR / "debug" / "causeway"), "admin", "certs", "create", "--out", str(out),
+             "--store-nodes", f"0-{ids - 1}"], timeout=60)
+        data = {"ca.crt": (out / "ca.pem").read_text()}
+        for n in ["config-manager", "api-server", "cdc", "admin", *(f"store-node-{i}" for i in range(ids))]:
+            data[f"{n}.crt"] = (out / f"{n}.pem").read_text()
+            data[f"{n}.key"] = (out / f"{n}-key.pem").read_text()
+        return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NAMESPACE},
+                "type": "Opaque", "stringData": data}
 
     @classmethod
     def store_pod(cls, ordinal, objects):
@@ -350,7 +379,11 @@ class ImageRunsChartTest(unittest.TestCase):
             if "value" in e:
                 value = expand(str(e["value"]), env)
             elif "valueFrom" in e and "fieldRef" in e["valueFrom"]:
-                value = {"metadata.name": name, "metadata.namespace": NAMESPACE}[e["valueFrom"]["fieldRef"]["fieldPath"]]
+                fields = {"metadata.name": name, "metadata.namespace": NAMESPACE}
+                if workload["kind"] == "StatefulSet":
+                    # The label the StatefulSet controller gives each pod: its ordinal.
+                    fields["metadata.labels['apps.kubernetes.io/pod-index']"] = name.rsplit("-", 1)[1]
+                value = fields[e["valueFrom"]["fieldRef"]["fieldPath"]]
             else:
                 raise AssertionError(f"{name}: env {e['name']} has a source the test does not provide: {e}")
             env[e["name"]] = value
@@ -380,7 +413,7 @@ class ImageRunsChartTest(unittest.TestCase):
         claims = {t["metadata"]["name"] for t in workload["spec"].get("volumeClaimTemplates") or []}
         for m in c.get("volumeMounts") or []:
             v = volumes.get(m["name"])
-            sub = m.get("subPath")
+            sub = m.get("subPath") or (expand(m["subPathExpr"], env) if "subPathExpr" in m else None)
             if v is None:
                 assert m["name"] in claims, f"{name}: volume {m['name']} is neither a volume nor a claim"
                 # A fresh PVC: a directory of the pod's fsGroup, writable by its user.
@@ -572,10 +605,18 @@ class ImageRunsChartTest(unittest.TestCase):
                     "--sample-ms", "0", "--config-manager", f"127.0.0.1:{self.cm_port}", *credentials],
                    timeout=EXEC_TIMEOUT, check=check)
 
-    def cluster_status(self):
-        """admin_status with the cluster secret the chart mounts in the config manager's pod."""
+    def credentials(self):
+        """The flags of an admin command with the credentials the chart mounts in the config
+        manager's pod: its certificate under TLS, else the cluster secret."""
         security = json.loads(self.obj("ConfigMap", f"{FULLNAME}-config-manager")["data"]["config-manager.json"])["security"]
-        return json.loads(self.admin_status("--cluster-secret-file", security["cluster_secret_file"]).stdout)
+        tls = security.get("tls")
+        if tls:
+            return ["--tls-ca", tls["ca"], "--tls-cert", tls["cert"], "--tls-key", tls["key"]]
+        return ["--cluster-secret-file", security["cluster_secret_file"]]
+
+    def cluster_status(self):
+        """admin_status with the config manager's credentials."""
+        return json.loads(self.admin_status(*self.credentials()).stdout)
 
     def assert_configuration(self, nodes, step):
         """The cluster is idle in PARTITIONS × len(nodes) with exactly these node ids, every one
@@ -679,10 +720,17 @@ class ImageRunsChartTest(unittest.TestCase):
 
     def test_internal_links_refuse_calls_without_the_cluster_secret(self):
         """The chart's processes serve gRPC on every address, authenticated: a call without the
-        cluster secret, or with another one, is refused; with the mounted one it passes."""
+        cluster secret (or, under TLS, without a certificate of the cluster CA), or with another
+        secret, is refused; with the mounted credentials it passes."""
         self.assertGreaterEqual(self.cluster_status()["epoch"], 1)
         refused = self.admin_status(check=False)
         self.assertNotEqual(refused.returncode, 0, refused.stdout)
+        if self.INTERNAL_TLS:
+            # The cluster secret alone does not pass either.
+            secret = json.loads(self.obj("ConfigMap", f"{FULLNAME}-config-manager")["data"]["config-manager.json"])["security"]["cluster_secret_file"]
+            plain = self.admin_status("--cluster-secret-file", secret, check=False)
+            self.assertNotEqual(plain.returncode, 0, plain.stdout)
+            return
         self.assertIn("cluster secret", refused.stderr)
         # Another secret, in the config manager's volume (its only writable place).
         other = "/var/lib/causeway/other-secret"
@@ -813,6 +861,13 @@ class ImageRunsChartTest(unittest.TestCase):
         self.run_check_pod(down, instance="after-upgrades")
         self.write_then_read("image_test", f"doc-{self.run_id}-after-upgrades")
         read_back("after the upgrades")
+
+class ImageRunsChartWithInternalTLSTest(ImageRunsChartTest):
+    """The same cluster and checks with internalTLS.enabled: every process, and the hook Jobs,
+    with its certificate of the cluster CA from the Secret; each store pod with its ordinal's."""
+
+    INTERNAL_TLS = True
+
 
 if __name__ == "__main__":
     unittest.main()
