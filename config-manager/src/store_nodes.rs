@@ -473,7 +473,11 @@ impl Candidates {
 
 /// Statuses after which another node (or another try) may do better.
 pub fn retryable(code: Code) -> bool {
-    matches!(code, Code::Unavailable | Code::Unknown | Code::Cancelled)
+    // `ResourceExhausted`: the node shed the request (its places for clients are all taken).
+    matches!(
+        code,
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::ResourceExhausted
+    )
 }
 
 #[doc(hidden)]

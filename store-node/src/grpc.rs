@@ -139,11 +139,18 @@ type PeerClients = HashMap<NodeId, (String, StoreNodeClient<Channel>)>;
 pub struct Server {
     pub(crate) shared: Arc<Shared>,
     clients: Arc<Mutex<PeerClients>>,
+    /// Places for coordinated reads, queries and UST waits (`tuning.max_concurrent_requests`).
+    /// Only requests of clients take one: gossip, sub-reads, votes and backfill never queue
+    /// behind them, so a busy node neither looks dead nor deadlocks with its peers.
+    coordinating: Arc<tokio::sync::Semaphore>,
 }
 
 impl Server {
     pub fn new(shared: Arc<Shared>) -> Server {
         Server {
+            coordinating: Arc::new(tokio::sync::Semaphore::new(
+                shared.tuning.max_concurrent_requests,
+            )),
             shared,
             clients: Arc::default(),
         }
@@ -169,6 +176,19 @@ impl Server {
             clients.insert(node, (addr.clone(), client));
         }
         Ok(clients[&node].1.clone())
+    }
+
+    /// A place for a client's request, or `ResourceExhausted` at once when all are taken (load
+    /// shedding: the caller tries another node or later).
+    fn coordinate(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        Arc::clone(&self.coordinating)
+            .try_acquire_owned()
+            .map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "{} requests in flight on this node (tuning.max_concurrent_requests)",
+                    self.shared.tuning.max_concurrent_requests
+                ))
+            })
     }
 
     /// When (in the node's clock) `node`'s gossip last arrived.
@@ -822,6 +842,7 @@ impl pb::store_node_server::StoreNode for Server {
         &self,
         request: Request<pb::ReadRequest>,
     ) -> Result<Response<pb::ReadResponse>, Status> {
+        let _place = self.coordinate()?;
         let req = request.into_inner();
         validate_keys(&req.keys)?;
         let started = Instant::now();
@@ -851,6 +872,7 @@ impl pb::store_node_server::StoreNode for Server {
         &self,
         request: Request<pb::QueryRequest>,
     ) -> Result<Response<pb::QueryResponse>, Status> {
+        let _place = self.coordinate()?;
         self.query_page(request.into_inner())
             .await
             .map(Response::new)
@@ -928,6 +950,7 @@ impl pb::store_node_server::StoreNode for Server {
         &self,
         request: Request<pb::WaitForUstRequest>,
     ) -> Result<Response<pb::WaitForUstResponse>, Status> {
+        let _place = self.coordinate()?;
         let req = request.into_inner();
         let deadline = Instant::now() + self.timeout(req.timeout_ms);
         let mut rx = self.shared.decided.subscribe();

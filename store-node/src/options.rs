@@ -91,8 +91,9 @@ pub struct Tuning {
     /// spans pages carries its best candidates so far in the cursor, as many as fit (at least
     /// one). The api-server must accept cursors this long (default 4 096 bytes).
     pub query_max_cursor_bytes: usize,
-    /// Concurrent gRPC requests served over all connections; more wait for a slot (default
-    /// 1 024).
+    /// Coordinated reads, queries and UST waits served at once; more are refused at once with
+    /// `ResourceExhausted` (the api-server tries another node). Gossip, sub-reads, votes and
+    /// backfill are not counted: they never wait behind clients (default 1 024).
     pub max_concurrent_requests: usize,
     /// The largest gRPC message the node takes or sends (default 64 MiB: a query page of
     /// 1 000 large documents, or a multi-get of the most keys, fits).

@@ -212,10 +212,7 @@ impl Service {
             .server()?
             .concurrency_limit_per_connection(256)
             .http2_keepalive_interval(Some(Duration::from_millis(tuning.http2_keepalive_ms)))
-            .http2_keepalive_timeout(Some(Duration::from_millis(tuning.http2_keepalive_ms)))
-            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-                tuning.max_concurrent_requests,
-            ));
+            .http2_keepalive_timeout(Some(Duration::from_millis(tuning.http2_keepalive_ms)));
         let service = StoreNodeServer::new(server)
             .max_decoding_message_size(tuning.max_message_bytes)
             .max_encoding_message_size(tuning.max_message_bytes);
@@ -788,7 +785,9 @@ impl Peers {
 }
 
 /// Looks at the log's end when a peer's gossip claimed more than this node had seen (see
-/// [`Shared::observe`]), at most every 100 ms.
+/// [`Shared::observe`]), at most once a gossip interval: a peer ahead of this node is believed
+/// within about one interval, so the UST does not fall further behind the log than gossip
+/// makes it.
 async fn log_end_loop(
     shared: Arc<Shared>,
     log: TxLog,
@@ -808,7 +807,7 @@ async fn log_end_loop(
             Err(e) => debug!(error = %e, "cannot read the log's end"),
         }
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            () = tokio::time::sleep(Duration::from_millis(shared.tuning.gossip_interval_ms)) => {}
             _ = stop.wait_for(|s| *s) => return Ok(()),
         }
     }

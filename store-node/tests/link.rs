@@ -15,7 +15,7 @@ use causeway_proto::link::{Link, Role, Security, TlsFiles};
 use causeway_proto::v1 as pb;
 use causeway_proto::v1::store_node_client::StoreNodeClient;
 use causeway_store_node::state::Configs;
-use causeway_store_node::{Options, Service, Store};
+use causeway_store_node::{Options, Service, Store, Tuning};
 use causeway_txlog::{EmbeddedOptions, LogOptions, TxLog};
 use common::*;
 use prost::Message;
@@ -35,6 +35,10 @@ struct Node {
 
 impl Node {
     async fn start(security: Security, records: usize) -> Node {
+        Node::start_tuned(security, records, Tuning::default()).await
+    }
+
+    async fn start_tuned(security: Security, records: usize, tuning: Tuning) -> Node {
         let log_dir = tempfile::tempdir().unwrap();
         let log_options = LogOptions::Embedded(EmbeddedOptions::new(log_dir.path()));
         let log = TxLog::open(log_options.clone()).await.unwrap();
@@ -73,7 +77,7 @@ impl Node {
             config_manager: "127.0.0.1:1".into(),
             log: log_options,
             store: small_options(),
-            tuning: Default::default(),
+            tuning,
             security,
         };
         let service = Service::bind_with_log(options, log.clone()).await.unwrap();
@@ -281,5 +285,47 @@ async fn forged_gossip_is_ignored_and_the_cluster_secret_is_required() {
         "a stranger entered the table, or a committed ts beyond the log was believed"
     );
     assert!(s.ust <= 5, "UST {} beyond the log's end", s.ust);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_past_the_limit_are_shed_while_gossip_is_still_served() {
+    let tuning = Tuning {
+        max_concurrent_requests: 1,
+        ..Tuning::default()
+    };
+    let node = Node::start_tuned(Security::default(), 0, tuning).await;
+    let link = Link::open();
+    // One client waits for a UST the log never reaches: the node's only place is taken.
+    let mut waiting = client(&link, &node.addr);
+    let wait = tokio::spawn(async move {
+        waiting
+            .wait_for_ust(pb::WaitForUstRequest {
+                ts: 1_000_000,
+                timeout_ms: 1_500,
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let err = client(&link, &node.addr)
+        .read(pb::ReadRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    // Gossip and status are not clients' requests: served.
+    client(&link, &node.addr)
+        .gossip(gossip(2, 1, 0))
+        .await
+        .expect("gossip is served while clients are shed");
+    status(client(&link, &node.addr)).await.unwrap();
+    wait.await.unwrap().expect("the waiting client is answered");
+    // The place is free again.
+    let again = client(&link, &node.addr)
+        .wait_for_ust(pb::WaitForUstRequest {
+            ts: 0,
+            timeout_ms: 100,
+        })
+        .await;
+    assert!(again.is_ok(), "{again:?}");
     node.stop().await;
 }
