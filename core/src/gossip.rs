@@ -50,8 +50,8 @@ impl Gossip {
 pub enum Heard {
     /// Taken in: newer than what the table held.
     Taken,
-    /// Taken in without its committed ts (claimed: `claimed`) or UST view, which were beyond the
-    /// log's end.
+    /// Taken in with its committed ts (claimed: `claimed`) cut to the log's end, or without its
+    /// UST view, beyond it.
     Doubted { claimed: Timestamp },
     /// Not newer than what the table holds: nothing changed.
     Stale,
@@ -108,12 +108,15 @@ impl GossipTable {
     /// Takes in a message from a peer, as [`GossipTable::observe`] does, but only what the
     /// peer can be believed on. A message from a node that `is_member` denies (in no
     /// configuration this node knows: a forgery, or a node that left) is ignored and never
-    /// enters the table. A committed ts or UST view beyond `log_end`, the newest ts the log
-    /// holds as far as this node knows, is ignored: the table keeps the node's previous value
-    /// (none: zero), while the rest of the message (liveness, epochs, reads) is taken. No node
-    /// can have committed what the log does not hold, and a UST computed from such a claim
-    /// would serve reads of writes no replica has. A node whose view of the log's end lags
-    /// believes the claim once its view catches up.
+    /// enters the table. A committed ts beyond `log_end`, the newest ts the log holds as far as
+    /// this node knows, is believed only up to `log_end`, and a UST view beyond it not at all
+    /// (the view held before stays); the rest of the message (liveness, epochs, reads) is
+    /// taken. No node can have committed what the log does
+    /// not hold, and a UST computed from such a claim would serve reads at timestamps the log
+    /// has not reached. An honest peer ahead of this node's view loses nothing that matters:
+    /// this node's own committed ts, and so any UST it computes, is within its view anyway. A
+    /// claim within the log cannot be checked here (mutual TLS makes only the node itself able
+    /// to make it).
     pub fn admit(
         &mut self,
         mut msg: Gossip,
@@ -126,12 +129,14 @@ impl GossipTable {
         }
         let claimed = msg.committed;
         let doubted = msg.committed > log_end || msg.ust > log_end;
-        let held = self.entries.get(&msg.node);
-        if msg.committed > log_end {
-            msg.committed = held.map_or(Timestamp::ZERO, |e| e.committed);
-        }
+        msg.committed = msg.committed.min(log_end);
         if msg.ust > log_end {
-            msg.ust = held.map_or(Timestamp::ZERO, |e| e.latest.ust);
+            // A UST view is no claim about the sender itself: one beyond the log is not taken
+            // at all, the view held before stays.
+            msg.ust = self
+                .entries
+                .get(&msg.node)
+                .map_or(Timestamp::ZERO, |e| e.latest.ust);
         }
         match (self.observe(msg, now_ms), doubted) {
             (false, _) => Heard::Stale,

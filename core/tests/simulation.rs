@@ -10,7 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use causeway_core::config::NodeInfo;
 use causeway_core::{
-    ClusterConfig, Epoch, Frontiers, Gossip, GossipTable, NodeId, ReadTimestamp, Timestamp, View,
+    ClusterConfig, Epoch, Frontiers, Gossip, GossipTable, Heard, NodeId, ReadTimestamp, Timestamp,
+    View,
 };
 use common::Rng;
 
@@ -51,6 +52,8 @@ struct Node {
     last_read_ts: Timestamp,
     /// Crashed at least once: its first reads after a restart may meet SnapshotTooOld.
     restarted: bool,
+    /// The newest ts of the log this node knows of (its view lags the log).
+    log_view: u64,
 }
 
 struct Message {
@@ -124,6 +127,7 @@ impl Sim {
                     reads: Vec::new(),
                     last_read_ts: Timestamp::ZERO,
                     restarted: false,
+                    log_view: 0,
                 },
             );
         }
@@ -251,7 +255,7 @@ impl Sim {
         let (due, later): (Vec<Message>, Vec<Message>) =
             self.net.drain(..).partition(|m| m.deliver_at <= now);
         self.net = later;
-        let log_end = Timestamp(self.log_end);
+        let log_end = self.log_end;
         for m in due {
             let Node {
                 up,
@@ -259,12 +263,20 @@ impl Sim {
                 table,
                 current,
                 next,
+                committed,
+                log_view,
                 ..
             } = self.nodes.get_mut(&m.to).unwrap();
             if *up && now >= *paused_until {
                 let is_member =
                     |n| current.contains(n) || next.as_ref().is_some_and(|c| c.contains(n));
-                table.admit(m.gossip, now_ms, is_member, log_end);
+                // The node's view of the log's end lags: its own committed ts, or what it last
+                // looked at; a claim beyond it makes it look again (as a store node does).
+                *log_view = (*log_view).max(*committed);
+                let heard = table.admit(m.gossip, now_ms, is_member, Timestamp(*log_view));
+                if matches!(heard, Heard::Doubted { .. }) {
+                    *log_view = log_end;
+                }
             }
         }
     }
@@ -316,6 +328,8 @@ impl Sim {
                 node.backfill_done_at = None;
                 node.current = self.cm_current.clone();
                 node.next = self.cm_next.clone();
+                // A store node looks at the log's end when it starts applying.
+                node.log_view = self.log_end;
             }
         }
         // Watch: the node learns the config manager's state with some delay.
@@ -417,18 +431,13 @@ impl Sim {
                     gossip: gossip.clone(),
                 });
             }
-            // Forgeries: a node in no configuration, and this node claiming a committed ts and
-            // a UST beyond the log (an attacker with the cluster secret). Believed, either
-            // would let a node read at a UST above what is stable.
+            // A forgery: a node in no configuration claiming a committed ts and a UST beyond
+            // the log. Believed, it would hold every node's UST back or past what is stable.
             if self.rng.chance(40) {
                 let mut forged = gossip.clone();
-                forged.seq += 1;
-                // Beyond what the log can reach before it arrives (it grows by at most 3 a tick).
+                forged.node = NodeId(STRANGER);
                 forged.committed = Timestamp(self.log_end + 100 + self.rng.below(1_000));
                 forged.ust = forged.committed;
-                if self.rng.chance(2) {
-                    forged.node = NodeId(STRANGER);
-                }
                 self.net.push(Message {
                     deliver_at: tick + 1,
                     to: peer,

@@ -270,7 +270,8 @@ async fn forged_gossip_is_ignored_and_the_cluster_secret_is_required() {
 
     // A node in no configuration: acknowledged, never in the table.
     c().gossip(gossip(99, 1, 3)).await.unwrap();
-    // Node 2, a member: believed up to the log's end and no further.
+    // Node 2, a member: its committed ts believed up to the log's end (5) and no further, its
+    // UST view beyond the log not at all.
     c().gossip(gossip(2, 1, 4)).await.unwrap();
     c().gossip(gossip(2, 2, u64::MAX)).await.unwrap();
     let s = status(c()).await.unwrap();
@@ -281,7 +282,7 @@ async fn forged_gossip_is_ignored_and_the_cluster_secret_is_required() {
         .collect();
     assert_eq!(
         peers,
-        [(2, 4, 4)],
+        [(2, 5, 4)],
         "a stranger entered the table, or a committed ts beyond the log was believed"
     );
     assert!(s.ust <= 5, "UST {} beyond the log's end", s.ust);
