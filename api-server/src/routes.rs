@@ -950,6 +950,22 @@ async fn observe(State(s): State<AppState>, request: Request, next: Next) -> Res
             .observe(&route, method, response.status().as_u16(), start.elapsed());
         response
     };
+    let limited = route.starts_with("/v1/") && route != "/v1/openapi.json";
+    // A request without a valid token costs nothing but its connection: refused before its
+    // body is held or counted against any limit, the body drained (not kept) so that a
+    // keep-alive connection can carry the next request.
+    if limited {
+        if let Err(problem) = s.tokens.authenticate(request.headers()) {
+            let drained = drain(&s, request.into_body()).await;
+            let mut response = problem.into_response();
+            if !drained {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return refuse(response);
+        }
+    }
     let (request, _body_bytes) = match whole_body(&s, request).await {
         Ok(read) => read,
         Err(problem) => {
@@ -979,7 +995,6 @@ async fn observe(State(s): State<AppState>, request: Request, next: Next) -> Res
             );
         }
     }
-    let limited = route.starts_with("/v1/") && route != "/v1/openapi.json";
     let permit = if limited {
         match s.in_flight.clone().try_acquire_owned() {
             Ok(p) => Some(p),
@@ -1042,6 +1057,30 @@ async fn whole_body(
             )
         })??;
     Ok((Request::from_parts(parts, Body::from(bytes)), Some(room)))
+}
+
+/// Reads `body` to its end without keeping it: at most `max_body_bytes`, within
+/// `body_read_ms`. False when it did not end so (the connection must close).
+async fn drain(s: &Shared, body: Body) -> bool {
+    use axum::body::HttpBody;
+    use futures::StreamExt;
+    let max = s.options.limits.max_body_bytes;
+    if body.size_hint().lower() > max as u64 {
+        return false;
+    }
+    let limit = std::time::Duration::from_millis(s.options.timeouts.body_read_ms);
+    let read = async {
+        let mut stream = body.into_data_stream();
+        let mut seen = 0usize;
+        while let Some(chunk) = stream.next().await {
+            seen += chunk.map_err(|_| ())?.len();
+            if seen > max {
+                return Err(());
+            }
+        }
+        Ok(())
+    };
+    matches!(tokio::time::timeout(limit, read).await, Ok(Ok(())))
 }
 
 /// Keeps the in-flight gauge right when a request's future is dropped (client gone).

@@ -1152,6 +1152,43 @@ async fn bodies_held_at_once_are_bounded_in_bytes() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_without_a_valid_token_hold_no_room() -> Result<()> {
+    let server = Server::start(|o| {
+        o.limits.max_body_bytes = 1000;
+        o.limits.max_buffered_body_bytes = 1000;
+    })
+    .await?;
+    // Clients without a valid token declare 1000-byte bodies and send them slowly.
+    let mut strangers = Vec::new();
+    for token in ["", "Authorization: Bearer not-a-token-0123456789\r\n"] {
+        let mut s = TcpStream::connect(server.addr).await?;
+        let head = format!(
+            "PUT /v1/collections/orders/documents/x HTTP/1.1\r\nHost: localhost\r\n{token}\
+             Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await?;
+        s.write_all(b"{\"pad\": \"").await?;
+        strangers.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A client with a token still finds the whole room.
+    let r = client()
+        .put(server.url("/v1/collections/orders/documents/big"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"pad": "x".repeat(900)}))
+        .send()
+        .await?;
+    let status = r.status();
+    ensure!(
+        status == 200,
+        "a body with a token: {status} {}",
+        r.text().await?
+    );
+    drop(strangers);
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_closes() -> Result<()> {
     let server = Server::start(|o| o.timeouts.body_read_ms = 300).await?;
     let mut stream = TcpStream::connect(server.addr).await?;
