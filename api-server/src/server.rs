@@ -27,6 +27,34 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::problem::{Kind, Problem};
 
+/// Concurrent streams of one HTTP/2 connection.
+const HTTP2_MAX_STREAMS: u32 = 64;
+
+/// The HTTP/2 connection preface: a client that sends a prefix of it may be about to speak
+/// HTTP/2; anything else is HTTP/1.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether `tcp` shows, within `within`, enough bytes to tell its protocol (or its end): the
+/// version detection that follows then does not wait on the peer.
+async fn first_bytes(tcp: &tokio::net::TcpStream, within: Duration) -> bool {
+    let look = async {
+        let mut buf = [0u8; 24];
+        loop {
+            if tcp.readable().await.is_err() {
+                return false;
+            }
+            match tcp.peek(&mut buf).await {
+                Ok(0) => return false,
+                Ok(n) if n == buf.len() || buf[..n] != H2_PREFACE[..n] => return true,
+                // A prefix of the preface: wait for more.
+                Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+                Err(_) => return false,
+            }
+        }
+    };
+    tokio::time::timeout(within, look).await.unwrap_or(false)
+}
+
 /// What the accept loop needs.
 pub(crate) struct Listener {
     pub(crate) listener: TcpListener,
@@ -60,7 +88,14 @@ pub(crate) async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_read);
-    builder.http2().timer(TokioTimer::new());
+    // HTTP/2 has no head timeout: pings find dead peers, and streams per connection are
+    // bounded (each may hold a body of `max_body_bytes`).
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(header_read))
+        .keep_alive_timeout(header_read)
+        .max_concurrent_streams(HTTP2_MAX_STREAMS);
     loop {
         let permit = tokio::select! {
             permit = connections.clone().acquire_owned() => {
@@ -91,6 +126,11 @@ pub(crate) async fn serve(
             let _permit = permit;
             let result = match acceptor {
                 None => {
+                    // Deciding between HTTP/1 and HTTP/2 reads the first bytes with no timeout
+                    // of its own: a connection that sends nothing must not hold its place.
+                    if !first_bytes(&tcp, header_read).await {
+                        return;
+                    }
                     let conn = builder
                         .serve_connection(TokioIo::new(ProblemIo::new(tcp)), service)
                         .into_owned();

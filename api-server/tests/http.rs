@@ -1605,3 +1605,36 @@ async fn connections_past_the_cap_wait_until_one_closes() -> Result<()> {
     ensure!(status == 200);
     server.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_nothing_or_half_a_preface_loses_its_place() -> Result<()> {
+    let server = Server::start(|o| {
+        o.limits.max_connections = 1;
+        o.timeouts.header_read_ms = 300;
+    })
+    .await?;
+    let request = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    for opening in [&b""[..], b"PRI * HTTP/2"] {
+        // The only place, taken by a connection that sends nothing, or the start of the
+        // HTTP/2 preface, and stops.
+        let mut silent = TcpStream::connect(server.addr).await?;
+        silent.write_all(opening).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut next = tokio::io::BufReader::new(TcpStream::connect(server.addr).await?);
+        next.get_mut().write_all(request).await?;
+        // Served once the silent one has been closed after header_read_ms.
+        let (status, _, _) = tokio::time::timeout(Duration::from_secs(5), read_answer(&mut next))
+            .await
+            .with_context(|| format!("a silent connection ({opening:?}) kept the only place"))??;
+        ensure!(status == 200);
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(2), silent.read_to_end(&mut rest)).await;
+        // Closed: an end of stream, or a reset where it had sent bytes the server never read.
+        ensure!(
+            closed.is_ok(),
+            "the silent connection ({opening:?}) was not closed"
+        );
+    }
+    server.stop().await
+}
