@@ -98,7 +98,7 @@ impl Service {
             Some(https) => Some(Certificate::open(https).map_err(Error::Tls)?),
             None => None,
         };
-        let link = causeway_proto::link::Link::load(&options.security)?;
+        let link = causeway_proto::link::Link::load(&options.security)?.without_admin_token();
         let config_manager = ConfigClient::connect_lazy(&options.config_manager_addr, &link)
             .map_err(Error::ConfigManager)?;
         let listener = TcpListener::bind(options.listen_addr)

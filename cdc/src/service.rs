@@ -108,7 +108,7 @@ impl Service {
     /// As [`Service::bind`] with a log that is already open (`causeway dev`).
     pub async fn bind_with_log(options: Options, log: TxLog) -> Result<Service, Error> {
         options.validate()?;
-        let link = causeway_proto::link::Link::load(&options.security)?;
+        let link = causeway_proto::link::Link::load(&options.security)?.without_admin_token();
         let config_manager = ConfigClient::connect_lazy(&options.config_manager_addr, &link)
             .map_err(Error::ConfigManager)?;
         let listener = TcpListener::bind(options.listen_addr)

@@ -637,7 +637,10 @@ async fn start(
             config_manager_addr: cm_addr.to_string(),
             log: log_options.clone(),
             tokens_file: Some(tokens_file.clone()),
-            security: security.clone(),
+            security: Security {
+                admin_token_file: None,
+                ..security.clone()
+            },
             ..api::Options::default()
         },
         log.clone(),
@@ -668,7 +671,10 @@ async fn start(
             log: log_options,
             state_dir: data_dir.join("cdc"),
             admin_token: Some(token.clone()),
-            security: security.clone(),
+            security: Security {
+                admin_token_file: None,
+                ..security.clone()
+            },
             ..cdc::Options::default()
         },
         log,
@@ -767,7 +773,10 @@ impl NodeContext {
             log: self.log_options.clone(),
             store: Default::default(),
             tuning: Default::default(),
-            security: self.security.clone(),
+            security: Security {
+                admin_token_file: None,
+                ..self.security.clone()
+            },
         };
         let service = store_node::Service::bind_with_log(options, self.log.clone())
             .await

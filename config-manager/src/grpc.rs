@@ -174,7 +174,17 @@ impl ConfigManager for GrpcService {
         &self,
         request: Request<pb::CompleteTransitionRequest>,
     ) -> Result<Response<pb::CompleteTransitionResponse>, Status> {
-        Caller::of(&request).check_store_node_or_admin()?;
+        // Only a node of the next configuration (or the admin) says it is complete.
+        let next = self.handle.pair().next;
+        Caller::of(&request).check_role(
+            |role| match role {
+                causeway_proto::link::Role::StoreNode(id) => {
+                    next.as_ref().is_some_and(|n| n.contains(NodeId(id)))
+                }
+                _ => false,
+            },
+            "CompleteTransition",
+        )?;
         let r = request.into_inner();
         let done = self.handle.complete_transition(Epoch(r.epoch)).await?;
         Ok(Response::new(pb::CompleteTransitionResponse {

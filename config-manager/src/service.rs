@@ -119,6 +119,7 @@ impl Service {
             source,
         })?;
         link.check_listen(local_addr)?;
+        link.check_own_role(Role::ConfigManager)?;
         let (commands_tx, commands) = mpsc::channel(options.command_queue_capacity);
         let (published, published_rx) = watch::channel(state.pair());
         tracing::info!(
@@ -132,7 +133,7 @@ impl Service {
         let peers = Arc::new(Peers {
             veto: Arc::new(GrpcVeto {
                 timeout: Duration::from_millis(options.veto_timeout_ms),
-                link: link.clone(),
+                link: link.without_admin_token(),
             }),
             spares: None,
             spare_nodes_wait: Duration::from_millis(options.spare_nodes_wait_ms),

@@ -726,7 +726,16 @@ async fn under_mutual_tls_a_node_registers_as_itself_and_admin_calls_need_an_adm
     // An api-server reads, and may not bootstrap; the admin may.
     let api = as_role(Role::ApiServer).await;
     assert!(api.get_config().await.unwrap().current.is_none());
-    assert_eq!(code(api.bootstrap(1, 2).await), Code::Unauthenticated);
+    assert_eq!(code(api.bootstrap(1, 2).await), Code::PermissionDenied);
+    // Only a node of the next configuration completes a transition: there is none.
+    assert_eq!(
+        code(api.complete_transition(Epoch(2)).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(node1.complete_transition(Epoch(2)).await),
+        Code::PermissionDenied
+    );
     let admin = as_role(Role::Admin).await;
     admin.bootstrap(1, 2).await.expect("the admin bootstraps");
 

@@ -152,27 +152,28 @@ impl Caller {
         }
     }
 
-    /// Refuses a caller whose certificate names a role other than a store node or the admin
-    /// (for the calls of the transition protocol).
-    pub fn check_store_node_or_admin(&self) -> Result<(), Status> {
+    /// Refuses a caller whose certificate names a role `allowed` denies, unless it has the
+    /// admin right (a caller without a certificate role, under the cluster secret or the open
+    /// mode, passes: those modes tell no roles apart). `call` names the call in the refusal.
+    pub fn check_role(&self, allowed: impl Fn(Role) -> bool, call: &str) -> Result<(), Status> {
         match self.role {
-            None | Some(Role::StoreNode(_)) => Ok(()),
-            _ if self.admin => Ok(()),
+            None => Ok(()),
+            Some(role) if allowed(role) || self.admin => Ok(()),
             Some(role) => Err(Status::permission_denied(format!(
-                "{} may not make this call: only store nodes and the admin",
+                "{} may not call {call}",
                 role.uri()
             ))),
         }
     }
 
-    /// Refuses a caller without the admin right.
+    /// Refuses a caller without the admin right: `PermissionDenied` for a certificate of
+    /// another role, `Unauthenticated` for a call without the admin token.
     pub fn check_admin(&self) -> Result<(), Status> {
-        if self.admin {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated(
-                "an admin call needs the admin token or a certificate of role admin",
-            ))
+        const WHY: &str = "an admin call needs the admin token or a certificate of role admin";
+        match self.role {
+            _ if self.admin => Ok(()),
+            Some(_) => Err(Status::permission_denied(WHY)),
+            None => Err(Status::unauthenticated(WHY)),
         }
     }
 }
@@ -208,6 +209,8 @@ pub struct Link {
 struct Tls {
     ca: Certificate,
     identity: Identity,
+    /// The role this process's certificate names.
+    role: Option<Role>,
 }
 
 impl std::fmt::Debug for Link {
@@ -256,10 +259,18 @@ impl Link {
     /// Reads the files `security` names.
     pub fn load(security: &Security) -> Result<Link, LinkError> {
         let tls = match &security.tls {
-            Some(files) => Some(Tls {
-                ca: Certificate::from_pem(read(&files.ca)?),
-                identity: Identity::from_pem(read(&files.cert)?, read(&files.key)?),
-            }),
+            Some(files) => {
+                let cert = read(&files.cert)?;
+                let role = std::str::from_utf8(&cert)
+                    .ok()
+                    .and_then(certs::pem_to_der)
+                    .and_then(|der| cert_role(&der));
+                Some(Tls {
+                    ca: Certificate::from_pem(read(&files.ca)?),
+                    identity: Identity::from_pem(cert, read(&files.key)?),
+                    role,
+                })
+            }
             None => None,
         };
         let secret = |path: &Option<PathBuf>| -> Result<Option<String>, LinkError> {
@@ -292,6 +303,7 @@ impl Link {
             tls: Some(Tls {
                 ca: Certificate::from_pem(ca),
                 identity: Identity::from_pem(cert, key),
+                role: certs::pem_to_der(cert).and_then(|der| cert_role(&der)),
             }),
             ..Link::open()
         }
@@ -306,6 +318,29 @@ impl Link {
     /// Whether links are TLS.
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
+    }
+
+    /// Under mutual TLS, refuses a certificate that does not name `role`: a process started
+    /// with another's certificate would be refused by every peer, call by call.
+    pub fn check_own_role(&self, role: Role) -> Result<(), LinkError> {
+        match &self.tls {
+            Some(tls) if tls.role != Some(role) => Err(LinkError::Invalid(format!(
+                "the TLS certificate names {}, not {}",
+                tls.role
+                    .map_or_else(|| "no Causeway role".to_owned(), Role::uri),
+                role.uri()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// This link without the admin token: for channels to other servers than the config
+    /// manager, which need not see it.
+    pub fn without_admin_token(&self) -> Link {
+        Link {
+            admin_token: None,
+            ..self.clone()
+        }
     }
 
     /// Refuses to serve in the open mode on an address other processes can reach.
@@ -545,17 +580,27 @@ mod tests {
             .check_store_node(3)
             .is_err());
         assert!(caller(Some(Role::ApiServer)).check_store_node(3).is_err());
+        let store_nodes = |r| matches!(r, Role::StoreNode(_));
+        assert!(caller(None).check_role(store_nodes, "Backfill").is_ok());
         assert!(caller(Some(Role::StoreNode(4)))
-            .check_store_node_or_admin()
+            .check_role(store_nodes, "Backfill")
             .is_ok());
-        assert!(caller(Some(Role::ApiServer))
-            .check_store_node_or_admin()
-            .is_err());
-        assert!(caller(Some(Role::Cdc)).check_store_node_or_admin().is_err());
+        let err = caller(Some(Role::ApiServer))
+            .check_role(store_nodes, "Backfill")
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
         let admin = Caller {
             role: Some(Role::Admin),
             admin: true,
         };
-        assert!(admin.check_store_node_or_admin().is_ok());
+        assert!(admin.check_role(store_nodes, "Backfill").is_ok());
+        assert_eq!(
+            caller(Some(Role::Cdc)).check_admin().unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+        assert_eq!(
+            caller(None).check_admin().unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
     }
 }

@@ -171,8 +171,8 @@ impl Server {
             let channel = lazy_channel(&self.shared.link, addr)
                 .map_err(|e| Status::internal(e.to_string()))?;
             let client = StoreNodeClient::new(channel)
-                .max_decoding_message_size(64 << 20)
-                .max_encoding_message_size(64 << 20);
+                .max_decoding_message_size(self.shared.tuning.max_message_bytes)
+                .max_encoding_message_size(self.shared.tuning.max_message_bytes);
             clients.insert(node, (addr.clone(), client));
         }
         Ok(clients[&node].1.clone())
@@ -708,6 +708,7 @@ impl pb::store_node_server::StoreNode for Server {
         &self,
         request: Request<pb::BackfillRequest>,
     ) -> Result<Response<Self::BackfillStream>, Status> {
+        Caller::of(&request).check_role(|r| matches!(r, Role::StoreNode(_)), "Backfill")?;
         crate::backfill::serve(&self.shared, request.into_inner()).await
     }
 
@@ -715,6 +716,7 @@ impl pb::store_node_server::StoreNode for Server {
         &self,
         request: Request<pb::VetoBackfillRequest>,
     ) -> Result<Response<pb::VetoBackfillResponse>, Status> {
+        Caller::of(&request).check_role(|r| r == Role::ConfigManager, "VetoBackfill")?;
         crate::backfill::veto(&self.shared, Epoch(request.into_inner().epoch)).await
     }
 

@@ -98,8 +98,9 @@ impl Service {
             addr: options.listen,
             source,
         })?;
-        let link = Link::load(&options.security)?;
+        let link = Link::load(&options.security)?.without_admin_token();
         link.check_listen(local)?;
+        link.check_own_role(causeway_proto::link::Role::StoreNode(options.node_id.0))?;
         let addr = options
             .advertise
             .clone()

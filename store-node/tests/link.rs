@@ -39,6 +39,11 @@ impl Node {
     }
 
     async fn start_tuned(security: Security, records: usize, tuning: Tuning) -> Node {
+        Node::try_start(security, records, tuning).await.unwrap()
+    }
+
+    /// The node, or why it did not start (the error with its causes).
+    async fn try_start(security: Security, records: usize, tuning: Tuning) -> Result<Node, String> {
         let log_dir = tempfile::tempdir().unwrap();
         let log_options = LogOptions::Embedded(EmbeddedOptions::new(log_dir.path()));
         let log = TxLog::open(log_options.clone()).await.unwrap();
@@ -80,7 +85,18 @@ impl Node {
             tuning,
             security,
         };
-        let service = Service::bind_with_log(options, log.clone()).await.unwrap();
+        let service = match Service::bind_with_log(options, log.clone()).await {
+            Ok(service) => service,
+            Err(e) => {
+                let mut why = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    why = format!("{why}: {s}");
+                    source = s.source();
+                }
+                return Err(why);
+            }
+        };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let running = tokio::spawn(service.run(async {
             let _ = stopped.await;
@@ -96,13 +112,13 @@ impl Node {
         if records > 0 {
             log.append(batch).await.unwrap();
         }
-        Node {
+        Ok(Node {
             addr: infos[0].addr.clone(),
             log,
             stop: Some(stop),
             running,
             _dirs: vec![log_dir, dir],
-        }
+        })
     }
 
     async fn stop(mut self) {
@@ -173,6 +189,18 @@ async fn under_mutual_tls_a_call_without_a_certificate_of_the_cluster_ca_is_refu
         tls: Some(tls_files(dir.path(), &ca, Role::StoreNode(1))),
         ..Security::default()
     };
+    // Node 1 with node 2's certificate does not start.
+    let wrong = tempfile::tempdir().unwrap();
+    let of_2 = Security {
+        tls: Some(tls_files(wrong.path(), &ca, Role::StoreNode(2))),
+        ..Security::default()
+    };
+    let refused = Node::try_start(of_2, 0, Tuning::default()).await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("store-node/2")),
+        "a node started with another node's certificate: {:?}",
+        refused.err()
+    );
     let node = Node::start(security, 0).await;
     let addr = node.addr.clone();
 

@@ -48,7 +48,7 @@ impl LocalCluster {
         let config = self.root.join(format!("api-server-{i}.json"));
         std::fs::write(
             &config,
-            serde_json::to_vec_pretty(&serde_json::json!({ "security": self.security }))?,
+            serde_json::to_vec_pretty(&serde_json::json!({ "security": self.member_security() }))?,
         )?;
         let mut command = Command::new(binary("causeway-api-server")?);
         command

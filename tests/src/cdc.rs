@@ -63,7 +63,7 @@ impl LocalCluster {
             "resolved_interval_ms": resolved_interval_ms,
             "admin_token": CDC_ADMIN_TOKEN,
             "hold_linger_ms": linger_ms,
-            "security": self.security,
+            "security": self.member_security(),
         });
         let config = dir.join("options.json");
         std::fs::write(&config, serde_json::to_vec_pretty(&options)?)?;

@@ -284,7 +284,7 @@ impl LocalCluster {
             log: self.log_options.clone(),
             store: self.store.clone(),
             tuning: self.tuning.clone(),
-            security: self.security.clone(),
+            security: self.member_security(),
         };
         let config = dir.join("options.json");
         std::fs::write(&config, serde_json::to_vec_pretty(&options)?)?;
@@ -315,6 +315,15 @@ impl LocalCluster {
         })
         .await;
         registered.map_err(|e| anyhow!("{e} ({ids:?})\n{}", self.logs()))
+    }
+
+    /// What the cluster's processes other than the config manager are given: the secret, not
+    /// the admin token.
+    pub(crate) fn member_security(&self) -> Security {
+        Security {
+            admin_token_file: None,
+            ..self.security.clone()
+        }
     }
 
     /// A client of the config manager.
@@ -380,7 +389,7 @@ impl LocalCluster {
             .addr;
         Ok(
             StoreNodeClient::new(causeway_store_node::grpc::lazy_channel(
-                &self.link,
+                &self.link.without_admin_token(),
                 &addr.to_string(),
             )?)
             .max_decoding_message_size(64 << 20),

@@ -136,7 +136,7 @@ async fn node_status(addr: &str, link: &Link) -> Result<ProtoNodeStatus> {
         .connect_timeout(RPC_TIMEOUT)
         .timeout(RPC_TIMEOUT);
     let channel = bounded("connecting", endpoint.connect()).await?;
-    let mut client = StoreNodeClient::new(link.channel(channel));
+    let mut client = StoreNodeClient::new(link.without_admin_token().channel(channel));
     let answer = bounded("Status", client.status(StatusRequest {})).await?;
     Ok(answer.into_inner())
 }
