@@ -772,6 +772,7 @@ impl pb::store_node_server::StoreNode for Server {
         // A named hold may outlive its stream (see `hold`): the guard decides when it ends.
         let linger = Duration::from_millis(req.linger_ms.min(crate::hold::MAX_LINGER_MS));
         let owner = req.owner.chars().take(256).collect::<String>();
+        let owner = crate::hold::owner_key(&caller, &owner);
         let held = self.shared.holds.opened(&owner, held, linger);
         let first = pb::HoldSnapshotEvent {
             at: Some(read_ts_to_proto(at)),

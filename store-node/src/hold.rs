@@ -24,6 +24,8 @@ pub const MAX_LINGER_MS: u64 = 24 * 3600 * 1000;
 /// The named holds of this node: each owner's newest hold and its lingering one.
 #[derive(Debug, Default)]
 pub struct Owners {
+    /// The most lingering holds of one caller (`Tuning::max_holds_per_caller`; 0: no bound).
+    per_caller: std::sync::atomic::AtomicUsize,
     next: AtomicU64,
     owners: Mutex<HashMap<String, Owner>>,
 }
@@ -41,6 +43,14 @@ fn lock(m: &Mutex<HashMap<String, Owner>>) -> MutexGuard<'_, HashMap<String, Own
 }
 
 impl Owners {
+    /// No holds yet; at most `per_caller` lingering holds of one caller.
+    pub fn with_per_caller(per_caller: usize) -> Owners {
+        Owners {
+            per_caller: per_caller.into(),
+            ..Owners::default()
+        }
+    }
+
     /// A new hold of `owner` (already registered as an active read): it is the owner's newest,
     /// and the owner's lingering hold, if any, ends. The guard, kept by the stream, decides at
     /// its end whether the hold lingers.
@@ -97,14 +107,22 @@ impl Owners {
     fn ended(self: &Arc<Self>, owner: String, generation: u64, held: ReadGuard, linger: Duration) {
         let mut owners = lock(&self.owners);
         let lingering = owners.values().filter(|o| o.lingering.is_some()).count();
+        // Owners are named `<caller>|<name>` (see `owner_key`): a caller's lingering holds are
+        // bounded too, so that no caller fills the node's room for them.
+        let caller = owner.split('|').next().unwrap_or_default();
+        let callers = owners
+            .iter()
+            .filter(|(k, o)| o.lingering.is_some() && k.split('|').next() == Some(caller))
+            .count();
         let Some(o) = owners.get_mut(&owner) else {
             return;
         };
         if o.newest != generation {
             return;
         }
+        let cap = self.per_caller.load(Ordering::Relaxed);
         let runtime = match tokio::runtime::Handle::try_current() {
-            Ok(r) if lingering < MAX_LINGERING => r,
+            Ok(r) if lingering < MAX_LINGERING && (cap == 0 || callers < cap) => r,
             _ => {
                 // It cannot linger: the owner is done with.
                 owners.remove(&owner);
@@ -183,6 +201,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_caller_can_neither_end_anothers_hold_nor_linger_past_its_bound() {
+        let reads = Arc::new(ActiveReads::default());
+        let owners = Arc::new(Owners::with_per_caller(2));
+        let linger = Duration::from_secs(60);
+        // The cdc's feed holds at 10, and goes away: its hold lingers.
+        drop(owners.opened(&owner_key("cdc", "feed"), reads.register(at(10)), linger));
+        assert_eq!(owners.lingering(), 1);
+        // Another caller opening a hold under the feed's name ends nothing.
+        drop(owners.opened(
+            &owner_key("intruder", "feed"),
+            reads.register(at(50)),
+            Duration::ZERO,
+        ));
+        assert_eq!(
+            reads.lowest(Epoch(1)),
+            Some(at(10)),
+            "another caller ended the feed's hold"
+        );
+        // One caller's holds linger up to its bound; others' still do.
+        for name in ["a", "b", "c"] {
+            drop(owners.opened(&owner_key("intruder", name), reads.register(at(60)), linger));
+        }
+        drop(owners.opened(&owner_key("other", "d"), reads.register(at(70)), linger));
+        assert_eq!(owners.lingering(), 1 + 2 + 1);
+    }
+
+    #[tokio::test]
     async fn a_vanished_clients_newest_hold_lingers_and_a_moved_one_does_not() {
         let reads = Arc::new(ActiveReads::default());
         let owners = Arc::new(Owners::default());
@@ -221,6 +266,16 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(owners.lingering(), 0);
+    }
+}
+
+/// The name of `owner`'s holds for `caller`: owners of different callers never meet, so no
+/// caller can end another's lingering hold by opening one under its name.
+pub fn owner_key(caller: &str, owner: &str) -> String {
+    if owner.is_empty() {
+        String::new()
+    } else {
+        format!("{caller}|{owner}")
     }
 }
 

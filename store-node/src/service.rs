@@ -124,7 +124,9 @@ impl Service {
             protocol: Mutex::new(Protocol::default()),
             decided: watch::Sender::new(Decided::default()),
             reads: Arc::new(ActiveReads::default()),
-            holds: Arc::default(),
+            holds: Arc::new(crate::hold::Owners::with_per_caller(
+                options.tuning.max_holds_per_caller,
+            )),
             hold_callers: Arc::default(),
             log_next: AtomicU64::new(0),
             metrics: Metrics::default(),
