@@ -84,6 +84,9 @@ pub struct Tuning {
     /// not pass it meanwhile, and each page renews it. Past it the cursor may answer "gone"
     /// (default 60 000 ms).
     pub query_cursor_lease_ms: u64,
+    /// The longest one node holds a cursor's read timestamp, however often its pages come: a
+    /// client paging (or replaying a cursor) for longer meets "gone" (default 3 600 000 ms).
+    pub query_cursor_max_age_ms: u64,
     /// Cursor leases one node keeps at most (one per read timestamp); past it a page is served
     /// and its cursor holds no lease (default 10 000).
     pub query_max_cursor_leases: usize,
@@ -141,6 +144,7 @@ impl Default for Tuning {
             query_max_page_bytes: 8 << 20,
             query_max_page_ms: 1_000,
             query_cursor_lease_ms: 60_000,
+            query_cursor_max_age_ms: 3_600_000,
             query_max_cursor_leases: 10_000,
             query_max_cursor_bytes: 4_096,
             max_concurrent_requests: 1_024,

@@ -110,7 +110,9 @@ pub struct ActiveReads {
 /// (the cursors of one timestamp share it).
 #[derive(Debug, Default)]
 struct Leases {
-    by_ts: BTreeMap<Timestamp, (Instant, ReadGuard)>,
+    /// Per ts: the deadline, the latest deadline renewals may give (the lease's age bound), and
+    /// the hold.
+    by_ts: BTreeMap<Timestamp, (Instant, Instant, ReadGuard)>,
     /// The same leases by deadline, to end the expired ones without looking at the others.
     by_deadline: BTreeSet<(Instant, Timestamp)>,
 }
@@ -164,12 +166,20 @@ impl ActiveReads {
     }
 
     /// Holds the GC timestamp at `ts` until `until` (a hold of the GC timestamp, not a read: it
-    /// does not hold back an install). A lease at `ts` already held is renewed, never shortened.
-    /// False, and nothing held, when `max` leases are held already.
-    pub fn lease(self: &Arc<Self>, ts: Timestamp, until: Instant, max: usize) -> bool {
+    /// does not hold back an install). A lease at `ts` already held is renewed, never shortened,
+    /// and never past `oldest` after it was first taken: whoever replays a cursor cannot hold
+    /// a timestamp for ever. False, and nothing held, when `max` leases are held already.
+    pub fn lease(
+        self: &Arc<Self>,
+        ts: Timestamp,
+        until: Instant,
+        oldest: std::time::Duration,
+        max: usize,
+    ) -> bool {
         let mut leases = lock(&self.leases);
         let Leases { by_ts, by_deadline } = &mut *leases;
-        if let Some((deadline, _)) = by_ts.get_mut(&ts) {
+        if let Some((deadline, last, _)) = by_ts.get_mut(&ts) {
+            let until = until.min(*last);
             if until > *deadline {
                 by_deadline.remove(&(*deadline, ts));
                 by_deadline.insert((until, ts));
@@ -180,8 +190,9 @@ impl ActiveReads {
         if by_ts.len() >= max {
             return false;
         }
-        by_ts.insert(ts, (until, self.register_gc_hold(ts)));
-        by_deadline.insert((until, ts));
+        let last = Instant::now() + oldest;
+        by_ts.insert(ts, (until.min(last), last, self.register_gc_hold(ts)));
+        by_deadline.insert((until.min(last), ts));
         true
     }
 
@@ -196,7 +207,7 @@ impl ActiveReads {
                     break;
                 }
                 by_deadline.pop_first();
-                ended.extend(by_ts.remove(&ts).map(|(_, guard)| guard));
+                ended.extend(by_ts.remove(&ts).map(|(_, _, guard)| guard));
             }
             ended
         };
@@ -501,15 +512,16 @@ mod tests {
         let reads = Arc::new(ActiveReads::default());
         let t0 = Instant::now();
         let s = std::time::Duration::from_secs;
-        assert!(reads.lease(Timestamp(10), t0 + s(5), 2));
-        assert!(reads.lease(Timestamp(20), t0 + s(3), 2));
+        let old = s(100);
+        assert!(reads.lease(Timestamp(10), t0 + s(5), old, 2));
+        assert!(reads.lease(Timestamp(20), t0 + s(3), old, 2));
         // A lease holds only the GC timestamp: the epoch follows the routing epoch.
         assert_eq!(reads.lowest(Epoch(4)), Some(at(4, 10)));
         // Full: a third timestamp is not leased, renewing one held is.
-        assert!(!reads.lease(Timestamp(30), t0 + s(5), 2));
-        assert!(reads.lease(Timestamp(10), t0 + s(8), 2));
+        assert!(!reads.lease(Timestamp(30), t0 + s(5), old, 2));
+        assert!(reads.lease(Timestamp(10), t0 + s(8), old, 2));
         // A renewal never shortens a lease.
-        assert!(reads.lease(Timestamp(10), t0 + s(1), 2));
+        assert!(reads.lease(Timestamp(10), t0 + s(1), old, 2));
         assert_eq!(reads.expire_leases(t0 + s(2)), 0);
         assert_eq!(reads.expire_leases(t0 + s(5)), 1);
         assert_eq!(reads.lowest(Epoch(4)), Some(at(4, 10)));
@@ -517,5 +529,10 @@ mod tests {
         assert_eq!(reads.expire_leases(t0 + s(8)), 1);
         assert_eq!(reads.lowest(Epoch(4)), None);
         assert_eq!((reads.leases(), reads.count()), (0, 0));
+        // Renewals stop at the lease's age bound: replaying a cursor holds no ts for ever.
+        assert!(reads.lease(Timestamp(40), t0 + s(5), s(10), 2));
+        assert!(reads.lease(Timestamp(40), t0 + s(60), s(10), 2));
+        assert_eq!(reads.expire_leases(t0 + s(9)), 0);
+        assert_eq!(reads.expire_leases(t0 + s(11)), 1);
     }
 }

@@ -135,11 +135,12 @@ impl Server {
                         // the GC timestamp cannot pass it in between.
                         let until =
                             Instant::now() + Duration::from_millis(tuning.query_cursor_lease_ms);
-                        if !self
-                            .shared
-                            .reads
-                            .lease(at.ts, until, tuning.query_max_cursor_leases)
-                        {
+                        if !self.shared.reads.lease(
+                            at.ts,
+                            until,
+                            Duration::from_millis(tuning.query_cursor_max_age_ms),
+                            tuning.query_max_cursor_leases,
+                        ) {
                             tracing::warn!(
                                 ts = %at.ts,
                                 max = tuning.query_max_cursor_leases,
