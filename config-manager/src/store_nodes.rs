@@ -226,24 +226,41 @@ impl StoreNodes {
             .insert(addr.to_owned(), Instant::now() + PENALTY);
     }
 
-    /// The channel to `addr`, made (lazily connected) on first use.
+    /// The channel to `addr`, made (lazily connected) on first use. Under TLS it checks that
+    /// the server is the node the configurations put at `addr`.
     pub fn channel(&self, addr: &str) -> Result<Channel, Status> {
+        let node = self.node_at(addr);
+        // Keyed by the node too: a node replaced at the same address is another server.
+        let key = format!("{}@{addr}", node.map_or(String::new(), |n| n.to_string()));
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = channels.get(addr) {
+        if let Some(c) = channels.get(&key) {
             return Ok(c.clone());
         }
-        let endpoint = self
-            .link
-            .endpoint(addr, Role::StoreNode(0))
-            .map_err(|_| Status::unavailable(format!("invalid store node address {addr:?}")))?;
+        let endpoint = match node {
+            Some(id) => self.link.endpoint(addr, Role::StoreNode(id)),
+            None => self.link.endpoint_any_store_node(addr),
+        }
+        .map_err(|_| Status::unavailable(format!("invalid store node address {addr:?}")))?;
         let channel = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_while_idle(true)
             .connect_lazy();
         let channel = self.link.channel(channel);
-        channels.insert(addr.to_string(), channel.clone());
+        channels.insert(key, channel.clone());
         Ok(channel)
+    }
+
+    /// The id of the node the configurations put at `addr`.
+    fn node_at(&self, addr: &str) -> Option<u64> {
+        let pair = self.pair.read().unwrap_or_else(|e| e.into_inner());
+        let pair = pair.as_ref()?;
+        pair.current
+            .iter()
+            .chain(&pair.next)
+            .flat_map(|c| c.nodes.values())
+            .find(|info| info.addr == addr)
+            .map(|info| info.id.0)
     }
 
     /// Runs `call` on a coordinating node, failing over to other candidates on transport-level

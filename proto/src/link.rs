@@ -34,6 +34,9 @@ use tonic::{Request, Status};
 pub const SECRET_HEADER: &str = "causeway-cluster-secret";
 /// The metadata key of the admin token.
 pub const ADMIN_HEADER: &str = "causeway-admin-token";
+/// The longest a server waits for a client's TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The shortest secret or admin token accepted, in bytes.
 pub const MIN_SECRET_BYTES: usize = 16;
 
@@ -100,9 +103,18 @@ impl Role {
             .find(|r| r.name() == rest)
     }
 
-    /// The DNS name a server of this role presents and its clients check.
+    /// The DNS name every server of this role presents (`store-node.causeway`).
     pub fn dns_name(self) -> String {
         format!("{}.causeway", self.name())
+    }
+
+    /// The DNS name clients check: a store node's names its id (`n7.store-node.causeway`), so
+    /// that a client reaching another node at a stale or forged address notices.
+    pub fn server_name(self) -> String {
+        match self {
+            Role::StoreNode(id) => format!("n{id}.store-node.causeway"),
+            other => other.dns_name(),
+        }
     }
 
     fn name(self) -> &'static str {
@@ -352,10 +364,20 @@ impl Link {
         Ok(())
     }
 
-    /// The endpoint of a server of role `to` at `addr` (`host:port`, or a URI): `https` with
-    /// this process's certificate under TLS, checking that the server's certificate is of that
-    /// role.
+    /// The endpoint of the server `to` at `addr` (`host:port`, or a URI): `https` with this
+    /// process's certificate under TLS, checking that the server's certificate names `to`'s
+    /// [`Role::server_name`] (for a store node, its id).
     pub fn endpoint(&self, addr: &str, to: Role) -> Result<Endpoint, String> {
+        self.endpoint_named(addr, &to.server_name())
+    }
+
+    /// The endpoint of some store node at `addr` whose id is not known: any store node's
+    /// certificate is taken.
+    pub fn endpoint_any_store_node(&self, addr: &str) -> Result<Endpoint, String> {
+        self.endpoint_named(addr, &Role::StoreNode(0).dns_name())
+    }
+
+    fn endpoint_named(&self, addr: &str, server_name: &str) -> Result<Endpoint, String> {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let uri = match addr.split_once("://") {
             Some((_, rest)) => format!("{scheme}://{rest}"),
@@ -368,7 +390,7 @@ impl Link {
                     ClientTlsConfig::new()
                         .ca_certificate(tls.ca.clone())
                         .identity(tls.identity.clone())
-                        .domain_name(to.dns_name()),
+                        .domain_name(server_name),
                 )
                 .map_err(|e| format!("{addr}: {e}")),
             None => Ok(endpoint),
@@ -396,7 +418,8 @@ impl Link {
             Some(tls) => builder.tls_config(
                 ServerTlsConfig::new()
                     .identity(tls.identity.clone())
-                    .client_ca_root(tls.ca.clone()),
+                    .client_ca_root(tls.ca.clone())
+                    .timeout(HANDSHAKE_TIMEOUT),
             )?,
             None => builder,
         })

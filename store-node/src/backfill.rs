@@ -455,7 +455,7 @@ async fn stream_from(
     // The HTTP/2 window is what the source may send ahead of what this node has taken: about
     // two chunks, so a stream holds little memory and the rate bound reaches the source.
     let window = (2 * tuning.backfill_chunk_bytes).clamp(64 << 10, 16 << 20);
-    let endpoint = match endpoint(&shared.link, addr) {
+    let endpoint = match endpoint(&shared.link, source, addr) {
         Ok(endpoint) => endpoint,
         Err(e) => return Ok(Err(Failure::Retry(e.to_string()))),
     };

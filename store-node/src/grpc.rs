@@ -23,9 +23,10 @@ use crate::storage;
 
 mod query;
 
-/// A channel to a peer over `link` that connects on first use and reconnects after failures.
-pub fn lazy_channel(link: &Link, addr: &str) -> Result<Channel, InvalidAddr> {
-    Ok(link.channel(endpoint(link, addr)?.connect_lazy()))
+/// A channel to peer `node` at `addr` over `link` that connects on first use and reconnects
+/// after failures.
+pub fn lazy_channel(link: &Link, node: NodeId, addr: &str) -> Result<Channel, InvalidAddr> {
+    Ok(link.channel(endpoint(link, node, addr)?.connect_lazy()))
 }
 
 /// A peer's address that is not a valid URI. The config manager refuses such an address at
@@ -34,10 +35,10 @@ pub fn lazy_channel(link: &Link, addr: &str) -> Result<Channel, InvalidAddr> {
 #[error("invalid node address {0:?}")]
 pub struct InvalidAddr(pub String);
 
-/// The endpoint of a peer's gRPC server over `link`.
-pub fn endpoint(link: &Link, addr: &str) -> Result<Endpoint, InvalidAddr> {
+/// The endpoint of peer `node`'s gRPC server at `addr` over `link`.
+pub fn endpoint(link: &Link, node: NodeId, addr: &str) -> Result<Endpoint, InvalidAddr> {
     Ok(link
-        .endpoint(addr, Role::StoreNode(0))
+        .endpoint(addr, Role::StoreNode(node.0))
         .map_err(|_| InvalidAddr(addr.to_owned()))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true))
@@ -168,7 +169,7 @@ impl Server {
             .addr;
         let mut clients = lock(&self.clients);
         if clients.get(&node).is_none_or(|(a, _)| a != addr) {
-            let channel = lazy_channel(&self.shared.link, addr)
+            let channel = lazy_channel(&self.shared.link, node, addr)
                 .map_err(|e| Status::internal(e.to_string()))?;
             let client = StoreNodeClient::new(channel)
                 .max_decoding_message_size(self.shared.tuning.max_message_bytes)
@@ -1019,10 +1020,11 @@ mod tests {
     #[test]
     fn a_peer_address_that_is_no_uri_is_an_error_not_a_panic() {
         let link = Link::open();
-        assert!(endpoint(&link, "127.0.0.1:7401").is_ok());
-        assert!(endpoint(&link, "https://node-0.store.svc:7401").is_ok());
-        let bad = endpoint(&link, "127.0.0.1:80|x").unwrap_err();
+        let n = NodeId(1);
+        assert!(endpoint(&link, n, "127.0.0.1:7401").is_ok());
+        assert!(endpoint(&link, n, "https://node-0.store.svc:7401").is_ok());
+        let bad = endpoint(&link, n, "127.0.0.1:80|x").unwrap_err();
         assert_eq!(bad.to_string(), "invalid node address \"127.0.0.1:80|x\"");
-        assert!(lazy_channel(&link, "[::1:80").is_err());
+        assert!(lazy_channel(&link, n, "[::1:80").is_err());
     }
 }

@@ -769,7 +769,7 @@ impl Peers {
     /// `None` (logged) for an address that is not a valid URI.
     fn get(&mut self, link: &Link, node: NodeId, addr: &str) -> Option<&Peer> {
         if self.clients.get(&node).is_none_or(|p| p.addr != addr) {
-            let channel = match crate::grpc::lazy_channel(link, addr) {
+            let channel = match crate::grpc::lazy_channel(link, node, addr) {
                 Ok(channel) => channel,
                 Err(e) => {
                     warn!(%node, error = %e, "not gossiping to a peer");

@@ -50,7 +50,7 @@ impl Askers {
         addr: &str,
     ) -> Option<StoreNodeClient<Channel>> {
         if self.clients.get(&node).is_none_or(|(a, _)| a != addr) {
-            let channel = lazy_channel(link, addr).ok()?;
+            let channel = lazy_channel(link, node, addr).ok()?;
             self.clients
                 .insert(node, (addr.to_owned(), StoreNodeClient::new(channel)));
         }

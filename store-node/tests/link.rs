@@ -128,10 +128,15 @@ impl Node {
     }
 }
 
-/// A client of `addr` over `link`, failing fast.
+/// A client of node 1 at `addr` over `link`, failing fast.
 fn client(link: &Link, addr: &str) -> StoreNodeClient<causeway_proto::link::Channel> {
+    client_of(link, 1, addr)
+}
+
+/// A client of node `node` at `addr` over `link`, failing fast.
+fn client_of(link: &Link, node: u64, addr: &str) -> StoreNodeClient<causeway_proto::link::Channel> {
     let endpoint = link
-        .endpoint(addr, Role::StoreNode(1))
+        .endpoint(addr, Role::StoreNode(node))
         .unwrap()
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(2));
@@ -211,6 +216,11 @@ async fn under_mutual_tls_a_call_without_a_certificate_of_the_cluster_ca_is_refu
         .unwrap()
         .expect("a client with a certificate of the CA is served");
     assert_eq!(s.node_id, 1);
+    // A client that expects node 2 at that address notices it reached another node.
+    assert!(
+        status(client_of(&api, 2, &addr)).await.is_err(),
+        "a client expecting node 2 took node 1's certificate"
+    );
     // One issued later by the same CA read back from its files (to add nodes): served.
     let again = Authority::from_pem(ca.cert_pem(), ca.key_pem()).unwrap();
     status(client(&with_tls(&again, Role::Cdc), &addr))

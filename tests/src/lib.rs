@@ -390,6 +390,7 @@ impl LocalCluster {
         Ok(
             StoreNodeClient::new(causeway_store_node::grpc::lazy_channel(
                 &self.link.without_admin_token(),
+                node,
                 &addr.to_string(),
             )?)
             .max_decoding_message_size(64 << 20),

@@ -129,9 +129,13 @@ async fn wait_for_live_nodes(client: &cm::Client, needed: u64, timeout: Duration
 }
 
 /// A node's `Status`.
-async fn node_status(addr: &str, link: &Link) -> Result<ProtoNodeStatus> {
+async fn node_status(
+    node: causeway_core::NodeId,
+    addr: &str,
+    link: &Link,
+) -> Result<ProtoNodeStatus> {
     let endpoint = link
-        .endpoint(addr, Role::StoreNode(0))
+        .endpoint(addr, Role::StoreNode(node.0))
         .map_err(|e| anyhow::anyhow!("invalid store node address {e}"))?
         .connect_timeout(RPC_TIMEOUT)
         .timeout(RPC_TIMEOUT);

@@ -197,7 +197,7 @@ impl Snapshot {
             .into_iter()
             .map(|(id, addr)| {
                 let link = link.clone();
-                tokio::spawn(async move { (id, node_status(&addr, &link).await) })
+                tokio::spawn(async move { (id, node_status(id, &addr, &link).await) })
             })
             .collect();
         let mut statuses = BTreeMap::new();

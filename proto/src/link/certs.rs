@@ -76,6 +76,11 @@ impl Authority {
             SanType::URI(role.uri().try_into()?),
             SanType::DnsName(role.dns_name().try_into()?),
         ];
+        if role.server_name() != role.dns_name() {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(role.server_name().try_into()?));
+        }
         for host in hosts {
             params.subject_alt_names.push(match host.parse::<IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
