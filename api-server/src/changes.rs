@@ -214,7 +214,7 @@ pub(crate) async fn all_changes(
             .patterns
             .push(CollectionPattern::Prefix(String::new()));
     }
-    open(&s, principal, params).await
+    open(&s, principal, credentials(&headers), params).await
 }
 
 #[utoipa::path(
@@ -248,8 +248,20 @@ pub(crate) async fn collection_changes(
     principal.require(Access::Read, &collection)?;
     let mut params = params(query.as_deref(), &headers)?;
     params.patterns = vec![CollectionPattern::Exact(collection)];
-    open(&s, principal, params).await
+    open(&s, principal, credentials(&headers), params).await
 }
+
+/// The headers a stream shows again, while it runs, to stay open: its token.
+fn credentials(headers: &HeaderMap) -> HeaderMap {
+    let mut kept = HeaderMap::new();
+    if let Some(v) = headers.get(header::AUTHORIZATION) {
+        kept.insert(header::AUTHORIZATION, v.clone());
+    }
+    kept
+}
+
+/// How often a stream checks that its token is still in the tokens file.
+const TOKEN_CHECK: Duration = Duration::from_secs(1);
 
 /// Starts a stream: a permit of `max_streams`, the cursor checked against the log and the
 /// history kept (so that a bad or lost cursor is a problem, not a stream), the follower's task,
@@ -257,6 +269,7 @@ pub(crate) async fn collection_changes(
 async fn open(
     s: &Arc<Shared>,
     principal: Arc<Principal>,
+    credentials: HeaderMap,
     params: Params,
 ) -> Result<Response, Problem> {
     let permit = Arc::clone(&s.change_streams)
@@ -337,7 +350,19 @@ async fn open(
     let shared = Arc::clone(s);
     tokio::spawn(async move {
         let _open = OpenStream::new(&shared.metrics);
-        let ended = stream(&shared, follower, buffer, &hold, options).await;
+        // A token removed from the tokens file (revoked) ends its streams too.
+        let revoked = async {
+            loop {
+                tokio::time::sleep(TOKEN_CHECK).await;
+                if shared.tokens.authenticate(&credentials).is_err() {
+                    return;
+                }
+            }
+        };
+        let ended = tokio::select! {
+            ended = stream(&shared, follower, buffer, &hold, options) => ended,
+            () = revoked => Ended::Revoked,
+        };
         if ended == Ended::SlowClient {
             shared.metrics.change_stream_slow();
         }
@@ -395,6 +420,8 @@ impl Drop for OpenStream<'_> {
 enum Ended {
     ClientGone,
     SlowClient,
+    /// The stream's token left the tokens file.
+    Revoked,
     /// History lost, the log unreadable, or the api-server stopping.
     Server,
 }
