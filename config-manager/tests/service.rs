@@ -607,12 +607,9 @@ async fn admin_calls_need_the_admin_token_and_every_call_the_cluster_secret() {
         admin_token_file: Some(dir.path().join("admin")),
         ..Default::default()
     };
-    let service = Service::bind(o).await.expect("bind");
-    let addr = service.local_addr().to_string();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(service.run(async {
-        let _ = stopped.await;
-    }));
+    // Its own client (open, no credentials) is not used.
+    let running = start_with(o).await;
+    let addr = running.addr.to_string();
     let connect = |link: Link| {
         let addr = addr.clone();
         async move {
@@ -657,8 +654,7 @@ async fn admin_calls_need_the_admin_token_and_every_call_the_cluster_secret() {
     let pair = operator.bootstrap(1, 2).await.expect("an admin bootstraps");
     assert_eq!(pair.current.map(|c| c.epoch), Some(Epoch(1)));
 
-    let _ = stop.send(());
-    within("shutdown", task).await.unwrap().unwrap();
+    running.stop().await;
 }
 
 #[tokio::test]
@@ -689,12 +685,9 @@ async fn under_mutual_tls_a_node_registers_as_itself_and_admin_calls_need_an_adm
         }),
         ..Default::default()
     };
-    let service = Service::bind(o).await.expect("bind");
-    let addr = service.local_addr().to_string();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(service.run(async {
-        let _ = stopped.await;
-    }));
+    // Its own client (open, no credentials) is not used.
+    let running = start_with(o).await;
+    let addr = running.addr.to_string();
     let as_role = |role: Role| {
         let (cert, key) = files(role);
         let link = Link::load(&Security {
@@ -739,6 +732,5 @@ async fn under_mutual_tls_a_node_registers_as_itself_and_admin_calls_need_an_adm
     let admin = as_role(Role::Admin).await;
     admin.bootstrap(1, 2).await.expect("the admin bootstraps");
 
-    let _ = stop.send(());
-    within("shutdown", task).await.unwrap().unwrap();
+    running.stop().await;
 }

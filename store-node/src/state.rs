@@ -405,10 +405,15 @@ impl Shared {
     }
 
     /// Takes in a peer's gossip, believing only what the core's `GossipTable::admit` allows: a
-    /// node in neither configuration is ignored, and a committed ts or UST beyond the newest ts
+    /// node in neither configuration (or this node itself) is ignored, and a committed ts or UST beyond the newest ts
     /// this node knows the log holds is not believed (this node then looks at the log's end
     /// again, so that a peer ahead of it is believed soon).
     pub fn observe(&self, gossip: Gossip) -> Heard {
+        // This node's own entry is its own word only: gossip in its name comes from someone
+        // else (a forgery under the cluster secret would make the node think itself dead).
+        if gossip.node == self.node {
+            return Heard::Stranger;
+        }
         let now_ms = self.now_ms();
         let configs = self.configs();
         let is_member = |n| {

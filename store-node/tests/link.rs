@@ -306,7 +306,8 @@ async fn forged_gossip_is_ignored_and_the_cluster_secret_is_required() {
     .await
     .expect("the node applies the log");
 
-    // A node in no configuration: acknowledged, never in the table.
+    // A node in no configuration: acknowledged, never in the table. (Gossip in the node's own
+    // name is ignored too: `grpc_fuzz.rs::gossip_in_the_nodes_own_name_is_ignored`.)
     c().gossip(gossip(99, 1, 3)).await.unwrap();
     // Node 2, a member: its committed ts believed up to the log's end (5) and no further, its
     // UST view beyond the log not at all.

@@ -3,36 +3,14 @@
 mod common;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
+use causeway_core::NodeId;
 use causeway_core::Timestamp;
-use causeway_core::{ClusterConfig, NodeId, NodeInfo};
-use causeway_store_node::state::Configs;
 use causeway_store_node::{Options, Service, ServiceError, Store, StoreOptions};
 use causeway_txlog::{EmbeddedOptions, LogOptions, TxLog};
 use common::*;
 use prost::Message;
-
-/// Saves the configuration of a one-node 1×1 cluster in `store`: the node serves from it while
-/// the config manager is away.
-fn save_one_node_config(store: &Store) {
-    let config = ClusterConfig::bootstrap(
-        1,
-        1,
-        &[NodeInfo {
-            id: NodeId(1),
-            addr: "127.0.0.1:1".into(),
-        }],
-    )
-    .unwrap();
-    let saved = Configs {
-        revision: 1,
-        current: Some(Arc::new(config)),
-        next: None,
-    };
-    saved.save(store).unwrap();
-}
 
 /// The options of node 1 on `data`, with a config manager address nothing listens on.
 fn one_node_options(data: PathBuf, log: LogOptions, store: StoreOptions) -> Options {

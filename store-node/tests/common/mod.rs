@@ -1,9 +1,12 @@
 //! Helpers shared by the storage tests: transaction builders and a seeded generator.
 #![allow(dead_code)]
 
-use causeway_core::Timestamp;
+use std::sync::Arc;
+
+use causeway_core::{ClusterConfig, NodeId, NodeInfo, Timestamp};
 use causeway_proto::v1::outcome_response::Known;
 use causeway_proto::v1::{mutation, Mutation, Transaction, TRANSACTION_FORMAT_VERSION};
+use causeway_store_node::state::Configs;
 use causeway_store_node::storage::{Ownership, RemoteVotes};
 use causeway_store_node::{Store, StoreOptions};
 use serde_json::Value as Json;
@@ -177,4 +180,25 @@ pub fn apply_stream(store: &Store, seed: u64, from: u64, to: u64, group: u64, do
         store.apply(&records, &full()).unwrap();
         ts = end + 1;
     }
+}
+
+/// Saves the configuration of a one-node 1×1 cluster in `store`: the node serves from it while
+/// the config manager is away.
+pub fn save_one_node_config(store: &Store) {
+    let config = ClusterConfig::bootstrap(
+        1,
+        1,
+        &[NodeInfo {
+            id: NodeId(1),
+            addr: "127.0.0.1:1".into(),
+        }],
+    )
+    .unwrap();
+    Configs {
+        revision: 1,
+        current: Some(Arc::new(config)),
+        next: None,
+    }
+    .save(store)
+    .unwrap();
 }
