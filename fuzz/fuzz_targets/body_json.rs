@@ -40,7 +40,10 @@ fuzz_target!(|data: &[u8]| {
     }
 
     if let Some(token) = inexact_integer(data) {
-        assert!(!token.is_empty() && !token.contains(['.', 'e', 'E']), "{token:?}");
+        assert!(
+            !token.is_empty() && !token.contains(['.', 'e', 'E']),
+            "{token:?}"
+        );
         assert!(token.parse::<i64>().is_err() && token.parse::<u64>().is_err());
         assert!(
             data.windows(token.len()).any(|w| w == token.as_bytes()),

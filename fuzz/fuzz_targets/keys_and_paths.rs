@@ -7,8 +7,8 @@
 //! that parses displays to the same text, and finds the leaf of a document built along it.
 #![no_main]
 
-use causeway_core::query::{FieldPath, QueryLimits};
 use causeway_core::key::{validate_collection, validate_id};
+use causeway_core::query::{FieldPath, QueryLimits};
 use causeway_core::{CollectionPattern, DocKey, KeyHash, KeyLimits};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
@@ -70,17 +70,23 @@ fuzz_target!(|input: Input<'_>| {
     let limits = QueryLimits::default();
     if let Ok(path) = FieldPath::parse(input.path, &limits) {
         assert_eq!(path.to_string(), input.path);
-        assert_eq!(FieldPath::parse(&path.to_string(), &limits), Ok(path.clone()));
+        assert_eq!(
+            FieldPath::parse(&path.to_string(), &limits),
+            Ok(path.clone())
+        );
         assert!(!path.segments().is_empty() && path.segments().len() <= limits.max_path_segments);
         assert!(path.segments().iter().all(|s| !s.is_empty()));
         // A document with objects along the path holds the leaf at its end.
         let leaf = json!(7);
-        let doc = path.segments().iter().rev().fold(leaf.clone(), |inner, seg| {
-            let mut m = Map::new();
-            m.insert(seg.clone(), inner);
-            Value::Object(m)
-        });
+        let doc = path
+            .segments()
+            .iter()
+            .rev()
+            .fold(leaf.clone(), |inner, seg| {
+                let mut m = Map::new();
+                m.insert(seg.clone(), inner);
+                Value::Object(m)
+            });
         assert_eq!(path.lookup(&doc), Some(&leaf));
     }
 });
-

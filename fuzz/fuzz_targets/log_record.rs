@@ -14,7 +14,9 @@ fuzz_target!(|data: &[u8]| {
     match decode(data) {
         Ok(tx) => {
             // Older formats this build still reads decode too; only the current one is written.
-            assert!(causeway_proto::v1::transaction_format_supported(tx.format_version));
+            assert!(causeway_proto::v1::transaction_format_supported(
+                tx.format_version
+            ));
             let bytes = if tx.format_version == TRANSACTION_FORMAT_VERSION {
                 encode(&tx)
             } else {

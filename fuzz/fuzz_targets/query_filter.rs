@@ -74,7 +74,11 @@ fuzz_target!(|data: &[u8]| {
         let mut vs = Vec::new();
         values(v, &mut vs);
         for a in &vs {
-            assert_eq!(compare_values(a, a), Ordering::Equal, "{a} is not equal to itself");
+            assert_eq!(
+                compare_values(a, a),
+                Ordering::Equal,
+                "{a} is not equal to itself"
+            );
             for b in &vs {
                 let ab = compare_values(a, b);
                 assert_eq!(ab, compare_values(b, a).reverse(), "{a} vs {b}");

@@ -321,17 +321,6 @@ impl Link {
         }
     }
 
-    /// This link with `token` as its admin token.
-    pub fn with_admin_token(mut self, token: Option<String>) -> Link {
-        self.admin_token = token;
-        self
-    }
-
-    /// Whether links are TLS.
-    pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
-    }
-
     /// Under mutual TLS, refuses a certificate that does not name `role`: a process started
     /// with another's certificate would be refused by every peer, call by call.
     pub fn check_own_role(&self, role: Role) -> Result<(), LinkError> {

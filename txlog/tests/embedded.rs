@@ -111,6 +111,26 @@ async fn a_torn_tail_is_truncated_on_open() -> Result<()> {
     Ok(())
 }
 
+/// A segment whose file name puts its records past the largest offset (found by the fuzz
+/// target `log_segments`): a clear error, not an overflow.
+#[tokio::test]
+async fn a_segment_named_near_the_largest_offset_fails_open() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let o = options(dir.path());
+    let log = EmbeddedLog::open(o.clone()).await?;
+    append(&log, "m", 2, 10).await?;
+    log.close().await?;
+    let segs = segments(dir.path())?;
+    ensure!(segs.len() == 1, "{} segments", segs.len());
+    let named = segs[0].with_file_name(format!("{}.seg", u64::MAX));
+    fs::rename(&segs[0], named)?;
+    match EmbeddedLog::open(o).await {
+        Err(Error::Corrupt { what }) => ensure!(what.contains("largest offset"), "{what}"),
+        other => bail!("expected Corrupt, got {other:?}"),
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_damaged_record_in_a_sealed_segment_fails_open() -> Result<()> {
     let dir = tempfile::tempdir()?;

@@ -45,6 +45,9 @@ use crate::error::{Error, Result};
 use crate::{Bounds, ChannelStream, Record};
 use segment::{Cursor, FrameError, HEADER_BYTES, INDEX_INTERVAL_BYTES};
 
+/// The largest offset a log may reach (see `open_blocking`).
+const MAX_OFFSET: u64 = 1 << 62;
+
 /// Options of the embedded log. Only `dir` is required; the other fields have the defaults below.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -266,7 +269,20 @@ impl EmbeddedLog {
                 );
                 truncate(&path, scan.valid_bytes)?;
             }
-            let end = base + scan.records;
+            // A segment whose name puts its records past the largest offset is no log of ours
+            // (a stray or damaged file name): no log reaches 2^62 records, and one near `u64`'s
+            // end would overflow the timestamps (offset + 1) of its records and appends.
+            let end = base
+                .checked_add(scan.records)
+                .filter(|&end| end <= MAX_OFFSET)
+                .ok_or_else(|| {
+                    Error::corrupt(format!(
+                        "segment {} starts at offset {base}: its {} records end past the \
+                         largest offset",
+                        path.display(),
+                        scan.records
+                    ))
+                })?;
             if let Some(&next_base) = bases.get(i + 1) {
                 if next_base != end {
                     return Err(Error::corrupt(format!(
