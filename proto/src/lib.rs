@@ -31,118 +31,18 @@ pub mod v1 {
     }
 }
 
-/// The connections `listener` accepts, for tonic's `serve_with_incoming*`:
-/// - with Nagle's algorithm off. Tonic applies its own `tcp_nodelay` only to listeners it binds
-///   itself; without this, a small response written in two parts waits for the peer's delayed
-///   ACK (40 ms on Linux), which showed as a 45 ms p99 on reads;
-/// - at most `max_connections` open at once: past it, new connections wait in the listen
-///   backlog until one closes;
-/// - each showing its first bytes within `first_bytes`, or closed: a connection that sends
-///   nothing holds no place.
-///
-/// The accept loop ends when the server drops the stream.
+/// The connections `listener` accepts, with Nagle's algorithm off, for tonic's
+/// `serve_with_incoming*`. Tonic applies its own `tcp_nodelay` only to listeners it binds
+/// itself; without this, a small response written in two parts waits for the peer's delayed
+/// ACK (40 ms on Linux), which showed as a 45 ms p99 on reads.
 pub fn incoming(
     listener: tokio::net::TcpListener,
-    max_connections: usize,
-    first_bytes: std::time::Duration,
-) -> impl tokio_stream::Stream<Item = std::io::Result<Connection>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        let places = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
-        loop {
-            let place = tokio::select! {
-                place = std::sync::Arc::clone(&places).acquire_owned() => match place {
-                    Ok(place) => place,
-                    Err(_) => return,
-                },
-                () = tx.closed() => return,
-            };
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                () = tx.closed() => return,
-            };
-            let tcp = match accepted {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    if tx.send(Err(e)).await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            // Fails only on a socket the peer has already closed; serving it fails right after.
-            let _ = tcp.set_nodelay(true);
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                // `peek`, not `readable`: readiness may be reported before any byte came.
-                let mut byte = [0u8; 1];
-                let ready = tokio::time::timeout(first_bytes, tcp.peek(&mut byte)).await;
-                if matches!(ready, Ok(Ok(n)) if n > 0) {
-                    let _ = tx.send(Ok(Connection { tcp, _place: place })).await;
-                }
-            });
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
-}
-
-/// An accepted connection, holding its place among `max_connections` until it closes.
-#[derive(Debug)]
-pub struct Connection {
-    tcp: tokio::net::TcpStream,
-    _place: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl tokio::io::AsyncRead for Connection {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for Connection {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
-    }
-}
-
-impl tonic::transport::server::Connected for Connection {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.tcp.connect_info()
-    }
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
+        let stream = accepted?;
+        // Fails only on a socket the peer has already closed; serving it fails right after.
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    })
 }

@@ -369,28 +369,3 @@ async fn clients_past_the_limit_are_shed_while_gossip_is_still_served() {
     assert!(again.is_ok(), "{again:?}");
     node.stop().await;
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_that_sends_nothing_loses_its_place() {
-    let tuning = Tuning {
-        max_connections: 1,
-        http2_keepalive_ms: 300,
-        ..Tuning::default()
-    };
-    let node = Node::start_tuned(Security::default(), 0, tuning).await;
-    // The only place, taken by a connection that sends nothing.
-    let silent = tokio::net::TcpStream::connect(&node.addr).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // Served once the silent connection has been closed.
-    let served = tokio::time::timeout(
-        Duration::from_secs(5),
-        status(client(&Link::open(), &node.addr)),
-    )
-    .await;
-    assert!(
-        matches!(served, Ok(Ok(_))),
-        "a silent connection kept the only place: {served:?}"
-    );
-    drop(silent);
-    node.stop().await;
-}
