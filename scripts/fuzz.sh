@@ -8,6 +8,9 @@
 #
 # New inputs the run finds go to a temporary directory, so the repository's corpus is read-only;
 # with CAUSEWAY_FUZZ_KEEP=1 they are merged (minimised) into fuzz/corpus/<target>/ at the end.
+# CAUSEWAY_FUZZ_SEED fixes libFuzzer's seed: the test suite's short run always tries the same
+# inputs (a slower machine only fewer of them), so it cannot fail by chance; a longer run without
+# it draws a new seed each time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -44,7 +47,7 @@ for t in "${targets[@]}"; do
   mkdir -p "fuzz/corpus/$t" "$scratch/$t"
   # The first directory receives new inputs; the committed corpus is only read.
   cargo fuzz run "${flags[@]}" "$t" "$scratch/$t" "fuzz/corpus/$t" -- \
-    -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=8192 -print_final_stats=1 \
+    ${CAUSEWAY_FUZZ_SEED:+-seed="$CAUSEWAY_FUZZ_SEED"} -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=8192 -print_final_stats=1 \
     2>&1 | grep -v -E '^#[0-9]+\s+(NEW|REDUCE|pulse)' || { echo "fuzz: $t failed (input in fuzz/artifacts/$t/)" >&2; exit 1; }
   if [[ "${CAUSEWAY_FUZZ_KEEP:-0}" == 1 ]]; then
     cargo fuzz run "${flags[@]}" "$t" "fuzz/corpus/$t" "$scratch/$t" -- -merge=1 -max_len=8192 2>&1 | tail -1

@@ -1638,3 +1638,66 @@ async fn a_connection_that_sends_nothing_or_half_a_preface_loses_its_place() -> 
     }
     server.stop().await
 }
+
+/// One HTTP/2 frame read off `tcp`: (type, flags, payload); `None` at the end of the stream.
+async fn read_h2_frame(tcp: &mut TcpStream) -> Result<Option<(u8, u8, Vec<u8>)>> {
+    let mut head = [0u8; 9];
+    match tcp.read_exact(&mut head).await {
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    tcp.read_exact(&mut payload).await?;
+    Ok(Some((head[3], head[4], payload)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_carries_at_most_64_streams_and_is_closed_when_it_answers_no_ping(
+) -> Result<()> {
+    const SETTINGS: u8 = 0x4;
+    const PING: u8 = 0x6;
+    const ACK: u8 = 0x1;
+    const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+    let server = Server::start(|o| o.timeouts.header_read_ms = 300).await?;
+    // HTTP/2 with prior knowledge: the preface and empty settings; then it answers nothing.
+    let mut tcp = TcpStream::connect(server.addr).await?;
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+    tcp.write_all(&[0, 0, 0, SETTINGS, 0, 0, 0, 0, 0]).await?;
+    let (mut max_streams, mut pinged) = (None, false);
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some((kind, flags, payload)) = read_h2_frame(&mut tcp).await? {
+            match kind {
+                SETTINGS if flags & ACK == 0 => {
+                    for setting in payload.chunks_exact(6) {
+                        if u16::from_be_bytes([setting[0], setting[1]]) == MAX_CONCURRENT_STREAMS {
+                            let value = [setting[2], setting[3], setting[4], setting[5]];
+                            max_streams = Some(u32::from_be_bytes(value));
+                        }
+                    }
+                }
+                PING if flags & ACK == 0 => pinged = true,
+                _ => {}
+            }
+        }
+        anyhow::Ok(())
+    })
+    .await;
+    ensure!(
+        max_streams == Some(64),
+        "the server's settings allow {max_streams:?} streams"
+    );
+    ensure!(pinged, "the server never pinged a silent HTTP/2 connection");
+    ended
+        .context("a connection that answers no ping is still open after 5 s")?
+        .context("reading the server's frames")?;
+    server.stop().await
+}

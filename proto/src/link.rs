@@ -35,7 +35,7 @@ pub const SECRET_HEADER: &str = "causeway-cluster-secret";
 /// The metadata key of the admin token.
 pub const ADMIN_HEADER: &str = "causeway-admin-token";
 /// The longest a server waits for a client's TLS handshake.
-const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The shortest secret or admin token accepted, in bytes.
 pub const MIN_SECRET_BYTES: usize = 16;
@@ -581,6 +581,22 @@ mod tests {
         // The open mode with an admin token: calls pass, admin calls need the token.
         let open = Link::with_secrets(None, Some("a".repeat(32)));
         assert!(!Caller::of(&open.authorize(Request::new(())).unwrap()).admin);
+    }
+
+    #[test]
+    fn a_link_without_the_admin_token_sends_the_secret_and_not_the_token() {
+        use tonic::service::Interceptor;
+        let link = Link::with_secrets(Some("s".repeat(32)), Some("a".repeat(32)));
+        let sent = |link: &Link| {
+            let r = link.credentials().call(Request::new(())).unwrap();
+            let header = |k| r.metadata().get(k).map(|v| v.to_str().unwrap().to_owned());
+            (header(SECRET_HEADER), header(ADMIN_HEADER))
+        };
+        assert_eq!(sent(&link), (Some("s".repeat(32)), Some("a".repeat(32))));
+        assert_eq!(
+            sent(&link.without_admin_token()),
+            (Some("s".repeat(32)), None)
+        );
     }
 
     #[test]

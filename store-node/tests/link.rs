@@ -369,3 +369,51 @@ async fn clients_past_the_limit_are_shed_while_gossip_is_still_served() {
     assert!(again.is_ok(), "{again:?}");
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_mutual_tls_a_connection_that_never_finishes_its_handshake_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ca = Authority::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let security = Security {
+        tls: Some(tls_files(dir.path(), &ca, Role::StoreNode(1))),
+        ..Security::default()
+    };
+    let node = Node::start(security, 0).await;
+    // One connection sends nothing; another the first bytes of a ClientHello and no more.
+    let silent = tokio::net::TcpStream::connect(&node.addr).await.unwrap();
+    let mut partial = tokio::net::TcpStream::connect(&node.addr).await.unwrap();
+    partial
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let closed = |mut tcp: tokio::net::TcpStream| async move {
+        let mut buf = [0u8; 64];
+        // The server answers nothing before the handshake; the read ends at its close.
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    let silent = tokio::spawn(closed(silent));
+    let partial = tokio::spawn(closed(partial));
+
+    // Meanwhile a client with a certificate is served.
+    let api = with_tls(&ca, Role::ApiServer);
+    tokio::time::timeout(DEADLINE, status(client(&api, &node.addr)))
+        .await
+        .unwrap()
+        .expect("a client is served while two handshakes hang");
+
+    let bound = causeway_proto::link::HANDSHAKE_TIMEOUT + Duration::from_secs(5);
+    for (what, conn) in [("silent", silent), ("partial", partial)] {
+        tokio::time::timeout(bound.saturating_sub(started.elapsed()), conn)
+            .await
+            .unwrap_or_else(|_| panic!("the {what} connection is still open after {bound:?}"))
+            .unwrap();
+    }
+    node.stop().await;
+}
