@@ -1,7 +1,8 @@
 //! The HTTP server's accept loop: at most `max_connections` connections open (a connection past
 //! it waits in the listen backlog until one closes), TLS when `https` is set (the handshake
-//! bounded by `header_read_ms`), HTTP/1.1 or HTTP/2 on each (`hyper_util`'s auto builder),
-//! request heads bounded by `header_read_ms`, and a graceful stop.
+//! bounded by `header_read_ms`), the first bytes of each within `header_read_ms` too, then
+//! HTTP/1.1 or HTTP/2 (`hyper_util`'s auto builder), request heads bounded by `header_read_ms`,
+//! and a graceful stop.
 //!
 //! [`ProblemIo`] sits between hyper and the socket: hyper answers a request it cannot parse
 //! (`Content-Length: abc`, a target over 64 KiB, a head too large) by itself, before the router,
@@ -17,10 +18,10 @@ use std::time::Duration;
 use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use rustls::ServerConfig;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -34,25 +35,27 @@ const HTTP2_MAX_STREAMS: u32 = 64;
 /// HTTP/2; anything else is HTTP/1.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Whether `tcp` shows, within `within`, enough bytes to tell its protocol (or its end): the
-/// version detection that follows then does not wait on the peer.
-async fn first_bytes(tcp: &tokio::net::TcpStream, within: Duration) -> bool {
+/// The first bytes of `io`, read within `within`: enough to tell HTTP/1 from HTTP/2 (up to the
+/// length of the HTTP/2 preface, or the first byte that leaves it). `None` when the peer ends
+/// the connection or stays silent. Hyper's version detection reads them with no timeout of its
+/// own, so a connection that sends nothing, or half the preface, would hold its place forever.
+async fn first_bytes<T: AsyncRead + Unpin>(io: &mut T, within: Duration) -> Option<Vec<u8>> {
     let look = async {
-        let mut buf = [0u8; 24];
-        loop {
-            if tcp.readable().await.is_err() {
-                return false;
+        let mut first = Vec::with_capacity(H2_PREFACE.len());
+        let mut buf = [0u8; H2_PREFACE.len()];
+        while first.len() < H2_PREFACE.len() && first[..] == H2_PREFACE[..first.len()] {
+            let n = io
+                .read(&mut buf[..H2_PREFACE.len() - first.len()])
+                .await
+                .ok()?;
+            if n == 0 {
+                return None;
             }
-            match tcp.peek(&mut buf).await {
-                Ok(0) => return false,
-                Ok(n) if n == buf.len() || buf[..n] != H2_PREFACE[..n] => return true,
-                // A prefix of the preface: wait for more.
-                Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-                Err(_) => return false,
-            }
+            first.extend_from_slice(&buf[..n]);
         }
+        Some(first)
     };
-    tokio::time::timeout(within, look).await.unwrap_or(false)
+    tokio::time::timeout(within, look).await.ok().flatten()
 }
 
 /// What the accept loop needs.
@@ -125,20 +128,12 @@ pub(crate) async fn serve(
         tokio::spawn(async move {
             let _permit = permit;
             let result = match acceptor {
-                None => {
-                    // Deciding between HTTP/1 and HTTP/2 reads the first bytes with no timeout
-                    // of its own: a connection that sends nothing must not hold its place.
-                    if !first_bytes(&tcp, header_read).await {
-                        return;
-                    }
-                    let conn = builder
-                        .serve_connection(TokioIo::new(ProblemIo::new(tcp)), service)
-                        .into_owned();
-                    watcher.watch(conn).await
-                }
+                None => serve_connection(tcp, header_read, &builder, service, watcher).await,
                 Some(acceptor) => {
-                    let tls = match tokio::time::timeout(header_read, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => tls,
+                    match tokio::time::timeout(header_read, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            serve_connection(tls, header_read, &builder, service, watcher).await
+                        }
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, "TLS handshake failed");
                             return;
@@ -147,11 +142,7 @@ pub(crate) async fn serve(
                             tracing::debug!("TLS handshake timed out");
                             return;
                         }
-                    };
-                    let conn = builder
-                        .serve_connection(TokioIo::new(ProblemIo::new(tls)), service)
-                        .into_owned();
-                    watcher.watch(conn).await
+                    }
                 }
             };
             if let Err(e) = result {
@@ -164,21 +155,46 @@ pub(crate) async fn serve(
     Ok(())
 }
 
-/// A connection's socket as hyper sees it: hyper's own answers to requests it cannot parse
+/// Serves one connection (plaintext, or TLS after its handshake) once it has shown its first
+/// bytes within `header_read`.
+async fn serve_connection<T>(
+    mut io: T,
+    header_read: Duration,
+    builder: &auto::Builder<TokioExecutor>,
+    service: TowerToHyperService<Router>,
+    watcher: Watcher,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(first) = first_bytes(&mut io, header_read).await else {
+        return Ok(());
+    };
+    let conn = builder
+        .serve_connection(TokioIo::new(ProblemIo::new(io, first)), service)
+        .into_owned();
+    watcher.watch(conn).await
+}
+
+/// A connection's socket as hyper sees it: the first bytes, read to tell the protocol,
+/// replayed before the rest; and hyper's own answers to requests it cannot parse
 /// (400, 414, 431 with an empty body) are replaced by the same status with a problem+json body
 /// and `Connection: close` (hyper closes the connection after them anyway).
 #[derive(Debug)]
 pub(crate) struct ProblemIo<T> {
     inner: T,
+    /// Bytes read before hyper took the connection, for hyper to read first.
+    unread: Vec<u8>,
     /// A replacement answer still to write, and how much of it is written.
     pending: Vec<u8>,
     written: usize,
 }
 
 impl<T> ProblemIo<T> {
-    pub(crate) fn new(inner: T) -> ProblemIo<T> {
+    pub(crate) fn new(inner: T, unread: Vec<u8>) -> ProblemIo<T> {
         ProblemIo {
             inner,
+            unread,
             pending: Vec::new(),
             written: 0,
         }
@@ -224,6 +240,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for ProblemIo<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.unread.is_empty() {
+            let n = self.unread.len().min(buf.remaining());
+            buf.put_slice(&self.unread[..n]);
+            self.unread.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }

@@ -1440,9 +1440,11 @@ fn leaf(ca: &rcgen::Certificate, ca_key: &rcgen::KeyPair) -> Result<(String, Str
     Ok((cert.pem(), key.serialize_pem(), cert.der().to_vec()))
 }
 
-/// Connects over TLS trusting only `ca`, asks `/healthz` and answers the server's certificate
-/// (DER) and the status.
-async fn https_healthz(addr: SocketAddr, ca: &rcgen::Certificate) -> Result<(Vec<u8>, u16)> {
+/// A TLS connection to `addr`, trusting only `ca`.
+async fn tls_connect(
+    addr: SocketAddr,
+    ca: &rcgen::Certificate,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
     use rustls::pki_types::ServerName;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der().clone())?;
@@ -1454,11 +1456,17 @@ async fn https_healthz(addr: SocketAddr, ca: &rcgen::Certificate) -> Result<(Vec
     .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
     let tcp = TcpStream::connect(addr).await?;
-    let mut tls = tokio::time::timeout(
+    Ok(tokio::time::timeout(
         Duration::from_secs(10),
         connector.connect(ServerName::try_from("localhost")?, tcp),
     )
-    .await??;
+    .await??)
+}
+
+/// Connects over TLS trusting only `ca`, asks `/healthz` and answers the server's certificate
+/// (DER) and the status.
+async fn https_healthz(addr: SocketAddr, ca: &rcgen::Certificate) -> Result<(Vec<u8>, u16)> {
+    let mut tls = tls_connect(addr, ca).await?;
     let served = tls
         .get_ref()
         .1
@@ -1480,25 +1488,39 @@ async fn https_healthz(addr: SocketAddr, ca: &rcgen::Certificate) -> Result<(Vec
     Ok((served, status))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn https_serves_its_certificate_and_a_replaced_one_on_new_connections() -> Result<()> {
+/// A test CA: its certificate and key.
+fn test_ca() -> Result<(rcgen::Certificate, rcgen::KeyPair)> {
     let ca_key = rcgen::KeyPair::generate()?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key)?;
-    let dir = tempfile::tempdir()?;
-    let (chain_file, key_file) = (dir.path().join("chain.pem"), dir.path().join("key.pem"));
-    let (chain, key, first) = leaf(&ca, &ca_key)?;
+    Ok((ca_params.self_signed(&ca_key)?, ca_key))
+}
+
+/// Writes a certificate of `ca` into `dir`: its HTTPS options, and the certificate's DER.
+fn https_options(
+    dir: &std::path::Path,
+    ca: &rcgen::Certificate,
+    ca_key: &rcgen::KeyPair,
+) -> Result<(causeway_api_server::HttpsOptions, Vec<u8>)> {
+    let (chain_file, key_file) = (dir.join("chain.pem"), dir.join("key.pem"));
+    let (chain, key, der) = leaf(ca, ca_key)?;
     std::fs::write(&chain_file, chain)?;
     std::fs::write(&key_file, key)?;
-    let server = Server::start(|o| {
-        o.https = Some(causeway_api_server::HttpsOptions {
-            cert_chain_file: chain_file.clone(),
-            key_file: key_file.clone(),
-            reload_ms: 50,
-        })
-    })
-    .await?;
+    let options = causeway_api_server::HttpsOptions {
+        cert_chain_file: chain_file,
+        key_file,
+        reload_ms: 50,
+    };
+    Ok((options, der))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_serves_its_certificate_and_a_replaced_one_on_new_connections() -> Result<()> {
+    let (ca, ca_key) = test_ca()?;
+    let dir = tempfile::tempdir()?;
+    let (https, first) = https_options(dir.path(), &ca, &ca_key)?;
+    let (chain_file, key_file) = (https.cert_chain_file.clone(), https.key_file.clone());
+    let server = Server::start(|o| o.https = Some(https.clone())).await?;
     let (served, status) = https_healthz(server.addr, &ca).await?;
     ensure!(
         status == 200 && served == first,
@@ -1603,6 +1625,36 @@ async fn connections_past_the_cap_wait_until_one_closes() -> Result<()> {
         .await
         .context("the waiting connection was never served")??;
     ensure!(status == 200);
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_a_connection_that_sends_nothing_or_half_a_preface_loses_its_place() -> Result<()>
+{
+    let (ca, ca_key) = test_ca()?;
+    let dir = tempfile::tempdir()?;
+    let (https, _) = https_options(dir.path(), &ca, &ca_key)?;
+    let server = Server::start(|o| {
+        o.https = Some(https.clone());
+        o.limits.max_connections = 1;
+        o.timeouts.header_read_ms = 300;
+    })
+    .await?;
+    for opening in [&b""[..], b"PRI * HTTP/2"] {
+        // The only place, taken by a connection that completes its handshake, then sends
+        // nothing or the start of the HTTP/2 preface, and stops.
+        let mut silent = tls_connect(server.addr, &ca).await?;
+        silent.write_all(opening).await?;
+        silent.flush().await?;
+        // Served once the silent one has been closed after header_read_ms.
+        let (_, status) =
+            tokio::time::timeout(Duration::from_secs(5), https_healthz(server.addr, &ca))
+                .await
+                .with_context(|| {
+                    format!("a silent TLS connection ({opening:?}) kept the only place")
+                })??;
+        ensure!(status == 200);
+    }
     server.stop().await
 }
 
