@@ -40,6 +40,9 @@ pub struct Options {
     pub http2_keepalive_interval_ms: u64,
     /// Concurrent requests served per connection. Default 256.
     pub max_concurrent_requests_per_connection: usize,
+    /// Connections open at once; past it, new ones wait in the listen backlog. A new connection
+    /// must send its first bytes within `http2_keepalive_interval_ms`. Default 4096.
+    pub max_connections: usize,
     /// How long `AbortTransition` waits for each node's `VetoBackfill` answer. Default 2000 ms.
     pub veto_timeout_ms: u64,
     /// How long a proposal waits for the store nodes a spare-node provider starts to register.
@@ -66,6 +69,7 @@ impl Default for Options {
             max_addr_len: 255,
             http2_keepalive_interval_ms: 10_000,
             max_concurrent_requests_per_connection: 256,
+            max_connections: 4096,
             veto_timeout_ms: 2000,
             spare_nodes_wait_ms: 30_000,
             security: Security::default(),

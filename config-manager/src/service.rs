@@ -213,6 +213,11 @@ impl Service {
             Arc::new(Semaphore::new(options.max_watchers)),
             options.max_watchers,
         );
+        let incoming = causeway_proto::incoming(
+            listener,
+            options.max_connections,
+            Duration::from_millis(options.http2_keepalive_interval_ms),
+        );
         let served = link
             .server()?
             .http2_keepalive_interval(Some(Duration::from_millis(
@@ -226,7 +231,7 @@ impl Service {
                 grpc,
                 link.interceptor(),
             ))
-            .serve_with_incoming_shutdown(causeway_proto::incoming(listener), async move {
+            .serve_with_incoming_shutdown(incoming, async move {
                 shutdown.await;
                 tracing::info!(addr = %local_addr, "config manager shutting down");
                 // Ends the event loop, which drops the watch sender and so ends every Watch

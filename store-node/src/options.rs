@@ -102,8 +102,12 @@ pub struct Tuning {
     /// 1 000 large documents, or a multi-get of the most keys, fits).
     pub max_message_bytes: usize,
     /// HTTP/2 keepalive pings on every gRPC connection, and how long a ping may go unanswered
-    /// before the connection is closed (default 10 000 ms).
+    /// before the connection is closed; also how long a new connection may take to send its
+    /// first bytes (default 10 000 ms).
     pub http2_keepalive_ms: u64,
+    /// gRPC connections open at once; past it, new ones wait in the listen backlog (default
+    /// 4 096).
+    pub max_connections: usize,
     /// `HoldSnapshot` streams one caller may hold open at once (default 1 024; a cdc service
     /// holds one per feed, two while a feed moves its hold). A caller is the node or role its
     /// certificate names under mutual TLS, else its IP address.
@@ -150,6 +154,7 @@ impl Default for Tuning {
             max_concurrent_requests: 1_024,
             max_message_bytes: 64 << 20,
             http2_keepalive_ms: 10_000,
+            max_connections: 4_096,
             max_holds_per_caller: 1_024,
             max_hold_ms: 3_600_000,
             backfill_chunk_records: 2_000,

@@ -207,7 +207,11 @@ impl Service {
             stop.clone(),
         ));
         let server = crate::grpc::Server::new(Arc::clone(&shared));
-        let incoming = causeway_proto::incoming(grpc);
+        let incoming = causeway_proto::incoming(
+            grpc,
+            options.tuning.max_connections,
+            Duration::from_millis(options.tuning.http2_keepalive_ms),
+        );
         let mut grpc_stop = stop.clone();
         let tuning = &options.tuning;
         let mut builder = shared

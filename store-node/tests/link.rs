@@ -417,3 +417,32 @@ async fn under_mutual_tls_a_connection_that_never_finishes_its_handshake_is_clos
     }
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_nothing_or_half_a_preface_loses_its_place() {
+    use tokio::io::AsyncWriteExt;
+    let tuning = Tuning {
+        max_connections: 1,
+        http2_keepalive_ms: 300,
+        ..Tuning::default()
+    };
+    let node = Node::start_tuned(Security::default(), 0, tuning).await;
+    for opening in [&b""[..], b"PRI * HTTP/2"] {
+        // The only place, taken by a connection that sends nothing, or the start of the
+        // HTTP/2 preface, and stops.
+        let mut silent = tokio::net::TcpStream::connect(&node.addr).await.unwrap();
+        silent.write_all(opening).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Served once the silent connection has been closed.
+        let served = tokio::time::timeout(
+            Duration::from_secs(5),
+            status(client(&Link::open(), &node.addr)),
+        )
+        .await;
+        assert!(
+            matches!(served, Ok(Ok(_))),
+            "a silent connection ({opening:?}) kept the only place: {served:?}"
+        );
+    }
+    node.stop().await;
+}
