@@ -46,9 +46,10 @@ use serde_json::{Map, Value};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QueryLimits {
-    /// Deepest nesting of `$and` / `$or` / `$not`. Default 16.
+    /// Deepest nesting of `$and` / `$or` / `$not` (as [`Filter::extent`] counts it). Default 16.
     pub max_depth: usize,
-    /// Most predicates and combinators in one filter. Default 256.
+    /// Most predicates and combinators in one filter (as [`Filter::extent`] counts them).
+    /// Default 256.
     pub max_nodes: usize,
     /// Most values in one `$in` / `$nin` array. Default 1024.
     pub max_in_values: usize,
@@ -381,8 +382,45 @@ fn is_field_operator(k: &str) -> bool {
 
 impl Filter {
     /// Parses the JSON form of a filter within `limits`.
+    ///
+    /// The limits bound the filter as parsed: its nodes and depth as [`Filter::extent`] counts
+    /// them, where several fields of one object, or several operators on one field, are joined
+    /// by an `$and`, and `$ne` / `$nin` are a `$not` of `$eq` / `$in`. So the JSON form
+    /// ([`Filter::to_json`]), which the api-server forwards to store nodes, parses within any
+    /// limits the filter met.
     pub fn parse(value: &Value, limits: &QueryLimits) -> Result<Filter, QueryError> {
-        Parser { limits, nodes: 0 }.filter(value, 0)
+        // The parser's own counts bound its work; they never exceed the tree's.
+        let filter = Parser { limits, nodes: 0 }.filter(value, 0)?;
+        let (nodes, depth) = filter.extent();
+        if nodes > limits.max_nodes {
+            return Err(QueryError::TooLarge {
+                max: limits.max_nodes,
+            });
+        }
+        if depth > limits.max_depth {
+            return Err(QueryError::TooDeep {
+                max: limits.max_depth,
+            });
+        }
+        Ok(filter)
+    }
+
+    /// The nodes of this filter's tree (predicates, and the `$and`, `$or` and `$not` joining
+    /// them) and its depth (the root at 0): what [`QueryLimits`] bound.
+    pub fn extent(&self) -> (usize, usize) {
+        match self {
+            Filter::And(fs) | Filter::Or(fs) => fs
+                .iter()
+                .map(Filter::extent)
+                .fold((1, 0), |(nodes, depth), (n, d)| {
+                    (nodes + n, depth.max(d + 1))
+                }),
+            Filter::Not(f) => {
+                let (nodes, depth) = f.extent();
+                (nodes + 1, depth + 1)
+            }
+            Filter::Compare { .. } | Filter::In { .. } | Filter::Exists { .. } => (1, 0),
+        }
     }
 
     /// Parses JSON text (as `ScanAtRequest.filter` carries it); empty text is the filter that
@@ -789,6 +827,45 @@ mod tests {
             err(json!({"a": {"$in": values}})),
             QueryError::TooManyValues { .. }
         ));
+    }
+
+    /// Several fields of one object are joined by an `$and`, and `$ne` is a `$not`: the
+    /// limits count them, so a filter at the limits has a JSON form within them too.
+    #[test]
+    fn a_filter_within_the_limits_has_a_json_form_within_them() {
+        let l = QueryLimits::default();
+        let fields = |n: usize| {
+            let m: Map<String, Value> = (0..n).map(|i| (format!("f{i}"), json!(i))).collect();
+            Value::Object(m)
+        };
+        // 255 fields and their `$and`: 256 nodes.
+        let f = Filter::parse(&fields(255), &l).unwrap();
+        assert_eq!(f.extent(), (256, 1));
+        assert_eq!(Filter::parse(&f.to_json(), &l), Ok(f));
+        assert_eq!(
+            Filter::parse(&fields(256), &l),
+            Err(QueryError::TooLarge { max: 256 })
+        );
+        // `$ne` nested in `$not`s and `$and`s of two fields: depth from the `$not` and `$and`
+        // each implies.
+        let nested = |levels: usize| {
+            let mut f = json!({"a": {"$ne": 1}, "b": 2});
+            for _ in 0..levels {
+                f = json!({ "$not": f });
+            }
+            f
+        };
+        for levels in 0..20 {
+            match Filter::parse(&nested(levels), &l) {
+                Ok(f) => {
+                    assert!(f.extent().1 <= l.max_depth);
+                    assert_eq!(Filter::parse(&f.to_json(), &l), Ok(f));
+                }
+                Err(e) => assert_eq!(e, QueryError::TooDeep { max: 16 }, "{levels} levels"),
+            }
+        }
+        assert!(Filter::parse(&nested(14), &l).is_ok());
+        assert!(Filter::parse(&nested(15), &l).is_err());
     }
 
     #[test]
