@@ -1,132 +1,29 @@
 //! Through the whole read path, with a config manager, one store node and an api-server in
-//! this process: large answers, and change streams whose token is revoked. They share one
-//! embedded transaction log on a temp dir (no Kafka), with RocksDB on a temp dir and tonic over
-//! loopback.
+//! this process (`support::Cluster` on an embedded log: no Kafka): large answers, and change
+//! streams whose token is revoked.
+
+mod support;
 
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use causeway_api_server as api;
-use causeway_config_manager as cm;
-use causeway_store_node as store_node;
-use causeway_txlog::{EmbeddedOptions, LogOptions, TxLog};
 use serde_json::{json, Value};
+use support::{within, Cluster, Log, TOKEN};
 
-const TOKEN: &str = "pages-test-admin-token-0123456789";
-/// Every wait is bounded by this.
-const DEADLINE: Duration = Duration::from_secs(60);
-
-/// A config manager, one store node (1×1, bootstrapped) and an api-server in this process, on
-/// one embedded log; `tokens` is the api-server's tokens file.
-struct Cluster {
-    base: String,
-    tokens: std::path::PathBuf,
-    log: TxLog,
-    stops: Vec<tokio::sync::oneshot::Sender<()>>,
-    tasks: Vec<tokio::task::JoinHandle<Result<()>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Cluster {
-    async fn start(tokens_reload_ms: u64) -> Result<Cluster> {
-        let dir = tempfile::tempdir()?;
-        let log_options = LogOptions::Embedded(EmbeddedOptions::new(dir.path().join("log")));
-        let log = TxLog::open(log_options.clone()).await?;
-
-        let cm_service = cm::Service::bind(cm::Options {
-            listen_addr: "127.0.0.1:0".parse()?,
-            data_dir: dir.path().join("config-manager"),
-            heartbeat_interval_ms: 100,
-            heartbeat_timeout_ms: 2000,
-            ..cm::Options::default()
-        })
-        .await?;
-        let cm_addr = cm_service.local_addr().to_string();
-        let (cm_stop, cm_stopped) = tokio::sync::oneshot::channel::<()>();
-        let cm_task = tokio::spawn(async move {
-            let stopped = async move {
-                let _ = cm_stopped.await;
-            };
-            Ok(cm_service.run(stopped).await?)
-        });
-
-        let node_options: store_node::Options = serde_json::from_value(json!({
-            "node_id": 1,
-            "listen": "127.0.0.1:0",
-            "data_dir": dir.path().join("node-1"),
-            "config_manager": cm_addr,
-            "log": log_options,
-        }))?;
-        let node = store_node::Service::bind_with_log(node_options, log.clone()).await?;
-        let (node_stop, node_stopped) = tokio::sync::oneshot::channel::<()>();
-        let node_task = tokio::spawn(async move {
-            let stopped = async move {
-                let _ = node_stopped.await;
-            };
-            Ok(node.run(stopped).await?)
-        });
-        let client = cm::Client::connect(&cm_addr, &causeway_proto::link::Link::open()).await?;
-        tokio::time::timeout(DEADLINE, async {
-            while !client.list_nodes().await?.iter().any(|n| n.live) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Ok::<_, anyhow::Error>(())
-        })
-        .await
-        .context("the store node never registered")??;
-        client.bootstrap(1, 1).await?;
-
-        let tokens = dir.path().join("tokens.json");
-        std::fs::write(
-            &tokens,
-            serde_json::to_vec(&json!({"tokens": [{"name": "t", "token": TOKEN, "admin": true}]}))?,
-        )?;
-        let api_service = api::Service::bind_with_log(
-            api::Options {
-                listen_addr: "127.0.0.1:0".parse()?,
-                config_manager_addr: cm_addr.clone(),
-                tokens_file: Some(tokens),
-                tokens_reload_ms,
-                ..api::Options::default()
-            },
-            log.clone(),
-        )
-        .await?;
-        let base = format!("http://{}", api_service.local_addr());
-        let (api_stop, api_stopped) = tokio::sync::oneshot::channel::<()>();
-        let api_task = tokio::spawn(async move {
-            let stopped = async move {
-                let _ = api_stopped.await;
-            };
-            Ok(api_service.run(stopped).await?)
-        });
-        Ok(Cluster {
-            base,
-            tokens: dir.path().join("tokens.json"),
-            log,
-            stops: vec![api_stop, node_stop, cm_stop],
-            tasks: vec![api_task, node_task, cm_task],
-            _dir: dir,
-        })
-    }
-
-    async fn stop(self) -> Result<()> {
-        for (stop, task) in self.stops.into_iter().zip(self.tasks) {
-            let _ = stop.send(());
-            tokio::time::timeout(DEADLINE, task).await???;
-        }
-        self.log.close().await?;
-        Ok(())
-    }
+/// One store node (1×1) and an api-server reading its tokens file every `tokens_reload_ms`.
+async fn start(tokens_reload_ms: u64) -> Result<Cluster> {
+    let base = api::Options {
+        tokens_reload_ms,
+        ..api::Options::default()
+    };
+    Cluster::start_on(Log::Embedded, 1, 1, 1, 1, base).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_page_of_1000_documents_of_5_kb_is_served() -> Result<()> {
-    let cluster = Cluster::start(2000).await?;
-    let base = cluster.base.clone();
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()?;
+    let cluster = start(2000).await?;
+    let http = &cluster.http;
 
     // 1,000 documents of 5 KB, 100 to a transaction (a record stays under the log's 1 MiB).
     let pad = "p".repeat(5000);
@@ -140,7 +37,7 @@ async fn a_query_page_of_1000_documents_of_5_kb_is_served() -> Result<()> {
             })
             .collect();
         let r = http
-            .post(format!("{base}/v1/transactions"))
+            .post(cluster.url(0, "/v1/transactions"))
             .bearer_auth(TOKEN)
             .json(&json!({ "mutations": mutations }))
             .send()
@@ -152,10 +49,10 @@ async fn a_query_page_of_1000_documents_of_5_kb_is_served() -> Result<()> {
     }
 
     // One page of all of them, read after the last write.
-    let page = tokio::time::timeout(DEADLINE, async {
+    let page = within("the query", async {
         loop {
             let r = http
-                .post(format!("{base}/v1/collections/big/query"))
+                .post(cluster.url(0, "/v1/collections/big/query"))
                 .bearer_auth(TOKEN)
                 .header("causeway-after", last_ts.to_string())
                 .json(&json!({"limit": 1000}))
@@ -171,8 +68,7 @@ async fn a_query_page_of_1000_documents_of_5_kb_is_served() -> Result<()> {
             return Ok::<_, anyhow::Error>((status, body));
         }
     })
-    .await
-    .context("the query was never served")??;
+    .await??;
     let (status, body) = page;
     ensure!(status == 200, "the page: {status} {body}");
     let documents = body["documents"].as_array().context("no documents")?;
@@ -187,14 +83,12 @@ async fn a_query_page_of_1000_documents_of_5_kb_is_served() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_stream_ends_when_its_token_is_removed() -> Result<()> {
-    let cluster = Cluster::start(100).await?;
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()?;
-    let stream = tokio::time::timeout(DEADLINE, async {
+    let cluster = start(100).await?;
+    let http = &cluster.http;
+    let stream = within("the stream opening", async {
         loop {
             let r = http
-                .get(format!("{}/v1/changes", cluster.base))
+                .get(cluster.url(0, "/v1/changes"))
                 .bearer_auth(TOKEN)
                 .send()
                 .await?;
@@ -205,8 +99,7 @@ async fn a_change_stream_ends_when_its_token_is_removed() -> Result<()> {
             return Ok::<_, anyhow::Error>(r);
         }
     })
-    .await
-    .context("the stream never opened")??;
+    .await??;
     ensure!(stream.status() == 200, "the stream: {}", stream.status());
     // The token leaves the tokens file (another token stays): the open stream ends.
     std::fs::write(

@@ -1,8 +1,8 @@
 //! The cluster of the full-cluster tests of the HTTP API: a config manager, store nodes and
 //! api-servers composed in one process from their real libraries, over a real Apache Kafka (the
-//! shared `causeway_txlog::testing::Broker`) as the transaction log, with RocksDB on temp dirs and
-//! tonic over loopback. Every wait is bounded. Shared by the test binaries of this directory, so
-//! each uses only part of it.
+//! shared `causeway_txlog::testing::Broker`) as the transaction log, or an embedded log on a temp
+//! dir where Kafka plays no part, with RocksDB on temp dirs and tonic over loopback. Every wait is
+//! bounded. Shared by the test binaries of this directory, so each uses only part of it.
 #![allow(dead_code)]
 
 use std::future::Future;
@@ -15,7 +15,7 @@ use causeway_api_server as api;
 use causeway_config_manager as cm;
 use causeway_store_node as store_node;
 use causeway_txlog::testing::Broker;
-use causeway_txlog::LogOptions;
+use causeway_txlog::{EmbeddedOptions, LogOptions, TxLog};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -52,11 +52,24 @@ where
     }
 }
 
+/// Where a cluster's transaction log is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Log {
+    /// A topic of this test binary's shared Kafka broker.
+    Kafka,
+    /// An embedded log on the cluster's temp dir, one instance shared by every service.
+    Embedded,
+}
+
 pub struct Cluster {
     pub apis: Vec<SocketAddr>,
+    /// The api-servers' tokens file: `TOKEN`, `READER_TOKEN` and `WRITER_TOKEN`.
+    pub tokens: std::path::PathBuf,
     api_tasks: Vec<Running<api::Error>>,
     nodes: Vec<Running<store_node::ServiceError>>,
     config_manager: Running<cm::Error>,
+    /// The embedded log, closed at the stop.
+    embedded: Option<TxLog>,
     pub http: reqwest::Client,
     _dir: tempfile::TempDir,
 }
@@ -76,11 +89,33 @@ impl Cluster {
         apis: usize,
         base: api::Options,
     ) -> Result<Cluster> {
+        Cluster::start_on(Log::Kafka, nodes, partitions, replicas, apis, base).await
+    }
+
+    /// As `start_with`, on the log `on`.
+    pub async fn start_on(
+        on: Log,
+        nodes: u64,
+        partitions: u32,
+        replicas: u32,
+        apis: usize,
+        base: api::Options,
+    ) -> Result<Cluster> {
         let dir = tempfile::tempdir()?;
-        let broker = tokio::task::block_in_place(Broker::shared).context("starting Kafka")?;
-        static CLUSTERS: AtomicUsize = AtomicUsize::new(0);
-        let topic = format!("causeway-tx-{}", CLUSTERS.fetch_add(1, Ordering::Relaxed));
-        let log = LogOptions::Kafka(broker.log_options(&topic));
+        let (log, embedded) = match on {
+            Log::Kafka => {
+                let broker =
+                    tokio::task::block_in_place(Broker::shared).context("starting Kafka")?;
+                static CLUSTERS: AtomicUsize = AtomicUsize::new(0);
+                let topic = format!("causeway-tx-{}", CLUSTERS.fetch_add(1, Ordering::Relaxed));
+                (LogOptions::Kafka(broker.log_options(&topic)), None)
+            }
+            Log::Embedded => {
+                let log = LogOptions::Embedded(EmbeddedOptions::new(dir.path().join("log")));
+                let opened = TxLog::open(log.clone()).await?;
+                (log, Some(opened))
+            }
+        };
 
         let cm_service = cm::Service::bind(cm::Options {
             listen_addr: "127.0.0.1:0".parse()?,
@@ -106,7 +141,10 @@ impl Cluster {
                 "config_manager": cm_addr,
                 "log": log,
             }))?;
-            let service = store_node::Service::bind(options).await?;
+            let service = match &embedded {
+                Some(log) => store_node::Service::bind_with_log(options, log.clone()).await?,
+                None => store_node::Service::bind(options).await?,
+            };
             node_tasks.push(spawn(|stopped| {
                 service.run(async move {
                     let _ = stopped.await;
@@ -140,14 +178,17 @@ impl Cluster {
         let mut addrs = Vec::new();
         let mut api_tasks = Vec::new();
         for _ in 0..apis {
-            let service = api::Service::bind(api::Options {
+            let options = api::Options {
                 listen_addr: "127.0.0.1:0".parse()?,
                 config_manager_addr: cm_addr.clone(),
                 log: log.clone(),
                 tokens_file: Some(tokens.clone()),
                 ..base.clone()
-            })
-            .await?;
+            };
+            let service = match &embedded {
+                Some(log) => api::Service::bind_with_log(options, log.clone()).await?,
+                None => api::Service::bind(options).await?,
+            };
             addrs.push(service.local_addr());
             api_tasks.push(spawn(|stopped| {
                 service.run(async move {
@@ -157,9 +198,11 @@ impl Cluster {
         }
         let cluster = Cluster {
             apis: addrs,
+            tokens,
             api_tasks,
             nodes: node_tasks,
             config_manager,
+            embedded,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()?,
@@ -277,6 +320,9 @@ impl Cluster {
         }
         let _ = self.config_manager.stop.send(());
         within("config manager stopping", self.config_manager.task).await???;
+        if let Some(log) = self.embedded {
+            log.close().await?;
+        }
         Ok(())
     }
 }
