@@ -4,8 +4,9 @@
 //! The hold is a `HoldSnapshot` stream opened on one store node at the feed's hold ts (the ts
 //! before the first one it must still read): that node gossips it as an active read, so no
 //! node's GC timestamp passes it. When the checkpoint moves, a new hold is opened before the old
-//! one is dropped, so the held ts only rises. A store node ends a hold after its `max_hold_ms`
-//! (an hour at most): its successor at the same ts is opened before that. A hold whose node went
+//! one is dropped, so the held ts only rises. A store node ends a hold after the time its first
+//! message names (`max_hold_ms` as the node's `tuning.max_hold_ms` clamps it): its successor at
+//! the same ts is opened before that. A hold whose node went
 //! away is opened again. The hold is named (`causeway-cdc/<feed>`, or a change stream's) and kept
 //! on one node while it can be, and that node keeps it for `linger` after this process went away
 //! (store-node `hold`): a feed killed and restarted finds the history after its checkpoint. A
@@ -33,7 +34,8 @@ pub struct HoldOptions {
     pub linger: Duration,
 }
 
-/// The longest a store node keeps one hold (`HoldSnapshot` clamps `max_hold_ms` to it).
+/// How long a hold lasts when its node does not say (an older build): the default of the store
+/// node's `tuning.max_hold_ms`.
 const NODE_MAX_HOLD: Duration = Duration::from_secs(3600);
 
 /// Holds the GC timestamp at a target the feed moves.
@@ -115,12 +117,12 @@ async fn run(
                 };
                 match open(&nodes, at_node.as_deref(), request).await {
                     // The new hold is in place before the old one goes.
-                    Ok((node, _, stream)) => {
-                        // A hold lasts `max_hold_ms`, at most the node's cap: its successor at
-                        // the same ts is opened before, so the ts is held throughout.
-                        let lasts = left.min(NODE_MAX_HOLD);
-                        held = Some((ts, stream, Instant::now() + lasts.mul_f64(0.9)));
-                        at_node = Some(node);
+                    Ok(opened) => {
+                        // Its successor at the same ts is opened before the node ends it, so
+                        // the ts is held throughout.
+                        let renew = Instant::now() + opened.lasts.min(left).mul_f64(0.9);
+                        held = Some((ts, opened.stream, renew));
+                        at_node = Some(opened.node);
                     }
                     Err(status) => {
                         tracing::warn!(
@@ -128,11 +130,24 @@ async fn run(
                             message = status.message(),
                             "cannot hold the GC timestamp at the feed's checkpoint"
                         );
+                        // The hold still in place is due again after a pause, not at once.
+                        if let Some((_, _, renew)) = held.as_mut() {
+                            *renew =
+                                Instant::now() + options.refresh.max(Duration::from_millis(100));
+                        }
                     }
                 }
             }
             _ => {}
         }
+        // A hold due for its successor wakes the loop.
+        let renew_at = held.as_ref().map(|(_, _, renew)| *renew);
+        let renew = async move {
+            match renew_at {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
         let ended = async {
             match held.as_mut() {
                 Some((_, stream, _)) => while let Ok(Some(_)) = stream.message().await {},
@@ -152,6 +167,7 @@ async fn run(
                 tokio::time::sleep(options.refresh).await;
             }
             () = tokio::time::sleep(options.refresh.max(Duration::from_millis(100)) * 10) => {}
+            () = renew => {}
         }
     }
 }
@@ -172,17 +188,27 @@ pub async fn snapshot(
     };
     open(nodes, None, request)
         .await
-        .map(|(_, ts, stream)| (ts, stream))
+        .map(|opened| (opened.ts, opened.stream))
+}
+
+/// A hold opened on a store node.
+struct Opened {
+    /// The node's address.
+    node: String,
+    ts: Timestamp,
+    /// How long the node keeps it.
+    lasts: Duration,
+    stream: tonic::Streaming<pb::HoldSnapshotEvent>,
 }
 
 /// Opens a hold, on the node `prefer` when it can (a feed keeps its hold on one node, so that
 /// its moves replace its lingering hold there), else on another node of the routing
-/// configuration. Answers the node, the held ts and the stream.
+/// configuration.
 async fn open(
     nodes: &StoreNodes,
     prefer: Option<&str>,
     request: pb::HoldSnapshotRequest,
-) -> Result<(String, Timestamp, tonic::Streaming<pb::HoldSnapshotEvent>), tonic::Status> {
+) -> Result<Opened, tonic::Status> {
     let mut order = nodes.routing_nodes();
     if order.is_empty() {
         return Err(tonic::Status::unavailable("no store node is known"));
@@ -208,12 +234,25 @@ async fn open(
             let mut stream = client.hold_snapshot(request.clone()).await?.into_inner();
             // The first message says the hold is registered.
             match stream.message().await? {
-                Some(event) => Ok((Timestamp(event.at.map_or(0, |at| at.ts)), stream)),
+                Some(event) => {
+                    let lasts = match event.hold_ms {
+                        0 => NODE_MAX_HOLD,
+                        ms => Duration::from_millis(ms),
+                    };
+                    Ok((Timestamp(event.at.map_or(0, |at| at.ts)), lasts, stream))
+                }
                 None => Err(tonic::Status::unavailable("the hold ended at once")),
             }
         };
         match opened.await {
-            Ok((ts, stream)) => return Ok((addr, ts, stream)),
+            Ok((ts, lasts, stream)) => {
+                return Ok(Opened {
+                    node: addr,
+                    ts,
+                    lasts,
+                    stream,
+                })
+            }
             // "snapshot too old" is the same answer everywhere.
             Err(status) if status.code() == tonic::Code::FailedPrecondition => return Err(status),
             Err(status) => {

@@ -777,6 +777,7 @@ impl pb::store_node_server::StoreNode for Server {
         let held = self.shared.holds.opened(&owner, held, linger);
         let first = pb::HoldSnapshotEvent {
             at: Some(read_ts_to_proto(at)),
+            hold_ms: max_hold.as_millis() as u64,
         };
         let stream = futures::stream::once(async move { Ok(first) }).chain(futures::stream::once(
             async move {

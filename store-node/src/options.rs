@@ -112,7 +112,9 @@ pub struct Tuning {
     /// holds one per feed, two while a feed moves its hold). A caller is the node or role its
     /// certificate names under mutual TLS, else its IP address.
     pub max_holds_per_caller: usize,
-    /// The longest a `HoldSnapshot` stream may hold its snapshot (default 3 600 000 ms).
+    /// The longest a `HoldSnapshot` stream may hold its snapshot (default 3 600 000 ms). The
+    /// stream's first message says how long it lasts, and change feeds open each successor
+    /// before that.
     pub max_hold_ms: u64,
     /// Most version records in one backfill chunk (default 2 000).
     pub backfill_chunk_records: u32,

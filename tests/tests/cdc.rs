@@ -829,7 +829,12 @@ async fn drained(receiver: &Receiver, feed: &str, ts: u64, cdc: &Cdc) -> Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn feeds_deliver_every_committed_change_in_order_through_outages_and_crashes() {
     let began = Instant::now();
-    let mut cluster = LocalCluster::start(ClusterSpec::new(2, 2)).await.unwrap();
+    let mut spec = ClusterSpec::new(2, 2);
+    // Store nodes end a hold after 4 s: the feeds open each successor before that, many times
+    // while the `all` receiver is down (20 s). A successor opened late lets the GC timestamp
+    // pass that feed's checkpoint, and the feed loses history.
+    spec.tuning.max_hold_ms = 4_000;
+    let mut cluster = LocalCluster::start(spec).await.unwrap();
     cluster.start_api_servers(1).await.unwrap();
     let api = cluster.api_urls()[0].clone();
     let bootstrap = cluster.broker().bootstrap_servers();
