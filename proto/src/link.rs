@@ -19,13 +19,12 @@
 //! [`certs`] makes a CA and the certificates of a deployment.
 
 pub mod certs;
+mod secret;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use subtle::ConstantTimeEq;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Status};
@@ -37,8 +36,8 @@ pub const ADMIN_HEADER: &str = "causeway-admin-token";
 /// The longest a server waits for a client's TLS handshake.
 pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The shortest secret or admin token accepted, in bytes.
-pub const MIN_SECRET_BYTES: usize = 16;
+use secret::Secret;
+pub use secret::{MIN_SECRET_BYTES, RELOAD_EVERY};
 
 /// How a process authenticates its gRPC links: part of every component's options. The default
 /// is the open mode.
@@ -47,11 +46,12 @@ pub const MIN_SECRET_BYTES: usize = 16;
 pub struct Security {
     /// Mutual TLS with the cluster CA.
     pub tls: Option<TlsFiles>,
-    /// A file holding the shared cluster secret (one line, at least 16 bytes). Ignored when
-    /// `tls` is set.
+    /// A file holding the shared cluster secret: lines of at least 16 bytes, the first sent and
+    /// every one accepted, read again when it changes (see [`RELOAD_EVERY`]), so that the
+    /// secret rotates without a restart. Ignored when `tls` is set.
     pub cluster_secret_file: Option<PathBuf>,
-    /// A file holding the admin token: a config manager accepts admin calls bearing it; a
-    /// client sends it.
+    /// A file holding the admin token, in the same form: a config manager accepts admin calls
+    /// bearing any of its lines; a client sends the first.
     pub admin_token_file: Option<PathBuf>,
     /// Allows serving in the open mode on an address that is not loopback (default false).
     pub allow_open_non_loopback: bool,
@@ -212,8 +212,8 @@ pub enum LinkError {
 #[derive(Clone)]
 pub struct Link {
     tls: Option<Tls>,
-    secret: Option<String>,
-    admin_token: Option<String>,
+    secret: Option<Secret>,
+    admin_token: Option<Secret>,
     allow_open_non_loopback: bool,
 }
 
@@ -238,20 +238,29 @@ impl std::fmt::Debug for Link {
 /// A channel whose calls carry this process's credentials.
 pub type Channel = InterceptedService<tonic::transport::Channel, Credentials>;
 
-/// The metadata a client adds to every call.
-#[derive(Debug, Clone, Default)]
+/// The metadata a client adds to every call: the secrets' current values.
+#[derive(Clone, Default)]
 pub struct Credentials {
-    secret: Option<MetadataValue<Ascii>>,
-    admin_token: Option<MetadataValue<Ascii>>,
+    secret: Option<Secret>,
+    admin_token: Option<Secret>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("secret", &self.secret.is_some())
+            .field("admin_token", &self.admin_token.is_some())
+            .finish()
+    }
 }
 
 impl tonic::service::Interceptor for Credentials {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         if let Some(s) = &self.secret {
-            request.metadata_mut().insert(SECRET_HEADER, s.clone());
+            request.metadata_mut().insert(SECRET_HEADER, s.sent());
         }
         if let Some(t) = &self.admin_token {
-            request.metadata_mut().insert(ADMIN_HEADER, t.clone());
+            request.metadata_mut().insert(ADMIN_HEADER, t.sent());
         }
         Ok(request)
     }
@@ -285,8 +294,8 @@ impl Link {
             }
             None => None,
         };
-        let secret = |path: &Option<PathBuf>| -> Result<Option<String>, LinkError> {
-            path.as_deref().map(read_secret).transpose()
+        let secret = |path: &Option<PathBuf>| -> Result<Option<Secret>, LinkError> {
+            path.as_deref().map(Secret::load).transpose()
         };
         Ok(Link {
             secret: if tls.is_some() {
@@ -303,8 +312,8 @@ impl Link {
     /// A link with these credentials, built in code (`causeway dev`, tests).
     pub fn with_secrets(secret: Option<String>, admin_token: Option<String>) -> Link {
         Link {
-            secret,
-            admin_token,
+            secret: secret.as_deref().map(Secret::fixed),
+            admin_token: admin_token.as_deref().map(Secret::fixed),
             ..Link::open()
         }
     }
@@ -393,10 +402,9 @@ impl Link {
 
     /// The metadata this process sends.
     pub fn credentials(&self) -> Credentials {
-        let value = |s: &Option<String>| s.as_deref().and_then(|s| s.parse().ok());
         Credentials {
-            secret: value(&self.secret),
-            admin_token: value(&self.admin_token),
+            secret: self.secret.clone(),
+            admin_token: self.admin_token.clone(),
         }
     }
 
@@ -468,11 +476,11 @@ impl Link {
     }
 }
 
-/// Constant-time equality of a configured secret and a presented one; no configured secret
-/// matches nothing.
-fn matches(expected: &Option<String>, presented: Option<&str>) -> bool {
+/// Whether a presented value is one the configured secret accepts (in constant time); no
+/// configured secret matches nothing.
+fn matches(expected: &Option<Secret>, presented: Option<&str>) -> bool {
     match (expected, presented) {
-        (Some(e), Some(p)) => e.as_bytes().ct_eq(p.as_bytes()).into(),
+        (Some(e), Some(p)) => e.accepts(p),
         _ => false,
     }
 }
@@ -491,19 +499,6 @@ fn read(path: &Path) -> Result<Vec<u8>, LinkError> {
         path: path.to_owned(),
         source,
     })
-}
-
-fn read_secret(path: &Path) -> Result<String, LinkError> {
-    let text = String::from_utf8(read(path)?)
-        .map_err(|_| LinkError::Invalid(format!("{} is not UTF-8", path.display())))?;
-    let secret = text.trim().to_owned();
-    if secret.len() < MIN_SECRET_BYTES || !secret.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(LinkError::Invalid(format!(
-            "{} must hold one line of at least {MIN_SECRET_BYTES} printable ASCII characters",
-            path.display()
-        )));
-    }
-    Ok(secret)
 }
 
 #[cfg(test)]
@@ -597,6 +592,48 @@ mod tests {
             sent(&link.without_admin_token()),
             (Some("s".repeat(32)), None)
         );
+    }
+
+    #[test]
+    fn a_loaded_link_takes_a_rotated_secret_without_a_restart() {
+        use tonic::service::Interceptor;
+        let (old, new) = ("o".repeat(32), "n".repeat(32));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, &old).unwrap();
+        let link = Link::load(&Security {
+            cluster_secret_file: Some(file.clone()),
+            ..Security::default()
+        })
+        .unwrap();
+        let mut credentials = link.credentials();
+        let sent = |c: &mut Credentials| {
+            let r = c.call(Request::new(())).unwrap();
+            r.metadata()
+                .get(SECRET_HEADER)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_owned()
+        };
+        let accepted = |secret: &str| {
+            let mut r = Request::new(());
+            r.metadata_mut()
+                .insert(SECRET_HEADER, secret.parse().unwrap());
+            link.authorize(r).is_ok()
+        };
+        assert_eq!(sent(&mut credentials), old);
+        std::fs::write(&file, format!("{new}\n{old}\n")).unwrap();
+        std::thread::sleep(RELOAD_EVERY + std::time::Duration::from_millis(50));
+        assert_eq!(
+            sent(&mut credentials),
+            new,
+            "a channel made before sends the new secret"
+        );
+        assert!(accepted(&old) && accepted(&new));
+        std::fs::write(&file, &new).unwrap();
+        std::thread::sleep(RELOAD_EVERY + std::time::Duration::from_millis(50));
+        assert!(!accepted(&old) && accepted(&new));
     }
 
     #[test]
