@@ -46,10 +46,10 @@ use serde_json::{Map, Value};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QueryLimits {
-    /// Deepest nesting of `$and` / `$or` / `$not` (as [`Filter::extent`] counts it). Default 16.
+    /// Deepest nesting of `$and` / `$or` / `$not`. Default 16.
     pub max_depth: usize,
-    /// Most predicates and combinators in one filter (as [`Filter::extent`] counts them).
-    /// Default 256.
+    /// Most predicates and combinators in one filter. Default 256. A query's filter is bounded
+    /// as parsed too ([`Filter::extent`]).
     pub max_nodes: usize,
     /// Most values in one `$in` / `$nin` array. Default 1024.
     pub max_in_values: usize,
@@ -383,15 +383,20 @@ fn is_field_operator(k: &str) -> bool {
 impl Filter {
     /// Parses the JSON form of a filter within `limits`.
     ///
-    /// The limits bound the filter as parsed: its nodes and depth as [`Filter::extent`] counts
-    /// them, where several fields of one object, or several operators on one field, are joined
-    /// by an `$and`, and `$ne` / `$nin` are a `$not` of `$eq` / `$in`. So the JSON form
-    /// ([`Filter::to_json`]), which the api-server forwards to store nodes, parses within any
-    /// limits the filter met.
+    /// The limits bound the text as written. Its tree may be larger ([`Filter::extent`]): several
+    /// fields of one object, or several operators on one field, are joined by an `$and`, and
+    /// `$ne` / `$nin` are a `$not` of `$eq` / `$in`. [`Query::parse`] bounds the tree too, since a
+    /// query travels on in its JSON form. This rule is part of how log records apply (a
+    /// transaction's conditions): it must not change.
     pub fn parse(value: &Value, limits: &QueryLimits) -> Result<Filter, QueryError> {
-        // The parser's own counts bound its work; they never exceed the tree's.
-        let filter = Parser { limits, nodes: 0 }.filter(value, 0)?;
-        let (nodes, depth) = filter.extent();
+        Parser { limits, nodes: 0 }.filter(value, 0)
+    }
+
+    /// Refuses a filter whose tree ([`Filter::extent`]) is past `limits`. Within them, its JSON
+    /// form ([`Filter::to_json`]) parses within them too: the text's counts never exceed the
+    /// tree's.
+    pub fn check_extent(&self, limits: &QueryLimits) -> Result<(), QueryError> {
+        let (nodes, depth) = self.extent();
         if nodes > limits.max_nodes {
             return Err(QueryError::TooLarge {
                 max: limits.max_nodes,
@@ -402,7 +407,7 @@ impl Filter {
                 max: limits.max_depth,
             });
         }
-        Ok(filter)
+        Ok(())
     }
 
     /// The nodes of this filter's tree (predicates, and the `$and`, `$or` and `$not` joining
@@ -672,10 +677,13 @@ impl Query {
                 k.chars().take(64).collect::<String>()
             )));
         }
+        // The api-server forwards a query in its JSON form, whose filter is its tree: bounding
+        // the tree here keeps that form within the limits the query met.
         let filter = match map.get("filter") {
             None | Some(Value::Null) => Filter::default(),
             Some(f) => Filter::parse(f, limits)?,
         };
+        filter.check_extent(limits)?;
         let order = match map.get("order") {
             None | Some(Value::Null) => None,
             Some(o) => {
@@ -829,22 +837,26 @@ mod tests {
         ));
     }
 
-    /// Several fields of one object are joined by an `$and`, and `$ne` is a `$not`: the
-    /// limits count them, so a filter at the limits has a JSON form within them too.
+    /// Several fields of one object are joined by an `$and`, and `$ne` is a `$not`: a query's
+    /// limits count them, so a query at the limits has a JSON form within them too. A filter
+    /// alone (a condition of a log record) keeps counting its text.
     #[test]
-    fn a_filter_within_the_limits_has_a_json_form_within_them() {
+    fn a_query_within_the_limits_has_a_json_form_within_them() {
         let l = QueryLimits::default();
+        let query = |filter: Value| Query::parse(&json!({ "filter": filter }), &l);
+        let again = |q: &Query| Query::parse(&serde_json::to_value(q).unwrap(), &l);
         let fields = |n: usize| {
             let m: Map<String, Value> = (0..n).map(|i| (format!("f{i}"), json!(i))).collect();
             Value::Object(m)
         };
         // 255 fields and their `$and`: 256 nodes.
-        let f = Filter::parse(&fields(255), &l).unwrap();
-        assert_eq!(f.extent(), (256, 1));
-        assert_eq!(Filter::parse(&f.to_json(), &l), Ok(f));
-        assert_eq!(
-            Filter::parse(&fields(256), &l),
-            Err(QueryError::TooLarge { max: 256 })
+        let q = query(fields(255)).unwrap();
+        assert_eq!(q.filter.extent(), (256, 1));
+        assert_eq!(again(&q), Ok(q));
+        assert_eq!(query(fields(256)), Err(QueryError::TooLarge { max: 256 }));
+        assert!(
+            Filter::parse(&fields(256), &l).is_ok(),
+            "a condition's count changed"
         );
         // `$ne` nested in `$not`s and `$and`s of two fields: depth from the `$not` and `$and`
         // each implies.
@@ -856,16 +868,20 @@ mod tests {
             f
         };
         for levels in 0..20 {
-            match Filter::parse(&nested(levels), &l) {
-                Ok(f) => {
-                    assert!(f.extent().1 <= l.max_depth);
-                    assert_eq!(Filter::parse(&f.to_json(), &l), Ok(f));
+            match query(nested(levels)) {
+                Ok(q) => {
+                    assert!(q.filter.extent().1 <= l.max_depth);
+                    assert_eq!(again(&q), Ok(q));
                 }
                 Err(e) => assert_eq!(e, QueryError::TooDeep { max: 16 }, "{levels} levels"),
             }
         }
-        assert!(Filter::parse(&nested(14), &l).is_ok());
-        assert!(Filter::parse(&nested(15), &l).is_err());
+        assert!(query(nested(14)).is_ok());
+        assert!(query(nested(15)).is_err());
+        assert!(
+            Filter::parse(&nested(15), &l).is_ok(),
+            "a condition's count changed"
+        );
     }
 
     #[test]
