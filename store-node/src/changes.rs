@@ -18,7 +18,9 @@ use causeway_core::{ReadTimestamp, Timestamp};
 use causeway_proto::v1 as pb;
 use tonic::Status;
 
-use crate::grpc::{by_partition, read_ts_to_proto, storage_status, Attempt, Retries, Server};
+use crate::grpc::{
+    by_partition, parse_key, read_ts_to_proto, storage_status, Attempt, Retries, Server,
+};
 use crate::state::Shared;
 use crate::storage;
 
@@ -155,13 +157,11 @@ fn validate(keys: &[pb::ChangeKey]) -> Result<(), Status> {
             keys.len()
         )));
     }
-    let limits = causeway_core::KeyLimits::default();
     for k in keys {
         if k.ts == 0 {
             return Err(Status::invalid_argument("a change at ts 0"));
         }
-        causeway_core::DocKey::new(&k.collection, &k.id, &limits)
-            .map_err(|e| Status::invalid_argument(format!("{}/{}: {e}", k.collection, k.id)))?;
+        parse_key(&k.collection, &k.id)?;
     }
     Ok(())
 }

@@ -687,12 +687,20 @@ async fn local_get(
 }
 
 fn validate_keys(keys: &[pb::DocumentKey]) -> Result<(), Status> {
-    let limits = KeyLimits::default();
     for k in keys {
-        DocKey::new(&k.collection, &k.id, &limits)
-            .map_err(|e| Status::invalid_argument(format!("{}/{}: {e}", k.collection, k.id)))?;
+        parse_key(&k.collection, &k.id)?;
     }
     Ok(())
+}
+
+/// `collection`/`id` as a key, or `InvalidArgument` naming the start of each: a status message
+/// travels in a header, and a long input echoed whole would make it larger than a client takes
+/// (it resets the stream instead of reading the status).
+pub(crate) fn parse_key(collection: &str, id: &str) -> Result<DocKey, Status> {
+    DocKey::new(collection, id, &KeyLimits::default()).map_err(|e| {
+        let start = |s: &str| s.chars().take(64).collect::<String>();
+        Status::invalid_argument(format!("{}/{}: {e}", start(collection), start(id)))
+    })
 }
 
 /// The stream of a snapshot hold: the read timestamp, then nothing until the hold ends; the
