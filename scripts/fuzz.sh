@@ -8,9 +8,9 @@
 #
 # New inputs the run finds go to a temporary directory, so the repository's corpus is read-only;
 # with CAUSEWAY_FUZZ_KEEP=1 they are merged (minimised) into fuzz/corpus/<target>/ at the end.
-# CAUSEWAY_FUZZ_SEED fixes libFuzzer's seed: the test suite's short run always tries the same
-# inputs (a slower machine only fewer of them), so it cannot fail by chance; a longer run without
-# it draws a new seed each time.
+# CAUSEWAY_FUZZ_SEED fixes libFuzzer's seed: the test suite's short run tries the same inputs in
+# the same order every time (a faster machine more of them, so it may find what a slower one
+# does not), rather than new ones at each run; a longer run without it draws a new seed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"

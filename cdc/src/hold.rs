@@ -38,6 +38,22 @@ pub struct HoldOptions {
 /// node's `tuning.max_hold_ms`.
 const NODE_MAX_HOLD: Duration = Duration::from_secs(3600);
 
+/// How long before a hold ends its successor is opened, at least: room for a refresh's wait
+/// and an open that tries every node.
+const RENEW_MARGIN: Duration = Duration::from_secs(2);
+/// How soon a successor that could not be opened is tried again.
+const RETRY_AFTER: Duration = Duration::from_millis(500);
+
+/// When to open the successor of a hold that lasts `lasts`: a tenth of it, at least
+/// [`RENEW_MARGIN`], before its end, but not before half of it (nor within 100 ms: a node
+/// whose holds are that short is misconfigured, and the feed must not hammer it).
+fn renew_after(lasts: Duration) -> Duration {
+    lasts
+        .saturating_sub(RENEW_MARGIN.max(lasts / 10))
+        .max(lasts / 2)
+        .max(Duration::from_millis(100))
+}
+
 /// Holds the GC timestamp at a target the feed moves.
 #[derive(Debug)]
 pub struct Hold {
@@ -120,7 +136,7 @@ async fn run(
                     Ok(opened) => {
                         // Its successor at the same ts is opened before the node ends it, so
                         // the ts is held throughout.
-                        let renew = Instant::now() + opened.lasts.min(left).mul_f64(0.9);
+                        let renew = Instant::now() + renew_after(opened.lasts.min(left));
                         held = Some((ts, opened.stream, renew));
                         at_node = Some(opened.node);
                     }
@@ -132,8 +148,7 @@ async fn run(
                         );
                         // The hold still in place is due again after a pause, not at once.
                         if let Some((_, _, renew)) = held.as_mut() {
-                            *renew =
-                                Instant::now() + options.refresh.max(Duration::from_millis(100));
+                            *renew = Instant::now() + options.refresh.max(RETRY_AFTER);
                         }
                     }
                 }
@@ -262,4 +277,22 @@ async fn open(
         }
     }
     Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_successor_is_opened_in_time_and_never_in_a_hot_loop() {
+        let s = Duration::from_secs;
+        assert_eq!(renew_after(s(3600)), s(3240));
+        assert_eq!(renew_after(s(10)), s(8));
+        assert_eq!(renew_after(s(4)), s(2));
+        assert_eq!(renew_after(s(1)), Duration::from_millis(500));
+        assert_eq!(
+            renew_after(Duration::from_millis(1)),
+            Duration::from_millis(100)
+        );
+    }
 }

@@ -102,6 +102,9 @@ impl Options {
         if self.http2_keepalive_interval_ms == 0 {
             return bad("http2_keepalive_interval_ms must be positive");
         }
+        if !(1..=causeway_proto::MAX_CONNECTIONS).contains(&self.max_connections) {
+            return bad("max_connections must be between 1 and 1 048 576");
+        }
         if self.veto_timeout_ms == 0 || self.spare_nodes_wait_ms == 0 {
             return bad("veto_timeout_ms and spare_nodes_wait_ms must be positive");
         }

@@ -25,7 +25,9 @@ pub fn incoming(
     max_connections: usize,
     first_bytes: Duration,
 ) -> impl tokio_stream::Stream<Item = io::Result<Connection>> {
-    let places = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
+    let places = Arc::new(tokio::sync::Semaphore::new(
+        max_connections.clamp(1, MAX_CONNECTIONS),
+    ));
     futures::stream::unfold((listener, places), move |(listener, places)| async move {
         let place = Arc::clone(&places).acquire_owned().await.ok()?;
         let accepted = match listener.accept().await {
@@ -49,6 +51,9 @@ pub fn incoming(
         Some((accepted, (listener, places)))
     })
 }
+
+/// The largest connection cap a server takes.
+pub const MAX_CONNECTIONS: usize = 1 << 20;
 
 /// The bytes a new connection must send within the first-bytes time: the HTTP/2 preface.
 pub const FIRST_BYTES: usize = 24;

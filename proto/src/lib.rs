@@ -11,7 +11,7 @@
 mod incoming;
 pub mod link;
 
-pub use incoming::{incoming, Connection, FIRST_BYTES};
+pub use incoming::{incoming, Connection, FIRST_BYTES, MAX_CONNECTIONS};
 
 /// Version 1 of the wire formats.
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]

@@ -132,6 +132,22 @@ pub struct Tuning {
     pub outcome_retention: u64,
 }
 
+impl Tuning {
+    /// Refuses the settings of the gRPC server that cannot work: why, when one cannot.
+    pub fn check_server(&self) -> Result<(), &'static str> {
+        if !(1..=causeway_proto::MAX_CONNECTIONS).contains(&self.max_connections) {
+            return Err("tuning.max_connections must be between 1 and 1 048 576");
+        }
+        if self.http2_keepalive_ms < 100 {
+            return Err("tuning.http2_keepalive_ms must be at least 100");
+        }
+        if self.max_hold_ms < 1_000 {
+            return Err("tuning.max_hold_ms must be at least 1 000");
+        }
+        Ok(())
+    }
+}
+
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
@@ -165,6 +181,36 @@ impl Default for Tuning {
             backfill_bytes_per_second: 64 << 20,
             backfill_max_streams: 8,
             outcome_retention: 10_000_000,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_settings_that_cannot_work_are_refused() {
+        assert_eq!(Tuning::default().check_server(), Ok(()));
+        for bad in [
+            Tuning {
+                max_connections: 0,
+                ..Tuning::default()
+            },
+            Tuning {
+                max_connections: usize::MAX,
+                ..Tuning::default()
+            },
+            Tuning {
+                http2_keepalive_ms: 0,
+                ..Tuning::default()
+            },
+            Tuning {
+                max_hold_ms: 0,
+                ..Tuning::default()
+            },
+        ] {
+            assert!(bad.check_server().is_err(), "{bad:?}");
         }
     }
 }

@@ -48,6 +48,8 @@ pub enum Error {
     Apply(String),
     #[error("security settings")]
     Link(#[from] causeway_proto::link::LinkError),
+    #[error("{0}")]
+    Options(&'static str),
 }
 
 /// A store node, bound and ready to run.
@@ -80,6 +82,7 @@ impl Service {
     /// Like [`Service::bind`], with a log that is already open (`options.log` is not used):
     /// `causeway dev` shares one embedded log between all its components.
     pub async fn bind_with_log(options: Options, log: TxLog) -> Result<Service, Error> {
+        options.tuning.check_server().map_err(Error::Options)?;
         let grpc = TcpListener::bind(options.listen)
             .await
             .map_err(|source| Error::Bind {

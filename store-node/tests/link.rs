@@ -380,13 +380,16 @@ async fn under_mutual_tls_a_connection_that_never_finishes_its_handshake_is_clos
         ..Security::default()
     };
     let node = Node::start(security, 0).await;
-    // One connection sends nothing; another the first bytes of a ClientHello and no more.
+    // One connection sends nothing; another the start of a ClientHello (a record of 512 bytes,
+    // 40 of them sent: past the first bytes every connection must send, so only the handshake
+    // timeout can close it) and no more.
     let silent = tokio::net::TcpStream::connect(&node.addr).await.unwrap();
     let mut partial = tokio::net::TcpStream::connect(&node.addr).await.unwrap();
-    partial
-        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
-        .await
-        .unwrap();
+    let mut hello = vec![
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    hello.resize(45, 0);
+    partial.write_all(&hello).await.unwrap();
     let started = std::time::Instant::now();
     let closed = |mut tcp: tokio::net::TcpStream| async move {
         let mut buf = [0u8; 64];
@@ -444,5 +447,27 @@ async fn a_connection_that_sends_nothing_or_half_a_preface_loses_its_place() {
             "a silent connection ({opening:?}) kept the only place: {served:?}"
         );
     }
+    // The cap holds: while a client's connection is open, another waits; then it is served.
+    let first = client(&Link::open(), &node.addr);
+    status(first.clone()).await.unwrap();
+    let waited = tokio::time::timeout(
+        Duration::from_millis(500),
+        status(client(&Link::open(), &node.addr)),
+    )
+    .await;
+    assert!(
+        !matches!(waited, Ok(Ok(_))),
+        "a connection past the cap was served"
+    );
+    drop(first);
+    let served = tokio::time::timeout(
+        Duration::from_secs(5),
+        status(client(&Link::open(), &node.addr)),
+    )
+    .await;
+    assert!(
+        matches!(served, Ok(Ok(_))),
+        "the place was not freed: {served:?}"
+    );
     node.stop().await;
 }
