@@ -40,6 +40,9 @@ const LOG_LEADER: usize = usize::MAX;
 const FAULT: Duration = Duration::from_secs(5);
 /// The longest the cluster may take to serve again after a fault is undone.
 const RECOVERY: Duration = Duration::from_secs(60);
+/// The longest a disk fault of the bounded run lasts while its node has not stopped: how soon a
+/// node writes to its full disk depends on the load its partitions get after the faults before.
+const DISK_FAULT_MAX: Duration = Duration::from_secs(30);
 /// How long a store node that failed a write may take to exit.
 const STOPPING: Duration = Duration::from_secs(5);
 /// The longest a transition may take to install.
@@ -308,7 +311,15 @@ impl Run {
     /// `nemesis` for `lasted`, undone, then the wait until the cluster serves again, then
     /// `quiet`, so that each phase of the load's report is one fault's alone. Answers whether
     /// a store node stopped on the fault.
-    async fn fault(&mut self, nemesis: Nemesis, lasted: Duration, quiet: Duration) -> bool {
+    ///
+    /// With `bite_within`, a disk fault lasts on until its node stops, at most that long.
+    async fn fault(
+        &mut self,
+        nemesis: Nemesis,
+        lasted: Duration,
+        quiet: Duration,
+        bite_within: Option<Duration>,
+    ) -> bool {
         // Numbered, so that each is a phase of its own in the load's report.
         let name = format!("{}. {}", self.faults.len() + 1, nemesis.name());
         println!("{:?}: {name} for {lasted:?}", self.load.elapsed());
@@ -318,6 +329,12 @@ impl Run {
             .await
             .unwrap();
         tokio::time::sleep(lasted).await;
+        if let (Some(n), Some(longest)) = (nemesis.disk_of(), bite_within) {
+            let deadline = tokio::time::Instant::now() + longest.saturating_sub(lasted);
+            while self.cluster.is_running(n) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         let mut node_stopped = nemesis
             .undo(&mut self.cluster, &mut self.cdc)
             .await
@@ -427,11 +444,18 @@ async fn every_nemesis_under_load_leaves_no_anomaly() {
             }
             other => other,
         };
-        let stopped = run.fault(nemesis, FAULT, Duration::from_secs(2)).await;
+        let stopped = run
+            .fault(nemesis, FAULT, Duration::from_secs(2), Some(DISK_FAULT_MAX))
+            .await;
         // The disk faults bit: the node stopped rather than go on with a store it could not
         // write (and the history shows it started again on that store without an anomaly).
         if matches!(nemesis, Nemesis::DiskFull(_) | Nemesis::FsyncFails(_)) {
-            assert!(stopped, "{} did not stop the node", nemesis.name());
+            assert!(
+                stopped,
+                "{} did not stop the node within {DISK_FAULT_MAX:?}\n{}",
+                nemesis.name(),
+                run.cluster.logs()
+            );
         }
     }
     run.finish(None).await;
@@ -473,7 +497,7 @@ async fn soak() {
         };
         let lasted = Duration::from_millis(rng.random_range(1_000..10_000));
         let quiet = Duration::from_millis(rng.random_range(1_000..8_000));
-        run.fault(nemesis, lasted, quiet).await;
+        run.fault(nemesis, lasted, quiet, None).await;
     }
     let report_to = std::env::var("CAUSEWAY_SOAK_REPORT")
         .ok()
