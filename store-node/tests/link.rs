@@ -181,6 +181,14 @@ fn tls_files(dir: &Path, ca: &Authority, role: Role) -> TlsFiles {
     files
 }
 
+/// Mutual TLS with `ca`, as `role`: its files written into `dir`.
+fn tls_security(dir: &Path, ca: &Authority, role: Role) -> Security {
+    Security {
+        tls: Some(tls_files(dir, ca, role)),
+        ..Security::default()
+    }
+}
+
 fn with_tls(ca: &Authority, role: Role) -> Link {
     let issued = ca.issue(role, &[]).unwrap();
     Link::with_tls(ca.cert_pem(), &issued.cert_pem, &issued.key_pem)
@@ -190,16 +198,10 @@ fn with_tls(ca: &Authority, role: Role) -> Link {
 async fn under_mutual_tls_a_call_without_a_certificate_of_the_cluster_ca_is_refused() {
     let ca = Authority::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let security = Security {
-        tls: Some(tls_files(dir.path(), &ca, Role::StoreNode(1))),
-        ..Security::default()
-    };
+    let security = tls_security(dir.path(), &ca, Role::StoreNode(1));
     // Node 1 with node 2's certificate does not start.
     let wrong = tempfile::tempdir().unwrap();
-    let of_2 = Security {
-        tls: Some(tls_files(wrong.path(), &ca, Role::StoreNode(2))),
-        ..Security::default()
-    };
+    let of_2 = tls_security(wrong.path(), &ca, Role::StoreNode(2));
     let refused = Node::try_start(of_2, 0, Tuning::default()).await;
     assert!(
         refused.as_ref().is_err_and(|e| e.contains("store-node/2")),
@@ -375,10 +377,7 @@ async fn under_mutual_tls_a_connection_that_never_finishes_its_handshake_is_clos
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let ca = Authority::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let security = Security {
-        tls: Some(tls_files(dir.path(), &ca, Role::StoreNode(1))),
-        ..Security::default()
-    };
+    let security = tls_security(dir.path(), &ca, Role::StoreNode(1));
     let node = Node::start(security, 0).await;
     // One connection sends nothing; another the start of a ClientHello (a record of 512 bytes,
     // 40 of them sent: past the first bytes every connection must send, so only the handshake
