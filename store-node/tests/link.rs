@@ -429,6 +429,8 @@ async fn a_connection_that_sends_nothing_or_half_a_preface_loses_its_place() {
         ..Tuning::default()
     };
     let node = Node::start_tuned(Security::default(), 0, tuning).await;
+    // A new client's status call, within `wait`.
+    let new_client = |wait| tokio::time::timeout(wait, status(client(&Link::open(), &node.addr)));
     for opening in [&b""[..], b"PRI * HTTP/2"] {
         // The only place, taken by a connection that sends nothing, or the start of the
         // HTTP/2 preface, and stops.
@@ -436,11 +438,7 @@ async fn a_connection_that_sends_nothing_or_half_a_preface_loses_its_place() {
         silent.write_all(opening).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         // Served once the silent connection has been closed.
-        let served = tokio::time::timeout(
-            Duration::from_secs(5),
-            status(client(&Link::open(), &node.addr)),
-        )
-        .await;
+        let served = new_client(Duration::from_secs(5)).await;
         assert!(
             matches!(served, Ok(Ok(_))),
             "a silent connection ({opening:?}) kept the only place: {served:?}"
@@ -449,21 +447,13 @@ async fn a_connection_that_sends_nothing_or_half_a_preface_loses_its_place() {
     // The cap holds: while a client's connection is open, another waits; then it is served.
     let first = client(&Link::open(), &node.addr);
     status(first.clone()).await.unwrap();
-    let waited = tokio::time::timeout(
-        Duration::from_millis(500),
-        status(client(&Link::open(), &node.addr)),
-    )
-    .await;
+    let waited = new_client(Duration::from_millis(500)).await;
     assert!(
         !matches!(waited, Ok(Ok(_))),
         "a connection past the cap was served"
     );
     drop(first);
-    let served = tokio::time::timeout(
-        Duration::from_secs(5),
-        status(client(&Link::open(), &node.addr)),
-    )
-    .await;
+    let served = new_client(Duration::from_secs(5)).await;
     assert!(
         matches!(served, Ok(Ok(_))),
         "the place was not freed: {served:?}"
