@@ -174,11 +174,7 @@ impl State {
 }
 
 fn read(path: &Path) -> Result<String, LinkError> {
-    let bytes = std::fs::read(path).map_err(|source| LinkError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    String::from_utf8(bytes).map_err(|_| invalid(path, "it is not UTF-8"))
+    String::from_utf8(super::read(path)?).map_err(|_| invalid(path, "it is not UTF-8"))
 }
 
 fn invalid(path: &Path, why: &str) -> LinkError {
